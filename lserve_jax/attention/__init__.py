@@ -1,0 +1,1 @@
+"""Attention dispatch: pick a kernel or reference implementation and validate shapes."""
