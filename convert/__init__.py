@@ -1,0 +1,1 @@
+"""`python -m convert`: thin entry point; the converter lives in `lserve_jax.convert`."""

@@ -1,0 +1,60 @@
+"""The Python API: `load` a converted checkpoint into an `Engine`, then `generate`.
+
+    import lserve_jax
+    engine = lserve_jax.load()                       # the default model (fetched on first use)
+    out = engine.generate(["What is 2 + 2?"], lserve_jax.SamplingParams(max_new_tokens=32), chat=True)
+    print(out[0].text, out[0].token_ids)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DTYPES, open_checkpoint
+from .config import SparseConfig
+from .engine import Engine
+from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
+from .params import permute_kv_heads
+from .tokenizer import Tokenizer
+
+
+def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathLike | None = "auto",
+         sparse: SparseConfig | None = None, dtype: str | None = None, max_seq_len: int | None = None,
+         num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
+         progress: bool = True) -> Engine:
+    """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
+
+    pattern: "auto" uses the head pattern stored with the checkpoint if any (else dense);
+    None forces dense attention; a path loads a DuoAttention TSV/.npy. The pattern is binarised
+    with `sparse.static_sparsity` and each layer's KV heads are permuted retrieval-first.
+    """
+    if checkpoint is None:
+        from .default_model import ensure_default_checkpoint
+
+        checkpoint = ensure_default_checkpoint(progress=progress)
+    ckpt = open_checkpoint(checkpoint)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    cfg = ckpt.config
+    sparse = sparse or SparseConfig()
+    params = ckpt.load_params(dtype)
+    alpha = None
+    if pattern == "auto":
+        alpha = ckpt.head_pattern()
+    elif pattern is not None:
+        alpha = load_pattern(pattern)
+    if alpha is not None:
+        check_shape(alpha, cfg.num_layers, cfg.num_kv_heads)
+        layout, perms = layout_and_permutation(binarize(alpha, sparse.static_sparsity))
+        if not layout.is_dense:
+            params = permute_kv_heads(params, cfg, perms)
+    else:
+        layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    tokenizer = None
+    if ckpt.tokenizer_file.exists():
+        tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
+    return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
+                  num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl)

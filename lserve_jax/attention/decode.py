@@ -1,0 +1,133 @@
+"""Decode attention dispatch: LServe's sparse decode over the paged pool and the streaming ring.
+
+`decode_attention` splits the query heads of one layer:
+
+* retrieval query heads [0, R*G) attend to the pages their selection names (token-exact: the
+  newest page is masked by length), through `pallas.decode.paged_decode` or its reference;
+* streaming query heads [R*G, Hq) attend to their KV head's valid ring slots
+  [0, min(length, W)); the ring is viewed as W / pb contiguous pages of pb tokens per sequence
+  (pb = the largest power of 2 dividing W, at most 128) so the same kernel serves it.
+
+`dense_decode_attention` is the dense baseline over a contiguous cache (cuDNN or XLA).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..pallas.compat import on_gpu
+from ..pallas.decode import paged_decode, paged_decode_reference
+
+MODES = ("query_head", "kv_head")
+IMPLS = ("auto", "pallas", "reference")
+
+
+def _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, mode,
+           impl):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, Hq, D], got {q.shape=}")
+    b, hq, d = q.shape
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape or k_pages.shape[-1] != d:
+        raise ValueError(f"k/v pages must be [R, P, page, D] with q's D: {k_pages.shape=} {v_pages.shape=} {q.shape=}")
+    if ring_k.ndim != 4 or ring_k.shape != ring_v.shape or ring_k.shape[1] != b or ring_k.shape[-1] != d:
+        raise ValueError(f"ring k/v must be [S, B, W, D]: {ring_k.shape=} {ring_v.shape=} {q.shape=}")
+    r, s = k_pages.shape[0], ring_k.shape[0]
+    if r + s == 0 or hq % (r + s):
+        raise ValueError(f"q heads must be a multiple of R + S kv heads: {q.shape=} {k_pages.shape=} {ring_k.shape=}")
+    g = hq // (r + s)
+    if page_table.ndim != 2 or page_table.shape[0] != b:
+        raise ValueError(f"page_table must be [B, N]: {page_table.shape=} {q.shape=}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B]: {lengths.shape=} {q.shape=}")
+    hsel = r * g if mode == "query_head" else r
+    if sel_pages.ndim != 3 or sel_pages.shape[:2] != (b, hsel):
+        raise ValueError(f"sel_pages must be [B, {hsel}, K] in {mode} mode: {sel_pages.shape=}")
+    if sel_count.shape != (b, hsel):
+        raise ValueError(f"sel_count must be [B, {hsel}]: {sel_count.shape=}")
+    return b, hq, d, r, s, g
+
+
+def _ring_page(w: int) -> int:
+    return min(w & -w, 128)
+
+
+def _retrieval_args(q_r, page_table, sel_pages, *, mode, r, g):
+    """q and page ids of the retrieval program heads."""
+    b, _, d = q_r.shape
+    n = page_table.shape[1]
+    lg = jnp.clip(sel_pages, 0, n - 1)
+    phys = jnp.take_along_axis(page_table, lg.reshape(b, -1), axis=1).reshape(lg.shape)
+    if mode == "query_head":
+        qh = q_r.reshape(b, r * g, 1, d)  # one program head per query head: its own pages
+    else:
+        qh = q_r.reshape(b, r, g, d)  # one program head per GQA group: pages read once
+    return qh, phys, lg
+
+
+def _ring_args(q_s, ring_k, ring_v, lengths):
+    """The ring as a pool of [S, B * W/pb, pb, D] pages, and the streaming program heads."""
+    s, b, w, d = ring_k.shape
+    g = q_s.shape[1] // s
+    pb = _ring_page(w)
+    nw = w // pb
+    kp = ring_k.reshape(s, b * nw, pb, d)
+    vp = ring_v.reshape(s, b * nw, pb, d)
+    j = jnp.arange(nw, dtype=jnp.int32)
+    ids = jnp.broadcast_to((jnp.arange(b, dtype=jnp.int32)[:, None] * nw + j)[:, None, :], (b, s, nw))
+    lg = jnp.broadcast_to(j, (b, s, nw))
+    ring_len = jnp.minimum(lengths, w).astype(jnp.int32)
+    counts = jnp.broadcast_to(((ring_len + pb - 1) // pb)[:, None], (b, s))
+    return q_s.reshape(b, s, g, d), kp, vp, ids, lg, counts, ring_len
+
+
+def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
+                     *, mode: str, impl: str = "auto", scale=None, kernel_options=None,
+                     ring_kernel_options=None):
+    """One layer's sparse decode attention. Returns [B, Hq, D] in q's dtype.
+
+    q: [B, Hq, D] (post-RoPE); k_pages, v_pages: [R, P, page, D]; ring_k, ring_v: [S, B, W, D];
+    page_table: int32[B, N]; lengths: int32[B] (including the current token); sel_pages:
+    int32[B, Hsel, K] logical page ids, sel_count: int32[B, Hsel], Hsel = R*G (query_head) or
+    R (kv_head). impl: "reference" | "pallas" | "auto" (pallas on GPU, reference elsewhere).
+    kernel_options / ring_kernel_options: tuning kwargs for `paged_decode` (pallas only).
+    """
+    b, hq, d, r, s, g = _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths,
+                               sel_pages, sel_count, mode, impl)
+    if impl == "auto":
+        impl = "pallas" if on_gpu() else "reference"
+    scale = d ** -0.5 if scale is None else float(scale)
+    lengths = lengths.astype(jnp.int32)
+    if impl == "pallas":
+        run = lambda *a, opts: paged_decode(*a, scale=scale, **(opts or {}))
+    else:
+        run = lambda *a, opts: paged_decode_reference(*a, scale=scale)
+    outs = []
+    if r:
+        qh, phys, lg = _retrieval_args(q[:, :r * g], page_table, sel_pages, mode=mode, r=r, g=g)
+        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths,
+                opts=kernel_options)
+        outs.append(o.reshape(b, r * g, d))
+    if s:
+        qs, kp, vp, ids, lg, counts, ring_len = _ring_args(q[:, r * g:], ring_k, ring_v, lengths)
+        o = run(qs, kp, vp, ids, lg, counts, ring_len, opts=ring_kernel_options)
+        outs.append(o.reshape(b, s * g, d))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def dense_decode_attention(q, k, v, lengths, *, implementation: str = "cudnn", scale=None):
+    """Dense decode baseline over a contiguous cache.
+
+    q: [B, Hq, D]; k, v: [B, T, Hkv, D]; lengths: int32[B] valid tokens. implementation:
+    "cudnn" (GPU) or "xla" (anywhere), through jax.nn.dot_product_attention. Returns [B, Hq, D].
+    """
+    if q.ndim != 3 or k.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
+        raise ValueError(f"dense decode wants q [B, Hq, D], k/v [B, T, Hkv, D]: {q.shape=} {k.shape=}")
+    out = jax.nn.dot_product_attention(
+        q[:, None], k, v, scale=scale, key_value_seq_lengths=lengths.astype(jnp.int32),
+        implementation=implementation)
+    return out[:, 0]

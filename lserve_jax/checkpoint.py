@@ -1,0 +1,149 @@
+"""Converted checkpoints on disk: an orbax params tree plus config, tokenizer and head pattern.
+
+Layout of a checkpoint directory:
+
+    lserve.json            format version, ModelConfig, dtype, where it came from
+    params/                orbax-checkpoint of the Params pytree (HF head order)
+    tokenizer.json         HF `tokenizers` file
+    tokenizer_config.json  chat template and special tokens (optional)
+    head_pattern.tsv       DuoAttention gate matrix [layers, kv_heads] (optional)
+
+Writes go to a sibling temporary directory renamed into place at the end, so an interrupted
+write never leaves a directory that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .heads import load_pattern
+from .params import Params, abstract_params
+
+FORMAT_VERSION = 1
+META_FILE = "lserve.json"
+PATTERN_FILE = "head_pattern.tsv"
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or corrupted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: ModelConfig
+    dtype: str
+    meta: dict[str, Any]
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def pattern_file(self) -> Path | None:
+        p = self.path / PATTERN_FILE
+        return p if p.exists() else None
+
+    def tokenizer_config(self) -> dict[str, Any]:
+        p = self.path / "tokenizer_config.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def head_pattern(self) -> np.ndarray | None:
+        p = self.pattern_file
+        return None if p is None else load_pattern(p)
+
+    def load_params(self, dtype: str | None = None) -> Params:
+        """Restores the params (optionally cast to another dtype)."""
+        import orbax.checkpoint as ocp
+
+        target = abstract_params(self.config, DTYPES[self.dtype])
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                params = ckptr.restore(self.path / "params", target)
+        except Exception as e:  # orbax raises many types for a damaged tree
+            raise CheckpointError(f"cannot restore the parameters in {self.path / 'params'}: {e}") from None
+        if dtype is not None and dtype != self.dtype:
+            params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+        return params
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads a checkpoint's metadata and checks that its parts are present."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise CheckpointError(
+            f"{path} is not an lserve_jax checkpoint (no {META_FILE}); convert a model first: "
+            f"python -m convert <hf-dir-or-gguf> {path}")
+    try:
+        meta = json.loads(meta_file.read_text())
+        config = ModelConfig.from_dict(meta["model"])
+        dtype = meta["dtype"]
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"corrupted {meta_file}: {e}") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{meta_file}: unknown dtype {dtype!r}")
+    for part in ("params",):
+        if not (path / part).exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {part} is missing")
+    return Checkpoint(path, config, dtype, meta)
+
+
+@contextlib.contextmanager
+def atomic_directory(dest: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yields a temporary directory that becomes `dest` only if the block completes."""
+    dest = Path(dest).expanduser().absolute()
+    if dest.exists() and not force:
+        raise FileExistsError(f"{dest} already exists (use --force to overwrite)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_checkpoint(dest: Path, params: Params, config: ModelConfig, dtype: str, *,
+                     tokenizer_files: dict[str, str | bytes] | None = None,
+                     pattern: np.ndarray | None = None, extra_meta: dict[str, Any] | None = None) -> None:
+    """Writes a checkpoint into `dest` (use inside `atomic_directory`)."""
+    import orbax.checkpoint as ocp
+
+    from .heads import save_pattern
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(dest / "params", params)
+        ckptr.wait_until_finished()
+    for name, content in (tokenizer_files or {}).items():
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(dest / name, mode) as f:
+            f.write(content)
+    if pattern is not None:
+        save_pattern(dest / PATTERN_FILE, pattern)
+    meta = {"format": FORMAT_VERSION, "model": config.to_dict(), "dtype": dtype, **(extra_meta or {})}
+    (dest / META_FILE).write_text(json.dumps(meta, indent=2))

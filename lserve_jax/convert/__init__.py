@@ -1,0 +1,1 @@
+"""Checkpoint converters (GGUF -> Hugging Face layout); see lserve_jax.convert.gguf."""

@@ -1,0 +1,432 @@
+"""Read a GGUF checkpoint (llama.cpp format) into Hugging Face naming, shapes and config.
+
+``read_gguf`` dequantises every tensor to float32 with the ``gguf`` package (numpy only, no
+torch), renames it to the HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` layout, undoes the
+q/k row permutation llama.cpp applies to Llama attention weights, and rebuilds the config
+and tokenizer.  ``write_hf_dir`` writes a directory transformers can load with
+``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+CLI:  python -m lserve_jax.convert.gguf MODEL.gguf OUT_DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import gguf as _gguf  # the PyPI package (absolute import; this module is lserve_jax.convert.gguf)
+
+from lserve_jax.convert.gguf_tokenizer import (TokenizerConversionError, build_tokenizer,
+                                               tokenizer_config)
+
+log = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted; the message says what is wrong and where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArchSpec:
+    hf_architecture: str
+    model_type: str
+    permuted_qk: bool  # llama.cpp's convert script permutes q/k rows for these
+    qkv_bias: bool     # q/k/v projections carry biases (and o_proj does not)
+
+
+_ARCHS: dict[str, _ArchSpec] = {
+    "llama": _ArchSpec("LlamaForCausalLM", "llama", permuted_qk=True, qkv_bias=False),
+    "qwen2": _ArchSpec("Qwen2ForCausalLM", "qwen2", permuted_qk=False, qkv_bias=True),
+}
+SUPPORTED_ARCHITECTURES = tuple(sorted(_ARCHS))
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+# Tensors that carry no weights of their own in HF form: rope_freqs becomes config
+# (rope_scaling), the others are precomputed rotary tables from old converters.
+_NON_WEIGHT_TENSORS = {"rope_freqs.weight"}
+_IGNORED_LAYER_TENSORS = {"attn_rot_embd"}
+
+
+@dataclasses.dataclass
+class GGUFModel:
+    """A GGUF checkpoint in Hugging Face form (see module docstring)."""
+
+    hf_config: dict
+    tensors: dict[str, np.ndarray]      # HF names -> float32 arrays in HF shapes
+    tokenizer_json: str
+    tokenizer_config: dict              # tokenizer_config.json contents
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_id: int | None
+    pad_token_id: int | None
+    unk_token_id: int | None
+    architecture: str                   # GGUF general.architecture
+    metadata: dict[str, Any]            # scalar GGUF key/values (large arrays dropped)
+    tensor_types: dict[str, str]        # HF name -> GGUF storage type ("Q4_1", "F32", ...)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Llama q/k permutation (it interleaves the two rotary halves of
+    each head so ggml's adjacent-pair RoPE works; HF uses rotate-half).  Rows = out dim."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ConversionError(f"cannot un-permute {rows} rows into {n_heads} heads")
+    rest = w.shape[1:]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's forward permutation (HF -> GGUF); the inverse of :func:`unpermute_qk`."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field_value(field) -> Any:
+    v = field.contents()
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
+def _nice_float(x: float) -> float:
+    # GGUF stores float32; 9.999999747e-06 -> 1e-05 so configs look like the originals.
+    return float(f"{float(x):.7g}")
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    try:
+        return _gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors alike
+        raise ConversionError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
+
+
+def _llama3_rope_scaling(freq_factors: np.ndarray, theta: float, head_dim: int,
+                         orig_ctx: int | None) -> dict | None:
+    """Recover HF's llama3 rope_scaling from llama.cpp's per-frequency ``rope_freqs``.
+
+    llama.cpp stores the resulting divisors, not the parameters; we try the standard
+    parameter sets and accept one only if it reproduces the stored factors.
+    """
+    f = np.asarray(freq_factors, np.float64).ravel()
+    if np.allclose(f, 1.0):
+        return None
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if f.shape != inv_freq.shape:
+        raise ConversionError(f"rope_freqs has {f.size} entries, expected {inv_freq.size}")
+    factor = float(f.max())
+    wavelen = 2 * math.pi / inv_freq
+    for orig in [o for o in (orig_ctx, 8192) if o]:
+        for low, high in ((1.0, 4.0),):
+            smooth = np.clip((orig / wavelen - low) / (high - low), 0.0, 1.0)
+            scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+            if np.allclose(inv_freq / scaled, f, rtol=1e-3):
+                return {"rope_type": "llama3", "factor": _nice_float(factor),
+                        "low_freq_factor": low, "high_freq_factor": high,
+                        "original_max_position_embeddings": int(orig)}
+    raise ConversionError("rope_freqs (Llama-3 style rope scaling) does not match the standard "
+                          "llama3 parameters; cannot express it as an HF rope_scaling")
+
+
+def _build_config(arch: str, spec: _ArchSpec, kv: dict, embed_shape, rope_freqs,
+                  tied: bool, tok) -> dict:
+    def get(key, default=None, required=True):
+        v = kv.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise ConversionError(f"GGUF metadata key '{arch}.{key}' is missing")
+        if isinstance(v, list):
+            raise ConversionError(f"'{arch}.{key}' varies per layer; not supported")
+        return v
+
+    hidden = int(get("embedding_length"))
+    n_heads = int(get("attention.head_count"))
+    n_kv = int(get("attention.head_count_kv", n_heads))
+    head_dim = int(get("attention.key_length", hidden // n_heads))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ConversionError("key_length != value_length is not supported")
+    rope_dim = int(get("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ConversionError(f"partial rotary (rope dim {rope_dim} < head dim {head_dim}) is not supported")
+    if n_heads % n_kv:
+        raise ConversionError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+    vocab = int(embed_shape[0])
+    if kv.get(f"{arch}.vocab_size") not in (None, vocab):
+        raise ConversionError(f"{arch}.vocab_size={kv[f'{arch}.vocab_size']} but token_embd has {vocab} rows")
+    theta = _nice_float(get("rope.freq_base", 10000.0))
+    ctx = int(get("context_length"))
+
+    rope_scaling = None
+    stype = kv.get(f"{arch}.rope.scaling.type")
+    sfactor = kv.get(f"{arch}.rope.scaling.factor", kv.get(f"{arch}.rope.scale_linear"))
+    orig_ctx = kv.get(f"{arch}.rope.scaling.original_context_length")
+    if stype in (None, "none") and sfactor not in (None, 1.0) and f"{arch}.rope.scale_linear" in kv:
+        stype = "linear"
+    if stype == "linear" and sfactor not in (None, 1.0):
+        rope_scaling = {"rope_type": "linear", "factor": _nice_float(sfactor)}
+    elif stype == "yarn":
+        rope_scaling = {"rope_type": "yarn", "factor": _nice_float(sfactor or 1.0)}
+        if orig_ctx:
+            rope_scaling["original_max_position_embeddings"] = int(orig_ctx)
+    elif stype not in (None, "none", "linear"):
+        raise ConversionError(f"rope scaling type {stype!r} is not supported")
+    if rope_freqs is not None:
+        if rope_scaling is not None:
+            raise ConversionError("both rope_freqs and rope.scaling.type are set; ambiguous")
+        rope_scaling = _llama3_rope_scaling(rope_freqs, theta, head_dim, orig_ctx)
+
+    cfg: dict[str, Any] = {
+        "architectures": [spec.hf_architecture],
+        "model_type": spec.model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _nice_float(get("attention.layer_norm_rms_epsilon")),
+        "rope_theta": theta,
+        "max_position_embeddings": ctx,
+        "tie_word_embeddings": tied,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "initializer_range": 0.02,
+    }
+    if tok.pad_token_id is not None:
+        cfg["pad_token_id"] = tok.pad_token_id
+    if rope_scaling is not None:
+        cfg["rope_scaling"] = rope_scaling
+    if spec.model_type == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0, pretraining_tp=1)
+    else:
+        cfg.update(attention_dropout=0.0, use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg["num_hidden_layers"])
+    return cfg
+
+
+def _expected_shapes(cfg: dict, spec: _ArchSpec) -> dict[str, tuple[int, ...]]:
+    h, v, i = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    q, k = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (k, h),
+            p + "self_attn.v_proj.weight": (k, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i)})
+        if spec.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (k,),
+                           p + "self_attn.v_proj.bias": (k,)})
+    return shapes
+
+
+def _hf_name(gguf_name: str, n_layers: int) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        if rest.rsplit(".", 1)[0] in _IGNORED_LAYER_TENSORS:
+            return None
+        if rest in _LAYER_NAMES and layer < n_layers:
+            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+    raise ConversionError(f"unexpected tensor {gguf_name!r}; this converter handles dense "
+                          "Llama/Qwen2 decoders only")
+
+
+def _gguf_name(hf_name: str) -> str:
+    """HF name -> GGUF name, for error messages that point into the file."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf_name:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{m.group(1)}.{g}"
+    return hf_name
+
+
+def _dequantize(t) -> np.ndarray:
+    # ggml lists dims fastest-first ([in, out] for a linear); numpy/HF order is the reverse.
+    shape = tuple(int(d) for d in reversed(t.shape))
+    try:
+        arr = _gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    except NotImplementedError as e:
+        raise ConversionError(f"tensor {t.name}: cannot dequantise type {t.tensor_type.name}: {e}") from e
+    arr = np.asarray(arr, dtype=np.float32)
+    if arr.size != math.prod(shape):
+        raise ConversionError(f"tensor {t.name}: {arr.size} values for shape {shape} (truncated file?)")
+    return np.ascontiguousarray(arr.reshape(shape))  # copy: detach from the memory map
+
+
+def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFModel:
+    """Parse ``path`` into a :class:`GGUFModel`.  ``load_tensors=False`` reads metadata only
+    (config and tokenizer), leaving ``tensors`` empty.  Raises :class:`ConversionError`."""
+    path = Path(path)
+    reader = _open(path)
+    kv: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            kv[key] = _field_value(field)
+        except Exception as e:
+            raise ConversionError(f"{path}: cannot decode metadata field {key!r}: {e}") from e
+
+    arch = kv.get("general.architecture")
+    if arch not in _ARCHS:
+        raise ConversionError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    spec = _ARCHS[arch]
+    try:
+        tok = build_tokenizer(kv)
+    except TokenizerConversionError as e:
+        raise ConversionError(f"{path}: {e}") from e
+
+    by_name = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in by_name:
+        raise ConversionError(f"{path}: tensor 'token_embd.weight' is missing")
+    embed_shape = tuple(int(d) for d in reversed(by_name["token_embd.weight"].shape))
+    rope_freqs = _dequantize(by_name["rope_freqs.weight"]) if "rope_freqs.weight" in by_name else None
+    tied = "output.weight" not in by_name
+    cfg = _build_config(arch, spec, kv, embed_shape, rope_freqs, tied, tok)
+    expected = _expected_shapes(cfg, spec)
+
+    names: dict[str, str] = {}  # HF -> GGUF
+    for gname in by_name:
+        if gname in _NON_WEIGHT_TENSORS:
+            continue
+        hname = _hf_name(gname, cfg["num_hidden_layers"])
+        if hname is None:
+            continue
+        if hname not in expected:
+            raise ConversionError(f"{path}: tensor {gname!r} ({hname}) is not expected for {arch}")
+        names[hname] = gname
+    missing = [_gguf_name(n) for n in expected if n not in names]
+    if missing:
+        raise ConversionError(f"{path}: {len(missing)} required tensor(s) missing for {arch}: "
+                              + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+
+    tensors: dict[str, np.ndarray] = {}
+    types = {h: by_name[g].tensor_type.name for h, g in names.items()}
+    for hname, gname in (names.items() if load_tensors else ()):
+        t = by_name[gname]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if shape != expected[hname]:
+            raise ConversionError(f"{path}: tensor {gname} has shape {shape}, expected "
+                                  f"{expected[hname]} for {hname}")
+        arr = _dequantize(t)
+        if spec.permuted_qk and hname.endswith("q_proj.weight"):
+            arr = unpermute_qk(arr, cfg["num_attention_heads"])
+        elif spec.permuted_qk and hname.endswith("k_proj.weight"):
+            arr = unpermute_qk(arr, cfg["num_key_value_heads"])
+        tensors[hname] = arr
+
+    chat_template = kv.get("tokenizer.chat_template")
+    metadata = {k: v for k, v in kv.items()
+                if not (isinstance(v, list) and len(v) > 64) and k != "tokenizer.chat_template"}
+    return GGUFModel(
+        hf_config=cfg, tensors=tensors, tokenizer_json=tok.tokenizer_json,
+        tokenizer_config=tokenizer_config(tok, chat_template, cfg["max_position_embeddings"]),
+        chat_template=chat_template, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, unk_token_id=tok.unk_token_id, architecture=arch,
+        metadata=metadata, tensor_types=types)
+
+
+def write_hf_dir(model: GGUFModel, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
+    """Write ``model`` as an HF model directory (config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json, generation_config.json).  ``dtype`` is
+    "float32" or "float16" for the stored weights.  Returns the directory."""
+    from safetensors.numpy import save_file
+
+    if dtype not in ("float32", "float16"):
+        raise ConversionError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    if not model.tensors:
+        raise ConversionError("model has no tensors (read with load_tensors=False?)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = np.dtype(dtype)
+    cfg = dict(model.hf_config, torch_dtype=dtype)
+
+    def dump(name: str, obj) -> None:
+        (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    # Write weights to a temporary name first so a crash never leaves a half-written
+    # model.safetensors that looks valid.
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: np.ascontiguousarray(v.astype(np_dtype, copy=False)) for k, v in model.tensors.items()},
+              str(tmp), metadata={"format": "pt"})
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o666 & ~_umask)  # the writer creates 0600 files; use normal permissions
+    os.replace(tmp, out / "model.safetensors")
+    dump("config.json", cfg)
+    (out / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
+    dump("tokenizer_config.json", model.tokenizer_config)
+    gen = {"bos_token_id": model.bos_token_id, "eos_token_id": model.eos_token_id}
+    if model.pad_token_id is not None:
+        gen["pad_token_id"] = model.pad_token_id
+    dump("generation_config.json", gen)
+    return out
+
+
+def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       dtype: str = "float32") -> Path:
+    """``write_hf_dir(read_gguf(gguf_path), out_dir)``."""
+    return write_hf_dir(read_gguf(gguf_path), out_dir, dtype=dtype)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Convert a GGUF file to a Hugging Face model directory")
+    ap.add_argument("gguf")
+    ap.add_argument("out_dir")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    args = ap.parse_args(argv)
+    try:
+        out = convert_gguf_to_hf(args.gguf, args.out_dir, dtype=args.dtype)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

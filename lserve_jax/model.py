@@ -1,0 +1,185 @@
+"""The Llama-family transformer as pure functions: `prefill` and `decode_step` over a KV cache.
+
+Both take the params pytree and the cache and return new logits and a new cache; the engine jits
+them separately with the cache donated. Everything static (shapes, head split, knobs, kernel
+choice) lives in the hashable `ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import cache as kvc
+from .attention.decode import decode_attention
+from .attention.prefill import prefill_attention
+from .config import ModelConfig, SparseConfig
+from .heads import HeadLayout
+from .params import LayerParams, Params
+from .rope import apply_rope, inv_frequencies
+from .selection import select_pages
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything about a run that fixes the compiled program."""
+
+    model: ModelConfig
+    layout: HeadLayout
+    sparse: SparseConfig = SparseConfig()
+    prefill_impl: str = "auto"  # see attention.prefill.prefill_attention
+    decode_impl: str = "auto"  # see attention.decode.decode_attention
+
+    def __post_init__(self):
+        if len(self.layout.num_retrieval) != self.model.num_layers or self.layout.num_kv_heads != self.model.num_kv_heads:
+            raise ValueError(
+                f"head layout {len(self.layout.num_retrieval)} layers x {self.layout.num_kv_heads} KV heads "
+                f"does not match the model ({self.model.num_layers} x {self.model.num_kv_heads})")
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)  # HF casts back before the weight
+
+
+def _proj(x, w, b=None):
+    y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _qkv(lp: LayerParams, h: jax.Array, cfg: ModelConfig):
+    lead = h.shape[:-1]
+    q = _proj(h, lp.wq, lp.bq).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = _proj(h, lp.wk, lp.bk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = _proj(h, lp.wv, lp.bv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    return q, k, v
+
+
+def _mlp(lp: LayerParams, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+    gate = _proj(h, lp.w_gate)
+    up = _proj(h, lp.w_up)
+    return x + _proj(jax.nn.silu(gate) * up, lp.w_down)
+
+
+def _logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    if params.lm_head is None:
+        return jnp.einsum("bh,vh->bv", x, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("bh,hv->bv", x, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.Array, spec: ModelSpec,
+            on_layer: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, kvc.KVCache]:
+    """Runs a right-padded batch of prompts and fills the cache.
+
+    tokens: int32 [B, T] (T a multiple of the page size); lengths: int32 [B].
+    The cache's page_table must already map the pages these prompts need.
+    Returns the logits of each prompt's last token, float32 [B, vocab].
+    `on_layer(l)`, if given, is called from the device after each layer (a progress bar).
+    """
+    cfg, sp = spec.model, spec.sparse
+    b, t = tokens.shape
+    inv_freq = inv_frequencies(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x = params.embed[tokens]  # [B, T, hidden]
+    layers = []
+    for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
+        with jax.named_scope(f"layer{i}"):
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            q, k, v = _qkv(lp, h, cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            o = prefill_attention(q, k, v, lengths, num_retrieval=spec.layout.num_retrieval[i],
+                                  sink=sp.prefill_sink, local=sp.prefill_local, impl=spec.prefill_impl)
+            x = x + _proj(o.reshape(b, t, -1), lp.wo)
+            layers.append(kvc.write_prefill(lc, k, v, cache.page_table, lengths, sp))
+            x = _mlp(lp, x, cfg)
+            if on_layer is not None:
+                jax.debug.callback(on_layer, jnp.int32(i))
+    last = x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]: logits only where needed
+    new_cache = cache.replace(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
+                              step=jnp.zeros((), jnp.int32))
+    return _logits(params, last, cfg), new_cache
+
+
+def _selection(lc: kvc.LayerCache, q_r: jax.Array, cache: kvc.KVCache, new_len: jax.Array,
+               positions: jax.Array, sp: SparseConfig) -> tuple[jax.Array, jax.Array]:
+    """The pages each retrieval head reads this step: recomputed every `selector_interval`
+    steps, and whenever a sequence opens a new page (the newest page must always be read)."""
+    k_sel = lc.sel_pages.shape[-1]
+    refresh = (cache.step % sp.selector_interval == 0) | jnp.any(positions % sp.page_size == 0)
+    mode = sp.selection_mode
+
+    def fresh():
+        return select_pages(q_r, lc.k_min, lc.k_max, cache.page_table, new_len, max_pages=k_sel, mode=mode)
+
+    return lax.cond(refresh, fresh, lambda: (lc.sel_pages, lc.sel_count))
+
+
+def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
+                spec: ModelSpec) -> tuple[jax.Array, kvc.KVCache]:
+    """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache."""
+    cfg, sp = spec.model, spec.sparse
+    b = tokens.shape[0]
+    inv_freq = inv_frequencies(cfg)
+    positions = cache.lengths  # where the new token goes
+    new_len = positions + 1
+    x = params.embed[tokens]  # [B, hidden]
+    g = cfg.group_size
+    layers = []
+    for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
+        with jax.named_scope(f"layer{i}"):
+            r = spec.layout.num_retrieval[i]
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            q, k, v = _qkv(lp, h, cfg)  # [B, H, D]
+            q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
+            k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
+            lc = kvc.append(lc, k, v, cache.page_table, positions, sp)
+            if sp.sparse_decode and r:
+                sel, count = _selection(lc, q[:, : r * g], cache, new_len, positions, sp)
+                lc = lc.replace(sel_pages=sel, sel_count=count)
+                mode = sp.selection_mode
+            else:  # dense: every page of the sequence, shared by the GQA group
+                n_pages = cache.max_pages_per_seq
+                sel = jnp.broadcast_to(jnp.arange(n_pages, dtype=jnp.int32), (b, r, n_pages))
+                count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
+                mode = "kv_head"
+            o = decode_attention(q, lc.k_pages, lc.v_pages, lc.ring_k, lc.ring_v, cache.page_table, new_len,
+                                 sel, count, mode=mode, impl=spec.decode_impl)
+            x = x + _proj(o.reshape(b, -1), lp.wo)
+            x = _mlp(lp, x, cfg)
+            layers.append(lc)
+    new_cache = cache.replace(layers=tuple(layers), lengths=new_len, step=cache.step + 1)
+    return _logits(params, x, cfg), new_cache
+
+
+def forward_reference(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Plain dense causal forward without a cache: logits float32 [B, T, vocab] (tests only)."""
+    b, t = tokens.shape
+    inv_freq = inv_frequencies(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = params.embed[tokens]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    for lp in params.layers:
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k = jnp.repeat(k, cfg.group_size, axis=2)
+        v = jnp.repeat(v, cfg.group_size, axis=2)
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
+        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(x.dtype)
+        x = x + _proj(o.reshape(b, t, -1), lp.wo)
+        x = _mlp(lp, x, cfg)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)

@@ -1,0 +1,249 @@
+"""Paged sparse decode attention: Pallas kernel (Triton lowering), wrapper and jnp reference.
+
+One generic primitive serves both halves of LServe's decode:
+
+* retrieval heads: the selected pages of a paged pool;
+* streaming heads: the ring, seen as a pool of `W / pb` contiguous pages per sequence.
+
+Semantics (kernel and reference alike). A *program head* h of sequence b has M query rows
+`q[b, h]` (a GQA group, or one query head padded) and reads KV head `h // (H // Hk)` of the
+pools. Its slots i < counts[b, h] name physical page `page_ids[b, h, i]` holding the tokens at
+positions `logical_ids[b, h, i] * page + o`, o in [0, page); a key is visible iff its slot is in
+use and its position is < lengths[b]. Softmax in float32 over the visible keys; rows with no
+visible key give zeros. Slots must name distinct pages (a page listed twice counts twice).
+
+Kernel: grid (program head, sequence, split). A split walks `pages_per_split` slots in blocks
+of `pages_per_block` pages: it loads the block's page ids (a vector load of an int array), then
+gathers those pages of K and V (one `ref[ids]` load each, [ppb, page, D] -> [ppb*page, D]),
+masks by slot and position, and runs an online softmax with exp2. With one split the kernel
+writes the normalised output; with several it writes (o, m, l) per split and a small jnp
+combine merges them (split-K, as LServe above 2048 tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .compat import resolve_interpret, triton_params
+
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # finite running-max start: a fully masked block leaves exp2(m - m_new) finite
+NUM_SMS = 132  # H200; only steers the split heuristic
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths):
+    """Raises ValueError on inconsistent shapes; called before tracing the kernel."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, H, M, D], got {q.shape=}")
+    if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k/v pages must be [Hk, P, page, D] and equal: {k_pages.shape=} {v_pages.shape=}")
+    b, h, _, d = q.shape
+    hk = k_pages.shape[0]
+    if k_pages.shape[-1] != d:
+        raise ValueError(f"head_dim mismatch: {q.shape=} {k_pages.shape=}")
+    if hk == 0 or h % hk:
+        raise ValueError(f"program heads must be a multiple of kv heads: {q.shape=} {k_pages.shape=}")
+    if page_ids.ndim != 3 or page_ids.shape[:2] != (b, h) or logical_ids.shape != page_ids.shape:
+        raise ValueError(f"page/logical ids must be [B, H, N]: {page_ids.shape=} {logical_ids.shape=} {q.shape=}")
+    if counts.shape != (b, h):
+        raise ValueError(f"counts must be [B, H]: {counts.shape=} {q.shape=}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B]: {lengths.shape=} {q.shape=}")
+
+
+def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
+                           scale: float | None = None):
+    """Pure-jnp spec. q: [B, H, M, D]; k/v_pages: [Hk, P, page, D]; ids: int32[B, H, N];
+    counts: int32[B, H]; lengths: int32[B]. Returns [B, H, M, D] in q.dtype."""
+    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
+    b, h, m, d = q.shape
+    hk, p, page, _ = k_pages.shape
+    n = page_ids.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    kv = jnp.arange(h) // (h // hk)  # [H] kv head of each program head
+    ids = jnp.clip(page_ids, 0, p - 1)
+    k = k_pages[kv[None, :, None], ids].reshape(b, h, n * page, d)  # [B, H, N*page, D]
+    v = v_pages[kv[None, :, None], ids].reshape(b, h, n * page, d)
+    pos = (logical_ids[..., None] * page + jnp.arange(page)).reshape(b, h, n * page)
+    used = (jnp.arange(n)[None, None, :] < counts[..., None])
+    ok = jnp.repeat(used, page, axis=-1) & (pos < lengths[:, None, None])  # [B, H, N*page]
+    s = jnp.einsum("bhmd,bhtd->bhmt", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(ok[:, :, None, :], s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.exp(s - mx)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bhmt,bhtd->bhmd", e, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+    return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0).astype(q.dtype)
+
+
+def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
+            page, ppb, pps, qk_scale, rows, split):
+    # cnt_ref: int32[B, H] (whole); len_ref: int32[B] (whole)
+    # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D]
+    # k_ref, v_ref: [P, page, D] this program's kv head
+    # out_refs: o [M, D] (normalised, q dtype) if not split, else o f32[M, D], m f32[M], l f32[M]
+    h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    count = cnt_ref[b, h]
+    length = len_ref[b]
+    n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
+    q = q_ref[...]
+    mrows, d = q.shape
+    bk = ppb * page
+
+    def body(i, carry):
+        o, m, l = carry
+        start = pl.multiple_of(i * ppb, ppb)
+        ids = ids_ref[pl.ds(start, ppb)]  # [ppb]
+        lg = lg_ref[pl.ds(start, ppb)]
+        k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
+        v = v_ref[ids].reshape(bk, d)
+        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # [M, bk], log2 units
+        slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
+        pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
+        pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
+        x = jnp.where(pos < length, x, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(x, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(x - m_new[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, m_new, l
+
+    init = (jnp.zeros((mrows, d), jnp.float32), jnp.full((mrows,), _M_INIT, jnp.float32),
+            jnp.zeros((mrows,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, init)
+    row_ok = jax.lax.broadcasted_iota(jnp.int32, (mrows, d), 0) < rows
+    if not split:
+        (o_ref,) = out_refs
+        safe = jnp.where(l > 0, l, 1.0)
+        out = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
+        _store(o_ref, out, row_ok, rows < mrows)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        _store(o_ref, o, row_ok, rows < mrows)
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+def _store(ref, val, mask, masked: bool):
+    # padded rows are not written (a masked store issues no memory traffic for them)
+    if masked:
+        pltriton.store(ref, val, mask=mask)
+    else:
+        ref[...] = val
+
+
+def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
+                 target_programs: int = 2 * NUM_SMS) -> int:
+    """Pages per split: enough splits to fill the GPU, none shorter than min_split_pages."""
+    max_splits = max(1, pl.cdiv(n_slots, max(ppb, min_split_pages)))
+    splits = max(1, min(max_splits, pl.cdiv(target_programs, programs)))
+    pps = pl.cdiv(pl.cdiv(n_slots, splits), ppb) * ppb
+    return max(pps, ppb)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs",
+    "num_warps", "num_stages", "interpret"))
+def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
+                 scale: float | None = None,
+                 pages_per_block: int | None = None, pages_per_split: int | None = None,
+                 min_split_tokens: int = 512, target_programs: int = 2 * NUM_SMS,
+                 num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
+    """Paged decode attention (see the module docstring for the semantics).
+
+    q: [B, H, M, D]; k_pages, v_pages: [Hk, P, page, D]; page_ids, logical_ids: int32[B, H, N];
+    counts: int32[B, H]; lengths: int32[B]. Returns [B, H, M, D] in q.dtype.
+    M is padded to a power of 2 >= 16 for the dots; padded rows are never stored.
+    Tuning: pages_per_block (default: 128-token blocks), pages_per_split (default:
+    split-K only when a program has more than min_split_tokens and the grid is short of
+    target_programs), num_warps, num_stages. interpret=None: interpret unless on a GPU.
+    """
+    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
+    b, h, m_in, d = q.shape
+    hk, p, page, _ = k_pages.shape
+    n = page_ids.shape[-1]
+    if not (_pow2(d) and _pow2(page)):
+        raise ValueError(f"paged_decode needs power-of-2 head_dim and page size: {k_pages.shape=}")
+    scale = d ** -0.5 if scale is None else scale
+    ppb = pages_per_block or max(1, 128 // page)
+    if not _pow2(ppb):
+        raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
+    ppb = max(min(ppb, _next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots
+    if pages_per_split is None:
+        pps = choose_split(n, b * h, ppb, min_split_pages=max(1, min_split_tokens // page),
+                           target_programs=target_programs)
+    else:
+        pps = pl.cdiv(pages_per_split, ppb) * ppb
+    splits = pl.cdiv(n, pps)
+    n_pad = splits * pps
+    mrows = max(16, _next_pow2(m_in))  # dot dims >= 16, power-of-2 blocks
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
+    pad = ((0, 0), (0, 0), (0, n_pad - n))
+    ids = jnp.pad(jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), pad)
+    lg = jnp.pad(logical_ids.astype(jnp.int32), pad)
+    group = h // hk
+    kernel = functools.partial(_kernel, page=page, ppb=ppb, pps=pps, qk_scale=scale * _LOG2E,
+                               rows=m_in, split=splits > 1)
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    in_specs = [
+        whole((b, h)),  # counts
+        whole((b,)),  # lengths
+        pl.BlockSpec((None, None, pps), lambda i, j, s: (j, i, s)),  # page ids
+        pl.BlockSpec((None, None, pps), lambda i, j, s: (j, i, s)),  # logical ids
+        pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, i, 0, 0)),  # q
+        pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # k pages
+        pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # v pages
+    ]
+    if splits == 1:
+        out_specs = pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, i, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((b, h, mrows, d), q.dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, mrows, d), lambda i, j, s: (j, i, s, 0, 0)),
+            pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0)),
+            pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((b, h, splits, mrows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32),
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(h, b, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=resolve_interpret(interpret),
+        name=f"lserve_paged_decode_ppb{ppb}_pps{pps}",
+    )(counts.astype(jnp.int32), lengths.astype(jnp.int32), ids, lg, qp, k_pages, v_pages)
+    if splits == 1:
+        return out[:, :, :m_in]
+    o, m, l = (x[:, :, :, :m_in] for x in out)
+    return _combine(o, m, l).astype(q.dtype)
+
+
+def _combine(o, m, l):
+    """Merges split partials. o f32[B, H, S, M, D], m/l f32[B, H, S, M] (m in log2 units)."""
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp2(m - m_all)  # [B, H, S, M]
+    den = jnp.sum(w * l, axis=2)  # [B, H, M]
+    num = jnp.sum(w[..., None] * o, axis=2)  # [B, H, M, D]
+    return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)

@@ -1,0 +1,137 @@
+"""Query-aware page selection for sparse decode (LServe's hierarchical paging).
+
+For a retrieval head with query q (post-RoPE) the score of logical page j is
+
+    S_j = sum_i max(q_i * kmax_ji, q_i * kmin_ji)
+
+an upper bound of q.k over the keys of the page. It equals `q+ . kmax_j + q- . kmin_j` with
+q+ = max(q, 0), q- = min(q, 0) (whenever kmin <= kmax channel-wise), which is how the Pallas
+scoring kernel computes it with two small matmuls. A physical page scores the max of its
+logical pages. The top `max_pages` physical pages of a sequence are selected, the newest page
+(the one holding the current token) always among them; when the sequence has no more pages
+than the budget every page is selected.
+
+Selection heads: in "query_head" mode (LServe) every query head of the retrieval heads has its
+own selection; in "kv_head" mode the scores of the G query heads of a GQA group are reduced
+(`group_reduce`, default "max": a page that matters to any head of the group survives; "sum"
+favours pages that matter to the group on average) and one selection is shared by the group, so
+each selected page is read once per KV head.
+
+Selections hold LOGICAL page indices (into a row of the page table). Slots past `sel_count` are
+filled with the newest page so that every slot is a valid index.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MODES = ("query_head", "kv_head")
+GROUP_REDUCES = ("max", "sum")
+
+
+def _check(q, k_min, k_max, page_table, lengths, max_pages, mode, group_reduce):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if group_reduce not in GROUP_REDUCES:
+        raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, got {group_reduce!r}")
+    if max_pages < 1:
+        raise ValueError(f"max_pages must be >= 1, got {max_pages}")
+    if q.ndim != 3:
+        raise ValueError(f"q must be [B, R*G, D], got {q.shape=}")
+    if k_min.ndim != 4 or k_min.shape != k_max.shape:
+        raise ValueError(f"k_min/k_max must be [R, P, L, D] and equal, got {k_min.shape=} {k_max.shape=}")
+    b, hq, d = q.shape
+    r = k_min.shape[0]
+    if k_min.shape[-1] != d:
+        raise ValueError(f"head_dim mismatch: {q.shape=} {k_min.shape=}")
+    if (r == 0 and hq != 0) or (r and hq % r):
+        raise ValueError(f"q heads must be a multiple of the retrieval heads: {q.shape=} {k_min.shape=}")
+    if page_table.ndim != 2 or page_table.shape[0] != b:
+        raise ValueError(f"page_table must be [B, N]: {page_table.shape=} {q.shape=}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B]: {lengths.shape=} {q.shape=}")
+
+
+def page_scores_reference(q, k_min, k_max, page_table):
+    """Scores of every physical page of every sequence (pure jnp, the spec).
+
+    q: [B, R*G, D]; k_min, k_max: [R, P, L, D]; page_table: int32[B, N].
+    Returns float32[B, R, G, N]: score of logical-table page n for query head (r, g).
+    """
+    b, hq, d = q.shape
+    r = k_min.shape[0]
+    g = hq // r
+    qf = q.reshape(b, r, g, 1, 1, d).astype(jnp.float32)
+    ids = jnp.clip(page_table, 0, k_min.shape[1] - 1)
+    kmin = jnp.take(k_min, ids, axis=1).astype(jnp.float32)  # [R, B, N, L, D]
+    kmax = jnp.take(k_max, ids, axis=1).astype(jnp.float32)
+    kmin = jnp.swapaxes(kmin, 0, 1)[:, :, None]  # [B, R, 1, N, L, D]
+    kmax = jnp.swapaxes(kmax, 0, 1)[:, :, None]
+    s = jnp.sum(jnp.maximum(qf * kmax, qf * kmin), axis=-1)  # [B, R, G, N, L]
+    return jnp.max(s, axis=-1)
+
+
+def _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl):
+    if impl == "auto":
+        from .pallas.compat import on_gpu
+        from .pallas.page_scores import supported
+
+        impl = "pallas" if on_gpu() and supported(q, k_min) else "reference"
+    if impl == "reference":
+        return page_scores_reference(q, k_min, k_max, page_table)
+    if impl == "pallas":
+        from .pallas.page_scores import page_scores
+
+        # pages past the sequence are left unwritten: topk_pages masks them
+        return page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size)
+    raise ValueError(f"impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
+
+
+def topk_pages(scores, lengths, *, page_size: int, max_pages: int):
+    """Top pages per selection head within the budget.
+
+    scores: float32[B, H, N] (any values for pages past the sequence); lengths: int32[B].
+    Returns (sel int32[B, H, max_pages], count int32[B, H]).
+    """
+    b, h, n = scores.shape
+    n_valid = (lengths + page_size - 1) // page_size  # [B]
+    newest = jnp.clip(n_valid - 1, 0, n - 1)
+    col = jnp.arange(n)
+    scores = jnp.where(col[None, None, :] < n_valid[:, None, None], scores, -jnp.inf)
+    scores = jnp.where(col[None, None, :] == newest[:, None, None], jnp.inf, scores)
+    k = min(max_pages, n)
+    _, idx = jax.lax.top_k(scores, k)  # [B, H, k]
+    count = jnp.minimum(n_valid, k).astype(jnp.int32)  # [B]
+    slot = jnp.arange(max_pages)
+    if k < max_pages:
+        idx = jnp.pad(idx, ((0, 0), (0, 0), (0, max_pages - k)))
+    sel = jnp.where(slot[None, None, :] < count[:, None, None], idx, newest[:, None, None])
+    return sel.astype(jnp.int32), jnp.broadcast_to(count[:, None], (b, h))
+
+
+def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: str,
+                 group_reduce: str = "max", page_size: int | None = None, impl: str = "auto"):
+    """Chooses the pages each retrieval selection head reads at decode.
+
+    q: [B, R*G, D] retrieval heads' queries (post-RoPE); k_min, k_max: [R, P, page // lp, D];
+    page_table: int32[B, N]; lengths: int32[B] tokens including the current one.
+    page_size: the physical page size in tokens. The stats only give page // lp, so the default
+    assumes 16-token logical pages (SparseConfig's default); pass it whenever lp != 16.
+    Returns sel_pages int32[B, Hsel, max_pages] (logical page indices) and sel_count
+    int32[B, Hsel]; Hsel = R*G ("query_head") or R ("kv_head").
+    """
+    _check(q, k_min, k_max, page_table, lengths, max_pages, mode, group_reduce)
+    b, hq, _ = q.shape
+    r = k_min.shape[0]
+    if page_size is None:
+        page_size = 16 * k_min.shape[2]
+    if r == 0:
+        return jnp.zeros((b, 0, max_pages), jnp.int32), jnp.zeros((b, 0), jnp.int32)
+    g = hq // r
+    s = _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl)  # [B, R, G, N]
+    if mode == "kv_head":
+        s = jnp.max(s, axis=2) if group_reduce == "max" else jnp.sum(s, axis=2)
+    else:
+        s = s.reshape(b, r * g, -1)
+    return topk_pages(s, lengths, page_size=page_size, max_pages=max_pages)
