@@ -119,7 +119,8 @@ def _selection(lc: kvc.LayerCache, q_r: jax.Array, cache: kvc.KVCache, new_len: 
     mode = sp.selection_mode
 
     def fresh():
-        return select_pages(q_r, lc.k_min, lc.k_max, cache.page_table, new_len, max_pages=k_sel, mode=mode)
+        return select_pages(q_r, lc.k_min, lc.k_max, cache.page_table, new_len, max_pages=k_sel, mode=mode,
+                             page_size=sp.page_size)
 
     return lax.cond(refresh, fresh, lambda: (lc.sel_pages, lc.sel_count))
 

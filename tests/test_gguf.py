@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 from tokenizers.pre_tokenizers import ByteLevel
 
 from lserve_jax import default_model as dm
-from lserve_jax.convert.gguf import (ConversionError, permute_qk, read_gguf, unpermute_qk,
-                                     write_hf_dir)
+from lserve_jax.convert.gguf import (ConversionError, permute_qk, read_gguf, tokenizer_files_from_gguf,
+                                     unpermute_qk, write_hf_dir)
 
 # ---------------------------------------------------------------- tiny vocabulary / model
 
@@ -205,6 +205,8 @@ def test_write_hf_dir_loads_in_transformers(tmp_path):
         for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "generation_config.json"):
             assert (out / f).is_file(), f
+        for f, text in tokenizer_files_from_gguf(read_gguf(tmp_path / f"{arch}.gguf", load_tensors=False)).items():
+            assert (out / f).read_text() == text, f
         model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         assert type(model).__name__ == json.loads((out / "config.json").read_text())["architectures"][0]
         sd = model.state_dict()

@@ -18,7 +18,7 @@ from lserve_jax.model import ModelSpec, decode_step, prefill
 
 from .hf_models import VARIANTS, hf_logits, make_hf_model
 
-SPARSE = SparseConfig(page_size=16, logical_page_size=4, token_budget=512, sparse_decode=False)
+SPARSE = SparseConfig(page_size=16, logical_page_size=4, token_budget=512)
 PROMPT_LENS = (5, 23, 1)
 DECODE_STEPS = 16
 TOL = 1e-4
@@ -105,3 +105,74 @@ def test_sparse_off_equals_dense_with_pattern(tmp_path, rng):
     np.testing.assert_allclose(sa, sb, atol=1e-5, rtol=0)
     full = hf_logits(model, prompt + list(cont[0]))
     np.testing.assert_allclose(sb[:, 0], full[len(prompt):], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["query_head", "kv_head"])
+def test_sparse_paths_equal_dense_when_nothing_is_dropped(mode, tmp_path, rng):
+    """Streaming heads whose window covers the whole context, and a page budget that covers it,
+    read exactly what dense attention reads: the logits must equal transformers'."""
+    from lserve_jax.heads import layout_and_permutation
+    from lserve_jax.params import permute_kv_heads
+
+    model = make_hf_model("mistral", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", progress=False)
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    cfg = ckpt.config
+    retrieval = np.array([[True, False], [False, True]])  # one streaming head per layer
+    layout, perms = layout_and_permutation(retrieval)
+    params = permute_kv_heads(ckpt.load_params(), cfg, perms)
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=512, selection_mode=mode,
+                          prefill_sink=4, prefill_local=128, decode_sink=4, decode_local=124)
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in PROMPT_LENS]
+    cont = rng.integers(0, cfg.vocab_size, (len(prompts), DECODE_STEPS)).astype(np.int32)
+    first, steps, _ = run_cached(params, cfg, prompts, cont, sparse=sparse, layout=layout)
+    for i, p in enumerate(prompts):
+        full = hf_logits(model, p + list(cont[i]))
+        np.testing.assert_allclose(first[i], full[len(p) - 1], atol=TOL, rtol=0)
+        np.testing.assert_allclose(steps[:, i], full[len(p):], atol=TOL, rtol=0)
+
+
+def test_ring_drops_the_middle(tmp_path, rng):
+    """With a small decode window, streaming heads see sink + the last `local` tokens only:
+    check against a dense reference that applies the same Λ mask (reference attention)."""
+    from lserve_jax.heads import layout_and_permutation
+    from lserve_jax.params import permute_kv_heads
+
+    make_hf_model("llama3", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", progress=False)
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    cfg = ckpt.config
+    layout, perms = layout_and_permutation(np.array([[False, False], [False, False]]))
+    params = permute_kv_heads(ckpt.load_params(), cfg, perms)
+    sink, local = 3, 5
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=512, prefill_sink=sink,
+                          prefill_local=local, decode_sink=sink, decode_local=local)
+    prompt = list(rng.integers(0, cfg.vocab_size, 11))
+    cont = rng.integers(0, cfg.vocab_size, (1, 6)).astype(np.int32)
+    _, steps, _ = run_cached(params, cfg, [prompt], cont, sparse=sparse, layout=layout)
+    # the same model run as a full forward whose every head applies the Λ mask
+    full_tokens = jnp.asarray([prompt + list(cont[0])])
+    ref = lambda_forward(params, full_tokens, cfg, sink, local)
+    np.testing.assert_allclose(steps[:, 0], ref[0, len(prompt):], atol=TOL, rtol=0)
+
+
+def lambda_forward(params, tokens, cfg, sink, local):
+    """Full forward in which every head attends to keys j <= i with j < sink or i - j < local."""
+    from lserve_jax.attention.prefill import prefill_attention
+    from lserve_jax.model import _mlp, _proj, _qkv, rms_norm
+    from lserve_jax.rope import apply_rope, inv_frequencies
+
+    b, t = tokens.shape
+    inv = inv_frequencies(cfg)
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = params.embed[tokens]
+    lengths = jnp.full((b,), t, jnp.int32)
+    for lp in params.layers:
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q, k = apply_rope(q, pos, inv), apply_rope(k, pos, inv)
+        o = prefill_attention(q, k, v, lengths, num_retrieval=0, sink=sink, local=local, impl="reference")
+        x = _mlp(lp, x + _proj(o.reshape(b, t, -1), lp.wo), cfg)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return np.asarray(jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32))

@@ -368,6 +368,21 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
         metadata=metadata, tensor_types=types)
 
 
+def tokenizer_files_from_gguf(model: GGUFModel) -> dict[str, str]:
+    """{file name: text} for the tokenizer-side HF files (tokenizer.json,
+    tokenizer_config.json, generation_config.json) to store next to converted weights."""
+    gen = {"bos_token_id": model.bos_token_id, "eos_token_id": model.eos_token_id}
+    if model.pad_token_id is not None:
+        gen["pad_token_id"] = model.pad_token_id
+
+    def js(obj) -> str:
+        return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+    return {"tokenizer.json": model.tokenizer_json,
+            "tokenizer_config.json": js(model.tokenizer_config),
+            "generation_config.json": js(gen)}
+
+
 def write_hf_dir(model: GGUFModel, out_dir: str | os.PathLike, *, dtype: str = "float32") -> Path:
     """Write ``model`` as an HF model directory (config.json, model.safetensors,
     tokenizer.json, tokenizer_config.json, generation_config.json).  ``dtype`` is
@@ -383,9 +398,6 @@ def write_hf_dir(model: GGUFModel, out_dir: str | os.PathLike, *, dtype: str = "
     np_dtype = np.dtype(dtype)
     cfg = dict(model.hf_config, torch_dtype=dtype)
 
-    def dump(name: str, obj) -> None:
-        (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
     # Write weights to a temporary name first so a crash never leaves a half-written
     # model.safetensors that looks valid.
     tmp = out / "model.safetensors.tmp"
@@ -395,13 +407,9 @@ def write_hf_dir(model: GGUFModel, out_dir: str | os.PathLike, *, dtype: str = "
     os.umask(_umask)
     os.chmod(tmp, 0o666 & ~_umask)  # the writer creates 0600 files; use normal permissions
     os.replace(tmp, out / "model.safetensors")
-    dump("config.json", cfg)
-    (out / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
-    dump("tokenizer_config.json", model.tokenizer_config)
-    gen = {"bos_token_id": model.bos_token_id, "eos_token_id": model.eos_token_id}
-    if model.pad_token_id is not None:
-        gen["pad_token_id"] = model.pad_token_id
-    dump("generation_config.json", gen)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    for name, text in tokenizer_files_from_gguf(model).items():
+        (out / name).write_text(text, encoding="utf-8")
     return out
 
 
