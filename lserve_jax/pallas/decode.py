@@ -92,9 +92,9 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
 
 
 def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
-            page, ppb, pps, qk_scale, rows, split):
+            page, ppb, pps, qk_scale, split):
     # cnt_ref: int32[B, H] (whole); len_ref: int32[B] (whole)
-    # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D]
+    # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D] (M a power of 2)
     # k_ref, v_ref: [P, page, D] this program's kv head
     # out_refs: o [M, D] (normalised, q dtype) if not split, else o f32[M, D], m f32[M], l f32[M]
     h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -102,7 +102,11 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
     length = len_ref[b]
     n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
     q = q_ref[...]
-    mrows, d = q.shape
+    m_rows, d = q.shape
+    rep = max(1, 16 // m_rows)
+    if rep > 1:  # dots need >= 16 rows: repeat the rows (identical results) instead of padding
+        q = jnp.broadcast_to(q[None], (rep, m_rows, d)).reshape(rep * m_rows, d)
+    rows = rep * m_rows
     bk = ppb * page
 
     def body(i, carry):
@@ -112,7 +116,7 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
         lg = lg_ref[pl.ds(start, ppb)]
         k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
         v = v_ref[ids].reshape(bk, d)
-        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # [M, bk], log2 units
+        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # [rows, bk], log2 units
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
         pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
         pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
@@ -124,28 +128,22 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
         o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return o, m_new, l
 
-    init = (jnp.zeros((mrows, d), jnp.float32), jnp.full((mrows,), _M_INIT, jnp.float32),
-            jnp.zeros((mrows,), jnp.float32))
+    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
     o, m, l = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, init)
-    row_ok = jax.lax.broadcasted_iota(jnp.int32, (mrows, d), 0) < rows
+    if rep > 1:  # the replicas are bitwise equal: any reduction recovers the M rows
+        o = jnp.max(o.reshape(rep, m_rows, d), axis=0)
+        m = jnp.max(m.reshape(rep, m_rows), axis=0)
+        l = jnp.max(l.reshape(rep, m_rows), axis=0)
     if not split:
         (o_ref,) = out_refs
         safe = jnp.where(l > 0, l, 1.0)
-        out = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
-        _store(o_ref, out, row_ok, rows < mrows)
+        o_ref[...] = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
     else:
         o_ref, m_ref, l_ref = out_refs
-        _store(o_ref, o, row_ok, rows < mrows)
+        o_ref[...] = o
         m_ref[...] = m
         l_ref[...] = l
-
-
-def _store(ref, val, mask, masked: bool):
-    # padded rows are not written (a masked store issues no memory traffic for them)
-    if masked:
-        pltriton.store(ref, val, mask=mask)
-    else:
-        ref[...] = val
 
 
 def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
@@ -158,18 +156,19 @@ def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs",
+    "scale", "head_offset", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs",
     "num_warps", "num_stages", "interpret"))
 def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
-                 scale: float | None = None,
+                 scale: float | None = None, head_offset: int = 0,
                  pages_per_block: int | None = None, pages_per_split: int | None = None,
                  min_split_tokens: int = 512, target_programs: int = 2 * NUM_SMS,
                  num_warps: int = 4, num_stages: int = 2, interpret: bool | None = None):
     """Paged decode attention (see the module docstring for the semantics).
 
-    q: [B, H, M, D]; k_pages, v_pages: [Hk, P, page, D]; page_ids, logical_ids: int32[B, H, N];
-    counts: int32[B, H]; lengths: int32[B]. Returns [B, H, M, D] in q.dtype.
-    M is padded to a power of 2 >= 16 for the dots; padded rows are never stored.
+    q: [B, Hq, M, D]; k_pages, v_pages: [Hk, P, page, D]; page_ids, logical_ids: int32[B, H, N];
+    counts: int32[B, H]; lengths: int32[B]. Program head h takes its rows from
+    q[:, head_offset + h] (so a caller can hand over all of a layer's heads without a copy).
+    Returns [B, H, M, D] in q.dtype. M below 16 is repeated in the kernel up to 16 rows (no pad).
     Tuning: pages_per_block (default: 128-token blocks), pages_per_split (default:
     split-K only when a program has more than min_split_tokens and the grid is short of
     target_programs), num_warps, num_stages. interpret=None: interpret unless on a GPU.

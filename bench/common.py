@@ -1,0 +1,110 @@
+"""Shared pieces of the whole-model benchmarks: shapes, timing, ceilings, environment, JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lserve_jax.config import ModelConfig, RopeScaling  # noqa: E402
+from lserve_jax.heads import binarize, layout_and_permutation, load_pattern  # noqa: E402
+
+T0 = time.perf_counter()
+
+SHAPES = {
+    "llama3-8b": dict(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                      max_position_embeddings=1 << 20, rms_norm_eps=1e-5),
+    "smollm2-135m": dict(architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+}
+PATTERNS = {"llama3-8b": os.path.join(ROOT, "bench", "patterns", "Llama-3-8B-Instruct-Gradient-1048k.tsv")}
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
+
+
+def model_config(name: str) -> ModelConfig:
+    return ModelConfig(**SHAPES[name], rope_scaling=RopeScaling())
+
+
+def sparse_layout(name: str, cfg: ModelConfig, sparsity: float):
+    """The real head pattern of the shape, binarised by the global-quantile rule."""
+    if name in PATTERNS:
+        alpha = load_pattern(PATTERNS[name])
+    else:  # no published pattern for this shape: a fixed random one (speed does not depend on it)
+        alpha = np.random.default_rng(0).random((cfg.num_layers, cfg.num_kv_heads))
+    layout, _ = layout_and_permutation(binarize(alpha, sparsity))
+    return layout
+
+
+def timed(fn, *, warmup: int, iters: int, sync=jax.block_until_ready) -> dict:
+    """Runs fn() `warmup` times (the first one's time is the compile time), then times `iters`."""
+    t = time.perf_counter()
+    sync(fn())
+    compile_s = time.perf_counter() - t
+    for _ in range(warmup - 1):
+        sync(fn())
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times),
+            "first_call_s": compile_s, "times_s": times}
+
+
+def copy_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a device copy (read + write counted), the bandwidth ceiling of this run."""
+    n = int(gib * (1 << 30) // 4)
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001)
+    r = timed(lambda: f(x), warmup=3, iters=10)
+    del x
+    return 2 * n * 4 / r["median_s"]
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: x @ x)
+    r = timed(lambda: f(a), warmup=3, iters=10)
+    return 2 * n ** 3 / r["median_s"] / 1e12
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    dev = jax.devices()[0]
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
+            "jax": jax.__version__, "git_commit": commit or os.environ.get("GIT_COMMIT", "unknown")}
+
+
+def write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+
+
+def ratio(a, b):
+    return None if (a is None or b is None or b == 0) else a / b
+
+
+def param_bytes(params) -> int:
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))

@@ -1,0 +1,236 @@
+"""Whole-model time per output token: LServe sparse decode vs dense decode, one process.
+
+    PYTHONUNBUFFERED=1 python bench/decode.py --out $OUT                    # on the H200
+    python bench/decode.py --shape smollm2-135m --points 1024x1 --steps 4    # a CPU smoke run
+
+Random bf16 weights and a KV cache filled with random keys/values (attention cost does not
+depend on values; selection cost depends on the budget), the real head pattern at
+static_sparsity 0.5, LServe's decode knobs (budget 4096, pages 64/16, interval 4, ring 128+256).
+Variants: sparse with per-query-head and per-KV-head selection; dense paged (our kernel, every
+page); dense cuDNN over a contiguous cache. Each: median step time over >= 64 steps after
+warm-up, and the step's bytes floor (weights + KV read + page statistics read) over the copy
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import statistics
+import time
+
+import common  # noqa: F401
+import jax
+import jax.numpy as jnp
+
+from common import (copy_bandwidth, environment, log, model_config, param_bytes, ratio, sparse_layout,
+                    write_json)
+from lserve_jax import cache as kvc
+from lserve_jax.attention.decode import dense_decode_attention
+from lserve_jax.config import SparseConfig
+from lserve_jax.heads import HeadLayout
+from lserve_jax.model import ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, rms_norm
+from lserve_jax.params import init_params
+from lserve_jax.rope import apply_rope, inv_frequencies
+
+BF16 = 2
+
+
+def random_cache(cfg, layout, sparse, batch, ctx, extra, key):
+    """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more."""
+    page, lp = sparse.page_size, sparse.logical_page_size
+    n = -(-(ctx + extra) // page)
+    pool = batch * n + 1
+    k_sel = kvc.selection_width(sparse, n)
+    layers = []
+    for i, r in enumerate(layout.num_retrieval):
+        s = cfg.num_kv_heads - r
+        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, i), 4)
+        kp = jax.random.normal(k1, (r, pool, page, cfg.head_dim), jnp.bfloat16)
+        grouped = kp.reshape(r, pool, page // lp, lp, cfg.head_dim)
+        hsel = kvc.selection_heads(cfg, sparse, r)
+        layers.append(kvc.LayerCache(
+            k_pages=kp, v_pages=jax.random.normal(k2, kp.shape, jnp.bfloat16),
+            k_min=grouped.min(axis=3), k_max=grouped.max(axis=3),
+            ring_k=jax.random.normal(k3, (s, batch, sparse.ring_size, cfg.head_dim), jnp.bfloat16),
+            ring_v=jax.random.normal(k4, (s, batch, sparse.ring_size, cfg.head_dim), jnp.bfloat16),
+            sel_pages=jnp.zeros((batch, hsel, k_sel), jnp.int32), sel_count=jnp.zeros((batch, hsel), jnp.int32)))
+    table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
+    return kvc.KVCache(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32),
+                       step=jnp.zeros((), jnp.int32))
+
+
+def dense_contiguous_step(params, kc, vc, tokens, lengths, cfg):
+    """The dense baseline: contiguous [B, T, Hkv, D] caches, attention through cuDNN."""
+    inv = inv_frequencies(cfg)
+    b = tokens.shape[0]
+    x = params.embed[tokens]
+    rows = jnp.arange(b)
+    new_k, new_v = [], []
+    for lp, k_l, v_l in zip(params.layers, kc, vc):
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q = apply_rope(q[:, None], lengths[:, None], inv)[:, 0]
+        k = apply_rope(k[:, None], lengths[:, None], inv)[:, 0]
+        k_l = k_l.at[rows, lengths].set(k)
+        v_l = v_l.at[rows, lengths].set(v)
+        o = dense_decode_attention(q, k_l, v_l, lengths + 1, implementation="cudnn")
+        x = _mlp(lp, x + _proj(o.reshape(b, -1), lp.wo), cfg)
+        new_k.append(k_l)
+        new_v.append(v_l)
+    return _logits(params, x, cfg), tuple(new_k), tuple(new_v), lengths + 1
+
+
+def step_times(step, state, steps, warmup):
+    for _ in range(warmup):
+        jax.block_until_ready(step(state))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(step(state))
+        times.append(time.perf_counter() - t)
+    return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
+
+
+def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup):
+    spec = ModelSpec(cfg, layout, sparse)
+    cache = random_cache(cfg, layout, sparse, batch, ctx, steps + warmup + 2, jax.random.key(3))
+    fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",))
+    tokens = jnp.ones((batch,), jnp.int32)
+    state = {"cache": cache}
+    del cache
+
+    def step(st):
+        logits, st["cache"] = fn(params, st["cache"], tokens)
+        return logits
+
+    t = time.perf_counter()
+    jax.block_until_ready(step(state))
+    first = time.perf_counter() - t
+    r = step_times(step, state, steps, warmup)
+    r["first_call_s"] = first
+    del state
+    gc.collect()
+    return r
+
+
+def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup):
+    tmax = ctx + steps + warmup + 64
+    key = jax.random.key(5)
+    shape = (batch, tmax, cfg.num_kv_heads, cfg.head_dim)
+    kc = tuple(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16) for i in range(cfg.num_layers))
+    vc = tuple(jax.random.normal(jax.random.fold_in(key, 100 + i), shape, jnp.bfloat16) for i in range(cfg.num_layers))
+    fn = jax.jit(functools.partial(dense_contiguous_step, cfg=cfg), donate_argnums=(1, 2))
+    state = {"kc": kc, "vc": vc, "len": jnp.full((batch,), ctx, jnp.int32)}
+    del kc, vc
+    tokens = jnp.ones((batch,), jnp.int32)
+
+    def step(st):
+        logits, st["kc"], st["vc"], st["len"] = fn(params, st["kc"], st["vc"], tokens, st["len"])
+        return logits
+
+    t = time.perf_counter()
+    jax.block_until_ready(step(state))
+    first = time.perf_counter() - t
+    r = step_times(step, state, steps, warmup)
+    r["first_call_s"] = first
+    del state
+    gc.collect()
+    return r
+
+
+def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights):
+    """Bytes a step must read: weights + the KV it attends to + the page statistics it scores."""
+    d, g = cfg.head_dim, cfg.group_size
+    kv = stats = 0
+    for r in layout.num_retrieval:
+        s = cfg.num_kv_heads - r
+        if variant.startswith("dense"):
+            kv += cfg.num_kv_heads * ctx * d * 2 * BF16
+            continue
+        kv += r * min(sparse.token_budget, ctx) * d * 2 * BF16 + s * min(sparse.ring_size, ctx) * d * 2 * BF16
+        n_pages = -(-ctx // sparse.page_size)
+        stats += r * n_pages * (sparse.page_size // sparse.logical_page_size) * d * 2 * BF16 / sparse.selector_interval
+    return weights + batch * (kv + stats)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--points", default="131072x4,262144x1,32768x16,65536x4",
+                   help="comma-separated CONTEXTxBATCH")
+    p.add_argument("--variants", default="sparse_query_head,sparse_kv_head,dense_paged,dense_cudnn")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+
+    cfg = model_config(args.shape)
+    env = environment()
+    log("env", env)
+    bw = copy_bandwidth() if jax.default_backend() == "gpu" else None
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
+    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    weights = param_bytes(params)
+    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity)
+    dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    base = SparseConfig()
+    results = {"env": env, "shape": args.shape, "copy_bandwidth_Bps": bw, "weights_bytes": weights,
+               "knobs": base.__dict__ | {"static_sparsity": args.sparsity},
+               "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
+    out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
+    for point in args.points.split(","):
+        ctx, batch = (int(x) for x in point.split("x"))
+        for name in args.variants.split(","):
+            log(f"ctx={ctx} B={batch} {name} ...")
+            try:
+                if name == "dense_cudnn":
+                    r = run_dense_cudnn(params, cfg, batch, ctx, args.steps, args.warmup)
+                    layout = dense_layout
+                elif name == "dense_paged":
+                    layout = dense_layout
+                    r = run_paged(params, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
+                                  args.steps, args.warmup)
+                else:
+                    layout = layout_sparse
+                    mode = name.removeprefix("sparse_")
+                    r = run_paged(params, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
+                                  args.steps, args.warmup)
+                floor = bytes_floor(cfg, layout, base, batch, ctx, name, weights)
+                r["bytes_floor"] = floor
+                if bw:
+                    r["floor_s"] = floor / bw
+                    r["floor_fraction"] = r["floor_s"] / r["median_s"]
+            except Exception as e:  # keep the other points
+                log(f"FAILED: {type(e).__name__}: {str(e)[:300]}")
+                r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            r.update(ctx=ctx, batch=batch, variant=name)
+            results["points"].append(r)
+            log(f"ctx={ctx} B={batch} {name}: {r.get('median_s', float('nan')) * 1e3:.2f} ms/token "
+                f"(floor fraction {r.get('floor_fraction')})")
+            write_json(out_file, results)
+    med = {(r["ctx"], r["batch"], r["variant"]): r.get("median_s") for r in results["points"]}
+    best = lambda c, b: min([m for (cc, bb, v), m in med.items() if cc == c and bb == b and v.startswith("sparse")
+                             and m is not None], default=None)
+    summary = {}
+    for c, b in sorted({(r["ctx"], r["batch"]) for r in results["points"]}):
+        summary[f"tpot_speedup_vs_cudnn_{c // 1024}k_b{b}"] = ratio(med.get((c, b, "dense_cudnn")), best(c, b))
+    frac = [r.get("floor_fraction") for r in results["points"]
+            if r["ctx"] == 131072 and r["batch"] == 4 and r["variant"].startswith("sparse") and r.get("floor_fraction")]
+    summary["sparse_bytes_floor_fraction_128k_b4"] = max(frac) if frac else None
+    results["summary"] = summary
+    write_json(out_file, results)
+    print("\n| context | batch | variant | ms/token | speedup vs cuDNN | bytes-floor fraction |\n|---|---|---|---|---|---|")
+    for r in results["points"]:
+        sp = ratio(med.get((r["ctx"], r["batch"], "dense_cudnn")), r.get("median_s"))
+        ff = r.get("floor_fraction")
+        print(f"| {r['ctx']} | {r['batch']} | {r['variant']} | {r.get('median_s', float('nan')) * 1e3:.2f} | "
+              f"{'' if sp is None else f'{sp:.2f}x'} | {'' if ff is None else f'{ff:.0%}'} |")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Whole-model time to first token: LServe sparse prefill vs dense (cuDNN, our kernel), one process.
+
+    PYTHONUNBUFFERED=1 python bench/prefill.py --out $OUT            # on the H200
+    python bench/prefill.py --shape smollm2-135m --ts 256 --reps 1    # a CPU smoke run
+
+Random bf16 weights (fixed seed), batch 1, the real head pattern of the shape at
+static_sparsity 0.5, LServe's prefill knobs (sink 128, local 8192). TTFT = prefill of every
+layer (attention, MLP, cache writes into pages and rings) + the last token's logits + sampling,
+ended by block_until_ready. The first call's time (compile included) is reported separately.
+Attention alone per layer is bench/prefill_attn.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+
+import common  # noqa: F401  (puts the repo on sys.path)
+import jax
+import jax.numpy as jnp
+
+from common import environment, log, model_config, param_bytes, ratio, sparse_layout, timed, write_json
+from lserve_jax import cache as kvc
+from lserve_jax.config import SparseConfig
+from lserve_jax.heads import HeadLayout
+from lserve_jax.model import ModelSpec, prefill
+from lserve_jax.params import init_params
+from lserve_jax.sampling import sample
+
+VARIANTS = {
+    # name: (sparse head layout?, prefill impl)
+    "sparse": (True, "auto"),
+    "dense_cudnn": (False, "cudnn"),
+    "dense_pallas": (False, "pallas"),
+}
+
+
+def run_variant(params, cfg, layout, impl, t, reps, warmup):
+    sparse = SparseConfig()
+    spec = ModelSpec(cfg, layout, sparse, prefill_impl=impl)
+    n_pages = t // sparse.page_size
+    cache = kvc.init_cache(cfg, layout, sparse, batch=1, num_pages=n_pages + 1, max_pages_per_seq=n_pages,
+                           dtype=jnp.bfloat16)
+    cache = cache.replace(page_table=jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None])
+    tokens = jax.random.randint(jax.random.key(7), (1, t), 0, cfg.vocab_size, jnp.int32)
+    lengths = jnp.full((1,), t, jnp.int32)
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def ttft(params, cache, tokens, lengths):
+        logits, cache = prefill(params, cache, tokens, lengths, spec)
+        tok = sample(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
+        return tok, cache
+
+    state = {"cache": cache}
+
+    def call():
+        tok, state["cache"] = ttft(params, state["cache"], tokens, lengths)
+        return tok
+
+    r = timed(call, warmup=warmup, iters=reps)
+    del state, cache
+    gc.collect()
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--ts", default="32768,131072,262144", help="comma-separated prompt lengths")
+    p.add_argument("--variants", default="sparse,dense_cudnn")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per point (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+
+    cfg = model_config(args.shape)
+    env = environment()
+    log("env", env)
+    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity)
+    log(f"params {param_bytes(params) / 1e9:.1f} GB; retrieval heads per layer {layout_sparse.num_retrieval}")
+    results = {"env": env, "shape": args.shape, "knobs": SparseConfig().__dict__ | {"static_sparsity": args.sparsity},
+               "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
+    out_file = os.path.join(args.out, f"prefill-{env['date'][:10]}.json")
+    for t in [int(x) for x in args.ts.split(",")]:
+        for name in args.variants.split(","):
+            use_sparse, impl = VARIANTS[name]
+            layout = layout_sparse if use_sparse else HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+            log(f"T={t} {name} ...")
+            try:
+                r = run_variant(params, cfg, layout, impl, t, args.reps, args.warmup)
+            except Exception as e:  # report and go on: one failing point must not lose the rest
+                log(f"T={t} {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            r.update(t=t, variant=name)
+            results["points"].append(r)
+            log(f"T={t} {name}: {r.get('median_s', float('nan')) * 1e3:.1f} ms (first call {r.get('first_call_s', 0):.1f} s)")
+            write_json(out_file, results)
+    med = {(r["t"], r["variant"]): r.get("median_s") for r in results["points"]}
+    summary = {}
+    for t in sorted({r["t"] for r in results["points"]}):
+        summary[f"ttft_speedup_vs_cudnn_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")), med.get((t, "sparse")))
+    results["summary"] = summary
+    write_json(out_file, results)
+    print("\n| T | variant | TTFT ms | speedup vs cuDNN dense |\n|---|---|---|---|")
+    for r in results["points"]:
+        sp = ratio(med.get((r["t"], "dense_cudnn")), r.get("median_s"))
+        print(f"| {r['t']} | {r['variant']} | {r.get('median_s', float('nan')) * 1e3:.1f} | "
+              f"{'' if sp is None else f'{sp:.2f}x'} |")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
