@@ -188,7 +188,7 @@ def f_kernel(opts):
 
 
 def kernel_args(lay, mode, sel, cnt):
-    qh, phys, lg = _retrieval_args(lay["q"][:, :R * G], lay["page_table"], sel, mode=mode, r=R, g=G)
+    qh, phys, lg = _retrieval_args(lay["q"], lay["page_table"], sel, mode=mode, r=R, g=G)
     return jax.block_until_ready((qh, lay["k_pages"], lay["v_pages"], phys, lg, cnt, lay["lengths"]))
 
 

@@ -95,7 +95,7 @@ class Engine:
         self.tokenizer = tokenizer
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, prefill_impl, decode_impl)
-        self.max_seq_len = int(max_seq_len or config.max_position_embeddings)
+        self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
         self.max_pages_per_seq = -(-self.max_seq_len // sparse.page_size)
@@ -123,7 +123,7 @@ class Engine:
 
     def _cache_for(self, batch: int) -> tuple[kvc.KVCache, PageAllocator]:
         if batch not in self._caches:
-            pages = self.num_pages or batch * self.max_pages_per_seq + 1
+            pages = batch * self.max_pages_per_seq + 1 if self.num_pages is None else self.num_pages
             cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=batch,
                                    num_pages=pages, max_pages_per_seq=self.max_pages_per_seq,
                                    dtype=self.cache_dtype)

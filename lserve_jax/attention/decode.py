@@ -56,23 +56,22 @@ def _ring_page(w: int) -> int:
     return min(w & -w, 128)
 
 
-def _retrieval_args(q_r, page_table, sel_pages, *, mode, r, g):
-    """q and page ids of the retrieval program heads."""
-    b, _, d = q_r.shape
+def _retrieval_args(q, page_table, sel_pages, *, mode, r, g):
+    """q viewed per program head (no copy) and the physical pages of each selection slot."""
+    b, hq, d = q.shape
     n = page_table.shape[1]
     lg = jnp.clip(sel_pages, 0, n - 1)
     phys = jnp.take_along_axis(page_table, lg.reshape(b, -1), axis=1).reshape(lg.shape)
     if mode == "query_head":
-        qh = q_r.reshape(b, r * g, 1, d)  # one program head per query head: its own pages
+        qh = q.reshape(b, hq, 1, d)  # one program head per query head: its own pages
     else:
-        qh = q_r.reshape(b, r, g, d)  # one program head per GQA group: pages read once
+        qh = q.reshape(b, hq // g, g, d)  # one program head per GQA group: pages read once
     return qh, phys, lg
 
 
-def _ring_args(q_s, ring_k, ring_v, lengths):
-    """The ring as a pool of [S, B * W/pb, pb, D] pages, and the streaming program heads."""
+def _ring_args(q, ring_k, ring_v, lengths):
+    """The ring as a pool of [S, B * W/pb, pb, D] pages with its slot lists and lengths."""
     s, b, w, d = ring_k.shape
-    g = q_s.shape[1] // s
     pb = _ring_page(w)
     nw = w // pb
     kp = ring_k.reshape(s, b * nw, pb, d)
@@ -82,7 +81,7 @@ def _ring_args(q_s, ring_k, ring_v, lengths):
     lg = jnp.broadcast_to(j, (b, s, nw))
     ring_len = jnp.minimum(lengths, w).astype(jnp.int32)
     counts = jnp.broadcast_to(((ring_len + pb - 1) // pb)[:, None], (b, s))
-    return q_s.reshape(b, s, g, d), kp, vp, ids, lg, counts, ring_len
+    return kp, vp, ids, lg, counts, ring_len
 
 
 def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
@@ -103,18 +102,20 @@ def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, s
     scale = d ** -0.5 if scale is None else float(scale)
     lengths = lengths.astype(jnp.int32)
     if impl == "pallas":
-        run = lambda *a, opts: paged_decode(*a, scale=scale, **(opts or {}))
+        run = lambda *a, off, opts: paged_decode(*a, scale=scale, head_offset=off, **(opts or {}))
     else:
-        run = lambda *a, opts: paged_decode_reference(*a, scale=scale)
+        run = lambda *a, off, opts: paged_decode_reference(*a, scale=scale, head_offset=off)
+    # program heads take their rows straight from q (head_offset), no slicing copies
     outs = []
     if r:
-        qh, phys, lg = _retrieval_args(q[:, :r * g], page_table, sel_pages, mode=mode, r=r, g=g)
-        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths,
+        qh, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
+        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths, off=0,
                 opts=kernel_options)
         outs.append(o.reshape(b, r * g, d))
     if s:
-        qs, kp, vp, ids, lg, counts, ring_len = _ring_args(q[:, r * g:], ring_k, ring_v, lengths)
-        o = run(qs, kp, vp, ids, lg, counts, ring_len, opts=ring_kernel_options)
+        kp, vp, ids, lg, counts, ring_len = _ring_args(q, ring_k, ring_v, lengths)
+        o = run(q.reshape(b, r + s, g, d), kp, vp, ids, lg, counts, ring_len, off=r,
+                opts=ring_kernel_options)
         outs.append(o.reshape(b, s * g, d))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 

@@ -6,8 +6,8 @@ One generic primitive serves both halves of LServe's decode:
 * streaming heads: the ring, seen as a pool of `W / pb` contiguous pages per sequence.
 
 Semantics (kernel and reference alike). A *program head* h of sequence b has M query rows
-`q[b, h]` (a GQA group, or one query head padded) and reads KV head `h // (H // Hk)` of the
-pools. Its slots i < counts[b, h] name physical page `page_ids[b, h, i]` holding the tokens at
+`q[b, head_offset + h]` (a GQA group, or one query head) and reads KV head `h // (H // Hk)` of
+the pools. Its slots i < counts[b, h] name physical page `page_ids[b, h, i]` holding the tokens at
 positions `logical_ids[b, h, i] * page + o`, o in [0, page); a key is visible iff its slot is in
 use and its position is < lengths[b]. Softmax in float32 over the visible keys; rows with no
 visible key give zeros. Slots must name distinct pages (a page listed twice counts twice).
@@ -28,7 +28,6 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
 from .compat import resolve_interpret, triton_params
 
@@ -45,32 +44,38 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths):
+def validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, head_offset=0):
     """Raises ValueError on inconsistent shapes; called before tracing the kernel."""
     if q.ndim != 4:
-        raise ValueError(f"q must be [B, H, M, D], got {q.shape=}")
+        raise ValueError(f"q must be [B, Hq, M, D], got {q.shape=}")
     if k_pages.ndim != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"k/v pages must be [Hk, P, page, D] and equal: {k_pages.shape=} {v_pages.shape=}")
-    b, h, _, d = q.shape
+    b, hq, _, d = q.shape
+    if page_ids.ndim != 3 or page_ids.shape[0] != b or logical_ids.shape != page_ids.shape:
+        raise ValueError(f"page/logical ids must be [B, H, N]: {page_ids.shape=} {logical_ids.shape=} {q.shape=}")
+    h = page_ids.shape[1]
     hk = k_pages.shape[0]
     if k_pages.shape[-1] != d:
         raise ValueError(f"head_dim mismatch: {q.shape=} {k_pages.shape=}")
     if hk == 0 or h % hk:
-        raise ValueError(f"program heads must be a multiple of kv heads: {q.shape=} {k_pages.shape=}")
-    if page_ids.ndim != 3 or page_ids.shape[:2] != (b, h) or logical_ids.shape != page_ids.shape:
-        raise ValueError(f"page/logical ids must be [B, H, N]: {page_ids.shape=} {logical_ids.shape=} {q.shape=}")
+        raise ValueError(f"program heads must be a multiple of kv heads: {page_ids.shape=} {k_pages.shape=}")
+    if head_offset < 0 or head_offset + h > hq:
+        raise ValueError(f"q has too few heads for {head_offset=} and {page_ids.shape=}: {q.shape=}")
     if counts.shape != (b, h):
-        raise ValueError(f"counts must be [B, H]: {counts.shape=} {q.shape=}")
+        raise ValueError(f"counts must be [B, H]: {counts.shape=} {page_ids.shape=}")
     if lengths.shape != (b,):
         raise ValueError(f"lengths must be [B]: {lengths.shape=} {q.shape=}")
 
 
 def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
-                           scale: float | None = None):
-    """Pure-jnp spec. q: [B, H, M, D]; k/v_pages: [Hk, P, page, D]; ids: int32[B, H, N];
-    counts: int32[B, H]; lengths: int32[B]. Returns [B, H, M, D] in q.dtype."""
-    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
-    b, h, m, d = q.shape
+                           scale: float | None = None, head_offset: int = 0):
+    """Pure-jnp spec. q: [B, Hq, M, D]; k/v_pages: [Hk, P, page, D]; ids: int32[B, H, N];
+    counts: int32[B, H]; lengths: int32[B]; program head h uses q[:, head_offset + h].
+    Returns [B, H, M, D] in q.dtype."""
+    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, head_offset)
+    h = page_ids.shape[1]
+    q = q[:, head_offset:head_offset + h]
+    b, _, m, d = q.shape
     hk, p, page, _ = k_pages.shape
     n = page_ids.shape[-1]
     scale = d ** -0.5 if scale is None else scale
@@ -173,8 +178,9 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     split-K only when a program has more than min_split_tokens and the grid is short of
     target_programs), num_warps, num_stages. interpret=None: interpret unless on a GPU.
     """
-    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
-    b, h, m_in, d = q.shape
+    validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, head_offset)
+    b, _, m_in, d = q.shape
+    h = page_ids.shape[1]
     hk, p, page, _ = k_pages.shape
     n = page_ids.shape[-1]
     if not (_pow2(d) and _pow2(page)):
@@ -191,21 +197,25 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
         pps = pl.cdiv(pages_per_split, ppb) * ppb
     splits = pl.cdiv(n, pps)
     n_pad = splits * pps
-    mrows = max(16, _next_pow2(m_in))  # dot dims >= 16, power-of-2 blocks
-    qp = jnp.pad(q, ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
-    pad = ((0, 0), (0, 0), (0, n_pad - n))
-    ids = jnp.pad(jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), pad)
-    lg = jnp.pad(logical_ids.astype(jnp.int32), pad)
+    mrows = _next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
+    if mrows != m_in:
+        q = jnp.pad(q[:, head_offset:head_offset + h], ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
+        head_offset = 0
+    ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
+    if n_pad != n:
+        pad = ((0, 0), (0, 0), (0, n_pad - n))
+        ids, lg = jnp.pad(ids, pad), jnp.pad(lg, pad)
     group = h // hk
+    off = head_offset
     kernel = functools.partial(_kernel, page=page, ppb=ppb, pps=pps, qk_scale=scale * _LOG2E,
-                               rows=m_in, split=splits > 1)
+                               split=splits > 1)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     in_specs = [
         whole((b, h)),  # counts
         whole((b,)),  # lengths
         pl.BlockSpec((None, None, pps), lambda i, j, s: (j, i, s)),  # page ids
         pl.BlockSpec((None, None, pps), lambda i, j, s: (j, i, s)),  # logical ids
-        pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, i, 0, 0)),  # q
+        pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, off + i, 0, 0)),  # q
         pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # k pages
         pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # v pages
     ]
@@ -232,11 +242,10 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
         compiler_params=triton_params(num_warps, num_stages),
         interpret=resolve_interpret(interpret),
         name=f"lserve_paged_decode_ppb{ppb}_pps{pps}",
-    )(counts.astype(jnp.int32), lengths.astype(jnp.int32), ids, lg, qp, k_pages, v_pages)
-    if splits == 1:
-        return out[:, :, :m_in]
-    o, m, l = (x[:, :, :, :m_in] for x in out)
-    return _combine(o, m, l).astype(q.dtype)
+    )(counts.astype(jnp.int32), lengths.astype(jnp.int32), ids, lg, q, k_pages, v_pages)
+    if splits > 1:
+        out = _combine(*out).astype(q.dtype)
+    return out if mrows == m_in else out[:, :, :m_in]
 
 
 def _combine(o, m, l):
