@@ -116,6 +116,7 @@ def atomic_directory(dest: str | os.PathLike, *, force: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a converted model should be readable like any file
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)

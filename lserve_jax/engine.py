@@ -127,6 +127,9 @@ class Engine:
             cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=batch,
                                    num_pages=pages, max_pages_per_seq=self.max_pages_per_seq,
                                    dtype=self.cache_dtype)
+            # commit it to the device like the caches prefill/decode return: otherwise the first
+            # call's (uncommitted) cache is another jit cache key and prefill compiles twice
+            cache = jax.device_put(cache, jax.devices()[0])
             self._caches = {batch: (cache, PageAllocator(pages))}  # keep one cache alive at a time
         return self._caches[batch]
 

@@ -1,0 +1,231 @@
+"""Host-side engine pieces: page allocator, length buckets, sampling knobs and sampling, stop
+strings, and `Engine.generate` on a tiny random model (token-id prompts, no tokenizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lserve_jax.config import ModelConfig, SparseConfig
+from lserve_jax.engine import Engine, PageAllocator, PoolExhausted, length_bucket
+from lserve_jax.params import init_params
+from lserve_jax.sampling import SamplingParams, sample
+from lserve_jax.tokenizer import Tokenizer
+
+# eos_token_ids=(): a random model may emit any id; with no EOS every run goes to its length limit
+CFG = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, eos_token_ids=())
+SPARSE = SparseConfig(page_size=16, logical_page_size=4, token_budget=128)
+PROMPTS = [[5, 6, 7], list(range(10, 30)), [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # 3 lengths, 2 length buckets
+
+
+def word_tokenizer_json(path) -> None:
+    """A WordLevel tokenizer over the tiny vocab: id i <-> "w{i:03d}" (fixed width, so no token's
+    text is a substring of another's, which keeps stop-string expectations simple)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"w{i:03d}": i for i in range(1, CFG.vocab_size)}}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="module")
+def params():
+    # scale 0.5: peaky logits, so greedy choices are far from ties
+    return init_params(CFG, jax.random.key(0), jnp.float32, scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def engine(params):
+    return Engine(params, CFG, sparse=SPARSE)
+
+
+@pytest.fixture(scope="module")
+def text_engine(params, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    word_tokenizer_json(path)
+    return Engine(params, CFG, sparse=SPARSE, tokenizer=Tokenizer(path))
+
+
+# --- PageAllocator -------------------------------------------------------------------------
+
+def test_allocator_never_hands_out_the_scratch_page():
+    a = PageAllocator(5)
+    assert a.free_pages == 4
+    pages = a.alloc(4)
+    assert sorted(pages) == [1, 2, 3, 4] and a.free_pages == 0
+
+
+def test_allocator_exhaustion_changes_nothing():
+    a = PageAllocator(4)
+    held = a.alloc(2)
+    with pytest.raises(PoolExhausted, match="2 pages requested, 1 of 3 free"):
+        a.alloc(2)
+    assert a.free_pages == 1  # the failed request took nothing
+    a.free(held)
+    assert a.free_pages == 3
+    assert sorted(a.alloc(3)) == [1, 2, 3]  # freed pages are reusable, no duplicates
+
+
+def test_allocator_pages_are_distinct_across_requests():
+    a = PageAllocator(9)
+    got = a.alloc(3) + a.alloc(2) + a.alloc(3)
+    assert len(set(got)) == 8 and 0 not in got
+
+
+# --- length_bucket -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, page, cap, want", [
+    (0, 16, 256, 16), (1, 16, 256, 16), (16, 16, 256, 16), (17, 16, 256, 32), (64, 16, 256, 64),
+    (65, 16, 256, 128), (200, 16, 256, 256), (300, 16, 256, 256), (3, 64, 8192, 64),
+])
+def test_length_bucket(n, page, cap, want):
+    assert length_bucket(n, page, cap) == want
+
+
+# --- SamplingParams ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-0.1), "temperature"),
+    (dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+])
+def test_sampling_params_rejects(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_accepts_edges():
+    SamplingParams(max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0)
+    SamplingParams(top_p=1e-9, top_k=1, temperature=5.0)
+
+
+# --- sample() ------------------------------------------------------------------------------
+
+LOGITS = jax.random.normal(jax.random.key(1), (8, 128), jnp.float32) * 3
+
+
+def _sample(logits, seed, temperature=1.0, top_k=0, top_p=1.0):
+    return np.asarray(jax.jit(sample)(logits, jax.random.key(seed), jnp.float32(temperature),
+                                      jnp.int32(top_k), jnp.float32(top_p)))
+
+
+def test_greedy_is_argmax():
+    np.testing.assert_array_equal(_sample(LOGITS, 0, temperature=0.0), np.argmax(LOGITS, -1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_k_1_is_greedy(seed):
+    np.testing.assert_array_equal(_sample(LOGITS, seed, temperature=1.0, top_k=1), np.argmax(LOGITS, -1))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tiny_top_p_is_greedy(seed):
+    # the most likely token alone already exceeds the mass 1e-6: only it survives
+    np.testing.assert_array_equal(_sample(LOGITS, seed, temperature=1.0, top_p=1e-6), np.argmax(LOGITS, -1))
+
+
+def test_seeded_sample_is_reproducible_and_random():
+    flat = jnp.zeros((256, 128), jnp.float32)  # uniform: any token is equally likely
+    a, b = _sample(flat, 7), _sample(flat, 7)
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) > 50, "a uniform distribution should give many distinct tokens"
+    assert not np.array_equal(a, _sample(flat, 8)), "another seed should give another sample"
+
+
+def test_top_k_keeps_only_the_k_best():
+    rows = jnp.broadcast_to(LOGITS[:1], (512, 128))
+    got = set(_sample(rows, 3, temperature=5.0, top_k=4).tolist())  # hot: would spread widely
+    assert got <= set(np.argsort(-np.asarray(LOGITS[0]))[:4].tolist())
+    assert len(got) > 1
+
+
+# --- stop strings --------------------------------------------------------------------------
+
+def test_cut_at_stop_takes_the_earliest_stop():
+    assert Engine._cut_at_stop("abc STOP def END", ("END", "STOP")) == "abc "
+    assert Engine._cut_at_stop("no stop here", ("END",)) == "no stop here"
+
+
+def test_stop_string_ends_generation(text_engine):
+    """Generating with a stop string that is the text of the 3rd greedy token stops at that
+    token's first occurrence, reports "stop" and cuts the text before the stop string."""
+    free = text_engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop = text_engine.tokenizer.decode([free.token_ids[2]])
+    first = free.token_ids.index(free.token_ids[2])
+    got = text_engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=12, stop=(stop,)))[0]
+    assert got.finish_reason == "stop"
+    assert got.token_ids == free.token_ids[: first + 1]
+    assert stop not in got.text
+    assert got.text == text_engine.tokenizer.decode(free.token_ids)[: len(got.text)]
+
+
+def test_stop_in_one_sequence_does_not_stop_the_others(text_engine):
+    alone = [text_engine.generate([p], SamplingParams(max_new_tokens=8))[0] for p in PROMPTS[:2]]
+    stop = text_engine.tokenizer.decode([alone[0].token_ids[0]])
+    assert stop not in text_engine.tokenizer.decode(alone[1].token_ids), "pick prompts with other tokens"
+    got = text_engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=8, stop=(stop,)))
+    assert got[0].finish_reason == "stop" and got[0].token_ids == alone[0].token_ids[:1]
+    assert got[1].finish_reason == "length" and got[1].token_ids == alone[1].token_ids
+
+
+# --- generate ------------------------------------------------------------------------------
+
+def test_generate_token_ids_runs_to_length(engine):
+    out = engine.generate(PROMPTS, SamplingParams(max_new_tokens=7))
+    assert len(out) == len(PROMPTS)
+    for g, p in zip(out, PROMPTS):
+        assert len(g.token_ids) == 7 and g.finish_reason == "length"
+        assert g.prompt_tokens == len(p)
+        assert g.text == ""  # no tokenizer
+        assert all(0 <= t < CFG.vocab_size for t in g.token_ids)
+    assert engine.last_stats.generated_tokens == 7 * len(PROMPTS)
+    assert engine.last_stats.prompt_tokens == sum(map(len, PROMPTS))
+
+
+def test_batch_equals_each_prompt_alone(engine):
+    """Padding the batch (3 -> 4 rows) and the prompts (to a length bucket) changes nothing."""
+    sp = SamplingParams(max_new_tokens=6)
+    batch = engine.generate(PROMPTS, sp)
+    for p, g in zip(PROMPTS, batch):
+        assert engine.generate([p], sp)[0].token_ids == g.token_ids
+
+
+def test_generate_is_deterministic_and_pages_are_returned(engine):
+    sp = SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)
+    a = engine.generate(PROMPTS[:2], sp)
+    _, alloc = engine._caches[2]
+    free_after = alloc.free_pages
+    b = engine.generate(PROMPTS[:2], sp)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert alloc.free_pages == free_after == alloc.num_pages - 1  # every page went back
+
+
+def test_eos_ends_a_sequence(params):
+    """With the first greedy token declared EOS, the sequence ends at once with reason "eos"."""
+    base = Engine(params, CFG, sparse=SPARSE).generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0]
+    eos_cfg = dataclasses.replace(CFG, eos_token_ids=(base.token_ids[0],))
+    got = Engine(params, eos_cfg, sparse=SPARSE).generate([PROMPTS[0]], SamplingParams(max_new_tokens=4))[0]
+    assert got.finish_reason == "eos" and got.token_ids == []
+
+
+def test_streaming_callback_sees_every_token(engine):
+    seen = []
+    out = engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=4), on_token=lambda i, t: seen.append((i, t)))
+    for i, g in enumerate(out):
+        assert [t for j, t in seen if j == i] == g.token_ids
+
+
+def test_repeated_calls_do_not_recompile(params):
+    """Same batch size and length bucket: one prefill and one decode program, from the first call
+    on (the fresh cache must look like the ones the programs return, or prefill compiles twice)."""
+    eng = Engine(params, CFG, sparse=SPARSE)
+    for p in ([1, 2, 3], [4, 5, 6, 7, 8]):  # same bucket
+        eng.generate([p], SamplingParams(max_new_tokens=3))
+    assert eng._prefill._cache_size() == 1
+    assert eng._step._cache_size() == 1
