@@ -72,7 +72,7 @@ def page_scores_reference(q, k_min, k_max, page_table):
     return jnp.max(s, axis=-1)
 
 
-def _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl):
+def _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl, score_options):
     if impl == "auto":
         from .pallas.compat import on_gpu
         from .pallas.page_scores import supported
@@ -84,7 +84,8 @@ def _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl):
         from .pallas.page_scores import page_scores
 
         # pages past the sequence are left unwritten: topk_pages masks them
-        return page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size)
+        return page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size,
+                           **(score_options or {}))
     raise ValueError(f"impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
 
 
@@ -111,13 +112,16 @@ def topk_pages(scores, lengths, *, page_size: int, max_pages: int):
 
 
 def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: str,
-                 group_reduce: str = "max", page_size: int | None = None, impl: str = "auto"):
+                 group_reduce: str = "max", page_size: int | None = None, impl: str = "auto",
+                 score_options: dict | None = None):
     """Chooses the pages each retrieval selection head reads at decode.
 
     q: [B, R*G, D] retrieval heads' queries (post-RoPE); k_min, k_max: [R, P, page // lp, D];
     page_table: int32[B, N]; lengths: int32[B] tokens including the current one.
     page_size: the physical page size in tokens. The stats only give page // lp, so the default
     assumes 16-token logical pages (SparseConfig's default); pass it whenever lp != 16.
+    impl: "auto" (Pallas scores on a GPU when the shapes suit it, else jnp), "pallas",
+    "reference"; score_options: tuning kwargs of `pallas.page_scores.page_scores`.
     Returns sel_pages int32[B, Hsel, max_pages] (logical page indices) and sel_count
     int32[B, Hsel]; Hsel = R*G ("query_head") or R ("kv_head").
     """
@@ -129,7 +133,7 @@ def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: 
     if r == 0:
         return jnp.zeros((b, 0, max_pages), jnp.int32), jnp.zeros((b, 0), jnp.int32)
     g = hq // r
-    s = _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl)  # [B, R, G, N]
+    s = _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl, score_options)  # [B, R, G, N]
     if mode == "kv_head":
         s = jnp.max(s, axis=2) if group_reduce == "max" else jnp.sum(s, axis=2)
     else:

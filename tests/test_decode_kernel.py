@@ -168,22 +168,24 @@ def test_dense_paged_decode_equals_softmax_attention(impl, g):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("ppb,pps,m", [(1, None, 1), (2, 2, 4), (4, 4, 8), (2, None, 16)])
-def test_kernel_sweep(ppb, pps, m, dtype):
-    """The primitive alone: random (possibly repeated-page) slot lists, empty programs, splits."""
+@pytest.mark.parametrize("ppb,pps,m,off", [(1, None, 1, 0), (2, 2, 4, 1), (4, 4, 8, 0), (2, None, 16, 0),
+                                            (2, 4, 3, 2)])
+def test_kernel_sweep(ppb, pps, m, off, dtype):
+    """The primitive alone: random (possibly repeated-page) slot lists, empty programs, splits,
+    rows fewer than 16 (repeated in the kernel) or not a power of 2 (padded), a q head offset."""
     rng = np.random.default_rng(4)
     b, h, d, hk, p, page, n = 2, 4, 64, 2, 24, 16, 9
     c = lambda x: jnp.asarray(x, dtype)
-    q = c(rng.standard_normal((b, h, m, d)))
+    q = c(rng.standard_normal((b, h + off, m, d)))
     kp = c(rng.standard_normal((hk, p, page, d)))
     vp = c(rng.standard_normal((hk, p, page, d)))
     ids = jnp.asarray(rng.integers(0, p, (b, h, n)), jnp.int32)
     lg = jnp.asarray(rng.permuted(np.tile(np.arange(n), (b, h, 1)), axis=-1), jnp.int32)
     cnt = jnp.asarray([[9, 5, 3, 0], [1, 9, 7, 2]], jnp.int32)
     ln = jnp.asarray([130, 71], jnp.int32)
-    ref = paged_decode_reference(q, kp, vp, ids, lg, cnt, ln)
-    out = paged_decode(q, kp, vp, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps)
-    assert out.shape == q.shape and out.dtype == dtype
+    ref = paged_decode_reference(q, kp, vp, ids, lg, cnt, ln, head_offset=off)
+    out = paged_decode(q, kp, vp, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps, head_offset=off)
+    assert out.shape == (b, h, m, d) and out.dtype == dtype
     assert np.all(np.asarray(out[0, 3], np.float32) == 0)  # count 0 -> zeros
     assert rel_err(out, ref) < tol(dtype)
 

@@ -174,7 +174,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     counts: int32[B, H]; lengths: int32[B]. Program head h takes its rows from
     q[:, head_offset + h] (so a caller can hand over all of a layer's heads without a copy).
     Returns [B, H, M, D] in q.dtype. M below 16 is repeated in the kernel up to 16 rows (no pad).
-    Tuning: pages_per_block (default: 128-token blocks), pages_per_split (default:
+    Tuning: pages_per_block (default: 256-token blocks), pages_per_split (default:
     split-K only when a program has more than min_split_tokens and the grid is short of
     target_programs), num_warps, num_stages. interpret=None: interpret unless on a GPU.
     """
@@ -186,7 +186,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     if not (_pow2(d) and _pow2(page)):
         raise ValueError(f"paged_decode needs power-of-2 head_dim and page size: {k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
-    ppb = pages_per_block or max(1, 128 // page)
+    ppb = pages_per_block or max(1, 256 // page)  # 256-token blocks: best dense on the H200
     if not _pow2(ppb):
         raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
     ppb = max(min(ppb, _next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots

@@ -45,8 +45,9 @@ def _kernel(len_ref, pt_ref, q_ref, kmin_ref, kmax_ref, o_ref, *, chunk, lpp, pa
         # entries past the sequence point at the scratch page; clamp so they stay in bounds
         ids = jnp.where(col < n_valid, pt_ref[...], 0)
         q = q_ref[...]
-        zero = jnp.zeros_like(q)
-        q_pos, q_neg = jnp.maximum(q, zero), jnp.minimum(q, zero)
+        qf = q.astype(jnp.float32)  # the split by sign in f32 (exact), dots in the input dtype
+        q_pos = jnp.maximum(qf, 0.0).astype(q.dtype)
+        q_neg = jnp.minimum(qf, 0.0).astype(q.dtype)
         kmax = kmax_ref[ids].reshape(chunk * lpp, d)
         kmin = kmin_ref[ids].reshape(chunk * lpp, d)
         s = jnp.dot(q_pos, kmax.T, preferred_element_type=jnp.float32)
