@@ -192,13 +192,17 @@ def _prefill_kernel(
     is_ret = None
 
   qk_scale = sm_scale * _LOG2E
+  # Masked logits stay finite after scaling (no inf - inf in fully masked rows).
+  mask_value = DEFAULT_MASK_VALUE / max(qk_scale, 1.0)
+  # f32 inputs: IEEE dots (the Triton lowering's DEFAULT precision is TF32).
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
   def body(kb, carry, *, masked: bool):
-    acc, m_i, l_i = carry
+    acc, m_i, l_i = carry  # m_i is in the scaled (log2) domain
     start = pl.multiple_of(kb * block_k, block_k)
     k = k_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                        preferred_element_type=jnp.float32) * qk_scale  # [rows, block_k]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)  # [rows, block_k], unscaled
     if masked:
       kpos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
       mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < length)
@@ -207,13 +211,14 @@ def _prefill_kernel(
         if is_ret is not None:
           window = window | is_ret
         mask = mask & window
-      s = jnp.where(mask, s, DEFAULT_MASK_VALUE)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+      s = jnp.where(mask, s, mask_value)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1) * qk_scale)
     alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    p = jnp.exp2(s * qk_scale - m_new[:, None])  # one FMA per logit
     l_new = l_i * alpha + jnp.sum(p, axis=1)
     v = v_ref[pl.ds(start, block_k), :]
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.dot(p.astype(v.dtype), v, precision=precision,
+                 preferred_element_type=jnp.float32)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_new
 
@@ -222,7 +227,7 @@ def _prefill_kernel(
 
   carry = (
       jnp.zeros((rows, head_dim), jnp.float32),
-      jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),
+      jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),  # below any scaled logit
       jnp.zeros((rows,), jnp.float32),
   )
   if any_streaming:
@@ -266,9 +271,13 @@ def default_block_config(head_dim: int, group: int, streaming_only: bool = False
   mode = "streaming" if streaming_only else "dense"
   if mode in BLOCK_CONFIG_OVERRIDE:
     return dict(BLOCK_CONFIG_OVERRIDE[mode])
+  # H200, jax 0.11.2, bf16, llama3-8b heads (D=128, G=4): 128x128 tiles, 8 warps, 3 stages
+  # won both the dense (T=16K) and the streaming-only (T=32K) sweeps
+  # (bench/results/prefill_attn-2026-12-01{a,b}.json); 4 stages or 256-row / 256-key tiles
+  # exceed shared memory at D=128. D <= 64 is not tuned.
   if head_dim <= 64:
     return dict(block_m=128, block_k=64, num_warps=4, num_stages=3)
-  return dict(block_m=128, block_k=64, num_warps=8, num_stages=3)
+  return dict(block_m=128, block_k=128, num_warps=8, num_stages=3)
 
 
 def prefill_attention_pallas(
@@ -310,6 +319,8 @@ def prefill_attention_pallas(
       raise ValueError(f"{name} must be a power of 2 >= 16, got {val}")
   if scale is None:
     scale = 1.0 / math.sqrt(d)
+  if not scale > 0:
+    raise ValueError(f"scale must be > 0, got {scale=}")
   return _prefill_pallas_jit(
       q, k, v, lengths.astype(jnp.int32),
       num_retrieval=int(num_retrieval), sink=int(sink), local=int(local),
