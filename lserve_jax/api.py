@@ -24,12 +24,14 @@ from .tokenizer import Tokenizer
 def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathLike | None = "auto",
          sparse: SparseConfig | None = None, dtype: str | None = None, max_seq_len: int | None = None,
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-         progress: bool = True) -> Engine:
+         progress: bool = True, tp: int = 1) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (else dense);
     None forces dense attention; a path loads a DuoAttention TSV/.npy. The pattern is binarised
     with `sparse.static_sparsity` and each layer's KV heads are permuted retrieval-first.
+    tp: split the KV heads over this many local devices (lserve_jax.sharding); each layer's
+    retrieval-head count is rounded up to a multiple of tp so every device gets the same share.
     """
     if checkpoint is None:
         checkpoint = default_checkpoint(progress=progress)
@@ -46,16 +48,23 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         alpha = load_pattern(pattern)
     if alpha is not None:
         check_shape(alpha, cfg.num_layers, cfg.num_kv_heads)
-        layout, perms = layout_and_permutation(binarize(alpha, sparse.static_sparsity))
-        if not layout.is_dense:
-            params = permute_kv_heads(params, cfg, perms)
+        retrieval = binarize(alpha, sparse.static_sparsity)
     else:
-        layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+        retrieval = np.ones((cfg.num_layers, cfg.num_kv_heads), bool)
+    if tp > 1:
+        from .sharding import balance_retrieval, check_tp, tp_permutation
+
+        check_tp(cfg, HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads), tp)
+        layout, perms = tp_permutation(balance_retrieval(retrieval, tp, alpha), tp)
+    else:
+        layout, perms = layout_and_permutation(retrieval)
+    if np.any(perms != np.arange(cfg.num_kv_heads)):
+        params = permute_kv_heads(params, cfg, perms)
     tokenizer = None
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
-                  num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl)
+                  num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp)
 
 
 DEFAULT_CHECKPOINT_DIRNAME = "SmolLM2-135M-Instruct-lserve"

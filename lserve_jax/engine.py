@@ -25,6 +25,7 @@ from .heads import HeadLayout
 from .model import ModelSpec, decode_step, prefill
 from .params import Params
 from .sampling import SamplingParams, sample
+from .sharding import shard_cache, shard_params
 
 
 class PoolExhausted(RuntimeError):
@@ -89,12 +90,12 @@ class Engine:
     def __init__(self, params: Params, config: ModelConfig, *, tokenizer=None, layout: HeadLayout | None = None,
                  sparse: SparseConfig = SparseConfig(), max_seq_len: int | None = None,
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-                 cache_dtype=None):
-        self.params = params
+                 cache_dtype=None, tp: int = 1):
         self.config = config
         self.tokenizer = tokenizer
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
-        self.spec = ModelSpec(config, layout, sparse, prefill_impl, decode_impl)
+        self.spec = ModelSpec(config, layout, sparse, prefill_impl, decode_impl, tp)
+        self.params = shard_params(params, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
@@ -129,7 +130,7 @@ class Engine:
                                    dtype=self.cache_dtype)
             # commit it to the device like the caches prefill/decode return: otherwise the first
             # call's (uncommitted) cache is another jit cache key and prefill compiles twice
-            cache = jax.device_put(cache, jax.devices()[0])
+            cache = shard_cache(cache, self.spec.tp)
             self._caches = {batch: (cache, PageAllocator(pages))}  # keep one cache alive at a time
         return self._caches[batch]
 

@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     s = p.add_argument_group("sparse attention (LServe)")
     s.add_argument("--pattern", default="auto",
                    help="head pattern: 'auto' (stored with the checkpoint, else dense), 'none' (dense), or a TSV/.npy path")
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, SparseConfig
     from .engine import PoolExhausted
     from .heads import PatternError
+    from .sharding import ShardingError
     from .sampling import SamplingParams
     from .tokenizer import TokenizerError
 
@@ -96,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = load(args.checkpoint, pattern=None if args.pattern == "none" else args.pattern, sparse=sparse,
                       dtype=args.dtype, max_seq_len=args.max_seq_len, num_pages=args.num_pages,
-                      progress=not args.quiet)
+                      progress=not args.quiet, tp=args.tp)
         if engine.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json; text generation needs one")
         streamer = _Streamer(engine.tokenizer, len(prompts))
         results = engine.generate(prompts, sampling, chat=args.chat, on_token=streamer,
                                   progress=not args.quiet)
         streamer.finish(results)
-    except (CheckpointError, ConfigError, PatternError, TokenizerError, PoolExhausted, ValueError,
+    except (CheckpointError, ConfigError, PatternError, ShardingError, TokenizerError, PoolExhausted, ValueError,
             FileNotFoundError) as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

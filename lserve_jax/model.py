@@ -8,6 +8,7 @@ choice) lives in the hashable `ModelSpec`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -22,6 +23,7 @@ from .heads import HeadLayout
 from .params import LayerParams, Params
 from .rope import apply_rope, inv_frequencies
 from .selection import select_pages
+from .sharding import DECODE_SPECS, PREFILL_SPECS, check_tp, tensor_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +35,19 @@ class ModelSpec:
     sparse: SparseConfig = SparseConfig()
     prefill_impl: str = "auto"  # see attention.prefill.prefill_attention
     decode_impl: str = "auto"  # see attention.decode.decode_attention
+    tp: int = 1  # tensor-parallel degree: KV heads split over the first `tp` local devices
 
     def __post_init__(self):
         if len(self.layout.num_retrieval) != self.model.num_layers or self.layout.num_kv_heads != self.model.num_kv_heads:
             raise ValueError(
                 f"head layout {len(self.layout.num_retrieval)} layers x {self.layout.num_kv_heads} KV heads "
                 f"does not match the model ({self.model.num_layers} x {self.model.num_kv_heads})")
+        if self.tp > 1:
+            check_tp(self.model, self.layout, self.tp)
+
+    def local_retrieval(self, layer: int) -> int:
+        """Retrieval KV heads of `layer` on one device (all of them when tp == 1)."""
+        return self.layout.num_retrieval[layer] // self.tp
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -97,10 +106,10 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
             q, k, v = _qkv(lp, h, cfg)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-            o = prefill_attention(q, k, v, lengths, num_retrieval=spec.layout.num_retrieval[i],
-                                  sink=sp.prefill_sink, local=sp.prefill_local, impl=spec.prefill_impl)
+            attn = functools.partial(_prefill_attention, r=spec.local_retrieval(i), spec=spec)
+            o, lc = tensor_parallel(attn, spec.tp, PREFILL_SPECS)(q, k, v, lc, cache.page_table, lengths)
             x = x + _proj(o.reshape(b, t, -1), lp.wo)
-            layers.append(kvc.write_prefill(lc, k, v, cache.page_table, lengths, sp))
+            layers.append(lc)
             x = _mlp(lp, x, cfg)
             if on_layer is not None:
                 jax.debug.callback(on_layer, jnp.int32(i))
@@ -110,19 +119,47 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
     return _logits(params, last, cfg), new_cache
 
 
-def _selection(lc: kvc.LayerCache, q_r: jax.Array, cache: kvc.KVCache, new_len: jax.Array,
-               positions: jax.Array, sp: SparseConfig) -> tuple[jax.Array, jax.Array]:
+def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: int, spec: ModelSpec):
+    """One layer's attention and cache write, over the KV heads this device holds."""
+    sp = spec.sparse
+    o = prefill_attention(q, k, v, lengths, num_retrieval=r, sink=sp.prefill_sink, local=sp.prefill_local,
+                          impl=spec.prefill_impl)
+    return o, kvc.write_prefill(lc, k, v, page_table, lengths, sp)
+
+
+def _selection(lc: kvc.LayerCache, q_r: jax.Array, page_table: jax.Array, step: jax.Array,
+               new_len: jax.Array, positions: jax.Array, sp: SparseConfig) -> tuple[jax.Array, jax.Array]:
     """The pages each retrieval head reads this step: recomputed every `selector_interval`
     steps, and whenever a sequence opens a new page (the newest page must always be read)."""
     k_sel = lc.sel_pages.shape[-1]
-    refresh = (cache.step % sp.selector_interval == 0) | jnp.any(positions % sp.page_size == 0)
+    refresh = (step % sp.selector_interval == 0) | jnp.any(positions % sp.page_size == 0)
     mode = sp.selection_mode
 
     def fresh():
-        return select_pages(q_r, lc.k_min, lc.k_max, cache.page_table, new_len, max_pages=k_sel, mode=mode,
+        return select_pages(q_r, lc.k_min, lc.k_max, page_table, new_len, max_pages=k_sel, mode=mode,
                              page_size=sp.page_size)
 
     return lax.cond(refresh, fresh, lambda: (lc.sel_pages, lc.sel_count))
+
+
+def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, *, r: int, spec: ModelSpec):
+    """One layer's cache append, page selection and attention, over this device's KV heads."""
+    sp, g = spec.sparse, spec.model.group_size
+    b = q.shape[0]
+    new_len = positions + 1
+    lc = kvc.append(lc, k, v, page_table, positions, sp)
+    if sp.sparse_decode and r:
+        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, positions, sp)
+        lc = lc.replace(sel_pages=sel, sel_count=count)
+        mode = sp.selection_mode
+    else:  # dense: every page of the sequence, shared by the GQA group
+        n_pages = page_table.shape[1]
+        sel = jnp.broadcast_to(jnp.arange(n_pages, dtype=jnp.int32), (b, r, n_pages))
+        count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
+        mode = "kv_head"
+    o = decode_attention(q, lc.k_pages, lc.v_pages, lc.ring_k, lc.ring_v, page_table, new_len,
+                         sel, count, mode=mode, impl=spec.decode_impl)
+    return o, lc
 
 
 def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
@@ -134,27 +171,16 @@ def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
     positions = cache.lengths  # where the new token goes
     new_len = positions + 1
     x = params.embed[tokens]  # [B, hidden]
-    g = cfg.group_size
     layers = []
     for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
         with jax.named_scope(f"layer{i}"):
-            r = spec.layout.num_retrieval[i]
             h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
             q, k, v = _qkv(lp, h, cfg)  # [B, H, D]
             q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
             k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
-            lc = kvc.append(lc, k, v, cache.page_table, positions, sp)
-            if sp.sparse_decode and r:
-                sel, count = _selection(lc, q[:, : r * g], cache, new_len, positions, sp)
-                lc = lc.replace(sel_pages=sel, sel_count=count)
-                mode = sp.selection_mode
-            else:  # dense: every page of the sequence, shared by the GQA group
-                n_pages = cache.max_pages_per_seq
-                sel = jnp.broadcast_to(jnp.arange(n_pages, dtype=jnp.int32), (b, r, n_pages))
-                count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
-                mode = "kv_head"
-            o = decode_attention(q, lc.k_pages, lc.v_pages, lc.ring_k, lc.ring_v, cache.page_table, new_len,
-                                 sel, count, mode=mode, impl=spec.decode_impl)
+            attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec)
+            o, lc = tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, lc, cache.page_table, positions,
+                                                                  cache.step)
             x = x + _proj(o.reshape(b, -1), lp.wo)
             x = _mlp(lp, x, cfg)
             layers.append(lc)
