@@ -42,14 +42,19 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig(**SHAPES[name], rope_scaling=RopeScaling())
 
 
-def sparse_layout(name: str, cfg: ModelConfig, sparsity: float):
-    """The real head pattern of the shape, binarised by the global-quantile rule."""
+def sparse_layout(name: str, cfg: ModelConfig, sparsity: float, tp: int = 1):
+    """The real head pattern of the shape, binarised by the global-quantile rule (balanced over
+    `tp` devices when tp > 1). Random weights need no permutation: only the layout matters."""
     if name in PATTERNS:
         alpha = load_pattern(PATTERNS[name])
     else:  # no published pattern for this shape: a fixed random one (speed does not depend on it)
         alpha = np.random.default_rng(0).random((cfg.num_layers, cfg.num_kv_heads))
-    layout, _ = layout_and_permutation(binarize(alpha, sparsity))
-    return layout
+    retrieval = binarize(alpha, sparsity)
+    if tp > 1:
+        from lserve_jax.sharding import balance_retrieval, tp_permutation
+
+        return tp_permutation(balance_retrieval(retrieval, tp, alpha), tp)[0]
+    return layout_and_permutation(retrieval)[0]
 
 
 def timed(fn, *, warmup: int, iters: int, sync=jax.block_until_ready) -> dict:

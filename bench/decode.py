@@ -33,6 +33,7 @@ from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, rms_norm
 from lserve_jax.params import init_params
+from lserve_jax.sharding import shard_cache, shard_params
 from lserve_jax.rope import apply_rope, inv_frequencies
 
 BF16 = 2
@@ -94,9 +95,9 @@ def step_times(step, state, steps, warmup):
     return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
 
 
-def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup):
-    spec = ModelSpec(cfg, layout, sparse)
-    cache = random_cache(cfg, layout, sparse, batch, ctx, steps + warmup + 2, jax.random.key(3))
+def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1):
+    spec = ModelSpec(cfg, layout, sparse, tp=tp)
+    cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, steps + warmup + 2, jax.random.key(3)), tp)
     fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",))
     tokens = jnp.ones((batch,), jnp.int32)
     state = {"cache": cache}
@@ -165,6 +166,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (KV heads over this many GPUs)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
 
@@ -175,11 +177,12 @@ def main(argv=None):
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
-    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity)
+    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
+    params = shard_params(params, args.tp)
     dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
     base = SparseConfig()
     results = {"env": env, "shape": args.shape, "copy_bandwidth_Bps": bw, "weights_bytes": weights,
-               "knobs": base.__dict__ | {"static_sparsity": args.sparsity},
+               "knobs": base.__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
     out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
     for point in args.points.split(","):
@@ -188,17 +191,19 @@ def main(argv=None):
             log(f"ctx={ctx} B={batch} {name} ...")
             try:
                 if name == "dense_cudnn":
+                    if args.tp > 1:
+                        raise NotImplementedError("the contiguous cuDNN baseline runs on one GPU only")
                     r = run_dense_cudnn(params, cfg, batch, ctx, args.steps, args.warmup)
                     layout = dense_layout
                 elif name == "dense_paged":
                     layout = dense_layout
                     r = run_paged(params, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup)
+                                  args.steps, args.warmup, args.tp)
                 else:
                     layout = layout_sparse
                     mode = name.removeprefix("sparse_")
                     r = run_paged(params, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
-                                  args.steps, args.warmup)
+                                  args.steps, args.warmup, args.tp)
                 floor = bytes_floor(cfg, layout, base, batch, ctx, name, weights)
                 r["bytes_floor"] = floor
                 if bw:

@@ -27,6 +27,7 @@ from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, prefill
 from lserve_jax.params import init_params
+from lserve_jax.sharding import shard_cache, shard_params
 from lserve_jax.sampling import sample
 
 VARIANTS = {
@@ -37,13 +38,13 @@ VARIANTS = {
 }
 
 
-def run_variant(params, cfg, layout, impl, t, reps, warmup):
+def run_variant(params, cfg, layout, impl, t, reps, warmup, tp=1):
     sparse = SparseConfig()
-    spec = ModelSpec(cfg, layout, sparse, prefill_impl=impl)
+    spec = ModelSpec(cfg, layout, sparse, prefill_impl=impl, tp=tp)
     n_pages = t // sparse.page_size
     cache = kvc.init_cache(cfg, layout, sparse, batch=1, num_pages=n_pages + 1, max_pages_per_seq=n_pages,
                            dtype=jnp.bfloat16)
-    cache = cache.replace(page_table=jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None])
+    cache = shard_cache(cache.replace(page_table=jnp.arange(1, n_pages + 1, dtype=jnp.int32)[None]), tp)
     tokens = jax.random.randint(jax.random.key(7), (1, t), 0, cfg.vocab_size, jnp.int32)
     lengths = jnp.full((1,), t, jnp.int32)
 
@@ -73,6 +74,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed runs per point (after warm-up)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (KV heads over this many GPUs)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
 
@@ -80,9 +82,10 @@ def main(argv=None):
     env = environment()
     log("env", env)
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
-    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity)
+    layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
+    params = shard_params(params, args.tp)
     log(f"params {param_bytes(params) / 1e9:.1f} GB; retrieval heads per layer {layout_sparse.num_retrieval}")
-    results = {"env": env, "shape": args.shape, "knobs": SparseConfig().__dict__ | {"static_sparsity": args.sparsity},
+    results = {"env": env, "shape": args.shape, "knobs": SparseConfig().__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
     out_file = os.path.join(args.out, f"prefill-{env['date'][:10]}.json")
     for t in [int(x) for x in args.ts.split(",")]:
@@ -91,7 +94,7 @@ def main(argv=None):
             layout = layout_sparse if use_sparse else HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
             log(f"T={t} {name} ...")
             try:
-                r = run_variant(params, cfg, layout, impl, t, args.reps, args.warmup)
+                r = run_variant(params, cfg, layout, impl, t, args.reps, args.warmup, args.tp)
             except Exception as e:  # report and go on: one failing point must not lose the rest
                 log(f"T={t} {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
                 r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
