@@ -85,6 +85,10 @@ def dense_contiguous_step(params, kc, vc, tokens, lengths, cfg):
 
 
 def step_times(step, state, steps, warmup):
+    """First call (compile included), `warmup` more, then `steps` timed steps, each synced."""
+    t = time.perf_counter()
+    jax.block_until_ready(step(state))
+    first = time.perf_counter() - t
     for _ in range(warmup):
         jax.block_until_ready(step(state))
     times = []
@@ -92,7 +96,9 @@ def step_times(step, state, steps, warmup):
         t = time.perf_counter()
         jax.block_until_ready(step(state))
         times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps}
+    state.clear()  # free the cache before the next variant
+    gc.collect()
+    return {"median_s": statistics.median(times), "min_s": min(times), "steps": steps, "first_call_s": first}
 
 
 def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1):
@@ -107,14 +113,7 @@ def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1):
         logits, st["cache"] = fn(params, st["cache"], tokens)
         return logits
 
-    t = time.perf_counter()
-    jax.block_until_ready(step(state))
-    first = time.perf_counter() - t
-    r = step_times(step, state, steps, warmup)
-    r["first_call_s"] = first
-    del state
-    gc.collect()
-    return r
+    return step_times(step, state, steps, warmup)
 
 
 def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup):
@@ -132,14 +131,7 @@ def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup):
         logits, st["kc"], st["vc"], st["len"] = fn(params, st["kc"], st["vc"], tokens, st["len"])
         return logits
 
-    t = time.perf_counter()
-    jax.block_until_ready(step(state))
-    first = time.perf_counter() - t
-    r = step_times(step, state, steps, warmup)
-    r["first_call_s"] = first
-    del state
-    gc.collect()
-    return r
+    return step_times(step, state, steps, warmup)
 
 
 def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights):
