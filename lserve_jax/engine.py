@@ -28,6 +28,9 @@ from .sampling import SamplingParams, sample
 from .sharding import shard_cache, shard_params
 
 
+PROGRESS_MIN_TOKENS = 4096  # prompts padded to at least this many tokens show a prefill progress bar
+
+
 class PoolExhausted(RuntimeError):
     """The page pool cannot hold the requested sequences."""
 
@@ -104,8 +107,11 @@ class Engine:
         self.cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
         self._caches: dict[int, tuple[kvc.KVCache, PageAllocator]] = {}
         self._bar = None
-        self._prefill = jax.jit(functools.partial(prefill, spec=self.spec, on_layer=self._on_layer),
-                                donate_argnames=("cache",))
+        # two prefill programs: long prompts report each finished layer to a progress bar (a host
+        # callback per layer), short ones skip the callbacks
+        self._prefill = jax.jit(functools.partial(prefill, spec=self.spec), donate_argnames=("cache",))
+        self._prefill_progress = jax.jit(functools.partial(prefill, spec=self.spec, on_layer=self._on_layer),
+                                         donate_argnames=("cache",))
         self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",))
         self._first = jax.jit(sample)
         self.last_stats = Stats()
@@ -202,12 +208,14 @@ class Engine:
         knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
         stats = Stats(prompt_tokens=int(lengths.sum()))
         start = time.perf_counter()
-        if progress:
+        run_prefill = self._prefill
+        if progress and t >= PROGRESS_MIN_TOKENS:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.config.num_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False)
+            run_prefill = self._prefill_progress
         try:
-            logits, cache = self._prefill(self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
+            logits, cache = run_prefill(self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
             key, sub = jax.random.split(key)
             nxt = self._first(logits, sub, *knobs)
             nxt_host = np.asarray(nxt)
