@@ -27,13 +27,15 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          progress: bool = True, tp: int = 1) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
-    pattern: "auto" uses the head pattern stored with the checkpoint if any (else dense);
+    pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
+    model, the calibrated pattern shipped in lserve_jax/patterns/; otherwise dense);
     None forces dense attention; a path loads a DuoAttention TSV/.npy. The pattern is binarised
     with `sparse.static_sparsity` and each layer's KV heads are permuted retrieval-first.
     tp: split the KV heads over this many local devices (lserve_jax.sharding); each layer's
     retrieval-head count is rounded up to a multiple of tp so every device gets the same share.
     """
-    if checkpoint is None:
+    is_default = checkpoint is None
+    if is_default:
         checkpoint = default_checkpoint(progress=progress)
     ckpt = open_checkpoint(checkpoint)
     if dtype is not None and dtype not in DTYPES:
@@ -44,6 +46,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     alpha = None
     if pattern == "auto":
         alpha = ckpt.head_pattern()
+        if alpha is None and is_default:
+            alpha = load_pattern(DEFAULT_PATTERN)  # calibrated for SmolLM2 (python -m lserve_jax.calibrate)
     elif pattern is not None:
         alpha = load_pattern(pattern)
     if alpha is not None:
@@ -68,6 +72,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
 
 
 DEFAULT_CHECKPOINT_DIRNAME = "SmolLM2-135M-Instruct-lserve"
+DEFAULT_PATTERN = Path(__file__).parent / "patterns" / "SmolLM2-135M-Instruct.tsv"
 
 
 def default_checkpoint(cache_dir: str | os.PathLike | None = None, *, progress: bool = True) -> Path:

@@ -80,13 +80,16 @@ class Stats:
     generated_tokens: int = 0
     ttft_s: float = 0.0
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # decode steps after the first (which may include compilation)
+    decode_steps: int = 0  # steps timed in decode_s
+    first_step_s: float = 0.0  # the first decode step, compilation included on a new shape
 
     def line(self) -> str:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
-        dec = self.generated_tokens / self.decode_s if self.decode_s else 0.0
+        dec = f"{self.decode_steps / self.decode_s:.1f} steps/s" if self.decode_s else "n/a"
         return (f"[stats] prompt tokens {self.prompt_tokens} | ttft {self.ttft_s * 1e3:.0f} ms | "
-                f"prefill {pf:.1f} tok/s | decode {dec:.1f} tok/s ({self.generated_tokens} tokens)")
+                f"prefill {pf:.1f} tok/s | decode {dec} (first step {self.first_step_s * 1e3:.0f} ms) | "
+                f"{self.generated_tokens} tokens generated")
 
 
 class Engine:
@@ -227,7 +230,7 @@ class Engine:
         out = [[] for _ in range(n)]
         reasons = [None] * n
         eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
-        decode_start = time.perf_counter()
+        decode_start = first_done = time.perf_counter()
         for step in range(sampling.max_new_tokens):
             for i in range(n):
                 if reasons[i] is None:
@@ -247,7 +250,12 @@ class Engine:
             key, sub = jax.random.split(key)
             nxt, cache = self._step(self.params, cache, nxt, sub, *knobs)
             nxt_host = np.asarray(nxt)
-        stats.decode_s = time.perf_counter() - decode_start
+            if step == 0:
+                first_done = time.perf_counter()
+                stats.first_step_s = first_done - decode_start
+            else:
+                stats.decode_steps += 1
+        stats.decode_s = time.perf_counter() - first_done if stats.decode_steps else 0.0
         stats.generated_tokens = sum(len(o) for o in out)
         self._caches[batch] = (cache, self._caches[batch][1])
         self.last_stats = stats

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    _enable_compilation_cache()
     from .api import load
     from .checkpoint import CheckpointError
     from .config import ConfigError, SparseConfig
@@ -115,6 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print(engine.last_stats.line(), file=sys.stderr)
     return 0
+
+
+def _enable_compilation_cache() -> None:
+    """Compiled programs are kept in the user cache directory, so a second run of the same
+    shapes starts in seconds (set LSERVE_JAX_NO_JIT_CACHE=1 to turn this off)."""
+    import os
+
+    if os.environ.get("LSERVE_JAX_NO_JIT_CACHE"):
+        return
+    import jax
+
+    from .default_model import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jit"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 class _Streamer:
