@@ -18,8 +18,11 @@ __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
+    import importlib
 
+    if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lserve_jax' has no attribute {name!r}")
+    try:  # submodules too: `lserve_jax.api.load` after a plain `import lserve_jax`
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'lserve_jax' has no attribute {name!r}") from None
