@@ -94,6 +94,12 @@ class ModelConfig:
                 rope_theta = float(rp.get("rope_theta", rope_theta))
                 if rs is None and rp.get("rope_type", "default") != "default":
                     rs = rp
+            window = hf.get("sliding_window")
+            if (hf.get("use_sliding_window", arch == "mistral") and window is not None
+                    and int(window) < int(hf.get("max_position_embeddings", 4096))):
+                raise ConfigError(
+                    f"sliding-window attention (sliding_window={window}) is not supported; models with "
+                    f"sliding_window null (e.g. Mistral-7B-v0.2 and later) are")
             eos = hf.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
             return cls(
@@ -182,6 +188,10 @@ class SparseConfig:
                      "token_budget", "selector_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("page_size", "logical_page_size"):
+            v = getattr(self, name)
+            if v & (v - 1):
+                raise ConfigError(f"{name} must be a power of two (the kernels' tiles are), got {v}")
         if self.page_size % self.logical_page_size:
             raise ConfigError(
                 f"page_size={self.page_size} must be a multiple of "

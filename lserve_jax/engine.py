@@ -158,6 +158,9 @@ class Engine:
                 ids = [int(t) for t in p]
             if not ids:
                 raise ValueError("empty prompt")
+            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
             out.append(ids)
         return out
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.quiet, tp=args.tp)
         if engine.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json; text generation needs one")
-        streamer = _Streamer(engine.tokenizer, len(prompts))
+        streamer = _Streamer(engine.tokenizer, len(prompts), sampling.stop)
         results = engine.generate(prompts, sampling, chat=args.chat, on_token=streamer,
                                   progress=not args.quiet)
         streamer.finish(results)
@@ -137,10 +137,13 @@ class _Streamer:
     """Prints tokens as they come. One prompt: raw streaming text. Several: each result whole
     at the end, labelled (interleaved streams would be unreadable)."""
 
-    def __init__(self, tokenizer, n: int):
+    def __init__(self, tokenizer, n: int, stops: tuple[str, ...] = ()):
         self.tok, self.n = tokenizer, n
         self.ids: list[int] = []
         self.printed = ""
+        # text that may be the start of a stop string is held back until it is known not to be
+        self.stops = stops
+        self.holdback = max((len(s) for s in stops), default=1) - 1
 
     def __call__(self, i: int, token: int) -> None:
         if self.n != 1:
@@ -149,9 +152,14 @@ class _Streamer:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return
-        sys.stdout.write(text[len(self.printed):])
-        sys.stdout.flush()
-        self.printed = text
+        cuts = [text.find(s) for s in self.stops if s in text]
+        if cuts:  # the stop string and what follows are never printed
+            text = text[: min(cuts)]
+        safe = text[: len(text) - self.holdback] if self.holdback else text
+        if len(safe) > len(self.printed) and safe.startswith(self.printed):
+            sys.stdout.write(safe[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = safe
 
     def finish(self, results) -> None:
         if self.n == 1:

@@ -29,6 +29,7 @@ class HeadLayout:
 
     num_kv_heads: int
     num_retrieval: tuple[int, ...]
+    tp: int = 1  # devices whose head slices are each ordered retrieval-first (sharding.tp_permutation)
 
     @classmethod
     def dense(cls, num_layers: int, num_kv_heads: int) -> "HeadLayout":

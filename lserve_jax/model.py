@@ -44,6 +44,11 @@ class ModelSpec:
                 f"does not match the model ({self.model.num_layers} x {self.model.num_kv_heads})")
         if self.tp > 1:
             check_tp(self.model, self.layout, self.tp)
+        if self.layout.tp != self.tp and not self.layout.is_dense:
+            # each device treats the first heads of its own slice as retrieval heads: a layout
+            # ordered for another device count would silently swap head kinds
+            raise ValueError(f"head layout was ordered for tp={self.layout.tp}, the model runs with tp={self.tp}; "
+                             f"build it with sharding.tp_permutation(..., {self.tp}) (lserve_jax.load does)")
 
     def local_retrieval(self, layer: int) -> int:
         """Retrieval KV heads of `layer` on one device (all of them when tp == 1)."""
@@ -148,7 +153,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     b = q.shape[0]
     new_len = positions + 1
     lc = kvc.append(lc, k, v, page_table, positions, sp)
-    if sp.sparse_decode and r:
+    if sp.sparse_decode and r and lc.sel_pages.shape[-1] < page_table.shape[1]:
         sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, positions, sp)
         lc = lc.replace(sel_pages=sel, sel_count=count)
         mode = sp.selection_mode

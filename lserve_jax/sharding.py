@@ -87,7 +87,8 @@ def tp_permutation(retrieval: np.ndarray, tp: int) -> tuple[HeadLayout, np.ndarr
         for d in range(tp):
             perm += list(ret[d * nr:(d + 1) * nr]) + list(stream[d * ns:(d + 1) * ns])
         perms.append(perm)
-    return HeadLayout(hkv, tuple(int(r) for r in retrieval.sum(axis=1))), np.asarray(perms, np.int32)
+    layout = HeadLayout(hkv, tuple(int(r) for r in retrieval.sum(axis=1)), tp)
+    return layout, np.asarray(perms, np.int32)
 
 
 _LAYER_SPECS = LayerCache(k_pages=P(AXIS), v_pages=P(AXIS), k_min=P(AXIS), k_max=P(AXIS), ring_k=P(AXIS),

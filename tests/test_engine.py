@@ -229,3 +229,18 @@ def test_repeated_calls_do_not_recompile(params):
         eng.generate([p], SamplingParams(max_new_tokens=3))
     assert eng._prefill._cache_size() == 1
     assert eng._step._cache_size() == 1
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected():
+    import jax
+    import jax.numpy as jnp
+
+    from lserve_jax.config import ModelConfig
+    from lserve_jax.engine import Engine
+    from lserve_jax.params import init_params
+
+    cfg = ModelConfig("llama", 64, 32, 64, 1, 2, 1, 16, max_position_embeddings=128)
+    eng = Engine(init_params(cfg, jax.random.key(0), jnp.float32), cfg, max_seq_len=128)
+    for bad in ([[64, 1]], [[-1, 3]]):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            eng.generate(bad, SamplingParams(max_new_tokens=1))

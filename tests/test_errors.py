@@ -346,7 +346,8 @@ def test_generate_invalid_sizes(ckpt, capsys, knobs, message):
 
 
 @pytest.mark.parametrize("knobs, message", [
-    (["--page-size", "48", "--logical-page-size", "32"], "page_size=48 must be a multiple of logical_page_size=32"),
+    (["--page-size", "16", "--logical-page-size", "32"], "page_size=16 must be a multiple of logical_page_size=32"),
+    (["--page-size", "48", "--logical-page-size", "16"], "page_size must be a power of two"),
     (["--token-budget", "8"], "token_budget=8 is below one page (64)"),
     (["--static-sparsity", "1.5"], "static_sparsity must be in [0, 1]"),
     (["--decode-local", "0"], "decode_local must be >= 1"),
@@ -430,3 +431,30 @@ def test_api_rejects_unknown_dtype(ckpt):
 
     with pytest.raises(ValueError, match="dtype must be one of"):
         lserve_jax.load(ckpt, dtype="int8", progress=False)
+
+
+def test_safetensors_header_size_mismatch_names_the_tensor(tmp_path):
+    """A header whose byte range does not fit the tensor's shape is a named corruption error."""
+    import json as _json
+    import struct
+
+    from lserve_jax.convert.hf import ConversionError, read_safetensors
+
+    header = _json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    with pytest.raises(ConversionError, match="tensor w of shape"):
+        list(read_safetensors(path))
+
+
+def test_sliding_window_models_are_refused():
+    from lserve_jax.config import ConfigError, ModelConfig
+
+    base = dict(architectures=["MistralForCausalLM"], vocab_size=32, hidden_size=64, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768)
+    with pytest.raises(ConfigError, match="sliding-window"):
+        ModelConfig.from_hf({**base, "sliding_window": 4096})
+    assert ModelConfig.from_hf({**base, "sliding_window": None}).architecture == "mistral"
+    # Qwen2 configs name a window but switch it off
+    qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": False}
+    assert ModelConfig.from_hf(qwen).architecture == "qwen2"

@@ -55,3 +55,16 @@ def test_uneven_heads_are_a_clear_error():
         check_tp(cfg, HeadLayout.dense(2, 3), 2)
     with pytest.raises(ShardingError, match="not divisible"):
         tp_permutation(np.array([[True, False, False, False]]), 2)
+
+
+def test_layout_ordered_for_another_tp_is_rejected():
+    """A retrieval-first layout for one device would swap head kinds on 2 devices: refused."""
+    from lserve_jax.config import SparseConfig
+    from lserve_jax.model import ModelSpec
+
+    cfg = ModelConfig("llama", 32, 64, 64, 1, 4, 4, 16)
+    one_device = HeadLayout(4, (2,))
+    with pytest.raises(ValueError, match="ordered for tp=1"):
+        ModelSpec(cfg, one_device, SparseConfig(), tp=2)
+    layout, _ = tp_permutation(np.array([[True, False, True, False]]), 2)
+    assert ModelSpec(cfg, layout, SparseConfig(), tp=2).tp == 2

@@ -83,6 +83,10 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             raise ConversionError(f"{path}: truncated safetensors file ({name} ends past the end of the file)")
         if info["dtype"] not in _ST_DTYPES:
             raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        want = int(np.prod(info["shape"], dtype=np.int64)) * np.dtype(_ST_DTYPES[info["dtype"]]).itemsize
+        if not 0 <= start <= end or end - start != want:
+            raise ConversionError(f"{path}: corrupted safetensors file: tensor {name} of shape {info['shape']} "
+                                  f"({info['dtype']}) needs {want} bytes, the header gives {end - start}")
     mm = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + hlen, shape=(data_len,)) if data_len else None
     for name, info in header.items():
         start, end = info["data_offsets"]

@@ -1,0 +1,402 @@
+"""Head-pattern calibration for any converted checkpoint (DuoAttention-style), and all-position forwards.
+
+    python -m lserve_jax.calibrate [CHECKPOINT] [--method gradient|attention-mass] [--steps N] ...
+
+`gradient` (DuoAttention, Xiao et al. 2024): one gate alpha in [0, 1] per (layer, KV head) mixes
+full causal attention with streaming attention (sink + local tokens), per head
+`o = alpha * o_full + (1 - alpha) * o_stream`. The gates start at 1 and are trained with Adam to
+minimise the MSE between the final hidden states of the dense model and of the gated model over
+the answer span of synthetic multi-passkey samples (`passkey.multi_passkey_sample`), plus
+`reg * mean|alpha|`; gates are clipped to [0, 1] after each step. Only the gates get gradients:
+the weights are constants, so no weight gradient is ever computed; layers are rematerialised
+to keep the activation memory at one layer's worth.
+
+`attention-mass` (a cheap baseline): one dense forward per sample; a head's score is the
+attention probability that the answer-span queries put outside the streaming window.
+
+The result is a [layers, kv_heads] matrix in DuoAttention's TSV format (`heads.save_pattern`),
+written atomically to `<checkpoint>/head_pattern.tsv` (or `--output`), with the loss curve and
+settings as JSON beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .attention.prefill import prefill_attention
+from .config import ModelConfig
+from .heads import HeadLayout, save_pattern
+from .model import _mlp, _proj, _qkv, rms_norm
+from .params import Params
+from .passkey import Encode, multi_passkey_sample
+from .rope import apply_rope, inv_frequencies
+
+METHODS = ("gradient", "attention-mass")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Knobs of a calibration run. `sink`/`local` are the streaming window being calibrated
+    for (use the decode window: it is the narrower one, and answers are decoded)."""
+
+    method: str = "gradient"
+    sink: int = 64
+    local: int = 128
+    lengths: tuple[int, ...] = (1024,)  # sample lengths, cycled (each compiles once)
+    num_keys: int = 3  # pass keys per sample
+    steps: int = 60  # optimisation steps (gradient) or samples (attention-mass)
+    lr: float = 0.05
+    reg: float = 0.05  # lambda of the L1 term, on the mean |alpha|
+    init: float = 1.0
+    seed: int = 0
+    max_minutes: float | None = None  # stop early (after a finished step) past this
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.sink < 0 or self.local < 1:
+            raise ValueError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
+        if self.steps < 1 or not self.lengths or min(self.lengths) < 1 or self.num_keys < 1:
+            raise ValueError(f"need steps >= 1, num_keys >= 1 and positive lengths, got {self}")
+
+
+@dataclasses.dataclass
+class CalibResult:
+    alpha: np.ndarray  # [layers, kv_heads], float64
+    curve: list[dict]  # one entry per step
+    seconds: float
+    config: CalibConfig
+
+    def to_json(self) -> dict:
+        return {"config": dataclasses.asdict(self.config), "seconds": self.seconds,
+                "minutes": self.seconds / 60, "curve": self.curve, "alpha": self.alpha.tolist()}
+
+
+# ------------------------------------------------------------------------------------------
+# Forwards.
+# ------------------------------------------------------------------------------------------
+
+
+def _window(t: int, sink: int, local: int) -> jax.Array:
+    """[T, T] bool: causal and inside a streaming head's Λ window."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    return (j <= i) & ((j < sink) | (i - j < local))
+
+
+def _two_attentions(q, k, v, sink: int, local: int, stream: bool = True):
+    """Full causal and streaming attention from one score matrix, with the reference semantics
+    of `prefill_attention` (every head retrieval / every head streaming).
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> (o_full, o_stream) float32 [B, T, Hkv, G, D] and the
+    streaming share of each row's causal softmax mass [B, Hkv, G, T] (1 - the mass outside the
+    window). Both softmaxes share the causal row max (the window always holds the diagonal, so
+    its sum stays away from underflow for any realistic score range). `stream=False`: only
+    o_full. Scores are one [B, Hkv, G*T, T] batched matmul (no K/V repeat across the group).
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh).reshape(b, hkv, g, t, t) / math.sqrt(d)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))  # [B, Hkv, G, T, T]
+
+    def attend(p):
+        l = jnp.sum(p, axis=-1)  # [B, Hkv, G, T]
+        o = jnp.einsum("bhqk,bhkd->bhqd", p.reshape(b, hkv, g * t, t), vh).reshape(b, hkv, g, t, d)
+        return (o / l[..., None]).transpose(0, 3, 1, 2, 4), l  # [B, T, Hkv, G, D]
+
+    o_full, l_full = attend(e)
+    if not stream:
+        return o_full, None, None
+    o_stream, l_stream = attend(jnp.where(_window(t, sink, local), e, 0.0))
+    return o_full, o_stream, l_stream / l_full
+
+
+def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax.Array | None, *,
+                 sink: int, local: int, remat: bool = True) -> jax.Array:
+    """Final (normed) hidden states [B, T, hidden] of the gated model, in the original head order.
+
+    gates: [layers, kv_heads] in [0, 1]; 1 is full attention, 0 streaming (binary gates give
+    exactly the sparse prefill model); None: the dense model (streaming attention not computed)."""
+    b, t = tokens.shape
+    inv_freq = inv_frequencies(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    def layer(x, lp, gate):  # gate [Hkv]
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if gate is None:
+            o = _two_attentions(q, k, v, sink, local, stream=False)[0].astype(x.dtype)
+        else:
+            o_full, o_stream, _ = _two_attentions(q, k, v, sink, local)
+            a = gate.astype(jnp.float32)[None, None, :, None, None]
+            o = (a * o_full + (1.0 - a) * o_stream).astype(x.dtype)
+        x = x + _proj(o.reshape(b, t, -1), lp.wo)
+        return _mlp(lp, x, cfg)
+
+    if remat:  # keep the projections, recompute the [T, T] attention in the backward pass
+        layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    x = params.embed[tokens]
+    for i, lp in enumerate(params.layers):
+        x = layer(x, lp, None if gates is None else gates[i])
+    return rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+
+def forward_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, layout: HeadLayout | None = None, *,
+                   sink: int = 0, local: int = 1, impl: str = "reference") -> jax.Array:
+    """Final (normed) hidden states at every position through the library's `prefill_attention`.
+
+    `params` must already be permuted retrieval-first for `layout` (None: dense)."""
+    b, t = tokens.shape
+    layout = layout or HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    inv_freq = inv_frequencies(cfg)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    lengths = jnp.full((b,), t, jnp.int32)
+    x = params.embed[tokens]
+    for i, lp in enumerate(params.layers):
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        o = prefill_attention(q, k, v, lengths, num_retrieval=layout.num_retrieval[i], sink=sink,
+                              local=local, impl=impl)
+        x = x + _proj(o.reshape(b, t, -1), lp.wo)
+        x = _mlp(lp, x, cfg)
+    return rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+
+def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """[..., hidden] normed hidden states -> float32 [..., vocab] logits."""
+    w = params.embed.T if params.lm_head is None else params.lm_head
+    return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+
+def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig, layout: HeadLayout | None = None, *,
+              sink: int = 0, local: int = 1, impl: str = "reference") -> jax.Array:
+    """Negative log-likelihood of tokens[:, 1:] given their prefixes: float32 [B, T - 1]."""
+    h = forward_hidden(params, tokens, cfg, layout, sink=sink, local=local, impl=impl)[:, :-1]
+    logits = lm_logits(params, h)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration.
+# ------------------------------------------------------------------------------------------
+
+
+def make_samples(encode: Encode, cfg: CalibConfig, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n (tokens int32 [T], span float32 [T]) pairs; span marks the positions whose next-token
+    outputs are the answer (the loss positions). The prompt is shortened so prompt + answer is
+    exactly the requested length (one compiled shape per length)."""
+    rng = np.random.default_rng(cfg.seed)
+    out = []
+    for i in range(n):
+        length = cfg.lengths[i % len(cfg.lengths)]
+        s = multi_passkey_sample(encode, length, cfg.num_keys, rng, fit_answer=True)
+        span = np.zeros(length, np.float32)
+        span[len(s.ids) - 1: length - 1] = 1.0  # outputs that predict the answer tokens
+        out.append((np.asarray(s.ids + s.answer_ids, np.int32), span))
+    return out
+
+
+def _gradient_step_fn(cfg: ModelConfig, cc: CalibConfig, opt):
+    def loss_fn(gates, params, tokens, span, target):
+        h = gated_hidden(params, tokens, cfg, gates, sink=cc.sink, local=cc.local)
+        w = span[None, :, None]
+        distill = jnp.sum(w * (h.astype(jnp.float32) - target) ** 2) / (jnp.sum(w) * h.shape[-1])
+        l1 = jnp.mean(jnp.abs(gates))
+        return distill + cc.reg * l1, (distill, l1)
+
+    def step(gates, opt_state, params, tokens, span):
+        target = gated_hidden(params, tokens, cfg, None, sink=cc.sink, local=cc.local, remat=False)
+        target = jax.lax.stop_gradient(target.astype(jnp.float32))
+        (loss, (distill, l1)), g = jax.value_and_grad(loss_fn, has_aux=True)(gates, params, tokens, span, target)
+        updates, opt_state = opt.update(g, opt_state, gates)
+        gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+        return gates, opt_state, loss, distill, l1, jnp.abs(g)
+
+    return jax.jit(step)
+
+
+def _attention_mass_fn(cfg: ModelConfig, cc: CalibConfig):
+    """Jitted (params, tokens, span) -> [layers, kv_heads]: the causal attention mass that the
+    span queries put outside the streaming window, averaged over them and the query group."""
+    def mass(params, tokens, span):
+        b, t = tokens.shape
+        inv_freq = inv_frequencies(cfg)
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        w = span / jnp.maximum(jnp.sum(span), 1.0)  # [T] query weights
+        x = params.embed[tokens]
+        scores = []
+        for lp in params.layers:
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            q, k, v = _qkv(lp, h, cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            o, _, inside = _two_attentions(q, k, v, cc.sink, cc.local)
+            scores.append(jnp.einsum("bhgq,q->h", 1.0 - inside, w) / (b * cfg.group_size))
+            x = x + _proj(o.astype(x.dtype).reshape(b, t, -1), lp.wo)
+            x = _mlp(lp, x, cfg)
+        return jnp.stack(scores)
+
+    return jax.jit(mass)
+
+
+def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig = CalibConfig(), *,
+              log: Callable[[str], None] | None = print) -> CalibResult:
+    """Runs a calibration; returns the gate matrix, the per-step curve and the wall time."""
+    log = log or (lambda s: None)
+    params = jax.tree.map(jnp.asarray, params)
+    samples = make_samples(encode, cc, cc.steps)
+    start = time.perf_counter()
+    curve: list[dict] = []
+    shape = (cfg.num_layers, cfg.num_kv_heads)
+
+    def over_time() -> bool:
+        return cc.max_minutes is not None and time.perf_counter() - start > 60 * cc.max_minutes
+
+    if cc.method == "attention-mass":
+        fn = _attention_mass_fn(cfg, cc)
+        total = np.zeros(shape)
+        n = 0
+        for i, (tokens, span) in enumerate(samples):
+            total += np.asarray(fn(params, jnp.asarray(tokens)[None], jnp.asarray(span)), np.float64)
+            n += 1
+            curve.append({"step": i, "seconds": time.perf_counter() - start, "length": int(tokens.shape[0])})
+            log(f"[calibrate] sample {i + 1}/{cc.steps} len {tokens.shape[0]} "
+                f"({time.perf_counter() - start:.0f}s)")
+            if over_time():
+                break
+        return CalibResult(total / n, curve, time.perf_counter() - start, cc)
+
+    opt = optax.adam(cc.lr)
+    gates = jnp.full(shape, cc.init, jnp.float32)
+    opt_state = opt.init(gates)
+    step = _gradient_step_fn(cfg, cc, opt)
+    grad_mag = np.zeros(shape)
+    for i, (tokens, span) in enumerate(samples):
+        gates, opt_state, loss, distill, l1, g = step(gates, opt_state, params, jnp.asarray(tokens)[None],
+                                                      jnp.asarray(span))
+        loss, distill, l1 = float(loss), float(distill), float(l1)
+        grad_mag += np.asarray(g, np.float64)
+        el = time.perf_counter() - start
+        curve.append({"step": i, "loss": loss, "distill": distill, "l1": l1, "seconds": el,
+                      "length": int(tokens.shape[0])})
+        log(f"[calibrate] step {i + 1}/{cc.steps} len {tokens.shape[0]} loss {loss:.5f} "
+            f"(distill {distill:.5f}, mean alpha {l1:.3f}) {el:.0f}s")
+        if over_time():
+            log(f"[calibrate] stopping after {i + 1} steps: past --max-minutes {cc.max_minutes}")
+            break
+    alpha = np.asarray(gates, np.float64)
+    # Break ties (gates clipped to exactly 0 or 1) by the accumulated |gradient|, without
+    # reordering distinct gates: the quantile rule then splits heads at any sparsity.
+    scale = grad_mag / max(grad_mag.max(), 1e-30)
+    alpha = np.clip(alpha - 1e-4 + 1e-4 * scale, 0.0, 1.0)
+    return CalibResult(alpha, curve, time.perf_counter() - start, cc)
+
+
+def write_pattern_atomic(path: str | os.PathLike, alpha: np.ndarray) -> Path:
+    """Writes the TSV through a temporary file in the same directory and renames it into place."""
+    path = Path(path).expanduser().absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        save_pattern(tmp, alpha)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def random_pattern(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A random gate matrix (the control for a calibrated one at the same sparsity)."""
+    return np.random.default_rng(seed).random(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# CLI.
+# ------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lserve_jax.calibrate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", nargs="?", help="converted checkpoint directory (default: the default model)")
+    d = CalibConfig()
+    ap.add_argument("--method", choices=METHODS, default=d.method)
+    ap.add_argument("--output", help="pattern TSV path (default: <checkpoint>/head_pattern.tsv)")
+    ap.add_argument("--curve", help="JSON of settings, loss curve and gates (default: <output>.json)")
+    ap.add_argument("--steps", type=int, default=d.steps, help="optimisation steps / samples (%(default)s)")
+    ap.add_argument("--lengths", type=_ints, default=d.lengths, help="sample lengths, comma-separated")
+    ap.add_argument("--num-keys", type=int, default=d.num_keys)
+    ap.add_argument("--sink", type=int, default=d.sink)
+    ap.add_argument("--local", type=int, default=d.local)
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--reg", type=float, default=d.reg, help="L1 weight lambda (%(default)s)")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop after the step that passes this")
+    ap.add_argument("--dtype", default="float32", help="parameter dtype for calibration (%(default)s)")
+    args = ap.parse_args(argv)
+
+    from .api import default_checkpoint
+    from .checkpoint import open_checkpoint
+    from .tokenizer import Tokenizer
+
+    try:
+        cc = CalibConfig(method=args.method, sink=args.sink, local=args.local, lengths=args.lengths,
+                         num_keys=args.num_keys, steps=args.steps, lr=args.lr, reg=args.reg, seed=args.seed,
+                         max_minutes=args.max_minutes)
+    except ValueError as e:
+        ap.error(str(e))
+    ckpt = open_checkpoint(args.checkpoint or default_checkpoint())
+    if not ckpt.tokenizer_file.exists():
+        print(f"error: {ckpt.path} has no tokenizer.json (needed to build the samples)", file=sys.stderr)
+        return 2
+    max_len = ckpt.config.max_position_embeddings
+    if max(cc.lengths) > max_len:
+        ap.error(f"--lengths {max(cc.lengths)} exceeds the model context {max_len}")
+    tok = Tokenizer.from_checkpoint_dir(ckpt.path)
+    params = ckpt.load_params(args.dtype)
+    print(f"[calibrate] {ckpt.path} ({ckpt.config.num_layers} layers x {ckpt.config.num_kv_heads} KV heads), "
+          f"{cc}", flush=True)
+    res = calibrate(params, ckpt.config, lambda s: tok.encode(s, add_special_tokens=False), cc,
+                    log=lambda s: print(s, flush=True))
+    out = write_pattern_atomic(args.output or ckpt.path / "head_pattern.tsv", res.alpha)
+    curve_path = Path(args.curve) if args.curve else out.with_suffix(".json")
+    curve_path.parent.mkdir(parents=True, exist_ok=True)
+    curve_path.write_text(json.dumps({"checkpoint": str(ckpt.path), **res.to_json()}, indent=1))
+    print(f"[calibrate] wrote {out} and {curve_path} in {res.seconds / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
