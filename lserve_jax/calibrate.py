@@ -80,10 +80,12 @@ class CalibResult:
     curve: list[dict]  # one entry per step
     seconds: float
     config: CalibConfig
+    grad_mag: np.ndarray | None = None  # accumulated |d loss / d alpha| (gradient method)
 
     def to_json(self) -> dict:
         return {"config": dataclasses.asdict(self.config), "seconds": self.seconds,
-                "minutes": self.seconds / 60, "curve": self.curve, "alpha": self.alpha.tolist()}
+                "minutes": self.seconds / 60, "curve": self.curve, "alpha": self.alpha.tolist(),
+                "grad_mag": None if self.grad_mag is None else self.grad_mag.tolist()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -308,12 +310,18 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
         if over_time():
             log(f"[calibrate] stopping after {i + 1} steps: past --max-minutes {cc.max_minutes}")
             break
-    alpha = np.asarray(gates, np.float64)
-    # Break ties (gates clipped to exactly 0 or 1) by the accumulated |gradient|, without
-    # reordering distinct gates: the quantile rule then splits heads at any sparsity.
-    scale = grad_mag / max(grad_mag.max(), 1e-30)
-    alpha = np.clip(alpha - 1e-4 + 1e-4 * scale, 0.0, 1.0)
-    return CalibResult(alpha, curve, time.perf_counter() - start, cc)
+    return CalibResult(break_ties(np.asarray(gates, np.float64), grad_mag), curve, time.perf_counter() - start,
+                       cc, grad_mag)
+
+
+def break_ties(alpha: np.ndarray, secondary: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Gates clipped to exactly 0 (or 1) tie; the quantile rule could then not split them at
+    every sparsity. Adds eps * secondary (normalised to [0, 1]) and rescales into [0, 1]: ties
+    are ordered by `secondary` (the accumulated |gradient|), distinct gates keep their order
+    unless they are closer than eps."""
+    sec = np.asarray(secondary, np.float64)
+    sec = (sec - sec.min()) / max(np.ptp(sec), 1e-30)
+    return (np.clip(alpha, 0.0, 1.0) + eps * sec) / (1.0 + eps)
 
 
 def write_pattern_atomic(path: str | os.PathLike, alpha: np.ndarray) -> Path:

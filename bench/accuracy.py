@@ -1,0 +1,400 @@
+"""Long-context accuracy on real weights, dense vs sparse: a passkey grid and perplexity.
+
+    python bench/accuracy.py                      # SmolLM2-135M-Instruct, the calibrated pattern
+    python bench/accuracy.py --quick              # two grid cells, one short perplexity window
+
+* Passkey grid (context length x needle depth), token-exact prompts from `lserve_jax.passkey`,
+  the same prompts for every variant, greedy decoding through `Engine.generate` (sparse prefill,
+  streaming rings and page selection in decode). A cell passes if the key is in the output.
+* Perplexity on a long public-domain text shipped in bench/data/ (full windows of each length),
+  all-position logits from the sparse prefill model (`calibrate.gated_hidden` with binary
+  gates: the `prefill_attention` semantics, checked against it in tests/test_accuracy_harness.py)
+  with the prefill window and, separately, with the narrower decode window for streaming heads.
+* Variants: dense; the calibrated pattern at several static sparsities and token budgets; a
+  random pattern and the attention-mass pattern at the same sparsity and knobs.
+
+Writes bench/results/accuracy-<date>.json and a heatmap PNG beside it; prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lserve_jax.calibrate import gated_hidden, lm_logits, random_pattern  # noqa: E402
+from lserve_jax.config import SparseConfig  # noqa: E402
+from lserve_jax.heads import binarize, load_pattern  # noqa: E402
+from lserve_jax.passkey import passed, passkey_prompt, random_key  # noqa: E402
+from lserve_jax.sampling import SamplingParams  # noqa: E402
+
+T0 = time.perf_counter()
+TEXT = os.path.join(ROOT, "bench", "data", "eb1911_shakespeare.txt")
+REPO_PATTERN = os.path.join(ROOT, "lserve_jax", "patterns", "SmolLM2-135M-Instruct.tsv")
+
+# Sparse knobs scaled to SmolLM2's 8K context so that sparsity bites at 256-2K tokens.
+KNOBS = dict(prefill_sink=64, prefill_local=256, decode_sink=64, decode_local=128, page_size=16,
+             logical_page_size=4, selector_interval=4)
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    pattern: str | None  # "calibrated" | "random" | "attention-mass" | None (dense)
+    sparsity: float = 0.0
+    budget: int | None = None  # None: dense decode over every page
+
+    def sparse_config(self, max_len: int) -> SparseConfig:
+        if self.pattern is None:
+            return SparseConfig(static_sparsity=0.0, token_budget=max_len, sparse_decode=False, **KNOBS)
+        return SparseConfig(static_sparsity=self.sparsity, token_budget=self.budget, **KNOBS)
+
+
+def load_text_ids(encode, path: str = TEXT) -> list[int]:
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    while lines and lines[0].startswith("#"):  # the source header
+        lines.pop(0)
+    return encode("\n".join(lines).strip())
+
+
+# ------------------------------------------------------------------------------------------
+# Passkey grid.
+# ------------------------------------------------------------------------------------------
+
+
+def build_grid_prompts(encode, lengths, depths, trials: int, seed: int):
+    """[len][depth][trial] PasskeyPrompts, identical for every variant."""
+    rng = np.random.default_rng(seed)
+    return [[[passkey_prompt(encode, n, d, random_key(rng)) for _ in range(trials)] for d in depths]
+            for n in lengths]
+
+
+def run_grid(engine, prompts, max_new_tokens: int = 8) -> tuple[list, list]:
+    """Returns (pass [len][depth] as the fraction of trials passed, outputs [len][depth][trial])."""
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    frac, outs = [], []
+    for row in prompts:
+        frow, orow = [], []
+        for cell in row:
+            gens = engine.generate([p.ids for p in cell], sampling)
+            texts = [g.text if engine.tokenizer is not None else g.token_ids for g in gens]
+            ok = [passed(p, t) if isinstance(t, str) else passed(p, output_ids=t) for p, t in zip(cell, texts)]
+            frow.append(sum(ok) / len(ok))
+            orow.append(texts)
+        frac.append(frow)
+        outs.append(orow)
+        log(f"  length {cell[0].length}: {['%.2f' % f for f in frow]}")
+    return frac, outs
+
+
+# ------------------------------------------------------------------------------------------
+# Perplexity.
+# ------------------------------------------------------------------------------------------
+
+
+def _nll_fn(cfg, sink: int, local: int):
+    @jax.jit
+    def nll(params, tokens, gates):
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)[:, :-1]
+        logp = jax.nn.log_softmax(lm_logits(params, h), axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+
+    return nll
+
+
+def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: int, local: int) -> dict:
+    """Perplexity over `windows` consecutive full windows of `length` tokens; also over the
+    positions past the streaming window (`tail`, where streaming heads see less than dense)."""
+    if len(text_ids) < windows * length:
+        raise ValueError(f"the text has {len(text_ids)} tokens, {windows} x {length} requested")
+    toks = jnp.asarray(np.asarray(text_ids[: windows * length], np.int32).reshape(windows, length))
+    g = None if gates is None else jnp.asarray(gates, jnp.float32)
+    fn = _nll_fn(cfg, sink, local)
+    nll = np.concatenate([np.asarray(fn(params, toks[i:i + 1], g)) for i in range(windows)])
+    tail = nll[:, sink + local:]
+    return {"ppl": float(np.exp(nll.mean())), "ppl_tail": float(np.exp(tail.mean())) if tail.size else None,
+            "tokens": int(nll.size)}
+
+
+# ------------------------------------------------------------------------------------------
+# Output.
+# ------------------------------------------------------------------------------------------
+
+
+def heatmap(path: str, grid: dict, lengths, depths) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(grid)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        m = np.asarray(grid[name]["pass"], float).T  # [depth, length]
+        ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("context tokens", fontsize=7)
+        ax.set_ylabel("needle depth", fontsize=7)
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.0%}" if 0 < v < 1 else ("✓" if v else "✗"), ha="center", va="center", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("passkey retrieval (green: pass)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tables(res: dict) -> str:
+    g = res["grid"]
+    lengths = g["lengths"]
+    dense = np.asarray(g["variants"]["dense"]["pass"]) >= 1.0
+    out = ["| variant | sparsity | budget | cells passed | passed where dense passes | " +
+           " | ".join(f"{n}" for n in lengths) + " |",
+           "|---|---|---|---|---|" + "---|" * len(lengths)]
+    for name, v in g["variants"].items():
+        p = np.asarray(v["pass"]) >= 1.0
+        per_len = [f"{int(p[i].sum())}/{p.shape[1]}" for i in range(len(lengths))]
+        out.append(f"| {name} | {v['sparsity']} | {v['budget'] or '-'} | {int(p.sum())}/{p.size} | "
+                   f"{int((p & dense).sum())}/{int(dense.sum())} | " + " | ".join(per_len) + " |")
+    pp = res["perplexity"]
+    out += ["", "| variant | window | " + " | ".join(f"ppl@{n}" for n in pp["lengths"]) +
+            " | " + " | ".join(f"tail ppl@{n}" for n in pp["lengths"]) + " |",
+            "|---|---|" + "---|" * (2 * len(pp["lengths"]))]
+    for name, by_win in pp["variants"].items():
+        for win, r in by_win.items():
+            cells = [f"{r[str(n)]['ppl']:.3f}" for n in pp["lengths"]]
+            tails = [f"{r[str(n)]['ppl_tail']:.3f}" if r[str(n)]["ppl_tail"] else "-" for n in pp["lengths"]]
+            out.append(f"| {name} | {win} | " + " | ".join(cells) + " | " + " | ".join(tails) + " |")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _floats(s):
+    return [float(x) for x in s.split(",") if x]
+
+
+def _ints(s):
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
+    ap.add_argument("--pattern", help="calibrated TSV (default: <checkpoint>/head_pattern.tsv, else the repo's)")
+    ap.add_argument("--mass-pattern", help="attention-mass TSV to compare (optional)")
+    ap.add_argument("--lengths", type=_ints, default=[256, 512, 1024, 1536, 2048])
+    ap.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--trials", type=int, default=1, help="pass keys per cell (batched)")
+    ap.add_argument("--sparsities", type=_floats, default=[0.5, 0.75])
+    ap.add_argument("--budgets", type=_ints, default=[256, 512])
+    ap.add_argument("--random-seed", type=int, default=0)
+    ap.add_argument("--ppl-lengths", type=_ints, default=[1024, 2048, 4096])
+    ap.add_argument("--ppl-windows", type=int, default=2)
+    ap.add_argument("--ppl-sparsities", type=_floats, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 cells, one short ppl window")
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--skip-ppl", action="store_true")
+    ap.add_argument("--out", help="JSON path (default bench/results/accuracy-<date>.json)")
+    ap.add_argument("--resume", action="store_true", help="keep the variants already in --out, run the rest")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.lengths, args.depths, args.sparsities, args.budgets = [256], [0.0, 1.0], [0.5], [256]
+        args.ppl_lengths, args.ppl_windows, args.ppl_sparsities = [512], 1, [0.5]
+
+    import lserve_jax
+    from lserve_jax.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(args.checkpoint or lserve_jax.default_checkpoint())
+    cfg = ckpt.config
+    pattern_path = args.pattern or (str(ckpt.pattern_file) if ckpt.pattern_file else REPO_PATTERN)
+    alpha = load_pattern(pattern_path)
+    patterns = {"calibrated": alpha, "random": random_pattern(alpha.shape, args.random_seed)}
+    if args.mass_pattern:
+        patterns["attention-mass"] = load_pattern(args.mass_pattern)
+    calib_json = os.path.splitext(pattern_path)[0] + ".json"
+    calib_minutes = None
+    if os.path.exists(calib_json):
+        with open(calib_json) as f:
+            calib_minutes = json.load(f).get("minutes")
+
+    variants = [Variant("dense", None)]
+    for s in args.sparsities:
+        for b in args.budgets:
+            variants.append(Variant(f"calibrated-s{s:g}-b{b}", "calibrated", s, b))
+    s0, b0 = args.sparsities[0], min(args.budgets)  # the controls run at the headline's knobs
+    variants += [Variant(f"{p}-s{s0:g}-b{b0}", p, s0, b0) for p in patterns if p != "calibrated"]
+    headline = f"calibrated-s{s0:g}-b{min(args.budgets)}"
+
+    date = datetime.date.today().isoformat()
+    out = args.out or os.path.join(ROOT, "bench", "results", f"accuracy-{date}{'-quick' if args.quick else ''}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    old = {}
+    if args.resume and os.path.exists(out):
+        with open(out) as f:
+            old = json.load(f)
+
+    def save():  # after every variant, so a long run can be resumed
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "model": os.path.basename(str(ckpt.path)), "checkpoint": str(ckpt.path),
+           "backend": jax.default_backend(), "jax": jax.__version__,
+           "knobs": {**KNOBS, "budgets": args.budgets, "sparsities": args.sparsities,
+                     "note": "prefill: streaming heads see sink+local of the prefill knobs; decode: ring of "
+                             "decode_sink+decode_local; retrieval heads read token_budget tokens of pages"},
+           "patterns": {"calibrated": pattern_path, "random_seed": args.random_seed,
+                        "attention-mass": args.mass_pattern,
+                        "alpha": {k: np.round(a, 6).tolist() for k, a in patterns.items()}}}
+
+    # -- passkey grid ----------------------------------------------------------------------
+    max_len = max(args.lengths) + 16
+    if not args.skip_grid:
+        grid = dict(old.get("grid", {}).get("variants", {}))
+        prompts = None
+        for v in variants:
+            if v.name in grid:
+                log(f"grid: {v.name} (kept from {out})")
+                continue
+            log(f"grid: {v.name}")
+            sp = v.sparse_config(max_len)
+            pat = None if v.pattern is None else _tmp_tsv(patterns[v.pattern], v.pattern)
+            engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, progress=False)
+            if prompts is None:
+                encode = (lambda s: engine.tokenizer.encode(s, add_special_tokens=False))
+                prompts = build_grid_prompts(encode, args.lengths, args.depths, args.trials, args.seed)
+            t = time.perf_counter()
+            frac, outs = run_grid(engine, prompts)
+            layout = engine.spec.layout
+            grid[v.name] = {"pattern": v.pattern, "sparsity": v.sparsity, "budget": v.budget, "pass": frac,
+                            "outputs": outs, "seconds": time.perf_counter() - t,
+                            "retrieval_heads": int(sum(layout.num_retrieval)),
+                            "kv_heads": cfg.num_layers * cfg.num_kv_heads}
+            del engine
+            res["grid"] = {"lengths": args.lengths, "depths": args.depths, "trials": args.trials,
+                           "keys": [[[p.keys[0] for p in c] for c in r] for r in prompts], "variants": grid}
+            save()
+        if "grid" not in res:
+            res["grid"] = old["grid"]
+
+    # -- perplexity ------------------------------------------------------------------------
+    if not args.skip_ppl:
+        from lserve_jax.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_checkpoint_dir(ckpt.path)
+        text_ids = load_text_ids(lambda s: tok.encode(s, add_special_tokens=False))
+        params = ckpt.load_params("float32")
+        pv = {"dense": None}
+        for s in args.ppl_sparsities:
+            pv[f"calibrated-s{s:g}"] = binarize(alpha, s)
+        for p in patterns:
+            if p != "calibrated":
+                pv[f"{p}-s{s0:g}"] = binarize(patterns[p], s0)
+        windows = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
+                   "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
+        ppl = dict(old.get("perplexity", {}).get("variants", {}))
+        res["perplexity"] = {"text": os.path.relpath(TEXT, ROOT), "text_tokens": len(text_ids),
+                             "lengths": args.ppl_lengths, "windows_per_length": args.ppl_windows,
+                             "variants": ppl}
+        for name, mask in pv.items():
+            ppl.setdefault(name, {})
+            for win, (sink, local) in windows.items():
+                if mask is None and win == "decode":
+                    continue
+                ppl[name].setdefault(win, {})
+                for n in args.ppl_lengths:
+                    if str(n) in ppl[name][win]:
+                        continue
+                    r = perplexity(params, cfg, text_ids, n, args.ppl_windows,
+                                   None if mask is None else mask.astype(np.float32), sink, local)
+                    ppl[name][win][str(n)] = r
+                    log(f"ppl {name} {win} @{n}: {r['ppl']:.4f} (tail {r['ppl_tail']})")
+                    save()
+
+    if args.skip_grid and "grid" in old:
+        res["grid"] = old["grid"]
+    if args.skip_ppl and "perplexity" in old:
+        res["perplexity"] = old["perplexity"]
+    res["summary"] = summary(res, headline, s0, calib_minutes)
+    if "grid" in res:
+        png = os.path.splitext(out)[0] + ".png"
+        heatmap(png, res["grid"]["variants"], args.lengths, args.depths)
+        res["heatmap"] = os.path.relpath(png, ROOT) if png.startswith(ROOT) else png
+    save()
+    if "grid" in res and "perplexity" in res:
+        print(tables(res))
+    print(json.dumps(res["summary"], indent=1))
+    log(f"wrote {out}")
+    return 0
+
+
+def summary(res: dict, headline: str, s0: float, calib_minutes) -> dict:
+    out: dict = {"headline_variant": headline, "calibrate_minutes": calib_minutes}
+    if "grid" in res:
+        g = res["grid"]["variants"]
+        dense = np.asarray(g["dense"]["pass"]) >= 1.0
+        out["cells_total"] = int(dense.size)
+        out["cells_dense_pass"] = int(dense.sum())
+        per = {}
+        for name, v in g.items():
+            p = np.asarray(v["pass"]) >= 1.0
+            per[name] = {"cells_pass": int(p.sum()), "pass_where_dense_passes": int((p & dense).sum())}
+        out["per_variant"] = per
+        if headline in per:
+            out["cells_sparse_pass_where_dense_passes"] = per[headline]["pass_where_dense_passes"]
+        rnd = [n for n in per if n.startswith("random")]
+        if rnd:
+            out["cells_random_pass_where_dense_passes"] = per[rnd[0]]["pass_where_dense_passes"]
+    if "perplexity" in res:
+        pp = res["perplexity"]
+        n = str(max(pp["lengths"]))
+        dense = pp["variants"]["dense"]["prefill"][n]["ppl"]
+        out["ppl_length"] = int(n)
+        out["ppl_dense"] = dense
+        for key, name in (("sparse", f"calibrated-s{s0:g}"), ("random", f"random-s{s0:g}"),
+                          ("attention_mass", f"attention-mass-s{s0:g}")):
+            v = pp["variants"].get(name)
+            if v:
+                out[f"ppl_ratio_{key}_over_dense"] = v["prefill"][n]["ppl"] / dense
+                out[f"ppl_ratio_{key}_over_dense_decode_window"] = v["decode"][n]["ppl"] / dense
+    return out
+
+
+def _tmp_tsv(alpha: np.ndarray, name: str) -> str:
+    import tempfile
+
+    from lserve_jax.heads import save_pattern
+
+    path = os.path.join(tempfile.gettempdir(), f"lserve-accuracy-{os.getpid()}-{name}.tsv")
+    save_pattern(path, alpha)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The accuracy harness: token-exact passkey prompts, the shipped text, perplexity against the
+dense reference forward, and a two-cell smoke run of the grid through the engine (tiny model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lserve_jax import passkey as pk
+from lserve_jax.config import ModelConfig, SparseConfig
+from lserve_jax.engine import Engine
+from lserve_jax.heads import binarize, layout_and_permutation
+from lserve_jax.model import forward_reference
+from lserve_jax.params import init_params, permute_kv_heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
+ENCODE = pk.byte_encoder(CFG.vocab_size)
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", os.path.join(ROOT, "bench", "accuracy.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+acc = _load_bench()
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0), jnp.float32, scale=0.3)
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length", [256, 300, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_needle_at_requested_depth_and_length(length, depth):
+    p = pk.passkey_prompt(ENCODE, length, depth, "12345")
+    needle = ENCODE(pk.NEEDLE.format(key="12345"))
+    intro, question = ENCODE(pk.INTRO), ENCODE(pk.QUESTION)
+    assert len(p.ids) == p.length == length
+    (start,) = p.needle_starts
+    assert p.ids[start:start + len(needle)] == needle
+    n_fill = length - len(intro) - len(needle) - len(question)
+    assert start == len(intro) + round(depth * n_fill)
+    assert p.ids[:len(intro)] == intro and p.ids[-len(question):] == question
+    assert p.answer_ids == ENCODE(" 12345.")
+
+
+def test_filler_is_seamless_around_the_needle():
+    unit = ENCODE(pk.FILLER)
+    p = pk.passkey_prompt(ENCODE, 600, 0.5, "777")
+    (start,), (n,) = p.needle_starts, p.needle_lens
+    intro, question = len(ENCODE(pk.INTRO)), len(ENCODE(pk.QUESTION))
+    filler = p.ids[intro:start] + p.ids[start + n:len(p.ids) - question]
+    assert filler == (unit * 10)[:len(filler)]
+
+
+def test_with_a_tokenizers_tokenizer_too():
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *"abcdefghijklmnopqrstuvwxyz"])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per letter, others <unk>
+    enc = lambda s: tok.encode(s).ids  # noqa: E731
+    p = pk.passkey_prompt(enc, 500, 0.3, "4242")
+    assert len(p.ids) == 500 and p.ids[p.needle_starts[0]:][:p.needle_lens[0]] == enc(pk.NEEDLE.format(key="4242"))
+
+
+def test_multi_passkey_sample_orders_keys_and_fits_the_answer():
+    rng = np.random.default_rng(3)
+    s = pk.multi_passkey_sample(ENCODE, 700, 3, rng, fit_answer=True)
+    assert len(s.ids) + len(s.answer_ids) == 700
+    assert list(s.needle_starts) == sorted(s.needle_starts) and list(s.depths) == sorted(s.depths)
+    for i, (st, key) in enumerate(zip(s.needle_starts, s.keys)):
+        assert s.ids[st:st + s.needle_lens[i]] == ENCODE(pk.MULTI_NEEDLE.format(i=i + 1, key=key))
+    with pytest.raises(ValueError, match="below the fixed part"):
+        pk.passkey_prompt(ENCODE, 50, 0.5, "1")
+    with pytest.raises(ValueError, match="depth"):
+        pk.passkey_prompt(ENCODE, 500, 1.5, "1")
+
+
+def test_passed():
+    p = pk.passkey_prompt(ENCODE, 300, 0.5, "31337")
+    assert pk.passed(p, " 31337. Remember")
+    assert not pk.passed(p, " 3133")
+    assert pk.passed(p, output_ids=[9] + ENCODE(" 31337") + [4])
+    assert not pk.passed(p, output_ids=ENCODE(" 31338"))
+
+
+# --- text and perplexity -------------------------------------------------------------------
+
+def test_shipped_text():
+    path = acc.TEXT
+    assert os.path.getsize(path) < 1 << 20
+    with open(path, encoding="utf-8") as f:
+        head = f.read(2000)
+    assert head.startswith("#") and "Public domain" in head  # the source is stated
+    ids = acc.load_text_ids(lambda s: list(s.encode()))
+    assert len(ids) > 150_000 and ids[0] != ord("#")
+
+
+def test_perplexity_matches_dense_reference_and_sparse_differs(params):
+    text = ENCODE("the quick brown fox jumps over the lazy dog. " * 20)
+    dense = acc.perplexity(params, CFG, text, 128, 2, None, 4, 16)
+    toks = jnp.asarray(np.asarray(text[:256], np.int32).reshape(2, 128))
+    logp = jax.nn.log_softmax(forward_reference(params, toks, CFG)[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)
+    assert dense["ppl"] == pytest.approx(float(jnp.exp(nll.mean())), rel=1e-4)
+    assert dense["tokens"] == 2 * 127
+    sparse = acc.perplexity(params, CFG, text, 128, 2, np.array([[1.0, 0.0], [0.0, 1.0]]), 4, 16)
+    assert np.isfinite(sparse["ppl"]) and sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-6)
+
+
+# --- grid smoke run ------------------------------------------------------------------------
+
+def test_grid_smoke_two_cells(params):
+    """Two cells (one length, depths 0 and 1) through Engine.generate, dense and sparse with the
+    same prompts; with a window that covers the prompt the sparse engine must agree with dense."""
+    prompts = acc.build_grid_prompts(ENCODE, [300], [0.0, 1.0], trials=1, seed=0)
+    assert [[c[0].length for c in row] for row in prompts] == [[300, 300]]
+    knobs = dict(page_size=16, logical_page_size=4)
+    dense = Engine(params, CFG, sparse=SparseConfig(token_budget=512, sparse_decode=False, **knobs),
+                   max_seq_len=320)
+    frac_d, outs_d = acc.run_grid(dense, prompts)
+    assert np.asarray(frac_d).shape == (1, 2)
+    alpha = np.array([[0.9, 0.1], [0.2, 0.8]])
+    layout, perms = layout_and_permutation(binarize(alpha, 0.5))
+    wide = SparseConfig(static_sparsity=0.5, prefill_sink=4, prefill_local=512, decode_sink=4, decode_local=512,
+                        token_budget=512, **knobs)
+    sparse = Engine(permute_kv_heads(params, CFG, perms), CFG, layout=layout, sparse=wide, max_seq_len=320)
+    frac_s, outs_s = acc.run_grid(sparse, prompts)
+    assert outs_s == outs_d and frac_s == frac_d
+    assert all(len(o[0]) == 8 for o in outs_d[0])  # no EOS in a random model: 8 tokens each
+
+
+def test_heatmap_and_tables(tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = {"dense": {"pass": [[1.0, 1.0], [1.0, 0.0]], "sparsity": 0.0, "budget": None},
+            "calibrated-s0.5-b256": {"pass": [[1.0, 0.0], [1.0, 0.0]], "sparsity": 0.5, "budget": 256}}
+    png = tmp_path / "h.png"
+    acc.heatmap(str(png), grid, [256, 512], [0.0, 1.0])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    ppl = {"lengths": [512], "variants": {"dense": {"prefill": {"512": {"ppl": 10.0, "ppl_tail": 11.0}}},
+                                          "calibrated-s0.5": {"prefill": {"512": {"ppl": 10.1, "ppl_tail": 11.2}},
+                                                              "decode": {"512": {"ppl": 10.2, "ppl_tail": None}}}}}
+    res = {"grid": {"lengths": [256, 512], "variants": grid}, "perplexity": ppl}
+    md = acc.tables(res)
+    assert "| calibrated-s0.5-b256 | 0.5 | 256 | 2/4 | 2/3 |" in md and "10.100" in md
+    s = acc.summary(res, "calibrated-s0.5-b256", 0.5, 12.5)
+    assert s["cells_dense_pass"] == 3 and s["cells_sparse_pass_where_dense_passes"] == 2
+    assert s["ppl_ratio_sparse_over_dense"] == pytest.approx(1.01) and s["calibrate_minutes"] == 12.5

@@ -1,0 +1,138 @@
+"""Head-pattern calibration on a tiny random model: the gated forward's semantics, a few Adam
+steps lower the loss, the attention-mass baseline, the TSV round trip and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lserve_jax import calibrate as cal
+from lserve_jax.config import ModelConfig
+from lserve_jax.heads import binarize, layout_and_permutation, load_pattern
+from lserve_jax.params import init_params, permute_kv_heads
+from lserve_jax.passkey import byte_encoder
+
+CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
+ENCODE = byte_encoder(CFG.vocab_size)
+QUICK = cal.CalibConfig(sink=4, local=16, lengths=(384,), num_keys=2, steps=6, lr=0.1, reg=0.05)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0), jnp.float32, scale=0.3)
+
+
+def test_binary_gates_equal_the_sparse_prefill_model(params):
+    """gated_hidden with 0/1 gates (original head order) == the library's prefill_attention on
+    the retrieval-first permuted weights; gates all 1 == dense."""
+    retrieval = np.array([[False, True], [True, False]])
+    layout, perms = layout_and_permutation(retrieval)
+    toks = jax.random.randint(jax.random.key(1), (1, 48), 0, CFG.vocab_size)
+    gated = cal.gated_hidden(params, toks, CFG, jnp.asarray(retrieval, jnp.float32), sink=4, local=8)
+    lib = cal.forward_hidden(permute_kv_heads(params, CFG, perms), toks, CFG, layout, sink=4, local=8)
+    np.testing.assert_allclose(gated, lib, atol=2e-5, rtol=2e-5)
+    dense = cal.forward_hidden(params, toks, CFG)
+    np.testing.assert_allclose(cal.gated_hidden(params, toks, CFG, jnp.ones((2, 2)), sink=4, local=8), dense,
+                               atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(cal.gated_hidden(params, toks, CFG, None, sink=4, local=8), dense,
+                               atol=2e-5, rtol=2e-5)
+    assert float(jnp.max(jnp.abs(gated - dense))) > 1e-3  # the streaming heads do change the output
+
+
+def test_samples_have_exact_length_and_answer_span():
+    samples = cal.make_samples(ENCODE, QUICK, 3)
+    for tokens, span in samples:
+        assert tokens.shape == span.shape == (384,)
+        n = int(span.sum())
+        assert n > 0 and span[-1] == 0
+        first = int(np.argmax(span))
+        assert np.all(span[first:first + n] == 1)  # one contiguous span, ending at T - 2
+        assert first + n == 383
+
+
+def test_gradient_calibration_lowers_the_loss(params):
+    res = cal.calibrate(params, CFG, ENCODE, QUICK, log=None)
+    losses = [c["loss"] for c in res.curve]
+    assert len(losses) == QUICK.steps
+    assert losses[-1] < losses[0]
+    assert res.alpha.shape == (CFG.num_layers, CFG.num_kv_heads)
+    assert np.all((res.alpha >= 0) & (res.alpha <= 1))
+    assert len(np.unique(res.alpha)) == res.alpha.size  # ties broken: any sparsity splits cleanly
+    assert binarize(res.alpha, 0.5).sum() == 2
+    assert res.to_json()["curve"][0]["distill"] == pytest.approx(0.0, abs=1e-8)  # gates start at 1
+
+
+def test_break_ties_orders_clipped_gates_at_any_sparsity():
+    alpha = np.array([[0.0, 0.0, 0.0, 0.7], [1.0, 1.0, 0.3, 0.0]])
+    sec = np.array([[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 0.0, 9.0]])
+    out = cal.break_ties(alpha, sec)
+    assert np.all((out >= 0) & (out <= 1)) and len(np.unique(out)) == out.size
+    np.testing.assert_allclose(out, alpha, atol=2e-6)
+    assert list(np.argsort(out[0, :3])) == [1, 2, 0]  # the zeros ordered by the secondary key
+    assert out[1, 0] > out[1, 1] and out[1, 3] > out[0, 0]
+    for s in (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875):
+        assert binarize(out, s).sum() == round(8 * (1 - s))
+
+
+def test_attention_mass_scores(params):
+    cc = cal.CalibConfig(method="attention-mass", sink=4, local=16, lengths=(384,), num_keys=2, steps=2)
+    res = cal.calibrate(params, CFG, ENCODE, cc, log=None)
+    assert res.alpha.shape == (2, 2)
+    assert np.all((res.alpha > 0) & (res.alpha < 1))  # answer queries at ~380 see far past 4 + 16
+    wide = cal.calibrate(params, CFG, ENCODE, cal.CalibConfig(method="attention-mass", sink=4, local=1024,
+                                                                lengths=(384,), num_keys=2, steps=1), log=None)
+    np.testing.assert_allclose(wide.alpha, 0.0, atol=1e-6)  # nothing outside a window that covers all
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="method"):
+        cal.CalibConfig(method="nope")
+    with pytest.raises(ValueError, match="local"):
+        cal.CalibConfig(local=0)
+
+
+def test_pattern_tsv_round_trip(tmp_path):
+    alpha = np.random.default_rng(0).random((5, 3))
+    alpha[0, 0], alpha[1, 1] = 0.0, 1.0
+    path = cal.write_pattern_atomic(tmp_path / "sub" / "head_pattern.tsv", alpha)
+    np.testing.assert_array_equal(load_pattern(path), alpha)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["head_pattern.tsv"]  # no temp file left
+    cal.write_pattern_atomic(path, alpha * 0.5)  # overwrite in place
+    np.testing.assert_array_equal(load_pattern(path), alpha * 0.5)
+
+
+def _byte_tokenizer_json(path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+
+
+def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
+    from lserve_jax.checkpoint import atomic_directory, open_checkpoint, write_checkpoint
+
+    src = tmp_path / "tok.json"
+    _byte_tokenizer_json(src)
+    dest = tmp_path / "ckpt"
+    with atomic_directory(dest) as tmp:
+        write_checkpoint(tmp, params, CFG, "float32", tokenizer_files={"tokenizer.json": src.read_text()})
+    rc = cal.main([str(dest), "--steps", "2", "--lengths", "384", "--sink", "4", "--local", "16",
+                   "--num-keys", "2"])
+    assert rc == 0
+    ckpt = open_checkpoint(dest)
+    assert ckpt.head_pattern().shape == (2, 2)
+    curve = json.loads((dest / "head_pattern.json").read_text())
+    assert len(curve["curve"]) == 2 and curve["config"]["local"] == 16
+    assert "step 2/2" in capsys.readouterr().out
+    out = tmp_path / "elsewhere.tsv"
+    assert cal.main([str(dest), "--method", "attention-mass", "--steps", "1", "--lengths", "384",
+                     "--output", str(out)]) == 0
+    assert load_pattern(out).shape == (2, 2)
