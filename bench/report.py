@@ -125,9 +125,15 @@ def accuracy() -> list[str]:
     lines = ["## Accuracy on real weights (SmolLM2-135M-Instruct, CPU)", "", f"`python bench/accuracy.py` (`{name}`)."]
     if d.get("knobs"):
         lines += ["", "Sparse knobs: " + ", ".join(f"{k}={v}" for k, v in d["knobs"].items())]
-    if d.get("summary"):
+    summary = d.get("summary") or {}
+    per = summary.get("per_variant")
+    if per:
+        lines += ["", "| variant | cells passed | passed where dense passes |", "|---|---|---|"]
+        lines += [f"| {k} | {v['cells_pass']} | {v['pass_where_dense_passes']} |" for k, v in per.items()]
+    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
+    if flat:
         lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in d["summary"].items()]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat.items()]
     if d.get("table_md"):
         lines += ["", d["table_md"].rstrip()]
     for png in sorted(glob.glob(os.path.join(RESULTS, "accuracy-*.png")))[-1:]:
