@@ -91,14 +91,18 @@ def matmul_tflops(n: int = 8192) -> float:
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    # the device copy of the tree has no .git: pass GIT_COMMIT=$(git rev-parse HEAD) with the command
+    commit = os.environ.get("GIT_COMMIT", "")
+    if not commit:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+            commit = out if all(c in "0123456789abcdef" for c in out) and len(out) == 40 else ""
+        except OSError:
+            pass
     dev = jax.devices()[0]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
-            "jax": jax.__version__, "git_commit": commit or os.environ.get("GIT_COMMIT", "unknown")}
+            "jax": jax.__version__, "git_commit": commit or "unknown"}
 
 
 def write_json(path: str, obj: dict) -> None:
