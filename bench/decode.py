@@ -136,7 +136,7 @@ def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup):
 
 def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights):
     """Bytes a step must read: weights + the KV it attends to + the page statistics it scores."""
-    d, g = cfg.head_dim, cfg.group_size
+    d = cfg.head_dim
     kv = stats = 0
     for r in layout.num_retrieval:
         s = cfg.num_kv_heads - r

@@ -99,7 +99,7 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
     Returns the logits of each prompt's last token, float32 [B, vocab].
     `on_layer(l)`, if given, is called from the device after each layer (a progress bar).
     """
-    cfg, sp = spec.model, spec.sparse
+    cfg = spec.model
     b, t = tokens.shape
     inv_freq = inv_frequencies(cfg)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -170,7 +170,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
 def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
                 spec: ModelSpec) -> tuple[jax.Array, kvc.KVCache]:
     """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache."""
-    cfg, sp = spec.model, spec.sparse
+    cfg = spec.model
     b = tokens.shape[0]
     inv_freq = inv_frequencies(cfg)
     positions = cache.lengths  # where the new token goes

@@ -86,7 +86,6 @@ def test_bin_checkpoint_matches(tmp_path, rng):
 
 def test_sparse_off_equals_dense_with_pattern(tmp_path, rng):
     """A head permutation with every head retrieval and budget >= context is exactly dense."""
-    from lserve_jax.heads import layout_and_permutation
     from lserve_jax.params import permute_kv_heads
 
     model = make_hf_model("mistral", tmp_path / "hf")
@@ -152,27 +151,8 @@ def test_ring_drops_the_middle(tmp_path, rng):
     _, steps, _ = run_cached(params, cfg, [prompt], cont, sparse=sparse, layout=layout)
     # the same model run as a full forward whose every head applies the Λ mask
     full_tokens = jnp.asarray([prompt + list(cont[0])])
-    ref = lambda_forward(params, full_tokens, cfg, sink, local)
+    from lserve_jax.calibrate import forward_hidden, lm_logits
+
+    streaming = HeadLayout(cfg.num_kv_heads, (0,) * cfg.num_layers)
+    ref = np.asarray(lm_logits(params, forward_hidden(params, full_tokens, cfg, streaming, sink=sink, local=local)))
     np.testing.assert_allclose(steps[:, 0], ref[0, len(prompt):], atol=TOL, rtol=0)
-
-
-def lambda_forward(params, tokens, cfg, sink, local):
-    """Full forward in which every head attends to keys j <= i with j < sink or i - j < local."""
-    from lserve_jax.attention.prefill import prefill_attention
-    from lserve_jax.model import _mlp, _proj, _qkv, rms_norm
-    from lserve_jax.rope import apply_rope, inv_frequencies
-
-    b, t = tokens.shape
-    inv = inv_frequencies(cfg)
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    x = params.embed[tokens]
-    lengths = jnp.full((b,), t, jnp.int32)
-    for lp in params.layers:
-        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, h, cfg)
-        q, k = apply_rope(q, pos, inv), apply_rope(k, pos, inv)
-        o = prefill_attention(q, k, v, lengths, num_retrieval=0, sink=sink, local=local, impl="reference")
-        x = _mlp(lp, x + _proj(o.reshape(b, t, -1), lp.wo), cfg)
-    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    w = params.embed.T if params.lm_head is None else params.lm_head
-    return np.asarray(jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32))

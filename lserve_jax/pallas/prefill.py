@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import jax
 from jax import lax
