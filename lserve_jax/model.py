@@ -22,7 +22,7 @@ from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
 from .params import LayerParams, Params
 from .rope import apply_rope, inv_frequencies
-from .selection import select_pages
+from .selection import insert_newest, select_pages
 from .sharding import DECODE_SPECS, PREFILL_SPECS, check_tp, tensor_parallel
 
 
@@ -132,29 +132,48 @@ def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: i
     return o, kvc.write_prefill(lc, k, v, page_table, lengths, sp)
 
 
+def selection_active(spec: ModelSpec, max_pages_per_seq: int) -> bool:
+    """Whether decode selects pages at all for a cache whose page table has this width (with
+    sparse decode off, no retrieval head, or a budget covering every page, it reads them all)."""
+    sp = spec.sparse
+    return (sp.sparse_decode and any(spec.local_retrieval(i) for i in range(spec.model.num_layers))
+            and kvc.selection_width(sp, max_pages_per_seq) < max_pages_per_seq)
+
+
+def refresh_due(spec: ModelSpec, step: int) -> bool:
+    """Host-side: whether decode step `step` after prefill refreshes the page selection."""
+    return step % spec.sparse.selector_interval == 0
+
+
 def _selection(lc: kvc.LayerCache, q_r: jax.Array, page_table: jax.Array, step: jax.Array,
-               new_len: jax.Array, positions: jax.Array, sp: SparseConfig) -> tuple[jax.Array, jax.Array]:
+               new_len: jax.Array, sp: SparseConfig, refresh: bool | None) -> tuple[jax.Array, jax.Array]:
     """The pages each retrieval head reads this step: recomputed every `selector_interval`
-    steps, and whenever a sequence opens a new page (the newest page must always be read)."""
+    steps; in between the selection is reused, with each sequence's newest page added when it
+    opens one. refresh: True / False decided by the caller (one program each, no device-side
+    branch), None: decided on device from `step` (a lax.cond)."""
     k_sel = lc.sel_pages.shape[-1]
-    refresh = (step % sp.selector_interval == 0) | jnp.any(positions % sp.page_size == 0)
-    mode = sp.selection_mode
 
     def fresh():
-        return select_pages(q_r, lc.k_min, lc.k_max, page_table, new_len, max_pages=k_sel, mode=mode,
-                             page_size=sp.page_size)
+        return select_pages(q_r, lc.k_min, lc.k_max, page_table, new_len, max_pages=k_sel,
+                            mode=sp.selection_mode, page_size=sp.page_size)
 
-    return lax.cond(refresh, fresh, lambda: (lc.sel_pages, lc.sel_count))
+    def reuse():
+        return insert_newest(lc.sel_pages, lc.sel_count, new_len, page_size=sp.page_size)
+
+    if refresh is None:
+        return lax.cond(step % sp.selector_interval == 0, fresh, reuse)
+    return fresh() if refresh else reuse()
 
 
-def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, *, r: int, spec: ModelSpec):
+def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, *, r: int, spec: ModelSpec,
+                      refresh: bool | None = None):
     """One layer's cache append, page selection and attention, over this device's KV heads."""
     sp, g = spec.sparse, spec.model.group_size
     b = q.shape[0]
     new_len = positions + 1
     lc = kvc.append(lc, k, v, page_table, positions, sp)
     if sp.sparse_decode and r and lc.sel_pages.shape[-1] < page_table.shape[1]:
-        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, positions, sp)
+        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh)
         lc = lc.replace(sel_pages=sel, sel_count=count)
         mode = sp.selection_mode
     else:  # dense: every page of the sequence, shared by the GQA group
@@ -167,9 +186,15 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     return o, lc
 
 
-def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
-                spec: ModelSpec) -> tuple[jax.Array, kvc.KVCache]:
-    """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache."""
+def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, spec: ModelSpec,
+                refresh: bool | None = None) -> tuple[jax.Array, kvc.KVCache]:
+    """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache.
+
+    refresh (static): whether this step recomputes the page selection. None decides on device
+    (`cache.step % selector_interval == 0`, one lax.cond per layer); the engine passes
+    `refresh_due(spec, step)` instead and keeps two programs, which spares the GPU a host
+    round trip per layer.
+    """
     cfg = spec.model
     b = tokens.shape[0]
     inv_freq = inv_frequencies(cfg)
@@ -183,7 +208,7 @@ def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array,
             q, k, v = _qkv(lp, h, cfg)  # [B, H, D]
             q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
             k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
-            attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec)
+            attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh)
             o, lc = tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, lc, cache.page_table, positions,
                                                                   cache.step)
             x = x + _proj(o.reshape(b, -1), lp.wo)

@@ -111,6 +111,29 @@ def topk_pages(scores, lengths, *, page_size: int, max_pages: int):
     return sel.astype(jnp.int32), jnp.broadcast_to(count[:, None], (b, h))
 
 
+def insert_newest(sel_pages, sel_count, lengths, *, page_size: int):
+    """Keeps a reused selection valid after appends: the newest page is always read.
+
+    sel_pages int32[B, H, K], sel_count int32[B, H] as `topk_pages` made them (slot 0 the page
+    that was newest then, slots 1.. by falling score); lengths int32[B] including the current
+    token. When a sequence has opened a page since the selection was made, that page is added:
+    into a free slot if there is one (every page was selected), else over the lowest-scoring
+    slots, the m-th page opened since taking slot K-1-m (never slot 0, the previous newest).
+    Pure and cheap, so a selection can be reused for `selector_interval` steps without a
+    refresh whenever some sequence crosses a page boundary.
+    """
+    b, h, k = sel_pages.shape
+    newest = jnp.maximum((lengths - 1) // page_size, 0).astype(jnp.int32)[:, None]  # [B, 1]
+    slot = jnp.arange(k, dtype=jnp.int32)
+    present = jnp.any((sel_pages == newest[..., None]) & (slot < sel_count[..., None]), axis=-1)  # [B, H]
+    opened = newest - sel_pages[..., 0] - 1  # pages opened since the selection, minus one
+    target = jnp.where(sel_count < k, sel_count, jnp.clip(k - 1 - opened, min(1, k - 1), k - 1))
+    write = (~present)[..., None] & (slot == target[..., None])
+    sel = jnp.where(write, newest[..., None], sel_pages)
+    count = jnp.where(present, sel_count, jnp.minimum(sel_count + 1, k))
+    return sel.astype(jnp.int32), count.astype(jnp.int32)
+
+
 def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: str,
                  group_reduce: str = "max", page_size: int | None = None, impl: str = "auto",
                  score_options: dict | None = None):

@@ -1,0 +1,144 @@
+"""Where a whole-model decode step spends its GPU time: timings plus a per-kernel profile.
+
+    PYTHONUNBUFFERED=1 python bench/profile_decode.py --out $OUT            # on the H200
+
+For each point and variant: mean synced step time and the unsynced (pipelined) rate over
+`--steps` steps, then a `jax.profiler` trace of `--profile-steps` steps, read back with
+bench/xplane.py: GPU busy time per step (kernels summed), the span the GPU took, and the
+kernels that take the most time. Variants: those of bench/decode.py, plus
+`sparse_kv_head_cond` (selection refresh decided on the device by a lax.cond per layer, the
+path before host-decided refreshes) and `no_attention` (the same model with attention and
+cache skipped: the floor set by weights and launches). Writes profile_decode-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import shutil
+import tempfile
+
+import common  # noqa: F401
+import jax
+import jax.numpy as jnp
+
+import xplane
+from common import copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
+from decode import dense_stepper, paged_stepper, random_cache, step_times
+from lserve_jax.config import SparseConfig
+from lserve_jax.heads import HeadLayout
+from lserve_jax.model import ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, rms_norm
+from lserve_jax.params import init_params
+from lserve_jax.rope import apply_rope, inv_frequencies
+
+
+def no_attention_step(params, x_tokens, positions, cfg):
+    """The decode step without attention or cache: o = q. What weights and launches cost."""
+    inv = inv_frequencies(cfg)
+    b = x_tokens.shape[0]
+    x = params.embed[x_tokens]
+    for lp in params.layers:
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q, k, v = _qkv(lp, h, cfg)
+        q = apply_rope(q[:, None], positions[:, None], inv)[:, 0]
+        x = _mlp(lp, x + _proj(q.reshape(b, -1), lp.wo), cfg)
+    return _logits(params, x, cfg)
+
+
+def stepper(name, params, cfg, layouts, batch, ctx, extra):
+    if name == "no_attention":
+        fn = jax.jit(functools.partial(no_attention_step, cfg=cfg))
+        toks, pos = jnp.ones((batch,), jnp.int32), jnp.full((batch,), ctx, jnp.int32)
+        return (lambda st: fn(params, toks, pos)), {}
+    if name == "sparse_kv_head_cond":  # refresh decided on device: decode_step(refresh=None)
+        spec = ModelSpec(cfg, layouts["sparse"], SparseConfig(selection_mode="kv_head"))
+        fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",))
+        state = {"cache": random_cache(cfg, spec.layout, spec.sparse, batch, ctx, extra, jax.random.key(3))}
+        toks = jnp.ones((batch,), jnp.int32)
+
+        def step(st):
+            logits, st["cache"] = fn(params, st["cache"], toks)
+            return logits
+
+        return step, state
+    if name == "dense_paged":
+        return paged_stepper(params, cfg, layouts["dense"], SparseConfig(sparse_decode=False), batch, ctx, extra)
+    mode = name.removeprefix("sparse_")
+    return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode=mode), batch, ctx, extra)
+
+
+def profile(step, state, n, top):
+    d = tempfile.mkdtemp(prefix="lserve_prof_")
+    try:
+        jax.block_until_ready(step(state))
+        with jax.profiler.trace(d):
+            out = None
+            for _ in range(n):
+                out = step(state)
+            jax.block_until_ready(out)
+        s = xplane.gpu_summary(xplane.find_trace(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    kernels = sorted(s["per_name_ps"].items(), key=lambda kv: -kv[1])
+    return {"gpu_busy_us": s["busy_ps"] / 1e6 / n, "gpu_span_us": s["span_ps"] / 1e6 / n,
+            "kernels_per_step": sum(s["count"].values()) / n,
+            "top": [{"name": k[:160], "us": ps / 1e6 / n, "per_step": s["count"][k] / n} for k, ps in kernels[:top]]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--points", default="131072x4,262144x1", help="comma-separated CONTEXTxBATCH")
+    p.add_argument("--variants", default="no_attention,sparse_kv_head_cond,sparse_kv_head,sparse_query_head,dense_cudnn")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args(argv)
+    cfg = model_config(args.shape)
+    env = environment()
+    bw = copy_bandwidth() if jax.default_backend() == "gpu" else None
+    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    layouts = {"sparse": sparse_layout(args.shape, cfg, 0.5),
+               "dense": HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)}
+    results = {"env": env, "copy_bandwidth_Bps": bw, "weights_bytes": param_bytes(params), "points": []}
+    out_file = os.path.join(args.out, f"profile_decode-{env['date'][:10]}.json")
+    extra = 3 * args.steps + args.warmup + args.profile_steps + 8
+    for point in args.points.split(","):
+        ctx, batch = (int(x) for x in point.split("x"))
+        for name in args.variants.split(","):
+            log(f"ctx={ctx} B={batch} {name} ...")
+            r = {"ctx": ctx, "batch": batch, "variant": name}
+            try:
+                if name == "dense_cudnn":
+                    step, state = dense_stepper(params, cfg, batch, ctx, extra)
+                else:
+                    step, state = stepper(name, params, cfg, layouts, batch, ctx, extra)
+                r.update(step_times(step, state, args.steps, args.warmup, free=False))
+                r["profile"] = profile(step, state, args.profile_steps, args.top)
+                state.clear()
+                gc.collect()
+            except Exception as e:  # keep the other variants
+                log(f"FAILED: {type(e).__name__}: {str(e)[:400]}")
+                r["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+            results["points"].append(r)
+            write_json(out_file, results)
+            pr = r.get("profile", {})
+            log(f"ctx={ctx} B={batch} {name}: mean {r.get('mean_s', float('nan')) * 1e3:.2f} ms, pipelined "
+                f"{r.get('pipelined_s', float('nan')) * 1e3:.2f} ms, GPU busy {pr.get('gpu_busy_us', float('nan')):.0f} us "
+                f"over span {pr.get('gpu_span_us', float('nan')):.0f} us, {pr.get('kernels_per_step', 0):.0f} kernels/step")
+            for k in pr.get("top", [])[: args.top]:
+                print(f"    {k['us']:8.1f} us {k['per_step']:6.1f}x  {k['name'][:120]}")
+    print("\n| context | batch | variant | mean ms | pipelined ms | GPU busy ms | kernels/step |\n|---|---|---|---|---|---|---|")
+    for r in results["points"]:
+        pr = r.get("profile", {})
+        print(f"| {r['ctx']} | {r['batch']} | {r['variant']} | {r.get('mean_s', float('nan')) * 1e3:.2f} | "
+              f"{r.get('pipelined_s', float('nan')) * 1e3:.2f} | {pr.get('gpu_busy_us', float('nan')) / 1e3:.2f} | "
+              f"{pr.get('kernels_per_step', float('nan')):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
