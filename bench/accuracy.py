@@ -121,17 +121,25 @@ def _nll_fn(cfg, sink: int, local: int):
 
 
 def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: int, local: int) -> dict:
-    """Perplexity over `windows` consecutive full windows of `length` tokens; also over the
-    positions past the streaming window (`tail`, where streaming heads see less than dense)."""
-    if len(text_ids) < windows * length:
+    """Perplexity over `windows` consecutive, non-overlapping full windows of `length` tokens:
+    exp of the total NLL over every predicted token of every window (each window predicts its
+    length - 1 tokens from its own prefix); also over the positions past the streaming window
+    (`tail`, where streaming heads see less than dense), and per window (`window_ppl`)."""
+    if windows < 1 or len(text_ids) < windows * length:
         raise ValueError(f"the text has {len(text_ids)} tokens, {windows} x {length} requested")
     toks = jnp.asarray(np.asarray(text_ids[: windows * length], np.int32).reshape(windows, length))
     g = None if gates is None else jnp.asarray(gates, jnp.float32)
     fn = _nll_fn(cfg, sink, local)
-    nll = np.concatenate([np.asarray(fn(params, toks[i:i + 1], g)) for i in range(windows)])
+    nll = np.concatenate([np.asarray(fn(params, toks[i:i + 1], g), np.float64) for i in range(windows)])
     tail = nll[:, sink + local:]
     return {"ppl": float(np.exp(nll.mean())), "ppl_tail": float(np.exp(tail.mean())) if tail.size else None,
-            "tokens": int(nll.size)}
+            "tokens": int(nll.size), "windows": windows,
+            "window_ppl": [float(x) for x in np.exp(nll.mean(axis=1))]}
+
+
+def _kept(entry: dict | None, length: int, windows: int) -> bool:
+    """A perplexity entry from --resume is reused only if it covers the same windows."""
+    return bool(entry) and entry.get("tokens") == windows * (length - 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,7 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budgets", type=_ints, default=[256, 512])
     ap.add_argument("--random-seed", type=int, default=0)
     ap.add_argument("--ppl-lengths", type=_ints, default=[1024, 2048, 4096])
-    ap.add_argument("--ppl-windows", type=int, default=2)
+    ap.add_argument("--ppl-windows", type=int, default=4,
+                    help="non-overlapping windows per perplexity length, pooled (%(default)s)")
     ap.add_argument("--ppl-sparsities", type=_floats, default=[0.25, 0.5, 0.75])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 cells, one short ppl window")
@@ -329,7 +338,7 @@ def main(argv=None) -> int:
                     continue
                 ppl[name].setdefault(win, {})
                 for n in args.ppl_lengths:
-                    if str(n) in ppl[name][win]:
+                    if _kept(ppl[name][win].get(str(n)), n, args.ppl_windows):
                         continue
                     r = perplexity(params, cfg, text_ids, n, args.ppl_windows,
                                    None if mask is None else mask.astype(np.float32), sink, local)
@@ -376,12 +385,16 @@ def summary(res: dict, headline: str, s0: float, calib_minutes) -> dict:
         n = str(max(pp["lengths"]))
         dense = pp["variants"]["dense"]["prefill"][n]["ppl"]
         out["ppl_length"] = int(n)
+        out["ppl_windows"] = pp["variants"]["dense"]["prefill"][n].get("windows", pp.get("windows_per_length"))
         out["ppl_dense"] = dense
         for key, name in (("sparse", f"calibrated-s{s0:g}"), ("random", f"random-s{s0:g}"),
                           ("attention_mass", f"attention-mass-s{s0:g}")):
             v = pp["variants"].get(name)
             if v:
                 out[f"ppl_ratio_{key}_over_dense"] = v["prefill"][n]["ppl"] / dense
+                dw, vw = pp["variants"]["dense"]["prefill"][n].get("window_ppl"), v["prefill"][n].get("window_ppl")
+                if dw and vw and len(dw) == len(vw):  # the spread over windows
+                    out[f"ppl_ratio_{key}_over_dense_per_window"] = [a / b for a, b in zip(vw, dw)]
                 out[f"ppl_ratio_{key}_over_dense_decode_window"] = v["decode"][n]["ppl"] / dense
     return out
 

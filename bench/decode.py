@@ -31,8 +31,8 @@ from lserve_jax import cache as kvc
 from lserve_jax.attention.decode import dense_decode_attention
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
-from lserve_jax.model import (ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, refresh_due, rms_norm,
-                              selection_active)
+from lserve_jax.model import (ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, pad_rows, refresh_due,
+                              rms_norm, selection_active)
 from lserve_jax.params import init_params
 from lserve_jax.sharding import shard_cache, shard_params
 from lserve_jax.rope import apply_rope, inv_frequencies
@@ -68,21 +68,21 @@ def dense_contiguous_step(params, kc, vc, tokens, lengths, cfg):
     """The dense baseline: contiguous [B, T, Hkv, D] caches, attention through cuDNN."""
     inv = inv_frequencies(cfg)
     b = tokens.shape[0]
-    x = params.embed[tokens]
+    x, _ = pad_rows(params.embed[tokens])  # as decode_step: projections on >= DECODE_MIN_ROWS rows
     rows = jnp.arange(b)
     new_k, new_v = [], []
     for lp, k_l, v_l in zip(params.layers, kc, vc):
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, h, cfg)
+        q, k, v = (y[:b] for y in _qkv(lp, h, cfg))
         q = apply_rope(q[:, None], lengths[:, None], inv)[:, 0]
         k = apply_rope(k[:, None], lengths[:, None], inv)[:, 0]
         k_l = k_l.at[rows, lengths].set(k)
         v_l = v_l.at[rows, lengths].set(v)
         o = dense_decode_attention(q, k_l, v_l, lengths + 1, implementation="cudnn")
-        x = _mlp(lp, x + _proj(o.reshape(b, -1), lp.wo), cfg)
+        x = _mlp(lp, x + _proj(pad_rows(o.reshape(b, -1))[0], lp.wo), cfg)
         new_k.append(k_l)
         new_v.append(v_l)
-    return _logits(params, x, cfg), tuple(new_k), tuple(new_v), lengths + 1
+    return _logits(params, x[:b], cfg), tuple(new_k), tuple(new_v), lengths + 1
 
 
 def step_times(step, state, steps, warmup, free=True):
@@ -112,12 +112,13 @@ def step_times(step, state, steps, warmup, free=True):
             "max_s": max(times), "pipelined_s": pipelined, "steps": steps, "first_call_s": first}
 
 
-def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1):
-    """(step, state): one decode step per call over a random cache, refreshes decided on the host
-    every `selector_interval` steps as the engine does."""
+def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False):
+    """(step, state): one decode step per call over a random cache. The selection refresh is
+    decided on the device as the engine does it, or (host_refresh) by the host, every
+    `selector_interval` steps, alternating two static programs."""
     spec = ModelSpec(cfg, layout, sparse, tp=tp)
     cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra, jax.random.key(3)), tp)
-    selecting = selection_active(spec, cache.page_table.shape[1])
+    selecting = host_refresh and selection_active(spec, cache.page_table.shape[1])
     fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",),
                  static_argnames=("refresh",))
     tokens = jnp.ones((batch,), jnp.int32)
@@ -125,7 +126,7 @@ def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1):
     del cache
 
     def step(st):
-        refresh = selecting and refresh_due(spec, st["i"])
+        refresh = refresh_due(spec, st["i"]) if selecting else None
         logits, st["cache"] = fn(params, st["cache"], tokens, refresh=refresh)
         st["i"] += 1
         return logits

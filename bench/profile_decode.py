@@ -6,9 +6,10 @@ For each point and variant: mean synced step time and the unsynced (pipelined) r
 `--steps` steps, then a `jax.profiler` trace of `--profile-steps` steps, read back with
 bench/xplane.py: GPU busy time per step (kernels summed), the span the GPU took, and the
 kernels that take the most time. Variants: those of bench/decode.py, plus
-`sparse_kv_head_cond` (selection refresh decided on the device by a lax.cond per layer, the
-path before host-decided refreshes) and `no_attention` (the same model with attention and
-cache skipped: the floor set by weights and launches). Writes profile_decode-<date>.json.
+`sparse_kv_head_host` (selection refresh decided by the host: two static programs
+alternating, instead of the engine's one program with a lax.cond) and `no_attention` (the
+same model with attention and cache skipped: the floor set by weights and launches). A
+`@rows1` suffix runs a variant without padding decode projections to DECODE_MIN_ROWS rows. Writes profile_decode-<date>.json.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import jax.numpy as jnp
 
 import xplane
 from common import copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
-from decode import dense_stepper, paged_stepper, random_cache, step_times
+from decode import dense_stepper, paged_stepper, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
-from lserve_jax.model import ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, rms_norm
+from lserve_jax import model as model_lib
+from lserve_jax.model import _logits, _mlp, _proj, _qkv, rms_norm
 from lserve_jax.params import init_params
 from lserve_jax.rope import apply_rope, inv_frequencies
 
@@ -37,14 +39,14 @@ from lserve_jax.rope import apply_rope, inv_frequencies
 def no_attention_step(params, x_tokens, positions, cfg):
     """The decode step without attention or cache: o = q. What weights and launches cost."""
     inv = inv_frequencies(cfg)
-    b = x_tokens.shape[0]
     x = params.embed[x_tokens]
+    x, b0 = model_lib.pad_rows(x)
     for lp in params.layers:
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q, k, v = _qkv(lp, h, cfg)
         q = apply_rope(q[:, None], positions[:, None], inv)[:, 0]
-        x = _mlp(lp, x + _proj(q.reshape(b, -1), lp.wo), cfg)
-    return _logits(params, x, cfg)
+        x = _mlp(lp, x + _proj(q.reshape(x.shape[0], -1), lp.wo), cfg)
+    return _logits(params, x[:b0], cfg)
 
 
 def stepper(name, params, cfg, layouts, batch, ctx, extra):
@@ -52,17 +54,9 @@ def stepper(name, params, cfg, layouts, batch, ctx, extra):
         fn = jax.jit(functools.partial(no_attention_step, cfg=cfg))
         toks, pos = jnp.ones((batch,), jnp.int32), jnp.full((batch,), ctx, jnp.int32)
         return (lambda st: fn(params, toks, pos)), {}
-    if name == "sparse_kv_head_cond":  # refresh decided on device: decode_step(refresh=None)
-        spec = ModelSpec(cfg, layouts["sparse"], SparseConfig(selection_mode="kv_head"))
-        fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",))
-        state = {"cache": random_cache(cfg, spec.layout, spec.sparse, batch, ctx, extra, jax.random.key(3))}
-        toks = jnp.ones((batch,), jnp.int32)
-
-        def step(st):
-            logits, st["cache"] = fn(params, st["cache"], toks)
-            return logits
-
-        return step, state
+    if name == "sparse_kv_head_host":
+        return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode="kv_head"), batch, ctx,
+                             extra, host_refresh=True)
     if name == "dense_paged":
         return paged_stepper(params, cfg, layouts["dense"], SparseConfig(sparse_decode=False), batch, ctx, extra)
     mode = name.removeprefix("sparse_")
@@ -91,7 +85,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--points", default="131072x4,262144x1", help="comma-separated CONTEXTxBATCH")
-    p.add_argument("--variants", default="no_attention,sparse_kv_head_cond,sparse_kv_head,sparse_query_head,dense_cudnn")
+    p.add_argument("--variants", default="no_attention,sparse_kv_head,sparse_query_head,dense_cudnn")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--profile-steps", type=int, default=8)
@@ -106,17 +100,20 @@ def main(argv=None):
                "dense": HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)}
     results = {"env": env, "copy_bandwidth_Bps": bw, "weights_bytes": param_bytes(params), "points": []}
     out_file = os.path.join(args.out, f"profile_decode-{env['date'][:10]}.json")
+    min_rows = model_lib.DECODE_MIN_ROWS
     extra = 3 * args.steps + args.warmup + args.profile_steps + 8
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
         for name in args.variants.split(","):
             log(f"ctx={ctx} B={batch} {name} ...")
             r = {"ctx": ctx, "batch": batch, "variant": name}
+            base, _, opt = name.partition("@")
+            model_lib.DECODE_MIN_ROWS = 1 if opt == "rows1" else min_rows
             try:
-                if name == "dense_cudnn":
+                if base == "dense_cudnn":
                     step, state = dense_stepper(params, cfg, batch, ctx, extra)
                 else:
-                    step, state = stepper(name, params, cfg, layouts, batch, ctx, extra)
+                    step, state = stepper(base, params, cfg, layouts, batch, ctx, extra)
                 r.update(step_times(step, state, args.steps, args.warmup, free=False))
                 r["profile"] = profile(step, state, args.profile_steps, args.top)
                 state.clear()

@@ -163,8 +163,24 @@ def write_prefill(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Ar
 
 
 def append(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,
-           positions: jax.Array, sparse: SparseConfig) -> LayerCache:
-    """Appends one token per sequence. k, v: [B, Hkv, D] (post-RoPE); positions [B] where it goes."""
+           positions: jax.Array, sparse: SparseConfig, impl: str = "reference") -> LayerCache:
+    """Appends one token per sequence. k, v: [B, Hkv, D] (post-RoPE); positions [B] where it goes.
+
+    impl: "reference" (jnp scatters, below), "pallas" (`pallas.append.fused_append`: one launch
+    for pages, statistics and ring) or "auto" (pallas on a GPU when the shapes suit it).
+    """
+    if impl not in ("auto", "pallas", "reference"):
+        raise ValueError(f"append impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
+    if impl != "reference":
+        from .pallas.append import fused_append, supported
+        from .pallas.compat import on_gpu
+
+        if impl == "pallas" or (on_gpu() and supported(lc.k_pages, lc.ring_k)):
+            kp, vp, kmin, kmax, rk, rv = fused_append(
+                k, v, positions, page_table, lc.k_pages, lc.v_pages, lc.k_min, lc.k_max, lc.ring_k, lc.ring_v,
+                page=sparse.page_size, lp=sparse.logical_page_size, sink=sparse.decode_sink,
+                local=sparse.decode_local)
+            return lc.replace(k_pages=kp, v_pages=vp, k_min=kmin, k_max=kmax, ring_k=rk, ring_v=rv)
     b, hkv, d = k.shape
     page, lp = sparse.page_size, sparse.logical_page_size
     r = lc.k_pages.shape[0]

@@ -22,7 +22,7 @@ import numpy as np
 from . import cache as kvc
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
-from .model import ModelSpec, decode_step, prefill, refresh_due, selection_active
+from .model import ModelSpec, decode_step, prefill
 from .params import Params
 from .sampling import SamplingParams, sample
 from .sharding import shard_cache, shard_params
@@ -115,15 +115,17 @@ class Engine:
         self._prefill = jax.jit(functools.partial(prefill, spec=self.spec), donate_argnames=("cache",))
         self._prefill_progress = jax.jit(functools.partial(prefill, spec=self.spec, on_layer=self._on_layer),
                                          donate_argnames=("cache",))
-        # one decode program per value of the static `refresh` (selection recomputed or reused)
-        self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",), static_argnames=("refresh",))
+        # one decode program: whether a step refreshes the page selection is decided on the device
+        # (a lax.cond that XLA runs as a CUDA-graph conditional node; measured faster on the H200
+        # than switching between two static programs, bench/results/profile_decode-*.json)
+        self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",))
         self._first = jax.jit(sample)
         self.last_stats = Stats()
 
     # -- programs ---------------------------------------------------------------------------
 
-    def _decode_and_sample(self, params, cache, tokens, key, temperature, top_k, top_p, refresh=False):
-        logits, cache = decode_step(params, cache, tokens, self.spec, refresh=refresh)
+    def _decode_and_sample(self, params, cache, tokens, key, temperature, top_k, top_p):
+        logits, cache = decode_step(params, cache, tokens, self.spec)
         return sample(logits, key, temperature, top_k, top_p), cache
 
     def _on_layer(self, layer) -> None:
@@ -234,7 +236,6 @@ class Engine:
         out = [[] for _ in range(n)]
         reasons = [None] * n
         eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
-        selecting = selection_active(self.spec, cache.page_table.shape[1])
         decode_start = first_done = time.perf_counter()
         for step in range(sampling.max_new_tokens):
             for i in range(n):
@@ -253,8 +254,7 @@ class Engine:
             if all(r is not None for r in reasons):
                 break
             key, sub = jax.random.split(key)
-            refresh = selecting and refresh_due(self.spec, step)
-            nxt, cache = self._step(self.params, cache, nxt, sub, *knobs, refresh=refresh)
+            nxt, cache = self._step(self.params, cache, nxt, sub, *knobs)
             nxt_host = np.asarray(nxt)
             if step == 0:
                 first_done = time.perf_counter()

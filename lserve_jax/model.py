@@ -55,6 +55,20 @@ class ModelSpec:
         return self.layout.num_retrieval[layer] // self.tp
 
 
+# Decode projections run on at least this many rows (the batch padded with zero rows, sliced off
+# before attention and logits): on the H200, XLA's kernels for a [1, hidden] x [hidden, out]
+# product stream the weights slower than its [4, hidden] ones (bench/results/profile_decode-*).
+DECODE_MIN_ROWS = 4
+
+
+def pad_rows(x: jax.Array) -> tuple[jax.Array, int]:
+    """x [B, ...] padded with zero rows to DECODE_MIN_ROWS; returns it and the real B."""
+    b = x.shape[0]
+    if b >= DECODE_MIN_ROWS:
+        return x, b
+    return jnp.pad(x, ((0, DECODE_MIN_ROWS - b),) + ((0, 0),) * (x.ndim - 1)), b
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
@@ -171,7 +185,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     sp, g = spec.sparse, spec.model.group_size
     b = q.shape[0]
     new_len = positions + 1
-    lc = kvc.append(lc, k, v, page_table, positions, sp)
+    lc = kvc.append(lc, k, v, page_table, positions, sp, impl=spec.decode_impl)
     if sp.sparse_decode and r and lc.sel_pages.shape[-1] < page_table.shape[1]:
         sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh)
         lc = lc.replace(sel_pages=sel, sel_count=count)
@@ -190,32 +204,33 @@ def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, spec: Mod
                 refresh: bool | None = None) -> tuple[jax.Array, kvc.KVCache]:
     """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache.
 
-    refresh (static): whether this step recomputes the page selection. None decides on device
-    (`cache.step % selector_interval == 0`, one lax.cond per layer); the engine passes
-    `refresh_due(spec, step)` instead and keeps two programs, which spares the GPU a host
-    round trip per layer.
+    refresh (static): whether this step recomputes the page selection. None (the engine's
+    choice) decides on the device, `cache.step % selector_interval == 0`, with a lax.cond per
+    layer that XLA runs as a CUDA-graph conditional; True / False fix it when tracing, so a
+    caller that counts steps (`refresh_due`) can alternate two programs instead. Both give the
+    same results; one program measured faster on the H200 (bench/results/profile_decode-*).
     """
     cfg = spec.model
     b = tokens.shape[0]
     inv_freq = inv_frequencies(cfg)
     positions = cache.lengths  # where the new token goes
     new_len = positions + 1
-    x = params.embed[tokens]  # [B, hidden]
+    x, _ = pad_rows(params.embed[tokens])  # [max(B, DECODE_MIN_ROWS), hidden]
     layers = []
     for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
         with jax.named_scope(f"layer{i}"):
             h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            q, k, v = _qkv(lp, h, cfg)  # [B, H, D]
+            q, k, v = (y[:b] for y in _qkv(lp, h, cfg))  # [B, H, D]
             q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
             k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
             attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh)
             o, lc = tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, lc, cache.page_table, positions,
                                                                   cache.step)
-            x = x + _proj(o.reshape(b, -1), lp.wo)
+            x = x + _proj(pad_rows(o.reshape(b, -1))[0], lp.wo)
             x = _mlp(lp, x, cfg)
             layers.append(lc)
     new_cache = cache.replace(layers=tuple(layers), lengths=new_len, step=cache.step + 1)
-    return _logits(params, x, cfg), new_cache
+    return _logits(params, x[:b], cfg), new_cache
 
 
 def forward_reference(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -119,9 +119,18 @@ def test_perplexity_matches_dense_reference_and_sparse_differs(params):
     logp = jax.nn.log_softmax(forward_reference(params, toks, CFG)[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)
     assert dense["ppl"] == pytest.approx(float(jnp.exp(nll.mean())), rel=1e-4)
-    assert dense["tokens"] == 2 * 127
+    assert dense["tokens"] == 2 * 127 and dense["windows"] == 2
+    assert np.exp(np.mean(np.log(dense["window_ppl"]))) == pytest.approx(dense["ppl"], rel=1e-5)  # pooled
+    with pytest.raises(ValueError):
+        acc.perplexity(params, CFG, text, 128, len(text) // 128 + 1, None, 4, 16)
     sparse = acc.perplexity(params, CFG, text, 128, 2, np.array([[1.0, 0.0], [0.0, 1.0]]), 4, 16)
     assert np.isfinite(sparse["ppl"]) and sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-6)
+
+
+def test_resume_reuses_only_entries_with_the_same_windows():
+    assert acc._kept({"ppl": 20.0, "tokens": 4 * 4095}, 4096, 4)
+    assert not acc._kept({"ppl": 20.0, "tokens": 4095}, 4096, 4)  # a 1-window run is recomputed
+    assert not acc._kept(None, 4096, 4)
 
 
 # --- grid smoke run ------------------------------------------------------------------------

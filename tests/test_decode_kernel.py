@@ -123,7 +123,8 @@ def test_reference_matches_brute_force(case, mode):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("mode,case", [("query_head", CASES[0]), ("kv_head", CASES[0]),
                                        ("kv_head", CASES[1]), ("query_head", CASES[2]),
-                                       ("kv_head", CASES[3])])
+                                       ("kv_head", CASES[3]),
+                                       ("kv_head", (2, 2, 4, 16, [150, 37], 4, 8, 32))])  # W=40: two launches
 def test_pallas_matches_reference(case, mode, dtype):
     r, s, g, page, lengths, k, sink, local = case
     rng = np.random.default_rng(2)
@@ -202,3 +203,32 @@ def test_validation_errors():
         paged_decode(jnp.zeros((1, 2, 16)), jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 4, 16, 16)),
                      jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32),
                      jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("r,s,m,w,ppb,pps", [(2, 2, 4, 48, 2, None), (1, 3, 1, 48, 1, 2), (2, 0, 8, 32, 4, 4),
+                                              (0, 2, 4, 96, None, None), (3, 1, 3, 64, 2, 2)])
+def test_sparse_decode_sweep(r, s, m, w, ppb, pps, dtype):
+    """One launch for retrieval + ring programs vs its reference: splits, rings before and after
+    they fill (lengths below and above W), empty slot lists, R = 0 or S = 0, M not a power of 2."""
+    from lserve_jax.pallas.decode import sparse_decode, sparse_decode_reference
+
+    rng = np.random.default_rng(r * 7 + s)
+    b, d, p, page, n, g = 3, 32, 20, 16, 7, 2
+    c = lambda x: jnp.asarray(x, dtype)
+    hp = (r + s) * g
+    q = c(rng.standard_normal((b, hp, m, d)))
+    kp, vp = c(rng.standard_normal((r, p, page, d))), c(rng.standard_normal((r, p, page, d)))
+    rk, rv = c(rng.standard_normal((s, b, w, d))), c(rng.standard_normal((s, b, w, d)))
+    ids = jnp.asarray(rng.integers(0, p, (b, r * g, n)), jnp.int32)
+    lg = jnp.asarray(rng.permuted(np.tile(np.arange(n), (b, r * g, 1)), axis=-1), jnp.int32)
+    cnt = jnp.asarray(rng.integers(0, n + 1, (b, r * g)), jnp.int32)
+    ln = jnp.asarray([100, 9, 1], jnp.int32)
+    ref = sparse_decode_reference(q, kp, vp, rk, rv, ids, lg, cnt, ln)
+    out = sparse_decode(q, kp, vp, rk, rv, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps)
+    assert out.shape == (b, hp, m, d) and out.dtype == dtype
+    assert rel_err(out, ref) < tol(dtype)
+    if r:
+        zero = np.argwhere(np.asarray(cnt) == 0)
+        for bi, hi in zero:  # an empty selection reads nothing
+            assert np.all(np.asarray(out[bi, hi], np.float32) == 0)

@@ -3,21 +3,27 @@
 `decode_attention` splits the query heads of one layer:
 
 * retrieval query heads [0, R*G) attend to the pages their selection names (token-exact: the
-  newest page is masked by length), through `pallas.decode.paged_decode` or its reference;
+  newest page is masked by length);
 * streaming query heads [R*G, Hq) attend to their KV head's valid ring slots
   [0, min(length, W)); the ring is viewed as W / pb contiguous pages of pb tokens per sequence
-  (pb = the largest power of 2 dividing W, at most 128) so the same kernel serves it.
+  (pb = the largest power of 2 dividing W, at most 128).
+
+On the GPU both halves run in one kernel launch (`pallas.decode.sparse_decode`), unless the
+ring width has no power-of-2 factor >= 16 (then two `paged_decode` launches); the reference runs
+each half through `paged_decode_reference`.
 
 `dense_decode_attention` is the dense baseline over a contiguous cache (cuDNN or XLA).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from ..pallas.compat import on_gpu
-from ..pallas.decode import paged_decode, paged_decode_reference
+from ..pallas.decode import paged_decode, paged_decode_reference, ring_page, sparse_decode
 
 MODES = ("query_head", "kv_head")
 IMPLS = ("auto", "pallas", "reference")
@@ -52,10 +58,6 @@ def _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
     return b, hq, d, r, s, g
 
 
-def _ring_page(w: int) -> int:
-    return min(w & -w, 128)
-
-
 def _retrieval_args(q, page_table, sel_pages, *, mode, r, g):
     """q viewed per program head (no copy) and the physical pages of each selection slot."""
     b, hq, d = q.shape
@@ -72,7 +74,7 @@ def _retrieval_args(q, page_table, sel_pages, *, mode, r, g):
 def _ring_args(q, ring_k, ring_v, lengths):
     """The ring as a pool of [S, B * W/pb, pb, D] pages with its slot lists and lengths."""
     s, b, w, d = ring_k.shape
-    pb = _ring_page(w)
+    pb = ring_page(w)
     nw = w // pb
     kp = ring_k.reshape(s, b * nw, pb, d)
     vp = ring_v.reshape(s, b * nw, pb, d)
@@ -85,15 +87,16 @@ def _ring_args(q, ring_k, ring_v, lengths):
 
 
 def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
-                     *, mode: str, impl: str = "auto", scale=None, kernel_options=None,
-                     ring_kernel_options=None):
+                     *, mode: str, impl: str = "auto", scale=None, kernel_options=None):
     """One layer's sparse decode attention. Returns [B, Hq, D] in q's dtype.
 
     q: [B, Hq, D] (post-RoPE); k_pages, v_pages: [R, P, page, D]; ring_k, ring_v: [S, B, W, D];
     page_table: int32[B, N]; lengths: int32[B] (including the current token); sel_pages:
     int32[B, Hsel, K] logical page ids, sel_count: int32[B, Hsel], Hsel = R*G (query_head) or
     R (kv_head). impl: "reference" | "pallas" | "auto" (pallas on GPU, reference elsewhere).
-    kernel_options / ring_kernel_options: tuning kwargs for `paged_decode` (pallas only).
+    "pallas" runs retrieval and streaming heads in ONE launch (`pallas.decode.sparse_decode`);
+    kernel_options: its tuning kwargs. "reference" runs the two halves through
+    `paged_decode_reference`.
     """
     b, hq, d, r, s, g = _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths,
                                sel_pages, sel_count, mode, impl)
@@ -101,21 +104,26 @@ def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, s
         impl = "pallas" if on_gpu() else "reference"
     scale = d ** -0.5 if scale is None else float(scale)
     lengths = lengths.astype(jnp.int32)
-    if impl == "pallas":
-        run = lambda *a, off, opts: paged_decode(*a, scale=scale, head_offset=off, **(opts or {}))
-    else:
-        run = lambda *a, off, opts: paged_decode_reference(*a, scale=scale, head_offset=off)
+    if impl == "pallas" and (not s or ring_page(ring_k.shape[2]) >= 16):
+        m = 1 if mode == "query_head" else g  # query rows per program head
+        _, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
+        o = sparse_decode(q.reshape(b, hq // m, m, d), k_pages, v_pages, ring_k, ring_v, phys, lg,
+                          sel_count.astype(jnp.int32), lengths, scale=scale, **(kernel_options or {}))
+        return o.reshape(b, hq, d)
+    # two launches (reference, or a ring width whose blocks are too small for the fused kernel);
     # program heads take their rows straight from q (head_offset), no slicing copies
+    if impl == "pallas":
+        run = functools.partial(paged_decode, **(kernel_options or {}))
+    else:
+        run = paged_decode_reference
     outs = []
     if r:
         qh, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
-        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths, off=0,
-                opts=kernel_options)
+        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths, scale=scale, head_offset=0)
         outs.append(o.reshape(b, r * g, d))
     if s:
         kp, vp, ids, lg, counts, ring_len = _ring_args(q, ring_k, ring_v, lengths)
-        o = run(q.reshape(b, r + s, g, d), kp, vp, ids, lg, counts, ring_len, off=r,
-                opts=ring_kernel_options)
+        o = run(q.reshape(b, r + s, g, d), kp, vp, ids, lg, counts, ring_len, scale=scale, head_offset=r)
         outs.append(o.reshape(b, s * g, d))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 

@@ -255,3 +255,230 @@ def _combine(o, m, l):
     den = jnp.sum(w * l, axis=2)  # [B, H, M]
     num = jnp.sum(w[..., None] * o, axis=2)  # [B, H, M, D]
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+# --- one launch for a whole layer: selected pages of the retrieval heads + the streaming ring ---
+
+
+def ring_page(w: int) -> int:
+    """Tokens per ring block: the largest power of 2 dividing the ring width, at most 128."""
+    return min(w & -w, 128)
+
+
+def sparse_decode_reference(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, counts, lengths,
+                            *, scale: float | None = None):
+    """Spec of `sparse_decode`: the retrieval programs over their selected pages, then the ring
+    programs over the valid ring slots [0, min(length, W)), concatenated along the heads."""
+    b, hp, m, d = q.shape
+    h_ret = page_ids.shape[1]
+    outs = []
+    if h_ret:
+        outs.append(paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths,
+                                           scale=scale, head_offset=0))
+    if hp - h_ret:
+        s, _, w, _ = ring_k.shape
+        pb = ring_page(w)
+        nw = w // pb
+        ids = jnp.broadcast_to((jnp.arange(b)[:, None] * nw + jnp.arange(nw))[:, None], (b, hp - h_ret, nw))
+        lg = jnp.broadcast_to(jnp.arange(nw), ids.shape)
+        ring_len = jnp.minimum(lengths, w).astype(jnp.int32)
+        cnt = jnp.broadcast_to(((ring_len + pb - 1) // pb)[:, None], (b, hp - h_ret))
+        outs.append(paged_decode_reference(q, ring_k.reshape(s, b * nw, pb, d), ring_v.reshape(s, b * nw, pb, d),
+                                           ids.astype(jnp.int32), lg.astype(jnp.int32), cnt.astype(jnp.int32),
+                                           ring_len, scale=scale, head_offset=h_ret))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_ref, rv_ref, *out_refs,
+                   page, ppb, pps, h_ret, nw, pb, width, ring_split, qk_scale, split):
+    # program h < h_ret: retrieval (ids/lg this split's slots, k/v_ref its kv head's pool)
+    # program h >= h_ret: ring (rk/rv_ref [B*nw, pb, D] its kv head's ring), `ring_split`
+    # blocks of pb tokens per split
+    h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    q = q_ref[...]
+    m_rows, d = q.shape
+    rep = max(1, 16 // m_rows)
+    if rep > 1:  # dots need >= 16 rows: repeat the rows (identical results) instead of padding
+        q = jnp.broadcast_to(q[None], (rep, m_rows, d)).reshape(rep * m_rows, d)
+    rows = rep * m_rows
+
+    def attend(carry, k, v, visible):
+        o, m, l = carry
+        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # log2 units
+        x = jnp.where(visible, x, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(x, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(x - m_new[:, None])
+        l = alpha * l + jnp.sum(p, axis=1)
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return o, m_new, l
+
+    carry = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    if h_ret:
+        count = jnp.where(h < h_ret, cnt_ref[b, jnp.minimum(h, h_ret - 1)], 0)
+        n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
+        bk = ppb * page
+
+        def body(i, c):
+            start = pl.multiple_of(i * ppb, ppb)
+            ids = ids_ref[pl.ds(start, ppb)]
+            lg = lg_ref[pl.ds(start, ppb)]
+            k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
+            v = v_ref[ids].reshape(bk, d)
+            slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
+            pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
+            pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
+            return attend(c, k, v, pos < length)
+
+        carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, carry)
+    if nw:
+        ring_len = jnp.minimum(length, width)
+        first = s * ring_split  # this split's ring blocks: [first, first + ring_split)
+        n_ring = jnp.where(h >= h_ret, jnp.clip(pl.cdiv(ring_len, pb) - first, 0, ring_split), 0)
+
+        def ring_body(i, c):
+            k = rk_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)  # contiguous: no gather
+            v = rv_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)
+            slot = ((first + i) * pb + jax.lax.broadcasted_iota(jnp.int32, (1, pb), 1))
+            return attend(c, k, v, slot < ring_len)
+
+        carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
+    o, m, l = carry
+    if rep > 1:  # the replicas are bitwise equal: any reduction recovers the M rows
+        o = jnp.max(o.reshape(rep, m_rows, d), axis=0)
+        m = jnp.max(m.reshape(rep, m_rows), axis=0)
+        l = jnp.max(l.reshape(rep, m_rows), axis=0)
+    if not split:
+        (o_ref,) = out_refs
+        safe = jnp.where(l > 0, l, 1.0)
+        o_ref[...] = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
+    else:
+        o_ref, m_ref, l_ref = out_refs
+        o_ref[...] = o
+        m_ref[...] = m
+        l_ref[...] = l
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs", "num_warps",
+    "num_stages", "interpret"))
+def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, counts, lengths, *,
+                  scale: float | None = None, pages_per_block: int | None = None,
+                  pages_per_split: int | None = None, min_split_tokens: int = 256,
+                  target_programs: int = 2 * NUM_SMS, num_warps: int = 4, num_stages: int = 2,
+                  interpret: bool | None = None):
+    """A layer's whole sparse decode attention in one kernel launch.
+
+    q: [B, Hp, M, D] program heads: the first Hret = page_ids.shape[1] are retrieval programs
+    (kv head h // (Hret / R) of k/v_pages [R, P, page, D], their slots page_ids / logical_ids
+    int32[B, Hret, N], counts int32[B, Hret]), the other Hp - Hret are ring programs (kv head
+    (h - Hret) // ((Hp - Hret) / S) of ring_k/v [S, B, W, D], valid slots [0, min(length, W))).
+    lengths: int32[B]. Returns [B, Hp, M, D] in q.dtype, equal to `sparse_decode_reference`.
+    Retrieval programs split their slots as `paged_decode`; ring programs spread their blocks of
+    pb tokens over the same splits (so a short ring is not one long serial program).
+    """
+    b, hp, m_in, d = q.shape
+    h_ret = page_ids.shape[1]
+    r, s = k_pages.shape[0], ring_k.shape[0]
+    if (h_ret == 0) != (r == 0) or (hp - h_ret == 0) != (s == 0) or hp == 0:
+        raise ValueError(f"program heads do not match the pools: {q.shape=} {page_ids.shape=} "
+                         f"{k_pages.shape=} {ring_k.shape=}")
+    if (r and h_ret % r) or (s and (hp - h_ret) % s):
+        raise ValueError(f"program heads must be a multiple of kv heads: {q.shape=} {page_ids.shape=} "
+                         f"{k_pages.shape=} {ring_k.shape=}")
+    if r:
+        validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
+    if s and (ring_k.shape != ring_v.shape or ring_k.shape[1] != b or ring_k.shape[-1] != d):
+        raise ValueError(f"ring k/v must be [S, B, W, D]: {ring_k.shape=} {ring_v.shape=} {q.shape=}")
+    if not _pow2(d) or (r and not _pow2(k_pages.shape[2])):
+        raise ValueError(f"sparse_decode needs power-of-2 head_dim and page size: {k_pages.shape=} {q.shape=}")
+    scale = d ** -0.5 if scale is None else scale
+    lengths = lengths.astype(jnp.int32)
+    if r:
+        _, p, page, _ = k_pages.shape
+        n = page_ids.shape[-1]
+        ppb = pages_per_block or max(1, 256 // page)
+        if not _pow2(ppb):
+            raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
+        ppb = max(min(ppb, _next_pow2(n)), 16 // page)
+        if pages_per_split is None:
+            pps = choose_split(n, b * h_ret, ppb, min_split_pages=max(1, min_split_tokens // page),
+                               target_programs=target_programs)
+        else:
+            pps = pl.cdiv(pages_per_split, ppb) * ppb
+        splits = pl.cdiv(n, pps)
+        n_pad = splits * pps
+        ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
+        if n_pad != n:
+            pad = ((0, 0), (0, 0), (0, n_pad - n))
+            ids, lg = jnp.pad(ids, pad), jnp.pad(lg, pad)
+        cnt = counts.astype(jnp.int32)
+    else:  # ring only: dummy one-page pool and slot lists, never read
+        page, ppb, pps, splits, p = 16, 1, 1, 1, 1
+        k_pages = v_pages = jnp.zeros((1, 1, page, d), q.dtype)
+        ids = lg = jnp.zeros((b, 1, 1), jnp.int32)
+        cnt = jnp.zeros((b, 1), jnp.int32)
+    if s:
+        w = ring_k.shape[2]
+        pb = ring_page(w)
+        if pb < 16:
+            raise ValueError(f"ring width {w} needs a power-of-2 factor >= 16 for the kernel")
+        nw = w // pb
+        rk = ring_k.reshape(s, b * nw, pb, d)
+        rv = ring_v.reshape(s, b * nw, pb, d)
+    else:
+        w, pb, nw = 0, 16, 0
+        rk = rv = jnp.zeros((1, 1, 16, d), q.dtype)
+    mrows = _next_pow2(m_in)
+    if mrows != m_in:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
+    g_ret = h_ret // r if r else 1
+    g_ring = (hp - h_ret) // s if s else 1
+    hr, sr = max(h_ret, 1), max(s, 1)
+    ret_head = lambda i: jnp.minimum(i, hr - 1)
+    kernel = functools.partial(_sparse_kernel, page=page, ppb=ppb, pps=pps, h_ret=h_ret, nw=nw, pb=pb, width=w,
+                               ring_split=pl.cdiv(nw, splits) if nw else 0, qk_scale=scale * _LOG2E,
+                               split=splits > 1)
+    whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    in_specs = [
+        whole(cnt.shape),  # counts
+        whole((b,)),  # lengths
+        pl.BlockSpec((None, None, pps), lambda i, j, t: (j, ret_head(i), t)),  # page ids
+        pl.BlockSpec((None, None, pps), lambda i, j, t: (j, ret_head(i), t)),  # logical ids
+        pl.BlockSpec((None, None, mrows, d), lambda i, j, t: (j, i, 0, 0)),  # q
+        pl.BlockSpec((None, p, page, d), lambda i, j, t: (ret_head(i) // g_ret, 0, 0, 0)),  # k pages
+        pl.BlockSpec((None, p, page, d), lambda i, j, t: (ret_head(i) // g_ret, 0, 0, 0)),  # v pages
+        pl.BlockSpec((None, rk.shape[1], pb, d),
+                     lambda i, j, t: (jnp.clip(i - h_ret, 0, g_ring * sr - 1) // g_ring, 0, 0, 0)),  # ring k
+        pl.BlockSpec((None, rk.shape[1], pb, d),
+                     lambda i, j, t: (jnp.clip(i - h_ret, 0, g_ring * sr - 1) // g_ring, 0, 0, 0)),  # ring v
+    ]
+    if splits == 1:
+        out_specs = pl.BlockSpec((None, None, mrows, d), lambda i, j, t: (j, i, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((b, hp, mrows, d), q.dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, mrows, d), lambda i, j, t: (j, i, t, 0, 0)),
+            pl.BlockSpec((None, None, None, mrows), lambda i, j, t: (j, i, t, 0)),
+            pl.BlockSpec((None, None, None, mrows), lambda i, j, t: (j, i, t, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((b, hp, splits, mrows, d), jnp.float32),
+            jax.ShapeDtypeStruct((b, hp, splits, mrows), jnp.float32),
+            jax.ShapeDtypeStruct((b, hp, splits, mrows), jnp.float32),
+        ]
+    out = pl.pallas_call(
+        kernel,
+        grid=(hp, b, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=resolve_interpret(interpret),
+        name=f"lserve_sparse_decode_ppb{ppb}_pps{pps}",
+    )(cnt, lengths, ids, lg, q, k_pages, v_pages, rk, rv)
+    if splits > 1:
+        out = _combine(*out).astype(q.dtype)
+    return out if mrows == m_in else out[:, :, :m_in]
