@@ -237,6 +237,11 @@ class Engine:
         reasons = [None] * n
         eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
         decode_start = first_done = time.perf_counter()
+        # One step stays in flight: step k+1 is dispatched (its input tokens are on the device)
+        # before step k's tokens are read back, so the host's stop checks and streaming overlap
+        # the GPU. At most one extra step runs after the last token; its result is dropped.
+        budget = sampling.max_new_tokens - 1  # decode steps that can still produce a kept token
+        pending = None
         for step in range(sampling.max_new_tokens):
             for i in range(n):
                 if reasons[i] is None:
@@ -253,8 +258,16 @@ class Engine:
                         reasons[i] = "length"
             if all(r is not None for r in reasons):
                 break
-            key, sub = jax.random.split(key)
-            nxt, cache = self._step(self.params, cache, nxt, sub, *knobs)
+            if pending is None:
+                key, sub = jax.random.split(key)
+                pending, cache = self._step(self.params, cache, nxt, sub, *knobs)
+                budget -= 1
+            nxt = pending
+            pending = None
+            if budget > 0:
+                key, sub = jax.random.split(key)
+                pending, cache = self._step(self.params, cache, nxt, sub, *knobs)
+                budget -= 1
             nxt_host = np.asarray(nxt)
             if step == 0:
                 first_done = time.perf_counter()

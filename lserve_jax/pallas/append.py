@@ -34,7 +34,8 @@ def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, page, lp, sink, local, n
     if r:
         kp_ref, vp_ref, kmin_ref, kmax_ref = outs[:4]
         kmin_in, kmax_in = ins[2], ins[3]
-        phys = pt_ref[b, jnp.minimum(t // page, n_cols - 1)]
+        col = t // page  # past the table (a dropped look-ahead step): the scratch page 0
+        phys = jnp.where(col < n_cols, pt_ref[b, jnp.minimum(col, n_cols - 1)], 0)
         off = t % page
         lpage = off // lp
         fresh = off % lp == 0
