@@ -26,6 +26,9 @@ from ..pallas.compat import on_gpu
 from ..pallas.decode import paged_decode, paged_decode_reference, ring_page, sparse_decode
 
 MODES = ("query_head", "kv_head")
+# tuning kwargs of `sparse_decode` when the caller passes none (bench/decode.py --tune measures
+# alternatives on the layer shapes of a run and may replace them for that run)
+DEFAULT_KERNEL_OPTIONS: dict = {}
 IMPLS = ("auto", "pallas", "reference")
 
 
@@ -108,7 +111,8 @@ def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, s
         m = 1 if mode == "query_head" else g  # query rows per program head
         _, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
         o = sparse_decode(q.reshape(b, hq // m, m, d), k_pages, v_pages, ring_k, ring_v, phys, lg,
-                          sel_count.astype(jnp.int32), lengths, scale=scale, **(kernel_options or {}))
+                          sel_count.astype(jnp.int32), lengths, scale=scale,
+                          **(DEFAULT_KERNEL_OPTIONS if kernel_options is None else kernel_options))
         return o.reshape(b, hq, d)
     # two launches (reference, or a ring width whose blocks are too small for the fused kernel);
     # program heads take their rows straight from q (head_offset), no slicing copies
