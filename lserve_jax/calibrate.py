@@ -51,14 +51,17 @@ METHODS = ("gradient", "attention-mass")
 @dataclasses.dataclass(frozen=True)
 class CalibConfig:
     """Knobs of a calibration run. `sink`/`local` are the streaming window being calibrated
-    for (use the decode window: it is the narrower one, and answers are decoded)."""
+    for; the defaults are the settings of the shipped SmolLM2-135M pattern: the prefill window
+    of bench/accuracy.py (64 + 256), samples of 1K and 2K tokens, 36 steps (19 minutes on 2 CPU
+    cores). Calibrating for the narrower decode window (64 + 128) at 512-1536 tokens gave a
+    pattern 1.031x dense in 4K-token perplexity, against 1.022x with these settings."""
 
     method: str = "gradient"
     sink: int = 64
-    local: int = 128
-    lengths: tuple[int, ...] = (1024,)  # sample lengths, cycled (each compiles once)
+    local: int = 256
+    lengths: tuple[int, ...] = (1024, 2048)  # sample lengths, cycled (each compiles once)
     num_keys: int = 3  # pass keys per sample
-    steps: int = 60  # optimisation steps (gradient) or samples (attention-mass)
+    steps: int = 36  # optimisation steps (gradient) or samples (attention-mass)
     lr: float = 0.05
     reg: float = 0.05  # lambda of the L1 term, on the mean |alpha|
     init: float = 1.0

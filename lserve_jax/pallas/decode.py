@@ -31,6 +31,9 @@ from jax.experimental import pallas as pl
 
 from .compat import resolve_interpret, triton_params
 
+# f32 inputs: IEEE dots (the Triton lowering's DEFAULT is TF32); no effect on bf16 inputs
+_IEEE = jax.lax.Precision.HIGHEST
+
 _LOG2E = math.log2(math.e)
 _M_INIT = -1e30  # finite running-max start: a fully masked block leaves exp2(m - m_new) finite
 NUM_SMS = 132  # H200; only steers the split heuristic
@@ -86,13 +89,13 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
     pos = (logical_ids[..., None] * page + jnp.arange(page)).reshape(b, h, n * page)
     used = (jnp.arange(n)[None, None, :] < counts[..., None])
     ok = jnp.repeat(used, page, axis=-1) & (pos < lengths[:, None, None])  # [B, H, N*page]
-    s = jnp.einsum("bhmd,bhtd->bhmt", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("bhmd,bhtd->bhmt", q, k, preferred_element_type=jnp.float32, precision=_IEEE) * scale
     s = jnp.where(ok[:, :, None, :], s, -jnp.inf)
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
     e = jnp.exp(s - mx)
     den = jnp.sum(e, axis=-1, keepdims=True)
-    o = jnp.einsum("bhmt,bhtd->bhmd", e, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+    o = jnp.einsum("bhmt,bhtd->bhmd", e, v.astype(jnp.float32), preferred_element_type=jnp.float32, precision=_IEEE)
     return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0).astype(q.dtype)
 
 
@@ -121,7 +124,7 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
         lg = lg_ref[pl.ds(start, ppb)]
         k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
         v = v_ref[ids].reshape(bk, d)
-        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # [rows, bk], log2 units
+        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # [rows, bk], log2 units
         slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
         pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
         pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
@@ -130,7 +133,7 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(x - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
         return o, m_new, l
 
     init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
@@ -305,13 +308,13 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
 
     def attend(carry, k, v, visible):
         o, m, l = carry
-        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * qk_scale  # log2 units
+        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # log2 units
         x = jnp.where(visible, x, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(x, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(x - m_new[:, None])
         l = alpha * l + jnp.sum(p, axis=1)
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
         return o, m_new, l
 
     carry = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
