@@ -82,24 +82,70 @@ def whole_model_decode() -> list[str]:
     if not runs:
         return []
     lines = ["## Whole-model time per output token (llama3-8b shape)", "",
-             "`python bench/decode.py` on one H200: random bf16 weights and a randomly filled KV cache, the "
-             "real pattern at sparsity 0.5, budget 4096 tokens, pages 64/16, selector interval 4, ring "
-             "128 + 256, per-KV-head selection. Median over 64 steps after warm-up. The bytes floor is "
-             "weights + KV read + page statistics read (amortised over the interval), over the copy "
-             "bandwidth measured in the same run (dense cuDNN beats that copy, hence > 100%).", "",
-             "| context | batch | variant | ms/token | speedup vs cuDNN dense | bytes-floor fraction |",
-             "|---|---|---|---|---|---|"]
-    for name, d in runs:
-        pts = {(p["ctx"], p["batch"], p["variant"]): p for p in d["points"] if "median_s" in p}
+             "`python bench/decode.py --tune` on one H200: random bf16 weights and a randomly filled KV cache, "
+             "the real pattern at sparsity 0.5, budget 4096 tokens, pages 64/16, selector interval 4, ring "
+             "128 + 256. All four variants of a point run in one process. *Pipelined*: steps dispatched back to "
+             "back (the engine keeps one step in flight), total time / steps; *synced*: mean of steps each "
+             "waited for (refresh steps included). The bytes floor is weights + KV read + page statistics "
+             "read (amortised over the interval) over the copy bandwidth measured in the same run, against "
+             "the pipelined time (dense cuDNN reads faster than that copy, hence > 100%).", ""]
+    latest = [(n, d) for n, d in runs if any("pipelined_s" in p for p in d.get("points", []))]
+    for name, d in latest[-1:]:
+        lines += ["| context | batch | variant | ms/token pipelined | vs cuDNN | ms/token synced | vs cuDNN | "
+                  "bytes-floor fraction | kernel options |", "|---|---|---|---|---|---|---|---|---|"]
+        pts = {(p["ctx"], p["batch"], p["variant"]): p for p in d["points"] if "pipelined_s" in p}
         for (ctx, b, v), p in pts.items():
-            dense = pts.get((ctx, b, "dense_cudnn"))
+            dense = pts.get((ctx, b, "dense_cudnn")) or {}
             ff = p.get("floor_fraction")
-            lines.append(f"| {ctx // 1024}K | {b} | {v} | {_ms(p['median_s'])} | "
-                         f"{_x(dense and dense['median_s'], p['median_s'])} | {'–' if ff is None else f'{ff:.0%}'} |")
+            opts = p.get("kernel_options")
+            lines.append(f"| {ctx // 1024}K | {b} | {v} | {_ms(p['pipelined_s'])} | "
+                         f"{_x(dense.get('pipelined_s'), p['pipelined_s'])} | {_ms(p['mean_s'])} | "
+                         f"{_x(dense.get('mean_s'), p['mean_s'])} | {'–' if ff is None else f'{ff:.0%}'} | "
+                         f"{'–' if opts is None else (opts or 'defaults')} |")
         bw = d.get("copy_bandwidth_Bps")
-        if bw:
-            lines.append(f"\nCopy bandwidth in that run: {bw / 1e12:.2f} TB/s; weights {d['weights_bytes'] / 1e9:.1f} GB "
-                         f"(`{name}`).")
+        lines.append(f"\n`{name}` (commit {d['env'].get('git_commit', '?')})"
+                     + (f": copy bandwidth {bw / 1e12:.2f} TB/s, weights {d['weights_bytes'] / 1e9:.1f} GB." if bw else "."))
+        if d.get("summary"):
+            lines += ["", "Summary: " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in d["summary"].items())]
+        for point, t in (d.get("tuning") or {}).items():
+            cfgs = ", ".join(f"{c['options'] or 'defaults'}: {c['us']:.1f}" for c in t["configs"] if "us" in c)
+            lines += ["", f"Tuning at {point} (one layer, R={t['retrieval_heads']}, µs per call): {cfgs}; "
+                          f"chosen {t['chosen'] or 'defaults'}."]
+    older = [(n, d) for n, d in runs if (n, d) not in latest]
+    for name, d in older:
+        lines += ["", f"Earlier run `{name}` (before the fused kernels; median of synced steps, which hides "
+                      "the refresh steps):", "", "| context | batch | variant | ms/token |", "|---|---|---|---|"]
+        for p in d["points"]:
+            if "median_s" in p:
+                lines.append(f"| {p['ctx'] // 1024}K | {p['batch']} | {p['variant']} | {_ms(p['median_s'])} |")
+    return lines + [""]
+
+
+def decode_profile() -> list[str]:
+    runs = _load("profile_decode-*.json")
+    if not runs:
+        return []
+    lines = ["## Where a decode step's GPU time goes", "",
+             "`python bench/profile_decode.py`: a `jax.profiler` trace of 8 steps read back by "
+             "`bench/xplane.py`; GPU busy = kernel time summed per step. `no_attention` is the same model "
+             "without attention or cache (weights and launches only); `@rows1` runs without padding the "
+             "decode projections to 4 rows; `xla-nocb` ran with XLA command buffers off.", "",
+             "| file | context | batch | variant | synced ms | pipelined ms | GPU busy ms | kernels/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes = {}
+    for name, d in runs:
+        if d.get("note"):
+            notes.setdefault(d["note"], []).append(name)
+        for p in d.get("points", []):
+            pr = p.get("profile") or {}
+            if "mean_s" not in p:
+                continue
+            lines.append(f"| `{name.removeprefix('profile_decode-').removesuffix('.json')}` | {p['ctx'] // 1024}K | "
+                         f"{p['batch']} | {p['variant']} | {_ms(p['mean_s'])} | {_ms(p['pipelined_s'])} | "
+                         f"{_ms(pr.get('gpu_busy_us', 0) / 1e6) if pr else '–'} | "
+                         f"{pr.get('kernels_per_step', 0):.0f} |")
+    for note, names in notes.items():
+        lines += ["", f"{', '.join(f'`{n}`' for n in names)}: {note}."]
     return lines + [""]
 
 
@@ -115,6 +161,14 @@ def attention_decode() -> list[str]:
     if d.get("table"):
         lines += ["", "```", d["table"].rstrip(), "```"]
     return lines + [""]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
 
 
 def accuracy() -> list[str]:
@@ -133,7 +187,7 @@ def accuracy() -> list[str]:
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
     if flat:
         lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in flat.items()]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
     if d.get("table_md"):
         lines += ["", d["table_md"].rstrip()]
     for png in sorted(glob.glob(os.path.join(RESULTS, "accuracy-*.png")))[-1:]:
@@ -177,7 +231,8 @@ def main() -> None:
     parts = ["# Benchmarks", "",
              "Every number below comes from a script in `bench/` and a JSON file in `bench/results/`; this "
              "page is regenerated by `python bench/report.py`. GPU: one NVIDIA H200 (jax 0.11.2, CUDA 13).", ""]
-    for section in (whole_model_prefill, attention_prefill, whole_model_decode, attention_decode, accuracy):
+    for section in (whole_model_prefill, attention_prefill, whole_model_decode, decode_profile, attention_decode,
+                    accuracy):
         parts += section()
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(parts))

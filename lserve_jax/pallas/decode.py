@@ -402,7 +402,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     if r:
         _, p, page, _ = k_pages.shape
         n = page_ids.shape[-1]
-        ppb = pages_per_block or max(1, 256 // page)
+        ppb = pages_per_block or max(1, 128 // page)  # 128-token blocks: measured best, bench/decode.py --tune
         if not _pow2(ppb):
             raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
         ppb = max(min(ppb, _next_pow2(n)), 16 // page)
