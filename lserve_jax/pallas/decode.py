@@ -99,46 +99,53 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
     return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0).astype(q.dtype)
 
 
-def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
-            page, ppb, pps, qk_scale, split):
-    # cnt_ref: int32[B, H] (whole); len_ref: int32[B] (whole)
-    # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D] (M a power of 2)
-    # k_ref, v_ref: [P, page, D] this program's kv head
-    # out_refs: o [M, D] (normalised, q dtype) if not split, else o f32[M, D], m f32[M], l f32[M]
-    h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    count = cnt_ref[b, h]
-    length = len_ref[b]
-    n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
-    q = q_ref[...]
+def _repeat_rows(q):
+    """Dots need >= 16 rows: M < 16 query rows are repeated (identical results), not padded."""
     m_rows, d = q.shape
     rep = max(1, 16 // m_rows)
-    if rep > 1:  # dots need >= 16 rows: repeat the rows (identical results) instead of padding
+    if rep > 1:
         q = jnp.broadcast_to(q[None], (rep, m_rows, d)).reshape(rep * m_rows, d)
-    rows = rep * m_rows
-    bk = ppb * page
+    return q, rep
 
-    def body(i, carry):
-        o, m, l = carry
-        start = pl.multiple_of(i * ppb, ppb)
-        ids = ids_ref[pl.ds(start, ppb)]  # [ppb]
-        lg = lg_ref[pl.ds(start, ppb)]
-        k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
-        v = v_ref[ids].reshape(bk, d)
-        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # [rows, bk], log2 units
-        slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
-        pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
-        pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
-        x = jnp.where(pos < length, x, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(x - m_new[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
-        return o, m_new, l
 
-    init = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
+def _init_carry(rows: int, d: int):
+    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, init)
+
+
+def _online_step(q, carry, k, v, visible, qk_scale):
+    """One block of online softmax: q [rows, D], k/v [bk, D], visible bool broadcastable to
+    [rows, bk]; carry (o f32[rows, D], m f32[rows] in log2 units, l f32[rows])."""
+    o, m, l = carry
+    x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # log2 units
+    x = jnp.where(visible, x, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(x, axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(x - m_new[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
+    return o, m_new, l
+
+
+def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length):
+    """K/V of slots [start, start + ppb) gathered from the pool, and which keys are visible: the
+    slot is in use (< n) and its token position (logical page * page + offset) < length."""
+    d = k_ref.shape[-1]
+    ids = ids_ref[pl.ds(start, ppb)]
+    lg = lg_ref[pl.ds(start, ppb)]
+    k = k_ref[ids].reshape(ppb * page, d)  # gather of ppb pages
+    v = v_ref[ids].reshape(ppb * page, d)
+    slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
+    pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
+    pos = jnp.where(slot < n, pos, length).reshape(1, ppb * page)  # unused slot -> invisible
+    return k, v, pos < length
+
+
+def _write_out(carry, rep, out_refs, split):
+    """Normalised output (one split) or the (o, m, l) partials (split-K) of M = rows / rep."""
+    o, m, l = carry
+    rows, d = o.shape
+    m_rows = rows // rep
     if rep > 1:  # the replicas are bitwise equal: any reduction recovers the M rows
         o = jnp.max(o.reshape(rep, m_rows, d), axis=0)
         m = jnp.max(m.reshape(rep, m_rows), axis=0)
@@ -152,6 +159,82 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
         o_ref[...] = o
         m_ref[...] = m
         l_ref[...] = l
+
+
+def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
+            page, ppb, pps, qk_scale, split):
+    # cnt_ref: int32[B, H] (whole); len_ref: int32[B] (whole)
+    # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D] (M a power of 2)
+    # k_ref, v_ref: [P, page, D] this program's kv head
+    # out_refs: o [M, D] (normalised, q dtype) if not split, else o f32[M, D], m f32[M], l f32[M]
+    h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = len_ref[b]
+    n = jnp.clip(cnt_ref[b, h] - s * pps, 0, pps)  # slots of this split in use
+    q, rep = _repeat_rows(q_ref[...])
+
+    def body(i, carry):
+        start = pl.multiple_of(i * ppb, ppb)
+        k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n, length=length)
+        return _online_step(q, carry, k, v, visible, qk_scale)
+
+    carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, _init_carry(*q.shape))
+    _write_out(carry, rep, out_refs, split)
+
+
+def _plan(n: int, programs: int, page: int, *, block_tokens: int, pages_per_block, pages_per_split,
+          min_split_tokens: int, target_programs: int) -> tuple[int, int, int]:
+    """(pages per block, pages per split, splits) for programs of n slots of `page` tokens."""
+    ppb = pages_per_block or max(1, block_tokens // page)
+    if not _pow2(ppb):
+        raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
+    ppb = max(min(ppb, _next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots
+    if pages_per_split is None:
+        pps = choose_split(n, programs, ppb, min_split_pages=max(1, min_split_tokens // page),
+                           target_programs=target_programs)
+    else:
+        pps = pl.cdiv(pages_per_split, ppb) * ppb
+    return ppb, pps, pl.cdiv(n, pps)
+
+
+def _pad_slots(page_ids, logical_ids, p: int, n_pad: int):
+    ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
+    n = ids.shape[-1]
+    if n_pad != n:
+        pad = ((0, 0), (0, 0), (0, n_pad - n))
+        ids, lg = jnp.pad(ids, pad), jnp.pad(lg, pad)
+    return ids, lg
+
+
+def _outputs(b: int, h: int, splits: int, mrows: int, d: int, dtype):
+    """out_specs and out_shape over the (program head, sequence, split) grid."""
+    if splits == 1:
+        return (pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, i, 0, 0)),
+                jax.ShapeDtypeStruct((b, h, mrows, d), dtype))
+    return ([pl.BlockSpec((None, None, None, mrows, d), lambda i, j, s: (j, i, s, 0, 0)),
+             pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0)),
+             pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0))],
+            [jax.ShapeDtypeStruct((b, h, splits, mrows, d), jnp.float32),
+             jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32),
+             jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32)])
+
+
+def _launch(kernel, name, in_specs, args, *, h, b, splits, mrows, m_in, d, dtype, num_warps, num_stages,
+            interpret):
+    """The (program head, sequence, split) pallas_call, the split-K combine and the row unpadding."""
+    out_specs, out_shape = _outputs(b, h, splits, mrows, d, dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(h, b, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=triton_params(num_warps, num_stages),
+        interpret=resolve_interpret(interpret),
+        name=name,
+    )(*args)
+    if splits > 1:
+        out = _combine(*out).astype(dtype)
+    return out if mrows == m_in else out[:, :, :m_in]
 
 
 def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
@@ -189,25 +272,14 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     if not (_pow2(d) and _pow2(page)):
         raise ValueError(f"paged_decode needs power-of-2 head_dim and page size: {k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
-    ppb = pages_per_block or max(1, 256 // page)  # 256-token blocks: best dense on the H200
-    if not _pow2(ppb):
-        raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
-    ppb = max(min(ppb, _next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots
-    if pages_per_split is None:
-        pps = choose_split(n, b * h, ppb, min_split_pages=max(1, min_split_tokens // page),
-                           target_programs=target_programs)
-    else:
-        pps = pl.cdiv(pages_per_split, ppb) * ppb
-    splits = pl.cdiv(n, pps)
-    n_pad = splits * pps
+    ppb, pps, splits = _plan(n, b * h, page, block_tokens=256, pages_per_block=pages_per_block,
+                             pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
+                             target_programs=target_programs)
     mrows = _next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
     if mrows != m_in:
         q = jnp.pad(q[:, head_offset:head_offset + h], ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
         head_offset = 0
-    ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
-    if n_pad != n:
-        pad = ((0, 0), (0, 0), (0, n_pad - n))
-        ids, lg = jnp.pad(ids, pad), jnp.pad(lg, pad)
+    ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
     group = h // hk
     off = head_offset
     kernel = functools.partial(_kernel, page=page, ppb=ppb, pps=pps, qk_scale=scale * _LOG2E,
@@ -222,33 +294,10 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
         pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # k pages
         pl.BlockSpec((None, p, page, d), lambda i, j, s: (i // group, 0, 0, 0)),  # v pages
     ]
-    if splits == 1:
-        out_specs = pl.BlockSpec((None, None, mrows, d), lambda i, j, s: (j, i, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((b, h, mrows, d), q.dtype)
-    else:
-        out_specs = [
-            pl.BlockSpec((None, None, None, mrows, d), lambda i, j, s: (j, i, s, 0, 0)),
-            pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0)),
-            pl.BlockSpec((None, None, None, mrows), lambda i, j, s: (j, i, s, 0)),
-        ]
-        out_shape = [
-            jax.ShapeDtypeStruct((b, h, splits, mrows, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, splits, mrows), jnp.float32),
-        ]
-    out = pl.pallas_call(
-        kernel,
-        grid=(h, b, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=triton_params(num_warps, num_stages),
-        interpret=resolve_interpret(interpret),
-        name=f"lserve_paged_decode_ppb{ppb}_pps{pps}",
-    )(counts.astype(jnp.int32), lengths.astype(jnp.int32), ids, lg, q, k_pages, v_pages)
-    if splits > 1:
-        out = _combine(*out).astype(q.dtype)
-    return out if mrows == m_in else out[:, :, :m_in]
+    return _launch(kernel, f"lserve_paged_decode_ppb{ppb}_pps{pps}", in_specs,
+                   (counts.astype(jnp.int32), lengths.astype(jnp.int32), ids, lg, q, k_pages, v_pages),
+                   h=h, b=b, splits=splits, mrows=mrows, m_in=m_in, d=d, dtype=q.dtype, num_warps=num_warps,
+                   num_stages=num_stages, interpret=interpret)
 
 
 def _combine(o, m, l):
@@ -299,41 +348,18 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
     # blocks of pb tokens per split
     h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
-    q = q_ref[...]
-    m_rows, d = q.shape
-    rep = max(1, 16 // m_rows)
-    if rep > 1:  # dots need >= 16 rows: repeat the rows (identical results) instead of padding
-        q = jnp.broadcast_to(q[None], (rep, m_rows, d)).reshape(rep * m_rows, d)
-    rows = rep * m_rows
-
-    def attend(carry, k, v, visible):
-        o, m, l = carry
-        x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # log2 units
-        x = jnp.where(visible, x, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(x, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(x - m_new[:, None])
-        l = alpha * l + jnp.sum(p, axis=1)
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
-        return o, m_new, l
-
-    carry = (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
-             jnp.zeros((rows,), jnp.float32))
+    q, rep = _repeat_rows(q_ref[...])
+    d = q.shape[1]
+    carry = _init_carry(*q.shape)
     if h_ret:
         count = jnp.where(h < h_ret, cnt_ref[b, jnp.minimum(h, h_ret - 1)], 0)
         n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
-        bk = ppb * page
 
         def body(i, c):
             start = pl.multiple_of(i * ppb, ppb)
-            ids = ids_ref[pl.ds(start, ppb)]
-            lg = lg_ref[pl.ds(start, ppb)]
-            k = k_ref[ids].reshape(bk, d)  # gather of ppb pages
-            v = v_ref[ids].reshape(bk, d)
-            slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
-            pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
-            pos = jnp.where(slot < n, pos, length).reshape(1, bk)  # unused slot -> invisible
-            return attend(c, k, v, pos < length)
+            k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n,
+                                        length=length)
+            return _online_step(q, c, k, v, visible, qk_scale)
 
         carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, carry)
     if nw:
@@ -345,23 +371,10 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
             k = rk_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)  # contiguous: no gather
             v = rv_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)
             slot = ((first + i) * pb + jax.lax.broadcasted_iota(jnp.int32, (1, pb), 1))
-            return attend(c, k, v, slot < ring_len)
+            return _online_step(q, c, k, v, slot < ring_len, qk_scale)
 
         carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
-    o, m, l = carry
-    if rep > 1:  # the replicas are bitwise equal: any reduction recovers the M rows
-        o = jnp.max(o.reshape(rep, m_rows, d), axis=0)
-        m = jnp.max(m.reshape(rep, m_rows), axis=0)
-        l = jnp.max(l.reshape(rep, m_rows), axis=0)
-    if not split:
-        (o_ref,) = out_refs
-        safe = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
-    else:
-        o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = o
-        m_ref[...] = m
-        l_ref[...] = l
+    _write_out(carry, rep, out_refs, split)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -402,21 +415,11 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     if r:
         _, p, page, _ = k_pages.shape
         n = page_ids.shape[-1]
-        ppb = pages_per_block or max(1, 128 // page)  # 128-token blocks: measured best, bench/decode.py --tune
-        if not _pow2(ppb):
-            raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
-        ppb = max(min(ppb, _next_pow2(n)), 16 // page)
-        if pages_per_split is None:
-            pps = choose_split(n, b * h_ret, ppb, min_split_pages=max(1, min_split_tokens // page),
-                               target_programs=target_programs)
-        else:
-            pps = pl.cdiv(pages_per_split, ppb) * ppb
-        splits = pl.cdiv(n, pps)
-        n_pad = splits * pps
-        ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
-        if n_pad != n:
-            pad = ((0, 0), (0, 0), (0, n_pad - n))
-            ids, lg = jnp.pad(ids, pad), jnp.pad(lg, pad)
+        # 128-token blocks by default: measured best on the H200 (bench/decode.py --tune)
+        ppb, pps, splits = _plan(n, b * h_ret, page, block_tokens=128, pages_per_block=pages_per_block,
+                                 pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
+                                 target_programs=target_programs)
+        ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
         cnt = counts.astype(jnp.int32)
     else:  # ring only: dummy one-page pool and slot lists, never read
         page, ppb, pps, splits, p = 16, 1, 1, 1, 1
@@ -458,30 +461,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         pl.BlockSpec((None, rk.shape[1], pb, d),
                      lambda i, j, t: (jnp.clip(i - h_ret, 0, g_ring * sr - 1) // g_ring, 0, 0, 0)),  # ring v
     ]
-    if splits == 1:
-        out_specs = pl.BlockSpec((None, None, mrows, d), lambda i, j, t: (j, i, 0, 0))
-        out_shape = jax.ShapeDtypeStruct((b, hp, mrows, d), q.dtype)
-    else:
-        out_specs = [
-            pl.BlockSpec((None, None, None, mrows, d), lambda i, j, t: (j, i, t, 0, 0)),
-            pl.BlockSpec((None, None, None, mrows), lambda i, j, t: (j, i, t, 0)),
-            pl.BlockSpec((None, None, None, mrows), lambda i, j, t: (j, i, t, 0)),
-        ]
-        out_shape = [
-            jax.ShapeDtypeStruct((b, hp, splits, mrows, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, hp, splits, mrows), jnp.float32),
-            jax.ShapeDtypeStruct((b, hp, splits, mrows), jnp.float32),
-        ]
-    out = pl.pallas_call(
-        kernel,
-        grid=(hp, b, splits),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=triton_params(num_warps, num_stages),
-        interpret=resolve_interpret(interpret),
-        name=f"lserve_sparse_decode_ppb{ppb}_pps{pps}",
-    )(cnt, lengths, ids, lg, q, k_pages, v_pages, rk, rv)
-    if splits > 1:
-        out = _combine(*out).astype(q.dtype)
-    return out if mrows == m_in else out[:, :, :m_in]
+    return _launch(kernel, f"lserve_sparse_decode_ppb{ppb}_pps{pps}", in_specs,
+                   (cnt, lengths, ids, lg, q, k_pages, v_pages, rk, rv), h=hp, b=b, splits=splits, mrows=mrows,
+                   m_in=m_in, d=d, dtype=q.dtype, num_warps=num_warps, num_stages=num_stages,
+                   interpret=interpret)
