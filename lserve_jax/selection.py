@@ -18,7 +18,9 @@ favours pages that matter to the group on average) and one selection is shared b
 each selected page is read once per KV head.
 
 Selections hold LOGICAL page indices (into a row of the page table). Slots past `sel_count` are
-filled with the newest page so that every slot is a valid index.
+filled with the newest page so that every slot is a valid index. Decode recomputes them every
+`selector_interval` steps; in between, `insert_newest` keeps a reused selection valid by adding
+each page a sequence opens (over its lowest-scoring slots when the budget is full).
 """
 
 from __future__ import annotations
