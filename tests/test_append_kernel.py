@@ -40,3 +40,43 @@ def test_fused_append_equals_reference(r, s, dtype):
 def test_append_rejects_unknown_impl():
     with pytest.raises(ValueError, match="append impl"):
         kvc.append(None, None, None, None, None, SparseConfig(), impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_key_statistics_equal_recomputation_after_appends(impl):
+    """After a prefill and appends that cross logical and physical page boundaries, every logical
+    page's k_min / k_max equal the min / max recomputed from the keys stored in the pages (over
+    the valid tokens only), and the pages hold every token at its position."""
+    from lserve_jax.config import ModelConfig
+    from lserve_jax.heads import HeadLayout
+
+    cfg = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    sp = SparseConfig(page_size=16, logical_page_size=4, decode_sink=4, decode_local=12)
+    b, n = 2, 5
+    cache = kvc.init_cache(cfg, HeadLayout(2, (2,)), sp, batch=b, num_pages=b * n + 1, max_pages_per_seq=n,
+                           dtype=jnp.float32)
+    table = jnp.asarray(np.arange(1, b * n + 1)[::-1].reshape(b, n).copy(), jnp.int32)
+    rng = np.random.default_rng(7)
+    lengths = np.array([13, 30], np.int32)
+    keys = rng.standard_normal((b, n * 16, 2, 16)).astype(np.float32)
+    lc = kvc.write_prefill(cache.layers[0], jnp.asarray(keys[:, :32]), jnp.asarray(keys[:, :32]), table,
+                           jnp.asarray(lengths), sp)
+    for step in range(22):  # row 0: 13 -> 35 (pages 0..2), row 1: 30 -> 52 (pages 1..3)
+        pos = lengths + step
+        k = jnp.asarray(keys[np.arange(b), pos])
+        lc = kvc.append(lc, k, k, table, jnp.asarray(pos), sp, impl=impl)
+    final = lengths + 22
+    kp, kmin, kmax = (np.asarray(x) for x in (lc.k_pages, lc.k_min, lc.k_max))
+    tab = np.asarray(table)
+    for bi in range(b):
+        for t in range(final[bi]):
+            np.testing.assert_array_equal(kp[:, tab[bi, t // 16], t % 16], keys[bi, t])
+        for j in range(-(-final[bi] // 16)):
+            for lpg in range(4):
+                lo, hi = j * 16 + lpg * 4, min(j * 16 + lpg * 4 + 4, final[bi])
+                if hi <= lo:
+                    continue
+                stored = kp[:, tab[bi, j], lo % 16: lo % 16 + (hi - lo)]  # [R, tokens, D]
+                np.testing.assert_array_equal(kmin[:, tab[bi, j], lpg], stored.min(axis=1))
+                np.testing.assert_array_equal(kmax[:, tab[bi, j], lpg], stored.max(axis=1))
