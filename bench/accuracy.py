@@ -60,11 +60,13 @@ class Variant:
     pattern: str | None  # "calibrated" | "random" | "attention-mass" | None (dense)
     sparsity: float = 0.0
     budget: int | None = None  # None: dense decode over every page
+    selection_mode: str = "query_head"  # page selection per query head (LServe) or per KV head
 
     def sparse_config(self, max_len: int) -> SparseConfig:
         if self.pattern is None:
             return SparseConfig(static_sparsity=0.0, token_budget=max_len, sparse_decode=False, **KNOBS)
-        return SparseConfig(static_sparsity=self.sparsity, token_budget=self.budget, **KNOBS)
+        return SparseConfig(static_sparsity=self.sparsity, token_budget=self.budget,
+                            selection_mode=self.selection_mode, **KNOBS)
 
 
 def load_text_ids(encode, path: str = TEXT) -> list[int]:
@@ -230,6 +232,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--out", help="JSON path (default bench/results/accuracy-<date>.json)")
+    ap.add_argument("--selection-modes", type=lambda x: x.split(","), default=["query_head", "kv_head"],
+                    help="page selection modes in the grid; modes other than query_head run as extra variants "
+                         "at the headline knobs (%(default)s)")
     ap.add_argument("--resume", action="store_true", help="keep the variants already in --out, run the rest")
     args = ap.parse_args(argv)
     if args.quick:
@@ -258,6 +263,9 @@ def main(argv=None) -> int:
             variants.append(Variant(f"calibrated-s{s:g}-b{b}", "calibrated", s, b))
     s0, b0 = args.sparsities[0], min(args.budgets)  # the controls run at the headline's knobs
     variants += [Variant(f"{p}-s{s0:g}-b{b0}", p, s0, b0) for p in patterns if p != "calibrated"]
+    # the other selection mode, at the headline's knobs (the grid only: perplexity runs prefill)
+    variants += [Variant(f"calibrated-s{s0:g}-b{b0}-{m}", "calibrated", s0, b0, m)
+                 for m in args.selection_modes if m != "query_head"]
     headline = f"calibrated-s{s0:g}-b{min(args.budgets)}"
 
     date = datetime.date.today().isoformat()
@@ -355,9 +363,10 @@ def main(argv=None) -> int:
         png = os.path.splitext(out)[0] + ".png"
         heatmap(png, res["grid"]["variants"], args.lengths, args.depths)
         res["heatmap"] = os.path.relpath(png, ROOT) if png.startswith(ROOT) else png
-    save()
     if "grid" in res and "perplexity" in res:
-        print(tables(res))
+        res["table_md"] = tables(res)  # rendered into BENCHMARKS.md by bench/report.py
+        print(res["table_md"])
+    save()
     print(json.dumps(res["summary"], indent=1))
     log(f"wrote {out}")
     return 0
