@@ -38,6 +38,14 @@ def log(*a) -> None:
     print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
 
 
+def add_model_args(p) -> None:
+    """The whole-model benchmarks' shared flags: --shape, --sparsity, --tp, --out."""
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--sparsity", type=float, default=0.5, help="static sparsity of the head pattern")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (KV heads over this many GPUs)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
+
+
 def model_config(name: str) -> ModelConfig:
     return ModelConfig(**SHAPES[name], rope_scaling=RopeScaling())
 

@@ -25,8 +25,8 @@ import common  # noqa: F401
 import jax
 import jax.numpy as jnp
 
-from common import (copy_bandwidth, environment, log, model_config, param_bytes, ratio, sparse_layout,
-                    write_json)
+from common import (add_model_args, copy_bandwidth, environment, log, model_config, param_bytes, ratio,
+                    sparse_layout, write_json)
 from lserve_jax import cache as kvc
 from lserve_jax.attention import decode as decode_attn_lib
 from lserve_jax.attention.decode import dense_decode_attention
@@ -185,7 +185,7 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
     from lserve_jax.attention.decode import decode_attention
 
     r = max(set(layout.num_retrieval), key=list(layout.num_retrieval).count)
-    s, g, d, page = cfg.num_kv_heads - r, cfg.group_size, cfg.head_dim, sparse.page_size
+    s, d, page = cfg.num_kv_heads - r, cfg.head_dim, sparse.page_size
     n = -(-(ctx + 1) // page)
     k_sel = kvc.selection_width(sparse, n)
     key = jax.random.key(11)
@@ -257,18 +257,15 @@ def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama3-8b")
+    add_model_args(p)
     p.add_argument("--points", default="131072x4,262144x1,32768x16,65536x4",
                    help="comma-separated CONTEXTxBATCH")
     p.add_argument("--variants", default="sparse_query_head,sparse_kv_head,dense_paged,dense_cudnn")
     p.add_argument("--steps", type=int, default=64, help="timed steps (a multiple of the selector interval)")
     p.add_argument("--warmup", type=int, default=8)
-    p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--tune", action="store_true",
                    help="time sparse_decode configs on one layer of each point first; the sparse variants of "
                         "that point then use the fastest correct one")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (KV heads over this many GPUs)")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
 
     cfg = model_config(args.shape)

@@ -21,7 +21,7 @@ import common  # noqa: F401  (puts the repo on sys.path)
 import jax
 import jax.numpy as jnp
 
-from common import environment, log, model_config, param_bytes, ratio, sparse_layout, timed, write_json
+from common import add_model_args, environment, log, model_config, param_bytes, ratio, sparse_layout, timed, write_json
 from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
@@ -68,14 +68,11 @@ def run_variant(params, cfg, layout, impl, t, reps, warmup, tp=1):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama3-8b")
+    add_model_args(p)
     p.add_argument("--ts", default="32768,131072,262144", help="comma-separated prompt lengths")
     p.add_argument("--variants", default="sparse,dense_cudnn")
     p.add_argument("--reps", type=int, default=3, help="timed runs per point (after warm-up)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (KV heads over this many GPUs)")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
 
     cfg = model_config(args.shape)

@@ -241,7 +241,17 @@ class Engine:
         # before step k's tokens are read back, so the host's stop checks and streaming overlap
         # the GPU. At most one extra step runs after the last token; its result is dropped.
         budget = sampling.max_new_tokens - 1  # decode steps that can still produce a kept token
-        pending = None
+
+        def launch(tokens):
+            nonlocal key, cache, budget
+            if budget <= 0:
+                return None
+            budget -= 1
+            key, sub = jax.random.split(key)
+            sampled, cache = self._step(self.params, cache, tokens, sub, *knobs)
+            return sampled
+
+        pending = launch(nxt)
         for step in range(sampling.max_new_tokens):
             for i in range(n):
                 if reasons[i] is None:
@@ -256,18 +266,10 @@ class Engine:
                         reasons[i] = "stop"
                     elif len(out[i]) >= sampling.max_new_tokens:
                         reasons[i] = "length"
-            if all(r is not None for r in reasons):
+            if all(r is not None for r in reasons) or pending is None:
                 break
-            if pending is None:
-                key, sub = jax.random.split(key)
-                pending, cache = self._step(self.params, cache, nxt, sub, *knobs)
-                budget -= 1
             nxt = pending
-            pending = None
-            if budget > 0:
-                key, sub = jax.random.split(key)
-                pending, cache = self._step(self.params, cache, nxt, sub, *knobs)
-                budget -= 1
+            pending = launch(nxt)
             nxt_host = np.asarray(nxt)
             if step == 0:
                 first_done = time.perf_counter()

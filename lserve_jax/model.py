@@ -146,12 +146,17 @@ def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: i
     return o, kvc.write_prefill(lc, k, v, page_table, lengths, sp)
 
 
+def _selects(sp: SparseConfig, r: int, k_sel: int, max_pages_per_seq: int) -> bool:
+    """Whether a layer with r retrieval heads and k_sel selection slots selects pages (with
+    sparse decode off, no retrieval head, or slots for every page, it reads them all)."""
+    return bool(sp.sparse_decode and r and k_sel < max_pages_per_seq)
+
+
 def selection_active(spec: ModelSpec, max_pages_per_seq: int) -> bool:
-    """Whether decode selects pages at all for a cache whose page table has this width (with
-    sparse decode off, no retrieval head, or a budget covering every page, it reads them all)."""
-    sp = spec.sparse
-    return (sp.sparse_decode and any(spec.local_retrieval(i) for i in range(spec.model.num_layers))
-            and kvc.selection_width(sp, max_pages_per_seq) < max_pages_per_seq)
+    """Whether decode selects pages in any layer for a cache whose page table has this width."""
+    k_sel = kvc.selection_width(spec.sparse, max_pages_per_seq)
+    return any(_selects(spec.sparse, spec.local_retrieval(i), k_sel, max_pages_per_seq)
+               for i in range(spec.model.num_layers))
 
 
 def refresh_due(spec: ModelSpec, step: int) -> bool:
@@ -186,7 +191,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     b = q.shape[0]
     new_len = positions + 1
     lc = kvc.append(lc, k, v, page_table, positions, sp, impl=spec.decode_impl)
-    if sp.sparse_decode and r and lc.sel_pages.shape[-1] < page_table.shape[1]:
+    if _selects(sp, r, lc.sel_pages.shape[-1], page_table.shape[1]):
         sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh)
         lc = lc.replace(sel_pages=sel, sel_count=count)
         mode = sp.selection_mode

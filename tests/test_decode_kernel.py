@@ -105,15 +105,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["query_head", "kv_head"])
-@pytest.mark.parametrize("case", CASES)
-def test_reference_matches_brute_force(case, mode):
+def case_layer(case, mode, seed):
+    """A CASES entry's layer cache and a random selection for `mode`."""
     r, s, g, page, lengths, k, sink, local = case
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     layer = make_layer(rng, b=2, r=r, s=s, g=g, d=32, page=page, lengths=lengths, sink=sink,
                        local=max(local, 1))
     hsel = r * g if mode == "query_head" else r
     sel, cnt = random_selection(rng, layer["lengths"], hsel=hsel, k=k, page=page)
+    return layer, sel, cnt
+
+
+@pytest.mark.parametrize("mode", ["query_head", "kv_head"])
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_brute_force(case, mode):
+    r, s, g, page, lengths, k, sink, local = case
+    layer, sel, cnt = case_layer(case, mode, 1)
     ref = run_attention(layer, sel, cnt, mode=mode, impl="reference", dtype=jnp.float32)
     bf = brute_force(layer, sel, cnt, r=r, s=s, g=g, page=page, sink=sink, local=max(local, 1), mode=mode)
     assert ref.shape == layer["q"].shape
@@ -126,12 +133,7 @@ def test_reference_matches_brute_force(case, mode):
                                        ("kv_head", CASES[3]),
                                        ("kv_head", (2, 2, 4, 16, [150, 37], 4, 8, 32))])  # W=40: two launches
 def test_pallas_matches_reference(case, mode, dtype):
-    r, s, g, page, lengths, k, sink, local = case
-    rng = np.random.default_rng(2)
-    layer = make_layer(rng, b=2, r=r, s=s, g=g, d=32, page=page, lengths=lengths, sink=sink,
-                       local=max(local, 1))
-    hsel = r * g if mode == "query_head" else r
-    sel, cnt = random_selection(rng, layer["lengths"], hsel=hsel, k=k, page=page)
+    layer, sel, cnt = case_layer(case, mode, 2)
     ref = run_attention(layer, sel, cnt, mode=mode, impl="reference", dtype=dtype)
     out = run_attention(layer, sel, cnt, mode=mode, impl="pallas", dtype=dtype,
                         kernel_options=dict(pages_per_block=2, pages_per_split=2))
