@@ -6,7 +6,7 @@
 * Passkey grid (context length x needle depth), token-exact prompts from `lserve_jax.passkey`,
   the same prompts for every variant, greedy decoding through `Engine.generate` (sparse prefill,
   streaming rings and page selection in decode). A cell passes if the key is in the output.
-* Perplexity on a long public-domain text shipped in bench/data/ (full windows of each length),
+* Perplexity on the first half of a long public-domain text shipped in lserve_jax/data/ (full windows of each length),
   all-position logits from the sparse prefill model (`calibrate.gated_hidden` with binary
   gates: the `prefill_attention` semantics, checked against it in tests/test_accuracy_harness.py)
   with the prefill window and, separately, with the narrower decode window for streaming heads.
@@ -37,12 +37,12 @@ import numpy as np  # noqa: E402
 
 from lserve_jax.calibrate import gated_hidden, lm_logits, random_pattern  # noqa: E402
 from lserve_jax.config import SparseConfig  # noqa: E402
+from lserve_jax import corpus  # noqa: E402
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
 from lserve_jax.passkey import passed, passkey_prompt, random_key  # noqa: E402
 from lserve_jax.sampling import SamplingParams  # noqa: E402
 
 T0 = time.perf_counter()
-TEXT = os.path.join(ROOT, "bench", "data", "eb1911_shakespeare.txt")
 REPO_PATTERN = os.path.join(ROOT, "lserve_jax", "patterns", "SmolLM2-135M-Instruct.tsv")
 
 # Sparse knobs scaled to SmolLM2's 8K context so that sparsity bites at 256-2K tokens.
@@ -67,14 +67,6 @@ class Variant:
             return SparseConfig(static_sparsity=0.0, token_budget=max_len, sparse_decode=False, **KNOBS)
         return SparseConfig(static_sparsity=self.sparsity, token_budget=self.budget,
                             selection_mode=self.selection_mode, **KNOBS)
-
-
-def load_text_ids(encode, path: str = TEXT) -> list[int]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    while lines and lines[0].startswith("#"):  # the source header
-        lines.pop(0)
-    return encode("\n".join(lines).strip())
 
 
 # ------------------------------------------------------------------------------------------
@@ -325,7 +317,7 @@ def main(argv=None) -> int:
         from lserve_jax.tokenizer import Tokenizer
 
         tok = Tokenizer.from_checkpoint_dir(ckpt.path)
-        text_ids = load_text_ids(lambda s: tok.encode(s, add_special_tokens=False))
+        text_ids = corpus.eval_ids(lambda s: tok.encode(s, add_special_tokens=False))
         params = ckpt.load_params("float32")
         pv = {"dense": None}
         for s in args.ppl_sparsities:
@@ -336,7 +328,8 @@ def main(argv=None) -> int:
         windows = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
                    "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
         ppl = dict(old.get("perplexity", {}).get("variants", {}))
-        res["perplexity"] = {"text": os.path.relpath(TEXT, ROOT), "text_tokens": len(text_ids),
+        res["perplexity"] = {"text": os.path.relpath(corpus.TEXT_PATH, ROOT) + " (first half)",
+                             "text_tokens": len(text_ids),
                              "lengths": args.ppl_lengths, "windows_per_length": args.ppl_windows,
                              "variants": ppl}
         for name, mask in pv.items():

@@ -7,7 +7,11 @@ full causal attention with streaming attention (sink + local tokens), per head
 `o = alpha * o_full + (1 - alpha) * o_stream`. The gates start at 1 and are trained with Adam to
 minimise the MSE between the final hidden states of the dense model and of the gated model over
 the answer span of synthetic multi-passkey samples (`passkey.multi_passkey_sample`), plus
-`reg * mean|alpha|`; gates are clipped to [0, 1] after each step. Only the gates get gradients:
+`reg * mean|alpha|`; gates are clipped to [0, 1] after each step. The pass keys hide in natural
+text (`--haystack text`: the calibration half of the shipped corpus, `corpus.haystack_ids`, or
+`--text FILE`) or in tiled filler (`--haystack filler`). `--text-weight w` adds `w` times the
+same MSE over the haystack positions past the streaming window (the dense model's language
+modelling over long range, which the answer span alone does not see). Only the gates get gradients:
 the weights are constants, so no weight gradient is ever computed; layers are rematerialised
 to keep the activation memory at one layer's worth.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,10 +47,12 @@ from .config import ModelConfig
 from .heads import HeadLayout, save_pattern
 from .model import _mlp, _proj, _qkv, rms_norm
 from .params import Params
+from .corpus import haystack_ids, read_text
 from .passkey import Encode, multi_passkey_sample
 from .rope import apply_rope, inv_frequencies
 
 METHODS = ("gradient", "attention-mass")
+HAYSTACKS = ("text", "filler")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,8 @@ class CalibConfig:
     steps: int = 80  # optimisation steps (gradient) or samples (attention-mass)
     lr: float = 0.05
     reg: float = 0.05  # lambda of the L1 term, on the mean |alpha|
+    haystack: str = "filler"  # "text": natural text (corpus.haystack_ids or a given text); "filler": tiled
+    text_weight: float = 0.0  # weight of the MSE over haystack positions past the window
     init: float = 1.0
     seed: int = 0
     max_minutes: float | None = None  # stop early (after a finished step) past this
@@ -73,6 +82,10 @@ class CalibConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.haystack not in HAYSTACKS:
+            raise ValueError(f"haystack must be one of {HAYSTACKS}, got {self.haystack!r}")
+        if self.text_weight < 0:
+            raise ValueError(f"need text_weight >= 0, got {self.text_weight}")
         if self.sink < 0 or self.local < 1:
             raise ValueError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
         if self.steps < 1 or not self.lengths or min(self.lengths) < 1 or self.num_keys < 1:
@@ -212,38 +225,54 @@ def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig, layout: HeadL
 # ------------------------------------------------------------------------------------------
 
 
-def make_samples(encode: Encode, cfg: CalibConfig, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """n (tokens int32 [T], span float32 [T]) pairs; span marks the positions whose next-token
-    outputs are the answer (the loss positions). The prompt is shortened so prompt + answer is
-    exactly the requested length (one compiled shape per length)."""
+def make_samples(encode: Encode, cfg: CalibConfig, n: int, haystack: Sequence[int] | None = None
+                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """n (tokens int32 [T], span float32 [T], context float32 [T]) triples. `span` marks the
+    positions whose next-token outputs are the answer (the loss positions); `context` the prompt
+    positions past the streaming window (sink + local), where streaming heads see less than
+    dense ones (the `text_weight` term). The prompt is shortened so prompt + answer is exactly
+    the requested length (one compiled shape per length). haystack: natural-text token ids to
+    hide the keys in (None: tiled filler)."""
     rng = np.random.default_rng(cfg.seed)
     out = []
     for i in range(n):
         length = cfg.lengths[i % len(cfg.lengths)]
-        s = multi_passkey_sample(encode, length, cfg.num_keys, rng, fit_answer=True)
+        s = multi_passkey_sample(encode, length, cfg.num_keys, rng, fit_answer=True, haystack=haystack)
         span = np.zeros(length, np.float32)
         span[len(s.ids) - 1: length - 1] = 1.0  # outputs that predict the answer tokens
-        out.append((np.asarray(s.ids + s.answer_ids, np.int32), span))
+        context = np.zeros(length, np.float32)
+        context[min(cfg.sink + cfg.local, len(s.ids) - 1): len(s.ids) - 1] = 1.0
+        out.append((np.asarray(s.ids + s.answer_ids, np.int32), span, context))
     return out
 
 
-def _gradient_step_fn(cfg: ModelConfig, cc: CalibConfig, opt):
-    def loss_fn(gates, params, tokens, span, target):
-        h = gated_hidden(params, tokens, cfg, gates, sink=cc.sink, local=cc.local)
-        w = span[None, :, None]
-        distill = jnp.sum(w * (h.astype(jnp.float32) - target) ** 2) / (jnp.sum(w) * h.shape[-1])
-        l1 = jnp.mean(jnp.abs(gates))
-        return distill + cc.reg * l1, (distill, l1)
+@functools.lru_cache(maxsize=8)
+def _gradient_step_fn(cfg: ModelConfig, sink: int, local: int, reg: float, lr: float, text_weight: float):
+    """Jitted Adam step on the gates (cached: a sweep of seeds or haystacks compiles once)."""
+    opt = optax.adam(lr)
 
-    def step(gates, opt_state, params, tokens, span):
-        target = gated_hidden(params, tokens, cfg, None, sink=cc.sink, local=cc.local, remat=False)
+    def mse(h, target, w):
+        w = w[None, :, None]
+        return jnp.sum(w * (h - target) ** 2) / (jnp.maximum(jnp.sum(w), 1.0) * h.shape[-1])
+
+    def loss_fn(gates, params, tokens, span, context, target):
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local).astype(jnp.float32)
+        distill = mse(h, target, span)
+        if text_weight:
+            distill = distill + text_weight * mse(h, target, context)
+        l1 = jnp.mean(jnp.abs(gates))
+        return distill + reg * l1, (distill, l1)
+
+    def step(gates, opt_state, params, tokens, span, context):
+        target = gated_hidden(params, tokens, cfg, None, sink=sink, local=local, remat=False)
         target = jax.lax.stop_gradient(target.astype(jnp.float32))
-        (loss, (distill, l1)), g = jax.value_and_grad(loss_fn, has_aux=True)(gates, params, tokens, span, target)
+        (loss, (distill, l1)), g = jax.value_and_grad(loss_fn, has_aux=True)(gates, params, tokens, span,
+                                                                             context, target)
         updates, opt_state = opt.update(g, opt_state, gates)
         gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
         return gates, opt_state, loss, distill, l1, jnp.abs(g)
 
-    return jax.jit(step)
+    return opt, jax.jit(step)
 
 
 def _attention_mass_fn(cfg: ModelConfig, cc: CalibConfig):
@@ -271,11 +300,19 @@ def _attention_mass_fn(cfg: ModelConfig, cc: CalibConfig):
 
 
 def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig = CalibConfig(), *,
+              haystack: Sequence[int] | None = None,
               log: Callable[[str], None] | None = print) -> CalibResult:
-    """Runs a calibration; returns the gate matrix, the per-step curve and the wall time."""
+    """Runs a calibration; returns the gate matrix, the per-step curve and the wall time.
+
+    haystack: natural-text token ids for `cc.haystack == "text"` (default: the calibration half
+    of the shipped corpus, `corpus.haystack_ids(encode)`)."""
     log = log or (lambda s: None)
     params = jax.tree.map(jnp.asarray, params)
-    samples = make_samples(encode, cc, cc.steps)
+    if cc.haystack == "text":
+        haystack = haystack_ids(encode) if haystack is None else haystack
+    else:
+        haystack = None
+    samples = make_samples(encode, cc, cc.steps, haystack)
     start = time.perf_counter()
     curve: list[dict] = []
     shape = (cfg.num_layers, cfg.num_kv_heads)
@@ -287,7 +324,7 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
         fn = _attention_mass_fn(cfg, cc)
         total = np.zeros(shape)
         n = 0
-        for i, (tokens, span) in enumerate(samples):
+        for i, (tokens, span, _) in enumerate(samples):
             total += np.asarray(fn(params, jnp.asarray(tokens)[None], jnp.asarray(span)), np.float64)
             n += 1
             curve.append({"step": i, "seconds": time.perf_counter() - start, "length": int(tokens.shape[0])})
@@ -297,14 +334,13 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
                 break
         return CalibResult(total / n, curve, time.perf_counter() - start, cc)
 
-    opt = optax.adam(cc.lr)
+    opt, step = _gradient_step_fn(cfg, cc.sink, cc.local, cc.reg, cc.lr, cc.text_weight)
     gates = jnp.full(shape, cc.init, jnp.float32)
     opt_state = opt.init(gates)
-    step = _gradient_step_fn(cfg, cc, opt)
     grad_mag = np.zeros(shape)
-    for i, (tokens, span) in enumerate(samples):
+    for i, (tokens, span, context) in enumerate(samples):
         gates, opt_state, loss, distill, l1, g = step(gates, opt_state, params, jnp.asarray(tokens)[None],
-                                                      jnp.asarray(span))
+                                                      jnp.asarray(span), jnp.asarray(context))
         loss, distill, l1 = float(loss), float(distill), float(l1)
         grad_mag += np.asarray(g, np.float64)
         el = time.perf_counter() - start
@@ -375,6 +411,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--local", type=int, default=d.local)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--reg", type=float, default=d.reg, help="L1 weight lambda (%(default)s)")
+    ap.add_argument("--haystack", choices=HAYSTACKS, default=d.haystack,
+                    help="hide the keys in natural text or in tiled filler (%(default)s)")
+    ap.add_argument("--text", help="UTF-8 text file for --haystack text (default: the calibration half "
+                    "of the shipped corpus, lserve_jax/data/)")
+    ap.add_argument("--text-weight", type=float, default=d.text_weight,
+                    help="weight of the MSE over haystack positions past the window (%(default)s)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after the step that passes this")
     ap.add_argument("--dtype", default="float32", help="parameter dtype for calibration (%(default)s)")
@@ -387,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cc = CalibConfig(method=args.method, sink=args.sink, local=args.local, lengths=args.lengths,
                          num_keys=args.num_keys, steps=args.steps, lr=args.lr, reg=args.reg, seed=args.seed,
-                         max_minutes=args.max_minutes)
+                         haystack=args.haystack, text_weight=args.text_weight, max_minutes=args.max_minutes)
     except ValueError as e:
         ap.error(str(e))
     ckpt = open_checkpoint(args.checkpoint or default_checkpoint())
@@ -397,12 +439,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_len = ckpt.config.max_position_embeddings
     if max(cc.lengths) > max_len:
         ap.error(f"--lengths {max(cc.lengths)} exceeds the model context {max_len}")
+    if args.text and cc.haystack != "text":
+        ap.error("--text needs --haystack text")
     tok = Tokenizer.from_checkpoint_dir(ckpt.path)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    haystack = None
+    if cc.haystack == "text":
+        try:
+            haystack = encode(read_text(args.text)) if args.text else haystack_ids(encode)
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read --text {args.text}: {e}", file=sys.stderr)
+            return 2
+        if len(haystack) < max(cc.lengths):
+            ap.error(f"the haystack text has {len(haystack)} tokens, fewer than --lengths {max(cc.lengths)}")
     params = ckpt.load_params(args.dtype)
     print(f"[calibrate] {ckpt.path} ({ckpt.config.num_layers} layers x {ckpt.config.num_kv_heads} KV heads), "
           f"{cc}", flush=True)
-    res = calibrate(params, ckpt.config, lambda s: tok.encode(s, add_special_tokens=False), cc,
-                    log=lambda s: print(s, flush=True))
+    res = calibrate(params, ckpt.config, encode, cc, haystack=haystack, log=lambda s: print(s, flush=True))
     out = write_pattern_atomic(args.output or ckpt.path / "head_pattern.tsv", res.alpha)
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".json")
     curve_path.parent.mkdir(parents=True, exist_ok=True)

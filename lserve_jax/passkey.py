@@ -4,8 +4,10 @@ A prompt is built from token ids, not text, so its length and the needle's posit
 
     [intro][filler ... ][needle][ ... filler][question]            (+ [answer] for calibration)
 
-The filler is one short paragraph tiled without seams (the part after the needle continues the
-tiling), the "repeated-filler" prompt of the passkey literature (Mohtashami & Jaggi 2023).
+The filler is either one short paragraph tiled without seams (the part after the needle continues
+the tiling), the "repeated-filler" prompt of the passkey literature (Mohtashami & Jaggi 2023), or
+a run of natural text (`haystack`: token ids, e.g. `corpus.haystack_ids`), as DuoAttention's
+calibration samples use; the needles then interrupt the text where they land.
 `depth` is the fraction of the filler that comes before the needle: 0.0 puts the needle right
 after the intro, 1.0 right before the question.
 
@@ -68,17 +70,25 @@ def _tile(unit: list[int], start: int, n: int) -> list[int]:
 
 
 def build_prompt(encode: Encode, length: int, needles: Sequence[tuple[float, list[int]]], *,
-                 intro: str = INTRO, filler: str = FILLER, question: str = QUESTION) -> tuple[list[int], list[int]]:
-    """Token-exact layout of needles (depth, ids) in tiled filler; returns (ids, needle starts).
+                 intro: str = INTRO, filler: str = FILLER, question: str = QUESTION,
+                 haystack: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """Token-exact layout of needles (depth, ids) in filler; returns (ids, needle starts).
 
     Needles are placed in order of depth; each needle's start is `len(intro) + round(depth * F)`
-    filler tokens in, where F is the filler length, shifted past the needles before it.
+    filler tokens in, where F is the filler length, shifted past the needles before it. The
+    filler is `filler` tiled, or the first F tokens of `haystack` when given.
     """
-    intro_ids, unit, question_ids = encode(intro), encode(filler), encode(question)
+    intro_ids, question_ids = encode(intro), encode(question)
     fixed = len(intro_ids) + len(question_ids) + sum(len(n) for _, n in needles)
     n_fill = length - fixed
     if n_fill < 0:
         raise ValueError(f"length={length} is below the fixed part of the prompt ({fixed} tokens)")
+    if haystack is None:
+        unit = encode(filler)
+    else:
+        unit = list(haystack[:n_fill])
+        if len(unit) < n_fill:
+            raise ValueError(f"the haystack has {len(haystack)} tokens, {n_fill} are needed for length={length}")
     order = sorted(range(len(needles)), key=lambda i: needles[i][0])
     ids = list(intro_ids)
     starts = [0] * len(needles)
@@ -107,16 +117,23 @@ def passkey_prompt(encode: Encode, length: int, depth: float, key: str) -> Passk
 
 
 def multi_passkey_sample(encode: Encode, length: int, num_keys: int, rng: np.random.Generator,
-                         digits: int = 5, *, fit_answer: bool = False) -> PasskeyPrompt:
+                         digits: int = 5, *, fit_answer: bool = False,
+                         haystack: Sequence[int] | None = None) -> PasskeyPrompt:
     """Calibration sample: `num_keys` pass keys at random depths; the answer lists them in order.
 
-    fit_answer: shorten the prompt so that prompt + answer is exactly `length` tokens."""
+    fit_answer: shorten the prompt so that prompt + answer is exactly `length` tokens.
+    haystack: natural-text token ids; the filler is a run of them from a random offset."""
+    if haystack is not None:
+        if len(haystack) < length:
+            raise ValueError(f"the haystack has {len(haystack)} tokens, fewer than length={length}")
+        start = int(rng.integers(0, len(haystack) - length + 1))
+        haystack = haystack[start:start + length]
     keys = [random_key(rng, digits) for _ in range(num_keys)]
     depths = sorted(float(d) for d in rng.uniform(0.0, 1.0, num_keys))
     needles = [(d, encode(MULTI_NEEDLE.format(i=i + 1, key=k))) for i, (d, k) in enumerate(zip(depths, keys))]
     answer = encode(MULTI_ANSWER.format(keys=", ".join(keys)))
     ids, starts = build_prompt(encode, length - len(answer) if fit_answer else length, needles,
-                               question=MULTI_QUESTION)
+                               question=MULTI_QUESTION, haystack=haystack)
     return PasskeyPrompt(ids, tuple(keys), tuple(starts), tuple(len(n) for _, n in needles), tuple(depths), answer)
 
 

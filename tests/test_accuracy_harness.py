@@ -67,6 +67,22 @@ def test_filler_is_seamless_around_the_needle():
     assert filler == (unit * 10)[:len(filler)]
 
 
+def test_haystack_filler_is_the_text_in_order_around_the_needles():
+    text = list(range(1000, 1900))  # distinct ids: any reordering or repeat would show
+    needles = [(0.3, [7, 7, 7]), (0.8, [9, 9])]
+    ids, starts = pk.build_prompt(ENCODE, 700, needles, haystack=text)
+    intro, question = len(ENCODE(pk.INTRO)), len(ENCODE(pk.QUESTION))
+    assert len(ids) == 700 and ids[starts[0]:starts[0] + 3] == [7, 7, 7] and ids[starts[1]:starts[1] + 2] == [9, 9]
+    filler = ids[intro:starts[0]] + ids[starts[0] + 3:starts[1]] + ids[starts[1] + 2:len(ids) - question]
+    n_fill = 700 - intro - question - 5
+    assert filler == text[:n_fill]
+    assert starts[0] == intro + round(0.3 * n_fill) and starts[1] == intro + 3 + round(0.8 * n_fill)
+    with pytest.raises(ValueError, match="haystack"):
+        pk.build_prompt(ENCODE, 700, needles, haystack=text[:100])
+    s = pk.multi_passkey_sample(ENCODE, 700, 2, np.random.default_rng(0), fit_answer=True, haystack=text)
+    assert len(s.ids) + len(s.answer_ids) == 700 and s.ids[intro] in text and s.ids[intro] != text[0]
+
+
 def test_with_a_tokenizers_tokenizer_too():
     pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -103,13 +119,15 @@ def test_passed():
 # --- text and perplexity -------------------------------------------------------------------
 
 def test_shipped_text():
-    path = acc.TEXT
+    from lserve_jax import corpus
+
+    path = corpus.TEXT_PATH
     assert os.path.getsize(path) < 1 << 20
     with open(path, encoding="utf-8") as f:
         head = f.read(2000)
     assert head.startswith("#") and "Public domain" in head  # the source is stated
-    ids = acc.load_text_ids(lambda s: list(s.encode()))
-    assert len(ids) > 150_000 and ids[0] != ord("#")
+    ids = corpus.eval_ids(lambda s: list(s.encode()))
+    assert len(ids) > 75_000 and ids[0] != ord("#")
 
 
 def test_perplexity_matches_dense_reference_and_sparse_differs(params):
@@ -171,3 +189,17 @@ def test_heatmap_and_tables(tmp_path):
     s = acc.summary(res, "calibrated-s0.5-b256", 0.5, 12.5)
     assert s["cells_dense_pass"] == 3 and s["cells_sparse_pass_where_dense_passes"] == 2
     assert s["ppl_ratio_sparse_over_dense"] == pytest.approx(1.01) and s["calibrate_minutes"] == 12.5
+
+
+def test_corpus_halves_are_disjoint_and_cover_the_text():
+    from lserve_jax import corpus
+
+    text = corpus.read_text()
+    first, second = corpus.split_text(text)
+    assert first and second and not text.startswith("#")
+    assert text.index(second) > len(first) - 1  # the second half comes after the first
+    assert abs(len(first) - len(second)) < 0.01 * len(text)
+    enc = lambda s: list(s.encode())  # noqa: E731
+    assert corpus.eval_ids(enc) == enc(first) and corpus.haystack_ids(enc) == enc(second)
+    with pytest.raises(ValueError, match="line break"):
+        corpus.split_text("one line without a break at all")

@@ -3,6 +3,7 @@ steps lower the loss, the attention-mass baseline, the TSV round trip and the CL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -46,13 +47,46 @@ def test_binary_gates_equal_the_sparse_prefill_model(params):
 
 def test_samples_have_exact_length_and_answer_span():
     samples = cal.make_samples(ENCODE, QUICK, 3)
-    for tokens, span in samples:
-        assert tokens.shape == span.shape == (384,)
+    for tokens, span, context in samples:
+        assert tokens.shape == span.shape == context.shape == (384,)
         n = int(span.sum())
         assert n > 0 and span[-1] == 0
         first = int(np.argmax(span))
         assert np.all(span[first:first + n] == 1)  # one contiguous span, ending at T - 2
         assert first + n == 383
+        # the context term: every prompt position past the window, none of the answer span
+        start = QUICK.sink + QUICK.local
+        assert np.all(context[:start] == 0) and np.all(context[start:first] == 1) and np.all(context[first:] == 0)
+
+
+def test_text_haystack_samples_hide_the_keys_in_the_text():
+    text = ENCODE("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 40)
+    cc = dataclasses.replace(QUICK, haystack="text")
+    samples = cal.make_samples(ENCODE, cc, 4, text)
+    filler = cal.make_samples(ENCODE, QUICK, 1)[0][0]
+    for tokens, _, _ in samples:
+        assert tokens.shape == (384,)
+        body = bytes(int(t) - 1 for t in tokens).decode(errors="replace")
+        assert "Ishmael" in body or "precisely" in body
+        assert "yellow" not in body and body.count("The pass key number") == QUICK.num_keys
+    assert "yellow" in bytes(int(t) - 1 for t in filler).decode(errors="replace")
+    starts = {bytes(int(t) - 1 for t in s[0][150:170]) for s in samples}
+    assert len(starts) > 1  # random offsets into the text
+    with pytest.raises(ValueError, match="haystack"):
+        cal.make_samples(ENCODE, cc, 1, text[:100])
+
+
+def test_text_weight_adds_the_context_term(params):
+    """text_weight 0 == answer span only; > 0 adds a nonnegative term once gates move off 1."""
+    base = dataclasses.replace(QUICK, steps=3)
+    a = cal.calibrate(params, CFG, ENCODE, base, log=None)
+    b = cal.calibrate(params, CFG, ENCODE, dataclasses.replace(base, text_weight=1.0), log=None)
+    assert a.curve[0]["distill"] == pytest.approx(0.0, abs=1e-8) == b.curve[0]["distill"]
+    assert b.curve[1]["distill"] > a.curve[1]["distill"]  # same first update, extra positive term
+    with pytest.raises(ValueError, match="text_weight"):
+        cal.CalibConfig(text_weight=-1.0)
+    with pytest.raises(ValueError, match="haystack"):
+        cal.CalibConfig(haystack="novel")
 
 
 def test_gradient_calibration_lowers_the_loss(params):
@@ -136,3 +170,15 @@ def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
     assert cal.main([str(dest), "--method", "attention-mass", "--steps", "1", "--lengths", "384",
                      "--output", str(out)]) == 0
     assert load_pattern(out).shape == (2, 2)
+    text = tmp_path / "haystack.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 20)
+    assert cal.main([str(dest), "--steps", "1", "--lengths", "384", "--sink", "4", "--local", "16",
+                     "--haystack", "text", "--text", str(text), "--output", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["haystack"] == "text"
+    text.write_text("Too short. " * 5)
+    for bad in (["--haystack", "text", "--text", str(text)], ["--text", str(text)],
+                ["--haystack", "text", "--text", str(tmp_path / "missing.txt")]):
+        with pytest.raises(SystemExit) as e:
+            rc = cal.main([str(dest), "--steps", "1", "--lengths", "384", "--output", str(out), *bad])
+            raise SystemExit(rc)
+        assert e.value.code == 2
