@@ -1,0 +1,176 @@
+"""Sweep head-pattern calibration settings on one model and score each pattern quickly (GPU).
+
+    python bench/calib_sweep.py [--variants base,text,...] [--budget-s 540]
+
+For each calibration variant (a `CalibConfig` override, see VARIANTS), runs
+`lserve_jax.calibrate.calibrate`, binarizes the gates at `--sparsity`, and scores the pattern:
+
+* perplexity at `--ppl-length` over `--ppl-windows` windows of the corpus's evaluation half,
+  with the prefill window and with the decode window for streaming heads (the same numbers as
+  `bench/accuracy.py`), as ratios to dense;
+* a teacher-forced passkey proxy on `bench/accuracy.py`'s grid prompts: a cell passes if the
+  greedy argmax at every answer position is the answer token (all-position forward, prefill
+  window). The real grid (`bench/accuracy.py`) decodes through the engine; this proxy only
+  ranks candidates.
+
+Writes JSON under $OUT (or bench/results/) after every variant, so a cut-off run keeps what it
+finished; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import accuracy as acc  # noqa: E402  (bench/accuracy.py)
+
+from lserve_jax import corpus  # noqa: E402
+from lserve_jax.api import default_checkpoint  # noqa: E402
+from lserve_jax.calibrate import CalibConfig, calibrate, gated_hidden, lm_logits  # noqa: E402
+from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
+from lserve_jax.heads import binarize  # noqa: E402
+from lserve_jax.tokenizer import Tokenizer  # noqa: E402
+
+T0 = time.perf_counter()
+SHIPPED = CalibConfig()
+VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
+    "base": {},
+    "text": {"haystack": "text"},
+    "text-w256": {"haystack": "text", "local": 256},
+    "text-tw1": {"haystack": "text", "text_weight": 1.0},
+    "text-tw0.1": {"haystack": "text", "text_weight": 0.1},
+    "text-w256-tw1": {"haystack": "text", "local": 256, "text_weight": 1.0},
+    "text-seed1": {"haystack": "text", "seed": 1},
+    "text-long": {"haystack": "text", "lengths": (1024, 2048, 3072)},
+    "text-160": {"haystack": "text", "steps": 160},
+}
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, file=sys.stderr, flush=True)
+
+
+def _proxy_fn(cfg, sink: int, local: int):
+    @jax.jit
+    def fn(params, tokens, gates, pos):  # pos [B, A]: positions whose next token is the answer
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)
+        h = jnp.take_along_axis(h, pos[..., None], axis=1)
+        return jnp.argmax(lm_logits(params, h), axis=-1)
+    return fn
+
+
+def passkey_proxy(fn, params, cells, gates) -> list[bool]:
+    """cells: PasskeyPrompts; all padded (right, causal) to one shape."""
+    width = max(len(c.ids) + len(c.answer_ids) for c in cells)
+    a = max(len(c.answer_ids) for c in cells)
+    toks = np.zeros((len(cells), width), np.int32)
+    pos = np.zeros((len(cells), a), np.int32)
+    for i, c in enumerate(cells):
+        seq = c.ids + c.answer_ids
+        toks[i, :len(seq)] = seq
+        pos[i, :len(c.answer_ids)] = np.arange(len(c.answer_ids)) + len(c.ids) - 1
+        pos[i, len(c.answer_ids):] = len(c.ids) - 1
+    out = np.asarray(fn(params, jnp.asarray(toks), gates, jnp.asarray(pos)))
+    want = [c.answer_ids[:-1] or c.answer_ids for c in cells]  # the digits, without the period
+    return [list(out[i, :len(w)]) == list(w) for i, w in enumerate(want)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--ppl-length", type=int, default=4096)
+    ap.add_argument("--ppl-windows", type=int, default=4)
+    ap.add_argument("--steps", type=int, help="override every variant's step count (smoke runs)")
+    ap.add_argument("--grid-lengths", type=acc._ints, default=[256, 512, 1024, 1536, 2048])
+    ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
+    ap.add_argument("--out", help="JSON path (default: $OUT/calib_sweep.json or bench/results/)")
+    args = ap.parse_args()
+    names = [n for n in args.variants.split(",") if n]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    out = args.out or os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
+                                   f"calib_sweep-{time.strftime('%Y-%m-%d')}.json")
+
+    ckpt = open_checkpoint(args.checkpoint or default_checkpoint())
+    cfg = ckpt.config
+    tok = Tokenizer.from_checkpoint_dir(ckpt.path)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    params = jax.tree.map(jnp.asarray, ckpt.load_params("float32"))
+    text_ids = corpus.eval_ids(encode)
+    cells = [c for row in acc.build_grid_prompts(encode, args.grid_lengths,
+                                                 [0.0, 0.25, 0.5, 0.75, 1.0], 1, 0) for d in row for c in d]
+    k = acc.KNOBS
+    windows = {"prefill": (k["prefill_sink"], k["prefill_local"]), "decode": (k["decode_sink"], k["decode_local"])}
+    proxy = _proxy_fn(cfg, *windows["prefill"])
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    res = {"date": time.strftime("%Y-%m-%dT%H:%M"), "device": str(jax.devices()[0]), "jax": jax.__version__,
+           "commit": os.environ.get("GIT_COMMIT") or commit, "checkpoint": str(ckpt.path), "knobs": k,
+           "sparsity": args.sparsity, "ppl_length": args.ppl_length, "ppl_windows": args.ppl_windows,
+           "shipped": dataclasses.asdict(SHIPPED), "variants": {}}
+
+    dense = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, None, 0, 1)
+    dense_ppl = dense["ppl"]
+    dense_cells = passkey_proxy(proxy, params, cells, None)
+    res["dense"] = {"ppl": dense_ppl, "proxy_pass": sum(dense_cells), "cells": dense_cells}
+    log(f"dense ppl {dense_ppl:.4f}, proxy {sum(dense_cells)}/{len(cells)}")
+
+    def save():
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    for name in names:
+        if time.perf_counter() - T0 > args.budget_s:
+            log(f"budget spent: skipping {name} and after")
+            break
+        cc = dataclasses.replace(SHIPPED, **VARIANTS[name])
+        if args.steps:
+            cc = dataclasses.replace(cc, steps=args.steps)
+        r = calibrate(params, cfg, encode, cc, log=None)
+        gates = jnp.asarray(binarize(r.alpha, args.sparsity), jnp.float32)
+        entry = {"overrides": {k2: list(v) if isinstance(v, tuple) else v for k2, v in VARIANTS[name].items()},
+                 "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"], "alpha": r.alpha.tolist()}
+        for win, (sink, local) in windows.items():
+            p = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, gates, sink, local)
+            entry[f"ppl_ratio_{win}"] = p["ppl"] / dense_ppl
+            entry[f"ppl_ratio_{win}_per_window"] = [w / d for w, d in zip(p["window_ppl"], dense["window_ppl"])]
+        ok = passkey_proxy(proxy, params, cells, gates)
+        entry["proxy_pass"] = sum(ok)
+        entry["proxy_pass_where_dense"] = sum(a and b for a, b in zip(ok, dense_cells))
+        entry["cells"] = ok
+        res["variants"][name] = entry
+        save()
+        log(f"{name}: calib {r.seconds:.0f}s, ppl prefill {entry['ppl_ratio_prefill']:.4f}, "
+            f"decode {entry['ppl_ratio_decode']:.4f}, proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
+
+    save()
+    print(f"\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")
+    print("|---|---|---|---|---|")
+    for name, e in res["variants"].items():
+        print(f"| {name} | {e['calibrate_s']:.0f} | {e['ppl_ratio_prefill']:.4f} | {e['ppl_ratio_decode']:.4f} | "
+              f"{e['proxy_pass_where_dense']}/{sum(dense_cells)} |")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
