@@ -56,6 +56,14 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "text-seed1": {"haystack": "text", "seed": 1},
     "text-long": {"haystack": "text", "lengths": (1024, 2048, 3072)},
     "text-160": {"haystack": "text", "steps": 160},
+    "mixed": {"haystack": "mixed"},
+    "mixed-seed1": {"haystack": "mixed", "seed": 1},
+    "mixed-w256": {"haystack": "mixed", "local": 256},
+    "mixed-tw1": {"haystack": "mixed", "text_weight": 1.0},
+    "mixed-tw5": {"haystack": "mixed", "text_weight": 5.0},
+    "mixed-w256-tw1": {"haystack": "mixed", "local": 256, "text_weight": 1.0},
+    "mixed-keys5": {"haystack": "mixed", "num_keys": 5},
+    "mixed-reg0.1": {"haystack": "mixed", "reg": 0.1},
 }
 
 
@@ -97,6 +105,9 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--steps", type=int, help="override every variant's step count (smoke runs)")
     ap.add_argument("--grid-lengths", type=acc._ints, default=[256, 512, 1024, 1536, 2048])
+    ap.add_argument("--prior", help="a previous sweep JSON whose patterns --combos may name")
+    ap.add_argument("--combos", default="", help="comma-separated 'a+b' names: score the mean of the "
+                    "gates of variants a and b (from this run or --prior), no calibration")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
     ap.add_argument("--out", help="JSON path (default: $OUT/calib_sweep.json or bench/results/)")
     args = ap.parse_args()
@@ -138,17 +149,13 @@ def main() -> int:
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
 
-    for name in names:
-        if time.perf_counter() - T0 > args.budget_s:
-            log(f"budget spent: skipping {name} and after")
-            break
-        cc = dataclasses.replace(SHIPPED, **VARIANTS[name])
-        if args.steps:
-            cc = dataclasses.replace(cc, steps=args.steps)
-        r = calibrate(params, cfg, encode, cc, log=None)
-        gates = jnp.asarray(binarize(r.alpha, args.sparsity), jnp.float32)
-        entry = {"overrides": {k2: list(v) if isinstance(v, tuple) else v for k2, v in VARIANTS[name].items()},
-                 "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"], "alpha": r.alpha.tolist()}
+    alphas = {}
+    if args.prior:
+        with open(args.prior) as f:
+            alphas = {n: np.asarray(e["alpha"]) for n, e in json.load(f)["variants"].items()}
+
+    def score(name: str, alpha: np.ndarray, entry: dict) -> None:
+        gates = jnp.asarray(binarize(alpha, args.sparsity), jnp.float32)
         for win, (sink, local) in windows.items():
             p = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, gates, sink, local)
             entry[f"ppl_ratio_{win}"] = p["ppl"] / dense_ppl
@@ -157,10 +164,30 @@ def main() -> int:
         entry["proxy_pass"] = sum(ok)
         entry["proxy_pass_where_dense"] = sum(a and b for a, b in zip(ok, dense_cells))
         entry["cells"] = ok
+        entry["alpha"] = alpha.tolist()
         res["variants"][name] = entry
         save()
-        log(f"{name}: calib {r.seconds:.0f}s, ppl prefill {entry['ppl_ratio_prefill']:.4f}, "
-            f"decode {entry['ppl_ratio_decode']:.4f}, proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
+        log(f"{name}: ppl prefill {entry['ppl_ratio_prefill']:.4f}, decode {entry['ppl_ratio_decode']:.4f}, "
+            f"proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
+
+    for name in names:
+        if time.perf_counter() - T0 > args.budget_s:
+            log(f"budget spent: skipping {name} and after")
+            break
+        cc = dataclasses.replace(SHIPPED, **VARIANTS[name])
+        if args.steps:
+            cc = dataclasses.replace(cc, steps=args.steps)
+        r = calibrate(params, cfg, encode, cc, log=None)
+        alphas[name] = r.alpha
+        score(name, r.alpha, {"overrides": {k2: list(v) if isinstance(v, tuple) else v
+                                             for k2, v in VARIANTS[name].items()},
+                              "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"]})
+    for combo in [c for c in args.combos.split(",") if c]:
+        parts = combo.split("+")
+        if not all(p in alphas for p in parts):
+            log(f"skipping combo {combo}: needs {[p for p in parts if p not in alphas]}")
+            continue
+        score(combo, np.mean([alphas[p] for p in parts], axis=0), {"combo": parts, "calibrate_s": 0.0})
 
     save()
     print(f"\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")

@@ -9,7 +9,7 @@ minimise the MSE between the final hidden states of the dense model and of the g
 the answer span of synthetic multi-passkey samples (`passkey.multi_passkey_sample`), plus
 `reg * mean|alpha|`; gates are clipped to [0, 1] after each step. The pass keys hide in natural
 text (`--haystack text`: the calibration half of the shipped corpus, `corpus.haystack_ids`, or
-`--text FILE`) or in tiled filler (`--haystack filler`). `--text-weight w` adds `w` times the
+`--text FILE`), in tiled filler (`--haystack filler`), or alternately in both (`mixed`). `--text-weight w` adds `w` times the
 same MSE over the haystack positions past the streaming window (the dense model's language
 modelling over long range, which the answer span alone does not see). Only the gates get gradients:
 the weights are constants, so no weight gradient is ever computed; layers are rematerialised
@@ -52,7 +52,7 @@ from .passkey import Encode, multi_passkey_sample
 from .rope import apply_rope, inv_frequencies
 
 METHODS = ("gradient", "attention-mass")
-HAYSTACKS = ("text", "filler")
+HAYSTACKS = ("text", "filler", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,8 @@ class CalibConfig:
     steps: int = 80  # optimisation steps (gradient) or samples (attention-mass)
     lr: float = 0.05
     reg: float = 0.05  # lambda of the L1 term, on the mean |alpha|
-    haystack: str = "filler"  # "text": natural text (corpus.haystack_ids or a given text); "filler": tiled
+    haystack: str = "filler"  # "text": natural text (corpus.haystack_ids or a given text); "filler":
+    # tiled filler; "mixed": the two alternate, sample by sample (odd samples in text)
     text_weight: float = 0.0  # weight of the MSE over haystack positions past the window
     init: float = 1.0
     seed: int = 0
@@ -232,12 +233,13 @@ def make_samples(encode: Encode, cfg: CalibConfig, n: int, haystack: Sequence[in
     positions past the streaming window (sink + local), where streaming heads see less than
     dense ones (the `text_weight` term). The prompt is shortened so prompt + answer is exactly
     the requested length (one compiled shape per length). haystack: natural-text token ids to
-    hide the keys in (None: tiled filler)."""
+    hide the keys in (None: tiled filler; with cfg.haystack "mixed", only odd samples use it)."""
     rng = np.random.default_rng(cfg.seed)
     out = []
     for i in range(n):
         length = cfg.lengths[i % len(cfg.lengths)]
-        s = multi_passkey_sample(encode, length, cfg.num_keys, rng, fit_answer=True, haystack=haystack)
+        text = haystack if cfg.haystack != "mixed" or i % 2 else None
+        s = multi_passkey_sample(encode, length, cfg.num_keys, rng, fit_answer=True, haystack=text)
         span = np.zeros(length, np.float32)
         span[len(s.ids) - 1: length - 1] = 1.0  # outputs that predict the answer tokens
         context = np.zeros(length, np.float32)
@@ -308,7 +310,7 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
     of the shipped corpus, `corpus.haystack_ids(encode)`)."""
     log = log or (lambda s: None)
     params = jax.tree.map(jnp.asarray, params)
-    if cc.haystack == "text":
+    if cc.haystack in ("text", "mixed"):
         haystack = haystack_ids(encode) if haystack is None else haystack
     else:
         haystack = None
@@ -412,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--reg", type=float, default=d.reg, help="L1 weight lambda (%(default)s)")
     ap.add_argument("--haystack", choices=HAYSTACKS, default=d.haystack,
-                    help="hide the keys in natural text or in tiled filler (%(default)s)")
-    ap.add_argument("--text", help="UTF-8 text file for --haystack text (default: the calibration half "
+                    help="hide the keys in natural text, in tiled filler, or alternately in both (%(default)s)")
+    ap.add_argument("--text", help="UTF-8 text file for --haystack text/mixed (default: the calibration half "
                     "of the shipped corpus, lserve_jax/data/)")
     ap.add_argument("--text-weight", type=float, default=d.text_weight,
                     help="weight of the MSE over haystack positions past the window (%(default)s)")
@@ -439,12 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_len = ckpt.config.max_position_embeddings
     if max(cc.lengths) > max_len:
         ap.error(f"--lengths {max(cc.lengths)} exceeds the model context {max_len}")
-    if args.text and cc.haystack != "text":
-        ap.error("--text needs --haystack text")
+    if args.text and cc.haystack == "filler":
+        ap.error("--text needs --haystack text or mixed")
     tok = Tokenizer.from_checkpoint_dir(ckpt.path)
     encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     haystack = None
-    if cc.haystack == "text":
+    if cc.haystack != "filler":
         try:
             haystack = encode(read_text(args.text)) if args.text else haystack_ids(encode)
         except (OSError, UnicodeDecodeError) as e:
