@@ -58,6 +58,8 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "text-160": {"haystack": "text", "steps": 160},
     "mixed": {"haystack": "mixed"},
     "mixed-seed1": {"haystack": "mixed", "seed": 1},
+    "mixed-seed2": {"haystack": "mixed", "seed": 2},
+    "mixed-110": {"haystack": "mixed", "steps": 110},
     "mixed-w256": {"haystack": "mixed", "local": 256},
     "mixed-tw1": {"haystack": "mixed", "text_weight": 1.0},
     "mixed-tw5": {"haystack": "mixed", "text_weight": 5.0},
