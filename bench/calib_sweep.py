@@ -48,6 +48,8 @@ T0 = time.perf_counter()
 SHIPPED = CalibConfig()
 VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "base": {},
+    "base-seed1": {"seed": 1},
+    "base-seed2": {"seed": 2},
     "text": {"haystack": "text"},
     "text-w256": {"haystack": "text", "local": 256},
     "text-tw1": {"haystack": "text", "text_weight": 1.0},
