@@ -131,6 +131,14 @@ def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: in
             "window_ppl": [float(x) for x in np.exp(nll.mean(axis=1))]}
 
 
+def same_patterns(old: dict, patterns: dict) -> set[str]:
+    """Patterns whose --resume entries may be reused: the old run stored the same gates (to its
+    6 decimals). A re-calibrated pattern under the same name is run again, never kept."""
+    stored = old.get("patterns", {}).get("alpha", {})
+    return {p for p, a in patterns.items()
+            if p in stored and np.array_equal(np.round(np.asarray(a, np.float64), 6), np.asarray(stored[p]))}
+
+
 def _kept(entry: dict | None, length: int, windows: int) -> bool:
     """A perplexity entry from --resume is reused only if it covers the same windows."""
     return bool(entry) and entry.get("tokens") == windows * (length - 1)
@@ -268,6 +276,13 @@ def main(argv=None) -> int:
         with open(out) as f:
             old = json.load(f)
 
+    same = same_patterns(old, patterns)
+    if old:
+        log(f"--resume: entries of patterns {sorted(same)} (and dense) may be kept; the others run again")
+
+    def reusable(pattern: str | None) -> bool:
+        return pattern is None or pattern in same
+
     def save():  # after every variant, so a long run can be resumed
         with open(out, "w") as f:
             json.dump(res, f, indent=1)
@@ -285,7 +300,7 @@ def main(argv=None) -> int:
     # -- passkey grid ----------------------------------------------------------------------
     max_len = max(args.lengths) + 16
     if not args.skip_grid:
-        grid = dict(old.get("grid", {}).get("variants", {}))
+        grid = {k: e for k, e in old.get("grid", {}).get("variants", {}).items() if reusable(e.get("pattern"))}
         prompts = None
         for v in variants:
             if v.name in grid:
@@ -327,7 +342,8 @@ def main(argv=None) -> int:
                 pv[f"{p}-s{s0:g}"] = binarize(patterns[p], s0)
         windows = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
                    "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
-        ppl = dict(old.get("perplexity", {}).get("variants", {}))
+        ppl = {k: e for k, e in old.get("perplexity", {}).get("variants", {}).items()
+               if k == "dense" or reusable(k.rsplit("-s", 1)[0])}
         res["perplexity"] = {"text": os.path.relpath(corpus.TEXT_PATH, ROOT) + " (first half)",
                              "text_tokens": len(text_ids),
                              "lengths": args.ppl_lengths, "windows_per_length": args.ppl_windows,

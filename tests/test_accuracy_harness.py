@@ -151,6 +151,13 @@ def test_resume_reuses_only_entries_with_the_same_windows():
     assert not acc._kept(None, 4096, 4)
 
 
+def test_resume_keeps_only_patterns_with_the_same_gates():
+    a = np.random.default_rng(0).random((4, 3))
+    old = {"patterns": {"alpha": {"calibrated": np.round(a, 6).tolist(), "random": np.round(a, 6).tolist()}}}
+    assert acc.same_patterns(old, {"calibrated": a, "random": a + 0.1, "attention-mass": a}) == {"calibrated"}
+    assert acc.same_patterns({}, {"calibrated": a}) == set()
+
+
 # --- grid smoke run ------------------------------------------------------------------------
 
 def test_grid_smoke_two_cells(params):

@@ -74,6 +74,9 @@ def test_text_haystack_samples_hide_the_keys_in_the_text():
     assert len(starts) > 1  # random offsets into the text
     with pytest.raises(ValueError, match="haystack"):
         cal.make_samples(ENCODE, cc, 1, text[:100])
+    mixed = cal.make_samples(ENCODE, dataclasses.replace(QUICK, haystack="mixed"), 4, text)
+    kinds = ["yellow" in bytes(int(t) - 1 for t in m[0]).decode(errors="replace") for m in mixed]
+    assert kinds == [True, False, True, False]  # filler and text alternate
 
 
 def test_text_weight_adds_the_context_term(params):
@@ -176,7 +179,7 @@ def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
                      "--haystack", "text", "--text", str(text), "--output", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["config"]["haystack"] == "text"
     text.write_text("Too short. " * 5)
-    for bad in (["--haystack", "text", "--text", str(text)], ["--text", str(text)],
+    for bad in (["--haystack", "text", "--text", str(text)], ["--haystack", "filler", "--text", str(text)],
                 ["--haystack", "text", "--text", str(tmp_path / "missing.txt")]):
         with pytest.raises(SystemExit) as e:
             rc = cal.main([str(dest), "--steps", "1", "--lengths", "384", "--output", str(out), *bad])
