@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, os.path.join(ROOT, "bench")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import accuracy as acc  # noqa: E402  (bench/accuracy.py)
 

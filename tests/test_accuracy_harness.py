@@ -3,6 +3,7 @@ dense reference forward, and a two-cell smoke run of the grid through the engine
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -210,3 +211,29 @@ def test_corpus_halves_are_disjoint_and_cover_the_text():
     assert corpus.eval_ids(enc) == enc(first) and corpus.haystack_ids(enc) == enc(second)
     with pytest.raises(ValueError, match="line break"):
         corpus.split_text("one line without a break at all")
+
+
+def test_calib_sweep_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
+    """bench/calib_sweep.py's proxy: a cell passes iff the argmax at every answer position is
+    the answer token; right padding to a common width changes nothing (causal)."""
+    spec = importlib.util.spec_from_file_location("bench_calib_sweep", os.path.join(ROOT, "bench", "calib_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    cells = [pk.passkey_prompt(ENCODE, n, d, "4242") for n, d in ((300, 0.5), (400, 0.0), (360, 1.0))]
+    fn = sweep._proxy_fn(CFG, 4, 16)
+    for gates in (None, jnp.asarray([[1.0, 0.0], [0.0, 1.0]])):
+        got = sweep.passkey_proxy(fn, params, cells, gates)
+        for c, ok in zip(cells, got):
+            toks = jnp.asarray([c.ids + c.answer_ids], jnp.int32)
+            h = acc.gated_hidden(params, toks, CFG, gates, sink=4, local=16)
+            pred = np.asarray(jnp.argmax(acc.lm_logits(params, h[0]), -1))[len(c.ids) - 1:-1]
+            want = c.answer_ids[:-1]
+            assert ok == (list(pred[:len(want)]) == want)
+    # an answer equal to the model's own first prediction passes (only the first token is
+    # checked: the period after it is excluded, and later inputs would change the prediction)
+    c = cells[0]
+    toks = jnp.asarray([c.ids + c.answer_ids], jnp.int32)
+    pred = np.asarray(jnp.argmax(acc.lm_logits(params, acc.gated_hidden(params, toks, CFG, None, sink=4,
+                                                                          local=16)[0]), -1))
+    own = dataclasses.replace(c, answer_ids=[int(pred[len(c.ids) - 1]), 1])
+    assert sweep.passkey_proxy(fn, params, [own, cells[1]], None)[0]
