@@ -14,7 +14,15 @@ For each calibration variant (a `CalibConfig` override, see VARIANTS), runs
   ranks candidates.
 
 Writes JSON under $OUT (or bench/results/) after every variant, so a cut-off run keeps what it
-finished; prints a table last.
+finished; prints a table last. `--prior JSON --combos a+b` also scores the mean of two
+settings' gates (from this run or an earlier one) without calibrating.
+
+On a GPU machine that cannot download the default model: the 98 MB GGUF is over one call's
+64 MiB carry limit, so it travels in two halves (`split -b 49181216`), the first copied to /tmp
+by one call and joined with the second by the next call while the machine is still warm, into
+`$LSERVE_JAX_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf`, with the `gguf` wheel carried too (the
+converter needs it). One sweep of 8 settings took about 8 minutes on an H200 (compilation
+included); the same calibration takes 14-20 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
