@@ -61,7 +61,7 @@ class CalibConfig:
     for. The defaults are the settings that produced the shipped SmolLM2-135M pattern: the
     decode window (64 + 128: the narrower one, and answers are decoded), samples of 512-1536
     tokens whose pass keys hide alternately in tiled filler and in natural text (`mixed`), 80
-    steps (about 14 minutes on 2 CPU cores). Measured on SmolLM2 (bench/calib_sweep.py,
+    steps (14-20 minutes on 2 CPU cores). Measured on SmolLM2 (bench/calib_sweep.py,
     bench/results/calib_sweep-2026-12-02*.json, 4K-token perplexity ratio to dense with 50%
     streaming heads, and a teacher-forced pass-key proxy on the accuracy grid): filler-only
     samples give 1.029-1.031 over three seeds and keep every grid cell; text-only samples give
