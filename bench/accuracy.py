@@ -48,6 +48,11 @@ REPO_PATTERN = os.path.join(ROOT, "lserve_jax", "patterns", "SmolLM2-135M-Instru
 # Sparse knobs scaled to SmolLM2's 8K context so that sparsity bites at 256-2K tokens.
 KNOBS = dict(prefill_sink=64, prefill_local=256, decode_sink=64, decode_local=128, page_size=16,
              logical_page_size=4, selector_interval=4)
+# (sink, local) that streaming heads see in the all-position perplexity forward
+WINDOWS = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
+           "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
+GRID_LENGTHS = [256, 512, 1024, 1536, 2048]
+GRID_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def log(*a) -> None:
@@ -217,8 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
     ap.add_argument("--pattern", help="calibrated TSV (default: <checkpoint>/head_pattern.tsv, else the repo's)")
     ap.add_argument("--mass-pattern", help="attention-mass TSV to compare (optional)")
-    ap.add_argument("--lengths", type=_ints, default=[256, 512, 1024, 1536, 2048])
-    ap.add_argument("--depths", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    ap.add_argument("--lengths", type=_ints, default=GRID_LENGTHS)
+    ap.add_argument("--depths", type=_floats, default=GRID_DEPTHS)
     ap.add_argument("--trials", type=int, default=1, help="pass keys per cell (batched)")
     ap.add_argument("--sparsities", type=_floats, default=[0.5, 0.75])
     ap.add_argument("--budgets", type=_ints, default=[256, 512])
@@ -340,8 +345,6 @@ def main(argv=None) -> int:
         for p in patterns:
             if p != "calibrated":
                 pv[f"{p}-s{s0:g}"] = binarize(patterns[p], s0)
-        windows = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
-                   "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
         ppl = {k: e for k, e in old.get("perplexity", {}).get("variants", {}).items()
                if k == "dense" or reusable(k.rsplit("-s", 1)[0])}
         res["perplexity"] = {"text": os.path.relpath(corpus.TEXT_PATH, ROOT) + " (first half)",
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
                              "variants": ppl}
         for name, mask in pv.items():
             ppl.setdefault(name, {})
-            for win, (sink, local) in windows.items():
+            for win, (sink, local) in WINDOWS.items():
                 if mask is None and win == "decode":
                     continue
                 ppl[name].setdefault(win, {})

@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,6 +44,8 @@ for _p in (ROOT, os.path.join(ROOT, "bench")):
         sys.path.insert(0, _p)
 
 import accuracy as acc  # noqa: E402  (bench/accuracy.py)
+import common  # noqa: E402  (bench/common.py)
+from common import log  # noqa: E402
 
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
@@ -53,7 +54,6 @@ from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
-T0 = time.perf_counter()
 SHIPPED = CalibConfig()
 VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "base": {},
@@ -78,10 +78,6 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "mixed-keys5": {"haystack": "mixed", "num_keys": 5},
     "mixed-reg0.1": {"haystack": "mixed", "reg": 0.1},
 }
-
-
-def log(*a) -> None:
-    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, file=sys.stderr, flush=True)
 
 
 def _proxy_fn(cfg, sink: int, local: int):
@@ -117,7 +113,7 @@ def main() -> int:
     ap.add_argument("--ppl-length", type=int, default=4096)
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--steps", type=int, help="override every variant's step count (smoke runs)")
-    ap.add_argument("--grid-lengths", type=acc._ints, default=[256, 512, 1024, 1536, 2048])
+    ap.add_argument("--grid-lengths", type=acc._ints, default=acc.GRID_LENGTHS)
     ap.add_argument("--prior", help="a previous sweep JSON whose patterns --combos may name")
     ap.add_argument("--combos", default="", help="comma-separated 'a+b' names: score the mean of the "
                     "gates of variants a and b (from this run or --prior), no calibration")
@@ -128,8 +124,9 @@ def main() -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    env = common.environment()
     out = args.out or os.path.join(os.environ.get("OUT") or os.path.join(ROOT, "bench", "results"),
-                                   f"calib_sweep-{time.strftime('%Y-%m-%d')}.json")
+                                   f"calib_sweep-{env['date'][:10]}.json")
 
     ckpt = open_checkpoint(args.checkpoint or default_checkpoint())
     cfg = ckpt.config
@@ -138,16 +135,9 @@ def main() -> int:
     params = jax.tree.map(jnp.asarray, ckpt.load_params("float32"))
     text_ids = corpus.eval_ids(encode)
     cells = [c for row in acc.build_grid_prompts(encode, args.grid_lengths,
-                                                 [0.0, 0.25, 0.5, 0.75, 1.0], 1, 0) for d in row for c in d]
-    k = acc.KNOBS
-    windows = {"prefill": (k["prefill_sink"], k["prefill_local"]), "decode": (k["decode_sink"], k["decode_local"])}
-    proxy = _proxy_fn(cfg, *windows["prefill"])
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    res = {"date": time.strftime("%Y-%m-%dT%H:%M"), "device": str(jax.devices()[0]), "jax": jax.__version__,
-           "commit": os.environ.get("GIT_COMMIT") or commit, "checkpoint": str(ckpt.path), "knobs": k,
+                                                 acc.GRID_DEPTHS, 1, 0) for d in row for c in d]
+    proxy = _proxy_fn(cfg, *acc.WINDOWS["prefill"])
+    res = {**env, "checkpoint": str(ckpt.path), "knobs": acc.KNOBS,
            "sparsity": args.sparsity, "ppl_length": args.ppl_length, "ppl_windows": args.ppl_windows,
            "shipped": dataclasses.asdict(SHIPPED), "variants": {}}
 
@@ -158,9 +148,7 @@ def main() -> int:
     log(f"dense ppl {dense_ppl:.4f}, proxy {sum(dense_cells)}/{len(cells)}")
 
     def save():
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(res, f, indent=1)
+        common.write_json(out, res)
 
     alphas = {}
     if args.prior:
@@ -169,7 +157,7 @@ def main() -> int:
 
     def score(name: str, alpha: np.ndarray, entry: dict) -> None:
         gates = jnp.asarray(binarize(alpha, args.sparsity), jnp.float32)
-        for win, (sink, local) in windows.items():
+        for win, (sink, local) in acc.WINDOWS.items():
             p = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, gates, sink, local)
             entry[f"ppl_ratio_{win}"] = p["ppl"] / dense_ppl
             entry[f"ppl_ratio_{win}_per_window"] = [w / d for w, d in zip(p["window_ppl"], dense["window_ppl"])]
@@ -184,7 +172,7 @@ def main() -> int:
             f"proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
 
     for name in names:
-        if time.perf_counter() - T0 > args.budget_s:
+        if time.perf_counter() - common.T0 > args.budget_s:
             log(f"budget spent: skipping {name} and after")
             break
         cc = dataclasses.replace(SHIPPED, **VARIANTS[name])

@@ -309,14 +309,14 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
               log: Callable[[str], None] | None = print) -> CalibResult:
     """Runs a calibration; returns the gate matrix, the per-step curve and the wall time.
 
-    haystack: natural-text token ids for `cc.haystack == "text"` (default: the calibration half
+    haystack: natural-text token ids for `cc.haystack` "text" or "mixed" (default: the calibration half
     of the shipped corpus, `corpus.haystack_ids(encode)`)."""
     log = log or (lambda s: None)
     params = jax.tree.map(jnp.asarray, params)
-    if cc.haystack in ("text", "mixed"):
-        haystack = haystack_ids(encode) if haystack is None else haystack
-    else:
+    if cc.haystack == "filler":
         haystack = None
+    elif haystack is None:
+        haystack = haystack_ids(encode)
     samples = make_samples(encode, cc, cc.steps, haystack)
     start = time.perf_counter()
     curve: list[dict] = []

@@ -26,15 +26,15 @@ CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermed
 ENCODE = pk.byte_encoder(CFG.vocab_size)
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", os.path.join(ROOT, "bench", "accuracy.py"))
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
 
-acc = _load_bench()
+acc = _load_bench("accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -216,9 +216,7 @@ def test_corpus_halves_are_disjoint_and_cover_the_text():
 def test_calib_sweep_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
     """bench/calib_sweep.py's proxy: a cell passes iff the argmax at every answer position is
     the answer token; right padding to a common width changes nothing (causal)."""
-    spec = importlib.util.spec_from_file_location("bench_calib_sweep", os.path.join(ROOT, "bench", "calib_sweep.py"))
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _load_bench("calib_sweep")
     cells = [pk.passkey_prompt(ENCODE, n, d, "4242") for n, d in ((300, 0.5), (400, 0.0), (360, 1.0))]
     fn = sweep._proxy_fn(CFG, 4, 16)
     for gates in (None, jnp.asarray([[1.0, 0.0], [0.0, 1.0]])):
