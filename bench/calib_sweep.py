@@ -49,7 +49,7 @@ from common import log  # noqa: E402
 
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
-from lserve_jax.calibrate import CalibConfig, calibrate, gated_hidden, lm_logits  # noqa: E402
+from lserve_jax.calibrate import CalibConfig, calibrate, gated_hidden, lm_logits, refine_boundary  # noqa: E402
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
@@ -114,9 +114,16 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--steps", type=int, help="override every variant's step count (smoke runs)")
     ap.add_argument("--grid-lengths", type=acc._ints, default=acc.GRID_LENGTHS)
-    ap.add_argument("--prior", help="a previous sweep JSON whose patterns --combos may name")
+    ap.add_argument("--prior", default="", help="previous sweep JSONs (comma-separated) whose patterns "
+                    "--combos may name (a later file's name wins)")
     ap.add_argument("--combos", default="", help="comma-separated 'a+b' names: score the mean of the "
                     "gates of variants a and b (from this run or --prior), no calibration")
+    ap.add_argument("--refine-band", type=int, default=0, help="also score each pattern after "
+                    "`refine_boundary` with this band (0: off)")
+    ap.add_argument("--refine-samples", type=int, default=SHIPPED.refine_samples)
+    ap.add_argument("--refine-length", type=int, default=SHIPPED.refine_length)
+    ap.add_argument("--refine-local", type=int, help="streaming window the refinement measures with "
+                    "(default: the variant's calibration window)")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
     ap.add_argument("--out", help="JSON path (default: $OUT/calib_sweep.json or bench/results/)")
     args = ap.parse_args()
@@ -151,9 +158,10 @@ def main() -> int:
         common.write_json(out, res)
 
     alphas = {}
-    if args.prior:
-        with open(args.prior) as f:
-            alphas = {n: np.asarray(e["alpha"]) for n, e in json.load(f)["variants"].items()}
+    for path in [p for p in args.prior.split(",") if p]:
+        with open(path) as f:
+            alphas.update({n: np.asarray(e["alpha"]) for n, e in json.load(f)["variants"].items()})
+    haystack = corpus.haystack_ids(encode)
 
     def score(name: str, alpha: np.ndarray, entry: dict) -> None:
         gates = jnp.asarray(binarize(alpha, args.sparsity), jnp.float32)
@@ -171,6 +179,16 @@ def main() -> int:
         log(f"{name}: ppl prefill {entry['ppl_ratio_prefill']:.4f}, decode {entry['ppl_ratio_decode']:.4f}, "
             f"proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
 
+    def score_refined(name: str, alpha: np.ndarray, cc: CalibConfig) -> None:
+        if not args.refine_band:
+            return
+        cc = dataclasses.replace(cc, refine_band=args.refine_band, refine_sparsity=args.sparsity,
+                                 refine_samples=args.refine_samples, refine_length=args.refine_length,
+                                 local=args.refine_local or cc.local)
+        refined, rep = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=None)
+        rep.pop("alpha_before")
+        score(f"{name}/r", refined, {"refined_from": name, "refine": rep, "calibrate_s": rep["seconds"]})
+
     for name in names:
         if time.perf_counter() - common.T0 > args.budget_s:
             log(f"budget spent: skipping {name} and after")
@@ -183,12 +201,18 @@ def main() -> int:
         score(name, r.alpha, {"overrides": {k2: list(v) if isinstance(v, tuple) else v
                                              for k2, v in VARIANTS[name].items()},
                               "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"]})
+        score_refined(name, r.alpha, cc)
     for combo in [c for c in args.combos.split(",") if c]:
+        if time.perf_counter() - common.T0 > args.budget_s:
+            log(f"budget spent: skipping {combo} and after")
+            break
         parts = combo.split("+")
         if not all(p in alphas for p in parts):
             log(f"skipping combo {combo}: needs {[p for p in parts if p not in alphas]}")
             continue
-        score(combo, np.mean([alphas[p] for p in parts], axis=0), {"combo": parts, "calibrate_s": 0.0})
+        alpha = np.mean([alphas[p] for p in parts], axis=0)
+        score(combo, alpha, {"combo": parts, "calibrate_s": 0.0})
+        score_refined(combo, alpha, dataclasses.replace(SHIPPED, **VARIANTS.get(parts[0], {})))
 
     save()
     print(f"\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")

@@ -44,7 +44,7 @@ import optax
 
 from .attention.prefill import prefill_attention
 from .config import ModelConfig
-from .heads import HeadLayout, save_pattern
+from .heads import HeadLayout, binarize, save_pattern
 from .model import _mlp, _proj, _qkv, rms_norm
 from .params import Params
 from .corpus import haystack_ids, read_text
@@ -82,6 +82,14 @@ class CalibConfig:
     init: float = 1.0
     seed: int = 0
     max_minutes: float | None = None  # stop early (after a finished step) past this
+    # Boundary refinement (gradient method, after the optimisation; 0 turns it off): the
+    # `refine_band` streaming heads with the highest gates and the `refine_band` retrieval heads
+    # with the lowest gates at `refine_sparsity` are re-ranked by the measured log-likelihood
+    # cost of streaming each one alone (`refine_boundary`).
+    refine_band: int = 0
+    refine_sparsity: float = 0.5
+    refine_samples: int = 4  # text windows, and as many pass-key samples
+    refine_length: int = 1024
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -92,6 +100,12 @@ class CalibConfig:
             raise ValueError(f"need text_weight >= 0, got {self.text_weight}")
         if self.sink < 0 or self.local < 1:
             raise ValueError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
+        if self.refine_band < 0 or self.refine_samples < 1 or not 0.0 < self.refine_sparsity < 1.0:
+            raise ValueError(f"need refine_band >= 0, refine_samples >= 1 and 0 < refine_sparsity < 1, "
+                             f"got {self.refine_band}, {self.refine_samples}, {self.refine_sparsity}")
+        if self.refine_band and self.refine_length <= self.sink + self.local:
+            raise ValueError(f"refine_length {self.refine_length} must exceed the window sink + local = "
+                             f"{self.sink + self.local}")
         if self.steps < 1 or not self.lengths or min(self.lengths) < 1 or self.num_keys < 1:
             raise ValueError(f"need steps >= 1, num_keys >= 1 and positive lengths, got {self}")
 
@@ -103,11 +117,13 @@ class CalibResult:
     seconds: float
     config: CalibConfig
     grad_mag: np.ndarray | None = None  # accumulated |d loss / d alpha| (gradient method)
+    refine: dict | None = None  # what `refine_boundary` measured and moved (refine_band > 0)
 
     def to_json(self) -> dict:
         return {"config": dataclasses.asdict(self.config), "seconds": self.seconds,
                 "minutes": self.seconds / 60, "curve": self.curve, "alpha": self.alpha.tolist(),
-                "grad_mag": None if self.grad_mag is None else self.grad_mag.tolist()}
+                "grad_mag": None if self.grad_mag is None else self.grad_mag.tolist(),
+                "refine": self.refine}
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,8 +372,11 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
         if over_time():
             log(f"[calibrate] stopping after {i + 1} steps: past --max-minutes {cc.max_minutes}")
             break
-    return CalibResult(break_ties(np.asarray(gates, np.float64), grad_mag), curve, time.perf_counter() - start,
-                       cc, grad_mag)
+    alpha = break_ties(np.asarray(gates, np.float64), grad_mag)
+    refine = None
+    if cc.refine_band:
+        alpha, refine = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=log)
+    return CalibResult(alpha, curve, time.perf_counter() - start, cc, grad_mag, refine)
 
 
 def break_ties(alpha: np.ndarray, secondary: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -368,6 +387,100 @@ def break_ties(alpha: np.ndarray, secondary: np.ndarray, eps: float = 1e-6) -> n
     sec = np.asarray(secondary, np.float64)
     sec = (sec - sec.min()) / max(np.ptp(sec), 1e-30)
     return (np.clip(alpha, 0.0, 1.0) + eps * sec) / (1.0 + eps)
+
+
+@functools.lru_cache(maxsize=4)
+def _nll_fn(cfg: ModelConfig, sink: int, local: int):
+    """Jitted (params, tokens [1, T], gates, weights [T]) -> the weighted mean negative
+    log-likelihood of tokens[t + 1] given tokens[:t + 1] over positions t (binary gates: the
+    sparse prefill model exactly)."""
+    @jax.jit
+    def nll(params, tokens, gates, weights):
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)[0, :-1]
+        logp = jax.nn.log_softmax(lm_logits(params, h), axis=-1)
+        tok_nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
+        w = weights[:-1]
+        return jnp.sum(w * tok_nll) / jnp.maximum(jnp.sum(w), 1.0)
+    return nll
+
+
+def refine_samples(encode: Encode, cc: CalibConfig, haystack: Sequence[int]
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The held-out samples `refine_boundary` scores on, (tokens int32 [T], weights float32 [T])
+    pairs of `cc.refine_length` tokens, drawn with their own seed (not the optimisation's):
+    `cc.refine_samples` windows of natural text weighted past the streaming window (language
+    modelling beyond the window), then as many multi-pass-key samples, alternately in natural
+    text and tiled filler, weighted on the answer span (retrieval)."""
+    rng = np.random.default_rng([cc.seed, 1])
+    n = cc.refine_length
+    if len(haystack) < n:
+        raise ValueError(f"the haystack text has {len(haystack)} tokens, fewer than refine_length={n}")
+    out = []
+    for _ in range(cc.refine_samples):
+        start = int(rng.integers(0, len(haystack) - n + 1))
+        w = np.zeros(n, np.float32)
+        w[cc.sink + cc.local:] = 1.0
+        out.append((np.asarray(haystack[start:start + n], np.int32), w))
+    for i in range(cc.refine_samples):
+        s = multi_passkey_sample(encode, n, cc.num_keys, rng, fit_answer=True,
+                                 haystack=haystack if i % 2 else None)
+        w = np.zeros(n, np.float32)
+        w[len(s.ids) - 1: n - 1] = 1.0
+        out.append((np.asarray(s.ids + s.answer_ids, np.int32), w))
+    return out
+
+
+def refine_boundary(params: Params, cfg: ModelConfig, encode: Encode, alpha: np.ndarray, cc: CalibConfig, *,
+                    haystack: Sequence[int] | None = None,
+                    log: Callable[[str], None] | None = print) -> tuple[np.ndarray, dict]:
+    """Re-ranks the heads at the `cc.refine_sparsity` boundary by what streaming each one costs.
+
+    The optimisation's gates near the cut are close and move from seed to seed, and a gate
+    measures a hidden-state MSE rather than the model's answers. Here the binary pattern P at
+    the target sparsity is the baseline; the band is the `cc.refine_band` streaming heads with
+    the highest gates and as many retrieval heads with the lowest. A head's cost is the rise of
+    the mean negative log-likelihood (text past the window, plus pass-key answers, on held-out
+    samples: `refine_samples`) when it streams, with every other head as in P: NLL(P + h
+    streaming) - NLL(P) for a retrieval head, NLL(P) - NLL(P - h streaming) for a streaming one.
+    The band's cheapest half streams. The gate values of the band are reassigned in cost order
+    (the same set of values, so other sparsities' cuts outside the band do not move, and
+    `binarize(alpha, refine_sparsity)` gives the refined pattern). Returns (alpha, report)."""
+    log = log or (lambda s: None)
+    t0 = time.perf_counter()
+    haystack = haystack_ids(encode) if haystack is None else haystack
+    retrieval = binarize(alpha, cc.refine_sparsity)
+    flat = alpha.ravel()
+    order = np.argsort(flat, kind="stable")
+    k = min(cc.refine_band, int((~retrieval).sum()), int(retrieval.sum()))
+    n_stream = int((~retrieval).sum())
+    band = order[n_stream - k: n_stream + k]  # k streaming (highest gates), k retrieval (lowest)
+    samples = [(jnp.asarray(t)[None], jnp.asarray(w)) for t, w in refine_samples(encode, cc, haystack)]
+    fn = _nll_fn(cfg, cc.sink, cc.local)
+
+    def nll(mask: np.ndarray) -> float:
+        g = jnp.asarray(mask.reshape(alpha.shape), jnp.float32)
+        return float(np.mean([float(fn(params, t, g, w)) for t, w in samples]))
+
+    base_mask = retrieval.ravel().copy()
+    base = nll(base_mask)
+    cost = {}
+    for j, h in enumerate(band):
+        m = base_mask.copy()
+        m[h] = not m[h]
+        flipped = nll(m)
+        cost[int(h)] = flipped - base if base_mask[h] else base - flipped
+        log(f"[refine] head {j + 1}/{len(band)} (layer {h // alpha.shape[1]}, kv head {h % alpha.shape[1]}): "
+            f"streaming costs {cost[int(h)]:+.5f} nats ({time.perf_counter() - t0:.0f}s)")
+    ranked = sorted(band.tolist(), key=lambda h: (cost[h], flat[h]))  # cheapest to stream first
+    new = flat.copy()
+    new[ranked] = np.sort(flat[band])
+    alpha_new = new.reshape(alpha.shape)
+    moved = [int(h) for h in band if (new[h] < flat[order[n_stream]]) != (flat[h] < flat[order[n_stream]])]
+    report = {"sparsity": cc.refine_sparsity, "band": [int(h) for h in band], "cost": {str(h): c for h, c in cost.items()},
+              "base_nll": base, "moved": moved, "seconds": time.perf_counter() - t0,
+              "alpha_before": alpha.tolist()}
+    log(f"[refine] {len(moved)} of {len(band)} boundary heads changed side ({report['seconds']:.0f}s)")
+    return alpha_new, report
 
 
 def write_pattern_atomic(path: str | os.PathLike, alpha: np.ndarray) -> Path:
