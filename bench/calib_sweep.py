@@ -49,7 +49,8 @@ from common import log  # noqa: E402
 
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
-from lserve_jax.calibrate import CalibConfig, calibrate, gated_hidden, lm_logits, refine_boundary  # noqa: E402
+from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden, key_samples,  # noqa: E402
+                                  lm_logits, refine_boundary, rerank_band, text_samples)  # noqa: E402
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
@@ -124,6 +125,8 @@ def main() -> int:
     ap.add_argument("--refine-length", type=int, default=SHIPPED.refine_length)
     ap.add_argument("--refine-local", type=int, help="streaming window the refinement measures with "
                     "(default: the variant's calibration window)")
+    ap.add_argument("--refine-study", action="store_true", help="score several boundary re-rankings "
+                    "(text cost at two windows, pass-key cost, mixes) instead of `refine_boundary`'s")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
     ap.add_argument("--out", help="JSON path (default: $OUT/calib_sweep.json or bench/results/)")
     args = ap.parse_args()
@@ -179,7 +182,31 @@ def main() -> int:
         log(f"{name}: ppl prefill {entry['ppl_ratio_prefill']:.4f}, decode {entry['ppl_ratio_decode']:.4f}, "
             f"proxy {entry['proxy_pass_where_dense']}/{sum(dense_cells)}")
 
+    def study(name: str, alpha: np.ndarray, cc: CalibConfig) -> None:
+        """Boundary re-rankings of one pattern by several measured costs (`--refine-study`)."""
+        rng = np.random.default_rng([cc.seed, 1])
+        retrieval, band = boundary_band(alpha, args.sparsity, args.refine_band)
+        texts = text_samples(haystack, args.refine_samples, args.refine_length, cc.sink + 256, rng)
+        keys = (key_samples(encode, 4, 1024, cc.num_keys, rng, haystack)
+                + key_samples(encode, 4, 2048, cc.num_keys, rng, haystack))
+        t0 = time.perf_counter()
+        costs = {"t256": flip_costs(params, cfg, retrieval, band, texts, sink=cc.sink, local=256)[1],
+                 "t128": flip_costs(params, cfg, retrieval, band, texts, sink=cc.sink, local=128)[1],
+                 "k": flip_costs(params, cfg, retrieval, band, keys, sink=cc.sink, local=128)[1]}
+        log(f"{name}: costs in {time.perf_counter() - t0:.0f}s; key cost max {costs['k'].max():.4f}")
+        rules = {"t256": costs["t256"], "t128": costs["t128"], "t256k0.1": costs["t256"] + 0.1 * costs["k"],
+                 "t256k1": costs["t256"] + costs["k"],
+                 "t256lock": np.where(costs["k"] > 0.02, np.inf, costs["t256"])}
+        for rule, cost in rules.items():
+            if time.perf_counter() - common.T0 > args.budget_s:
+                return
+            score(f"{name}/{rule}", rerank_band(alpha, band, np.nan_to_num(cost, posinf=1e9)),
+                  {"refined_from": name, "rule": rule, "band": band.tolist(),
+                   "costs": {k: v.tolist() for k, v in costs.items()}, "calibrate_s": 0.0})
+
     def score_refined(name: str, alpha: np.ndarray, cc: CalibConfig) -> None:
+        if args.refine_study:
+            return study(name, alpha, cc)
         if not args.refine_band:
             return
         cc = dataclasses.replace(cc, refine_band=args.refine_band, refine_sparsity=args.sparsity,

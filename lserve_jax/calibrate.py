@@ -88,8 +88,16 @@ class CalibConfig:
     # cost of streaming each one alone (`refine_boundary`).
     refine_band: int = 0
     refine_sparsity: float = 0.5
-    refine_samples: int = 4  # text windows, and as many pass-key samples
-    refine_length: int = 1024
+    refine_samples: int = 4  # natural-text windows
+    refine_length: int = 1024  # tokens per text window
+    refine_local: int | None = None  # local window of the text cost (None: `local`)
+    refine_key_samples: int = 4  # pass-key samples (0: text cost only)
+    refine_key_length: int = 1024
+    refine_key_weight: float = 1.0  # weight of the pass-key answer cost
+
+    @property
+    def refine_window(self) -> int:
+        return self.local if self.refine_local is None else self.refine_local
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -100,12 +108,13 @@ class CalibConfig:
             raise ValueError(f"need text_weight >= 0, got {self.text_weight}")
         if self.sink < 0 or self.local < 1:
             raise ValueError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
-        if self.refine_band < 0 or self.refine_samples < 1 or not 0.0 < self.refine_sparsity < 1.0:
-            raise ValueError(f"need refine_band >= 0, refine_samples >= 1 and 0 < refine_sparsity < 1, "
-                             f"got {self.refine_band}, {self.refine_samples}, {self.refine_sparsity}")
-        if self.refine_band and self.refine_length <= self.sink + self.local:
+        if (self.refine_band < 0 or self.refine_samples < 1 or self.refine_key_samples < 0
+                or self.refine_key_weight < 0 or not 0.0 < self.refine_sparsity < 1.0):
+            raise ValueError(f"need refine_band >= 0, refine_samples >= 1, refine_key_samples >= 0, "
+                             f"refine_key_weight >= 0 and 0 < refine_sparsity < 1, got {self}")
+        if self.refine_band and self.refine_length <= self.sink + self.refine_window:
             raise ValueError(f"refine_length {self.refine_length} must exceed the window sink + local = "
-                             f"{self.sink + self.local}")
+                             f"{self.sink + self.refine_window}")
         if self.steps < 1 or not self.lengths or min(self.lengths) < 1 or self.num_keys < 1:
             raise ValueError(f"need steps >= 1, num_keys >= 1 and positive lengths, got {self}")
 
@@ -404,30 +413,96 @@ def _nll_fn(cfg: ModelConfig, sink: int, local: int):
     return nll
 
 
-def refine_samples(encode: Encode, cc: CalibConfig, haystack: Sequence[int]
-                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The held-out samples `refine_boundary` scores on, (tokens int32 [T], weights float32 [T])
-    pairs of `cc.refine_length` tokens, drawn with their own seed (not the optimisation's):
-    `cc.refine_samples` windows of natural text weighted past the streaming window (language
-    modelling beyond the window), then as many multi-pass-key samples, alternately in natural
-    text and tiled filler, weighted on the answer span (retrieval)."""
-    rng = np.random.default_rng([cc.seed, 1])
-    n = cc.refine_length
-    if len(haystack) < n:
-        raise ValueError(f"the haystack text has {len(haystack)} tokens, fewer than refine_length={n}")
+def text_samples(haystack: Sequence[int], n: int, length: int, skip: int, rng: np.random.Generator
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n windows of `length` natural-text tokens from random offsets, (tokens int32 [T], weights
+    float32 [T]) weighted on every position from `skip` on (past a streaming window)."""
+    if len(haystack) < length:
+        raise ValueError(f"the haystack text has {len(haystack)} tokens, fewer than {length}")
     out = []
-    for _ in range(cc.refine_samples):
-        start = int(rng.integers(0, len(haystack) - n + 1))
-        w = np.zeros(n, np.float32)
-        w[cc.sink + cc.local:] = 1.0
-        out.append((np.asarray(haystack[start:start + n], np.int32), w))
-    for i in range(cc.refine_samples):
-        s = multi_passkey_sample(encode, n, cc.num_keys, rng, fit_answer=True,
+    for _ in range(n):
+        start = int(rng.integers(0, len(haystack) - length + 1))
+        w = np.zeros(length, np.float32)
+        w[skip:] = 1.0
+        out.append((np.asarray(haystack[start:start + length], np.int32), w))
+    return out
+
+
+def key_samples(encode: Encode, n: int, length: int, num_keys: int, rng: np.random.Generator,
+                haystack: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n multi-pass-key samples of exactly `length` tokens, weighted on the answer span; the keys
+    hide alternately in tiled filler and in `haystack` (filler only when None)."""
+    out = []
+    for i in range(n):
+        s = multi_passkey_sample(encode, length, num_keys, rng, fit_answer=True,
                                  haystack=haystack if i % 2 else None)
-        w = np.zeros(n, np.float32)
-        w[len(s.ids) - 1: n - 1] = 1.0
+        w = np.zeros(length, np.float32)
+        w[len(s.ids) - 1: length - 1] = 1.0
         out.append((np.asarray(s.ids + s.answer_ids, np.int32), w))
     return out
+
+
+def refine_samples(encode: Encode, cc: CalibConfig, haystack: Sequence[int]
+                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    """The held-out (text, pass-key) samples `refine_boundary` scores on, drawn with their own
+    seed (not the optimisation's): `cc.refine_samples` windows of `cc.refine_length` natural-text
+    tokens weighted past the refinement window, and `cc.refine_key_samples` pass-key samples of
+    `cc.refine_key_length` tokens weighted on the answer."""
+    rng = np.random.default_rng([cc.seed, 1])
+    text = text_samples(haystack, cc.refine_samples, cc.refine_length, cc.sink + cc.refine_window, rng)
+    keys = key_samples(encode, cc.refine_key_samples, cc.refine_key_length, cc.num_keys, rng, haystack)
+    return text, keys
+
+
+def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: Sequence[int],
+               samples: Sequence[tuple[np.ndarray, np.ndarray]], *, sink: int, local: int,
+               log: Callable[[str], None] | None = None) -> tuple[float, np.ndarray]:
+    """What streaming each head costs, measured from the binary pattern `retrieval` ([layers,
+    kv_heads] bool): the rise of the mean weighted negative log-likelihood over `samples` when
+    head h (a flat index) streams and every other head stays as in the pattern, i.e.
+    NLL(P + h streaming) - NLL(P) for a retrieval head and NLL(P) - NLL(P - h streaming) for a
+    streaming one. Returns (NLL(P), costs [len(heads)])."""
+    fn = _nll_fn(cfg, sink, local)
+    dev = [(jnp.asarray(t)[None], jnp.asarray(w)) for t, w in samples]
+    t0 = time.perf_counter()
+
+    def nll(mask: np.ndarray) -> float:
+        g = jnp.asarray(mask.reshape(retrieval.shape), jnp.float32)
+        return float(np.mean([float(fn(params, t, g, w)) for t, w in dev]))
+
+    base_mask = retrieval.ravel().copy()
+    base = nll(base_mask)
+    costs = np.zeros(len(heads))
+    for j, h in enumerate(heads):
+        m = base_mask.copy()
+        m[h] = not m[h]
+        flipped = nll(m)
+        costs[j] = flipped - base if base_mask[h] else base - flipped
+        if log:
+            log(f"[refine] head {j + 1}/{len(heads)} (layer {h // retrieval.shape[1]}, kv head "
+                f"{h % retrieval.shape[1]}): streaming costs {costs[j]:+.5f} nats ({time.perf_counter() - t0:.0f}s)")
+    return base, costs
+
+
+def boundary_band(alpha: np.ndarray, sparsity: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(retrieval mask at `sparsity`, flat indices of the band): the k streaming heads with the
+    highest gates and the k retrieval heads with the lowest (fewer if a side has fewer)."""
+    retrieval = binarize(alpha, sparsity)
+    n_stream = int((~retrieval).sum())
+    k = min(k, n_stream, alpha.size - n_stream)
+    order = np.argsort(alpha.ravel(), kind="stable")
+    return retrieval, order[n_stream - k: n_stream + k]
+
+
+def rerank_band(alpha: np.ndarray, band: Sequence[int], cost: Sequence[float]) -> np.ndarray:
+    """The band's gate values reassigned in cost order (cheapest to stream gets the lowest): the
+    same set of values, so a cut outside the band does not move and the band's cheapest half is
+    on the streaming side of its own cut."""
+    flat = alpha.ravel().copy()
+    band = np.asarray(band)
+    ranked = band[np.lexsort((flat[band], np.asarray(cost)))]
+    flat[ranked] = np.sort(flat[band])
+    return flat.reshape(alpha.shape)
 
 
 def refine_boundary(params: Params, cfg: ModelConfig, encode: Encode, alpha: np.ndarray, cc: CalibConfig, *,
@@ -436,48 +511,27 @@ def refine_boundary(params: Params, cfg: ModelConfig, encode: Encode, alpha: np.
     """Re-ranks the heads at the `cc.refine_sparsity` boundary by what streaming each one costs.
 
     The optimisation's gates near the cut are close and move from seed to seed, and a gate
-    measures a hidden-state MSE rather than the model's answers. Here the binary pattern P at
-    the target sparsity is the baseline; the band is the `cc.refine_band` streaming heads with
-    the highest gates and as many retrieval heads with the lowest. A head's cost is the rise of
-    the mean negative log-likelihood (text past the window, plus pass-key answers, on held-out
-    samples: `refine_samples`) when it streams, with every other head as in P: NLL(P + h
-    streaming) - NLL(P) for a retrieval head, NLL(P) - NLL(P - h streaming) for a streaming one.
-    The band's cheapest half streams. The gate values of the band are reassigned in cost order
-    (the same set of values, so other sparsities' cuts outside the band do not move, and
-    `binarize(alpha, refine_sparsity)` gives the refined pattern). Returns (alpha, report)."""
+    measures a hidden-state MSE rather than the model's answers. Here the binary pattern at the
+    target sparsity is the baseline and the band is `boundary_band`'s; each band head's cost
+    (`flip_costs`) is its text cost (natural text past the window, `cc.refine_window`) plus
+    `cc.refine_key_weight` times its pass-key answer cost (the calibration window), on held-out
+    samples (`refine_samples`). The band's cheapest half streams (`rerank_band`). Returns
+    (alpha, report)."""
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     haystack = haystack_ids(encode) if haystack is None else haystack
-    retrieval = binarize(alpha, cc.refine_sparsity)
-    flat = alpha.ravel()
-    order = np.argsort(flat, kind="stable")
-    k = min(cc.refine_band, int((~retrieval).sum()), int(retrieval.sum()))
-    n_stream = int((~retrieval).sum())
-    band = order[n_stream - k: n_stream + k]  # k streaming (highest gates), k retrieval (lowest)
-    samples = [(jnp.asarray(t)[None], jnp.asarray(w)) for t, w in refine_samples(encode, cc, haystack)]
-    fn = _nll_fn(cfg, cc.sink, cc.local)
-
-    def nll(mask: np.ndarray) -> float:
-        g = jnp.asarray(mask.reshape(alpha.shape), jnp.float32)
-        return float(np.mean([float(fn(params, t, g, w)) for t, w in samples]))
-
-    base_mask = retrieval.ravel().copy()
-    base = nll(base_mask)
-    cost = {}
-    for j, h in enumerate(band):
-        m = base_mask.copy()
-        m[h] = not m[h]
-        flipped = nll(m)
-        cost[int(h)] = flipped - base if base_mask[h] else base - flipped
-        log(f"[refine] head {j + 1}/{len(band)} (layer {h // alpha.shape[1]}, kv head {h % alpha.shape[1]}): "
-            f"streaming costs {cost[int(h)]:+.5f} nats ({time.perf_counter() - t0:.0f}s)")
-    ranked = sorted(band.tolist(), key=lambda h: (cost[h], flat[h]))  # cheapest to stream first
-    new = flat.copy()
-    new[ranked] = np.sort(flat[band])
-    alpha_new = new.reshape(alpha.shape)
-    moved = [int(h) for h in band if (new[h] < flat[order[n_stream]]) != (flat[h] < flat[order[n_stream]])]
-    report = {"sparsity": cc.refine_sparsity, "band": [int(h) for h in band], "cost": {str(h): c for h, c in cost.items()},
-              "base_nll": base, "moved": moved, "seconds": time.perf_counter() - t0,
+    retrieval, band = boundary_band(alpha, cc.refine_sparsity, cc.refine_band)
+    text, keys = refine_samples(encode, cc, haystack)
+    base_text, text_cost = flip_costs(params, cfg, retrieval, band, text, sink=cc.sink, local=cc.refine_window, log=log)
+    base_key, key_cost = (0.0, np.zeros(len(band)))
+    if keys and cc.refine_key_weight:
+        base_key, key_cost = flip_costs(params, cfg, retrieval, band, keys, sink=cc.sink, local=cc.local, log=log)
+    cost = text_cost + cc.refine_key_weight * key_cost
+    alpha_new = rerank_band(alpha, band, cost)
+    moved = [int(h) for h in band if binarize(alpha_new, cc.refine_sparsity).ravel()[h] != retrieval.ravel()[h]]
+    report = {"sparsity": cc.refine_sparsity, "band": [int(h) for h in band], "cost": cost.tolist(),
+              "text_cost": text_cost.tolist(), "key_cost": key_cost.tolist(), "base_text_nll": base_text,
+              "base_key_nll": base_key, "moved": moved, "seconds": time.perf_counter() - t0,
               "alpha_before": alpha.tolist()}
     log(f"[refine] {len(moved)} of {len(band)} boundary heads changed side ({report['seconds']:.0f}s)")
     return alpha_new, report

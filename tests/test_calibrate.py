@@ -104,6 +104,76 @@ def test_gradient_calibration_lowers_the_loss(params):
     assert res.to_json()["curve"][0]["distill"] == pytest.approx(0.0, abs=1e-8)  # gates start at 1
 
 
+TEXT = ENCODE("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 8)
+REFINE = dataclasses.replace(QUICK, refine_band=2, refine_samples=1, refine_length=160)
+
+
+def test_refine_samples_weight_text_past_the_window_and_answers():
+    samples = cal.refine_samples(ENCODE, REFINE, TEXT)
+    assert len(samples) == 2 * REFINE.refine_samples
+    (text, tw), (keys, kw) = samples
+    assert text.shape == tw.shape == keys.shape == kw.shape == (160,)
+    assert " ".join(map(str, text)) in " ".join(map(str, TEXT))  # a run of the haystack
+    assert np.all(tw[:REFINE.sink + REFINE.local] == 0) and np.all(tw[REFINE.sink + REFINE.local:] == 1)
+    body = bytes(int(t) - 1 for t in keys).decode(errors="replace")
+    assert body.count("The pass key number") == REFINE.num_keys and "yellow" in body  # first one in filler
+    first = int(np.argmax(kw))
+    assert kw.sum() > 0 and np.all(kw[first:159] == 1) and kw[159] == 0  # the answer span
+    held_out = cal.make_samples(ENCODE, REFINE, 1)[0][0]
+    assert not np.array_equal(held_out[:150], keys[:150])  # not the optimisation's samples
+    with pytest.raises(ValueError, match="refine_length"):
+        cal.refine_samples(ENCODE, REFINE, TEXT[:100])
+
+
+def _pattern_nll(params, retrieval, samples, cc) -> float:
+    """Mean weighted NLL through the library's sparse prefill path (permuted weights)."""
+    layout, perms = layout_and_permutation(retrieval)
+    p = permute_kv_heads(params, CFG, perms)
+    out = []
+    for tokens, w in samples:
+        nll = cal.token_nll(p, jnp.asarray(tokens)[None], CFG, layout, sink=cc.sink, local=cc.local)[0]
+        out.append(float(jnp.sum(nll * w[:-1]) / np.sum(w[:-1])))
+    return float(np.mean(out))
+
+
+def test_refine_boundary_streams_the_cheapest_heads_of_the_band(params):
+    alpha = np.array([[0.2, 0.9], [0.6, 0.4]])  # streaming at 0.5: (0, 0) and (1, 1)
+    new, rep = cal.refine_boundary(params, CFG, ENCODE, alpha, REFINE, haystack=TEXT, log=None)
+    assert sorted(rep["band"]) == [0, 1, 2, 3]  # band 2 on each side = every head here
+    np.testing.assert_array_equal(np.sort(new.ravel()), np.sort(alpha.ravel()))  # the same gate values
+    samples = cal.refine_samples(ENCODE, REFINE, TEXT)
+    base = binarize(alpha, 0.5)
+    assert rep["base_nll"] == pytest.approx(_pattern_nll(params, base, samples, REFINE), rel=1e-4)
+    cost = {}
+    for h in range(4):
+        m = base.copy().ravel()
+        m[h] = ~m[h]
+        flipped = _pattern_nll(params, m.reshape(2, 2), samples, REFINE)
+        cost[h] = flipped - rep["base_nll"] if base.ravel()[h] else rep["base_nll"] - flipped
+        assert rep["cost"][str(h)] == pytest.approx(cost[h], abs=1e-4)
+    cheapest = sorted(cost, key=cost.get)[:2]
+    assert sorted(np.flatnonzero(~binarize(new, 0.5))) == sorted(cheapest)
+    assert sorted(rep["moved"]) == sorted(set(cheapest) ^ {0, 3})
+    order = sorted(cost, key=cost.get)  # gates follow the cost order inside the band
+    assert list(np.argsort(new.ravel())) == order
+
+
+def test_refine_band_outside_is_unchanged_and_calibrate_reports_it(params):
+    alpha = np.array([[0.05, 0.9], [0.6, 0.4]])
+    cc = dataclasses.replace(REFINE, refine_band=1)
+    new, rep = cal.refine_boundary(params, CFG, ENCODE, alpha, cc, haystack=TEXT, log=None)
+    assert sorted(rep["band"]) == [2, 3]  # the highest streaming gate and the lowest retrieval gate
+    assert new[0, 0] == 0.05 and new[0, 1] == 0.9
+    res = cal.calibrate(params, CFG, ENCODE, dataclasses.replace(cc, steps=2), haystack=TEXT, log=None)
+    assert res.refine is not None and len(res.refine["band"]) == 2
+    np.testing.assert_array_equal(np.sort(res.alpha.ravel()), np.sort(np.asarray(res.refine["alpha_before"]).ravel()))
+    assert json.loads(json.dumps(res.to_json()))["refine"]["sparsity"] == 0.5
+    for bad in (dict(refine_band=-1), dict(refine_sparsity=1.0), dict(refine_samples=0),
+                dict(refine_band=1, refine_length=20)):
+        with pytest.raises(ValueError, match="refine"):
+            dataclasses.replace(QUICK, **bad)
+
+
 def test_break_ties_orders_clipped_gates_at_any_sparsity():
     alpha = np.array([[0.0, 0.0, 0.0, 0.7], [1.0, 1.0, 0.3, 0.0]])
     sec = np.array([[3.0, 1.0, 2.0, 0.0], [5.0, 4.0, 0.0, 9.0]])
