@@ -122,9 +122,12 @@ def main() -> int:
     ap.add_argument("--refine-band", type=int, default=0, help="also score each pattern after "
                     "`refine_boundary` with this band (0: off)")
     ap.add_argument("--refine-samples", type=int, default=SHIPPED.refine_samples)
-    ap.add_argument("--refine-length", type=int, default=SHIPPED.refine_length)
-    ap.add_argument("--refine-local", type=int, help="streaming window the refinement measures with "
-                    "(default: the variant's calibration window)")
+    ap.add_argument("--refine-length", type=acc._ints, default=[SHIPPED.refine_length],
+                    help="text window length(s), comma-separated: one refined pattern each")
+    ap.add_argument("--refine-local", type=int, help="local window of the text cost (default: the "
+                    "variant's calibration window)")
+    ap.add_argument("--refine-key-samples", type=int, default=SHIPPED.refine_key_samples)
+    ap.add_argument("--refine-key-weight", type=float, default=SHIPPED.refine_key_weight)
     ap.add_argument("--refine-study", action="store_true", help="score several boundary re-rankings "
                     "(text cost at two windows, pass-key cost, mixes) instead of `refine_boundary`'s")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
@@ -186,7 +189,7 @@ def main() -> int:
         """Boundary re-rankings of one pattern by several measured costs (`--refine-study`)."""
         rng = np.random.default_rng([cc.seed, 1])
         retrieval, band = boundary_band(alpha, args.sparsity, args.refine_band)
-        texts = text_samples(haystack, args.refine_samples, args.refine_length, cc.sink + 256, rng)
+        texts = text_samples(haystack, args.refine_samples, args.refine_length[0], cc.sink + 256, rng)
         keys = (key_samples(encode, 4, 1024, cc.num_keys, rng, haystack)
                 + key_samples(encode, 4, 2048, cc.num_keys, rng, haystack))
         t0 = time.perf_counter()
@@ -209,12 +212,16 @@ def main() -> int:
             return study(name, alpha, cc)
         if not args.refine_band:
             return
-        cc = dataclasses.replace(cc, refine_band=args.refine_band, refine_sparsity=args.sparsity,
-                                 refine_samples=args.refine_samples, refine_length=args.refine_length,
-                                 local=args.refine_local or cc.local)
-        refined, rep = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=None)
-        rep.pop("alpha_before")
-        score(f"{name}/r", refined, {"refined_from": name, "refine": rep, "calibrate_s": rep["seconds"]})
+        for length in args.refine_length:
+            if time.perf_counter() - common.T0 > args.budget_s:
+                return
+            rc = dataclasses.replace(cc, refine_band=args.refine_band, refine_sparsity=args.sparsity,
+                                     refine_samples=args.refine_samples, refine_length=length,
+                                     refine_local=args.refine_local, refine_key_samples=args.refine_key_samples,
+                                     refine_key_weight=args.refine_key_weight)
+            refined, rep = refine_boundary(params, cfg, encode, alpha, rc, haystack=haystack, log=None)
+            rep.pop("alpha_before")
+            score(f"{name}/r{length}", refined, {"refined_from": name, "refine": rep, "calibrate_s": rep["seconds"]})
 
     for name in names:
         if time.perf_counter() - common.T0 > args.budget_s:
