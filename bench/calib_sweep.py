@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,15 +50,18 @@ from common import log  # noqa: E402
 
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
-from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden, key_samples,  # noqa: E402
-                                  lm_logits, refine_boundary, rerank_band, text_samples)  # noqa: E402
+from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden,  # noqa: E402
+                                  lm_logits, refine_boundary, rerank_band, text_samples)
+from lserve_jax.passkey import Encode, multi_passkey_sample  # noqa: E402  # noqa: E402
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
 SHIPPED = CalibConfig()
-VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
+VARIANTS = {  # name -> CalibConfig overrides of the shipped settings (the refinement included:
+    # the sweeps of calib_sweep-2026-12-02a-d ran before it existed, i.e. as refine_band 0)
     "base": {},
+    "base-norefine": {"refine_band": 0},
     "base-seed1": {"seed": 1},
     "base-seed2": {"seed": 2},
     "text": {"haystack": "text"},
@@ -79,6 +83,20 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings
     "mixed-keys5": {"haystack": "mixed", "num_keys": 5},
     "mixed-reg0.1": {"haystack": "mixed", "reg": 0.1},
 }
+
+
+def key_samples(encode: Encode, n: int, length: int, num_keys: int, rng: np.random.Generator,
+                haystack: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n multi-pass-key samples of exactly `length` tokens, weighted on the answer span; the keys
+    hide alternately in tiled filler and in `haystack` (filler only when None)."""
+    out = []
+    for i in range(n):
+        s = multi_passkey_sample(encode, length, num_keys, rng, fit_answer=True,
+                                 haystack=haystack if i % 2 else None)
+        w = np.zeros(length, np.float32)
+        w[len(s.ids) - 1: length - 1] = 1.0
+        out.append((np.asarray(s.ids + s.answer_ids, np.int32), w))
+    return out
 
 
 def _proxy_fn(cfg, sink: int, local: int):
@@ -126,8 +144,6 @@ def main() -> int:
                     help="text window length(s), comma-separated: one refined pattern each")
     ap.add_argument("--refine-local", type=int, help="local window of the text cost (default: the "
                     "variant's calibration window)")
-    ap.add_argument("--refine-key-samples", type=int, default=SHIPPED.refine_key_samples)
-    ap.add_argument("--refine-key-weight", type=float, default=SHIPPED.refine_key_weight)
     ap.add_argument("--refine-study", action="store_true", help="score several boundary re-rankings "
                     "(text cost at two windows, pass-key cost, mixes) instead of `refine_boundary`'s")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
@@ -217,8 +233,7 @@ def main() -> int:
                 return
             rc = dataclasses.replace(cc, refine_band=args.refine_band, refine_sparsity=args.sparsity,
                                      refine_samples=args.refine_samples, refine_length=length,
-                                     refine_local=args.refine_local, refine_key_samples=args.refine_key_samples,
-                                     refine_key_weight=args.refine_key_weight)
+                                     refine_local=args.refine_local)
             refined, rep = refine_boundary(params, cfg, encode, alpha, rc, haystack=haystack, log=None)
             rep.pop("alpha_before")
             score(f"{name}/r{length}", refined, {"refined_from": name, "refine": rep, "calibrate_s": rep["seconds"]})

@@ -13,7 +13,15 @@ text (`--haystack text`: the calibration half of the shipped corpus, `corpus.hay
 same MSE over the haystack positions past the streaming window (the dense model's language
 modelling over long range, which the answer span alone does not see). Only the gates get gradients:
 the weights are constants, so no weight gradient is ever computed; layers are rematerialised
-to keep the activation memory at one layer's worth.
+(`jax.checkpoint`).
+
+Then the boundary refinement (`refine_boundary`, `--refine-band`, on by default): the gates near
+the 50% cut are close and move from seed to seed, so the 12 heads on each side of it are
+re-ranked by the measured rise of next-token NLL over natural text past the streaming window
+when each one alone streams (the corpus's calibration half, 4 windows of 4096 tokens), and the
+cheapest half streams. `--from-pattern TSV` runs only this step on an existing pattern (a
+DuoAttention one, or an earlier run). On an H200 it takes seconds; on 2 CPU cores it costs one
+4096-token forward per (band head + 1) x window, which dominates the run (see README).
 
 `attention-mass` (a cheap baseline): one dense forward per sample; a head's score is the
 attention probability that the answer-span queries put outside the streaming window.
@@ -44,7 +52,7 @@ import optax
 
 from .attention.prefill import prefill_attention
 from .config import ModelConfig
-from .heads import HeadLayout, binarize, save_pattern
+from .heads import HeadLayout, binarize, check_shape, load_pattern, save_pattern
 from .model import _mlp, _proj, _qkv, rms_norm
 from .params import Params
 from .corpus import haystack_ids, read_text
@@ -59,14 +67,20 @@ HAYSTACKS = ("text", "filler", "mixed")
 class CalibConfig:
     """Knobs of a calibration run. `sink`/`local` are the streaming window being calibrated
     for. The defaults are the settings that produced the shipped SmolLM2-135M pattern: the
-    decode window (64 + 128: the narrower one, and answers are decoded), samples of 512-1536
-    tokens whose pass keys hide alternately in tiled filler and in natural text (`mixed`), 80
-    steps (14-20 minutes on 2 CPU cores). Measured on SmolLM2 (bench/calib_sweep.py,
-    bench/results/calib_sweep-2026-12-02*.json, 4K-token perplexity ratio to dense with 50%
-    streaming heads, and a teacher-forced pass-key proxy on the accuracy grid): filler-only
-    samples give 1.029-1.031 over three seeds and keep every grid cell; text-only samples give
-    1.019-1.020 but lose three cells near the model's retrieval limit; mixed samples give
-    1.022 / 1.028 / 1.020 for seeds 0 / 1 / 2, keeping every cell with seed 0 only."""
+    decode window (64 + 128: the narrower one, and answers are decoded); 80 Adam steps on
+    samples of 512-1536 tokens whose pass keys hide in tiled filler (13-20 minutes on 2 CPU
+    cores, seconds on an H200); then the boundary refinement at 50% sparsity (`refine_boundary`:
+    12 heads on each side of the cut, re-ranked by their measured cost on 4 windows of 4096
+    tokens of natural text).
+
+    Measured on SmolLM2 (bench/calib_sweep.py, bench/results/calib_sweep-2026-12-02*.json; 4K
+    perplexity ratio to dense at 50% streaming heads, and a teacher-forced pass-key proxy on the
+    accuracy grid, 23 cells where dense passes): the optimisation alone gives 1.029-1.031 with
+    23/23 cells for filler samples (three seeds), 1.019-1.020 with 20/23 for natural-text
+    samples, 1.020-1.028 with 20-23 for mixed ones. The refinement brings all seven patterns tried
+    to 1.016-1.021 (six of them to 1.018 or lower); the cells at the model's retrieval limit (1536
+    and 2048 tokens) stay fragile: 23/23 after refinement for filler seed 0 and mixed seed 2,
+    20-22 for the other five."""
 
     method: str = "gradient"
     sink: int = 64
@@ -76,7 +90,7 @@ class CalibConfig:
     steps: int = 80  # optimisation steps (gradient) or samples (attention-mass)
     lr: float = 0.05
     reg: float = 0.05  # lambda of the L1 term, on the mean |alpha|
-    haystack: str = "mixed"  # "text": natural text (corpus.haystack_ids or a given text); "filler":
+    haystack: str = "filler"  # "text": natural text (corpus.haystack_ids or a given text); "filler":
     # tiled filler; "mixed": the two alternate, sample by sample (odd samples in text)
     text_weight: float = 0.0  # weight of the MSE over haystack positions past the window
     init: float = 1.0
@@ -86,14 +100,11 @@ class CalibConfig:
     # `refine_band` streaming heads with the highest gates and the `refine_band` retrieval heads
     # with the lowest gates at `refine_sparsity` are re-ranked by the measured log-likelihood
     # cost of streaming each one alone (`refine_boundary`).
-    refine_band: int = 0
+    refine_band: int = 12
     refine_sparsity: float = 0.5
-    refine_samples: int = 4  # natural-text windows
-    refine_length: int = 1024  # tokens per text window
+    refine_samples: int = 4  # natural-text windows (the corpus's calibration half)
+    refine_length: int = 4096  # tokens per text window
     refine_local: int | None = None  # local window of the text cost (None: `local`)
-    refine_key_samples: int = 4  # pass-key samples (0: text cost only)
-    refine_key_length: int = 1024
-    refine_key_weight: float = 1.0  # weight of the pass-key answer cost
 
     @property
     def refine_window(self) -> int:
@@ -108,10 +119,10 @@ class CalibConfig:
             raise ValueError(f"need text_weight >= 0, got {self.text_weight}")
         if self.sink < 0 or self.local < 1:
             raise ValueError(f"need sink >= 0 and local >= 1, got sink={self.sink}, local={self.local}")
-        if (self.refine_band < 0 or self.refine_samples < 1 or self.refine_key_samples < 0
-                or self.refine_key_weight < 0 or not 0.0 < self.refine_sparsity < 1.0):
-            raise ValueError(f"need refine_band >= 0, refine_samples >= 1, refine_key_samples >= 0, "
-                             f"refine_key_weight >= 0 and 0 < refine_sparsity < 1, got {self}")
+        if self.refine_band < 0 or self.refine_samples < 1 or not 0.0 < self.refine_sparsity < 1.0:
+            raise ValueError(f"need refine_band >= 0, refine_samples >= 1 and 0 < refine_sparsity < 1, "
+                             f"got refine_band={self.refine_band}, refine_samples={self.refine_samples}, "
+                             f"refine_sparsity={self.refine_sparsity}")
         if self.refine_band and self.refine_length <= self.sink + self.refine_window:
             raise ValueError(f"refine_length {self.refine_length} must exceed the window sink + local = "
                              f"{self.sink + self.refine_window}")
@@ -334,15 +345,16 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
               log: Callable[[str], None] | None = print) -> CalibResult:
     """Runs a calibration; returns the gate matrix, the per-step curve and the wall time.
 
-    haystack: natural-text token ids for `cc.haystack` "text" or "mixed" (default: the calibration half
-    of the shipped corpus, `corpus.haystack_ids(encode)`)."""
+    haystack: natural-text token ids for `cc.haystack` "text" or "mixed" and for the boundary
+    refinement (default: the calibration half of the shipped corpus, `corpus.haystack_ids(encode)`).
+    The refinement (`cc.refine_band` > 0) follows the gradient method only: attention-mass is
+    the cheap baseline."""
     log = log or (lambda s: None)
     params = jax.tree.map(jnp.asarray, params)
-    if cc.haystack == "filler":
-        haystack = None
-    elif haystack is None:
+    refine = cc.method == "gradient" and cc.refine_band > 0
+    if haystack is None and (cc.haystack != "filler" or refine):
         haystack = haystack_ids(encode)
-    samples = make_samples(encode, cc, cc.steps, haystack)
+    samples = make_samples(encode, cc, cc.steps, None if cc.haystack == "filler" else haystack)
     start = time.perf_counter()
     curve: list[dict] = []
     shape = (cfg.num_layers, cfg.num_kv_heads)
@@ -382,10 +394,10 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
             log(f"[calibrate] stopping after {i + 1} steps: past --max-minutes {cc.max_minutes}")
             break
     alpha = break_ties(np.asarray(gates, np.float64), grad_mag)
-    refine = None
-    if cc.refine_band:
-        alpha, refine = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=log)
-    return CalibResult(alpha, curve, time.perf_counter() - start, cc, grad_mag, refine)
+    report = None
+    if refine:
+        alpha, report = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=log)
+    return CalibResult(alpha, curve, time.perf_counter() - start, cc, grad_mag, report)
 
 
 def break_ties(alpha: np.ndarray, secondary: np.ndarray, eps: float = 1e-6) -> np.ndarray:
@@ -428,30 +440,12 @@ def text_samples(haystack: Sequence[int], n: int, length: int, skip: int, rng: n
     return out
 
 
-def key_samples(encode: Encode, n: int, length: int, num_keys: int, rng: np.random.Generator,
-                haystack: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """n multi-pass-key samples of exactly `length` tokens, weighted on the answer span; the keys
-    hide alternately in tiled filler and in `haystack` (filler only when None)."""
-    out = []
-    for i in range(n):
-        s = multi_passkey_sample(encode, length, num_keys, rng, fit_answer=True,
-                                 haystack=haystack if i % 2 else None)
-        w = np.zeros(length, np.float32)
-        w[len(s.ids) - 1: length - 1] = 1.0
-        out.append((np.asarray(s.ids + s.answer_ids, np.int32), w))
-    return out
-
-
-def refine_samples(encode: Encode, cc: CalibConfig, haystack: Sequence[int]
-                   ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
-    """The held-out (text, pass-key) samples `refine_boundary` scores on, drawn with their own
-    seed (not the optimisation's): `cc.refine_samples` windows of `cc.refine_length` natural-text
-    tokens weighted past the refinement window, and `cc.refine_key_samples` pass-key samples of
-    `cc.refine_key_length` tokens weighted on the answer."""
+def refine_samples(cc: CalibConfig, haystack: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The held-out text `refine_boundary` scores on: `cc.refine_samples` windows of
+    `cc.refine_length` tokens of `haystack`, weighted past the refinement window, drawn with their
+    own seed (not the optimisation's)."""
     rng = np.random.default_rng([cc.seed, 1])
-    text = text_samples(haystack, cc.refine_samples, cc.refine_length, cc.sink + cc.refine_window, rng)
-    keys = key_samples(encode, cc.refine_key_samples, cc.refine_key_length, cc.num_keys, rng, haystack)
-    return text, keys
+    return text_samples(haystack, cc.refine_samples, cc.refine_length, cc.sink + cc.refine_window, rng)
 
 
 def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: Sequence[int],
@@ -484,37 +478,6 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
     return base, costs
 
 
-@functools.lru_cache(maxsize=4)
-def _nll_grad_fn(cfg: ModelConfig, sink: int, local: int):
-    """Jitted (params, tokens [1, T], gates, weights [T]) -> d(weighted mean NLL)/d gates."""
-    def nll(gates, params, tokens, weights):
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local)[0, :-1]
-        logp = jax.nn.log_softmax(lm_logits(params, h), axis=-1)
-        tok_nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-        w = weights[:-1]
-        return jnp.sum(w * tok_nll) / jnp.maximum(jnp.sum(w), 1.0)
-    return jax.jit(jax.grad(nll))
-
-
-def linear_flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray,
-                      samples: Sequence[tuple[np.ndarray, np.ndarray]], *, sink: int, local: int,
-                      log: Callable[[str], None] | None = None) -> np.ndarray:
-    """First-order `flip_costs` for every head at once: [layers, kv_heads] = -d NLL / d gate at
-    the binary pattern, averaged over the samples (one forward and backward per sample instead of
-    one forward per head). A gate mixes a head's full and streaming outputs linearly, and one
-    head's flip moves the NLL by a few thousandths of a nat, so the first-order term ranks the
-    heads like the measured differences."""
-    fn = _nll_grad_fn(cfg, sink, local)
-    gates = jnp.asarray(retrieval, jnp.float32)
-    total = np.zeros(retrieval.shape)
-    t0 = time.perf_counter()
-    for i, (t, w) in enumerate(samples):
-        total -= np.asarray(fn(gates, params, jnp.asarray(t)[None], jnp.asarray(w)), np.float64)
-        if log:
-            log(f"[refine] sample {i + 1}/{len(samples)} ({time.perf_counter() - t0:.0f}s)")
-    return total / len(samples)
-
-
 def boundary_band(alpha: np.ndarray, sparsity: float, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(retrieval mask at `sparsity`, flat indices of the band): the k streaming heads with the
     highest gates and the k retrieval heads with the lowest (fewer if a side has fewer)."""
@@ -539,30 +502,31 @@ def rerank_band(alpha: np.ndarray, band: Sequence[int], cost: Sequence[float]) -
 def refine_boundary(params: Params, cfg: ModelConfig, encode: Encode, alpha: np.ndarray, cc: CalibConfig, *,
                     haystack: Sequence[int] | None = None,
                     log: Callable[[str], None] | None = print) -> tuple[np.ndarray, dict]:
-    """Re-ranks the heads at the `cc.refine_sparsity` boundary by what streaming each one costs.
+    """Re-ranks the heads at the `cc.refine_sparsity` boundary by what streaming each costs the
+    model's language modelling.
 
-    The optimisation's gates near the cut are close and move from seed to seed, and a gate
-    measures a hidden-state MSE rather than the model's answers. Here the binary pattern at the
-    target sparsity is the baseline and the band is `boundary_band`'s; each band head's cost
-    (`flip_costs`) is its text cost (natural text past the window, `cc.refine_window`) plus
-    `cc.refine_key_weight` times its pass-key answer cost (the calibration window), on held-out
-    samples (`refine_samples`). The band's cheapest half streams (`rerank_band`). Returns
-    (alpha, report)."""
+    The optimisation ranks heads by a hidden-state MSE on pass-key samples: the heads it is sure
+    about are right, but the gates near the cut are close, move from seed to seed, and say little
+    about long-range language modelling. Here the binary pattern at the target sparsity is the
+    baseline and the band is `boundary_band`'s (`cc.refine_band` heads on each side of the cut);
+    each band head's cost is the measured rise of the next-token NLL over natural text past the
+    streaming window (`flip_costs`, window `cc.sink` + `cc.refine_window`) when that head alone
+    streams, on held-out text (`refine_samples`: the corpus's calibration half, never the half
+    perplexity is scored on). The band's cheapest half streams (`rerank_band`); heads outside
+    the band keep their gates. Measured on SmolLM2 (bench/results/calib_sweep-2026-12-02e/f.json):
+    the 4K perplexity ratio to dense went from 1.019-1.031 to 1.016-1.021 for all seven
+    calibrated patterns tried. Returns (alpha, report)."""
     log = log or (lambda s: None)
     t0 = time.perf_counter()
     haystack = haystack_ids(encode) if haystack is None else haystack
     retrieval, band = boundary_band(alpha, cc.refine_sparsity, cc.refine_band)
-    text, keys = refine_samples(encode, cc, haystack)
-    base_text, text_cost = flip_costs(params, cfg, retrieval, band, text, sink=cc.sink, local=cc.refine_window, log=log)
-    base_key, key_cost = (0.0, np.zeros(len(band)))
-    if keys and cc.refine_key_weight:
-        base_key, key_cost = flip_costs(params, cfg, retrieval, band, keys, sink=cc.sink, local=cc.local, log=log)
-    cost = text_cost + cc.refine_key_weight * key_cost
+    samples = refine_samples(cc, haystack)
+    base, cost = flip_costs(params, cfg, retrieval, band, samples, sink=cc.sink, local=cc.refine_window, log=log)
     alpha_new = rerank_band(alpha, band, cost)
-    moved = [int(h) for h in band if binarize(alpha_new, cc.refine_sparsity).ravel()[h] != retrieval.ravel()[h]]
+    after = binarize(alpha_new, cc.refine_sparsity).ravel()
+    moved = [int(h) for h in band if after[h] != retrieval.ravel()[h]]
     report = {"sparsity": cc.refine_sparsity, "band": [int(h) for h in band], "cost": cost.tolist(),
-              "text_cost": text_cost.tolist(), "key_cost": key_cost.tolist(), "base_text_nll": base_text,
-              "base_key_nll": base_key, "moved": moved, "seconds": time.perf_counter() - t0,
+              "base_nll": base, "moved": moved, "seconds": time.perf_counter() - t0,
               "alpha_before": alpha.tolist()}
     log(f"[refine] {len(moved)} of {len(band)} boundary heads changed side ({report['seconds']:.0f}s)")
     return alpha_new, report
@@ -620,6 +584,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "of the shipped corpus, lserve_jax/data/)")
     ap.add_argument("--text-weight", type=float, default=d.text_weight,
                     help="weight of the MSE over haystack positions past the window (%(default)s)")
+    ap.add_argument("--refine-band", type=int, default=d.refine_band,
+                    help="boundary refinement: heads on each side of the --refine-sparsity cut re-ranked by "
+                    "their measured cost on natural text (%(default)s; 0: off)")
+    ap.add_argument("--refine-sparsity", type=float, default=d.refine_sparsity)
+    ap.add_argument("--refine-samples", type=int, default=d.refine_samples, help="text windows (%(default)s)")
+    ap.add_argument("--refine-length", type=int, default=None,
+                    help=f"tokens per text window (default: {d.refine_length} or the model's context if shorter)")
+    ap.add_argument("--refine-local", type=int, default=None, help="local window of the refinement's "
+                    "streaming heads (default: --local)")
+    ap.add_argument("--from-pattern", help="skip the optimisation: refine the boundary of this pattern TSV")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--max-minutes", type=float, default=None, help="stop after the step that passes this")
     ap.add_argument("--dtype", default="float32", help="parameter dtype for calibration (%(default)s)")
@@ -629,40 +603,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import open_checkpoint
     from .tokenizer import Tokenizer
 
-    try:
-        cc = CalibConfig(method=args.method, sink=args.sink, local=args.local, lengths=args.lengths,
-                         num_keys=args.num_keys, steps=args.steps, lr=args.lr, reg=args.reg, seed=args.seed,
-                         haystack=args.haystack, text_weight=args.text_weight, max_minutes=args.max_minutes)
-    except ValueError as e:
-        ap.error(str(e))
     ckpt = open_checkpoint(args.checkpoint or default_checkpoint())
     if not ckpt.tokenizer_file.exists():
         print(f"error: {ckpt.path} has no tokenizer.json (needed to build the samples)", file=sys.stderr)
         return 2
     max_len = ckpt.config.max_position_embeddings
-    if max(cc.lengths) > max_len:
+    refine_length = args.refine_length or min(d.refine_length, max_len)
+    try:
+        cc = CalibConfig(method=args.method, sink=args.sink, local=args.local, lengths=args.lengths,
+                         num_keys=args.num_keys, steps=args.steps, lr=args.lr, reg=args.reg, seed=args.seed,
+                         haystack=args.haystack, text_weight=args.text_weight, max_minutes=args.max_minutes,
+                         refine_band=args.refine_band, refine_sparsity=args.refine_sparsity,
+                         refine_samples=args.refine_samples, refine_length=refine_length,
+                         refine_local=args.refine_local)
+    except ValueError as e:
+        ap.error(str(e))
+    refine = cc.method == "gradient" and cc.refine_band > 0
+    if not args.from_pattern and max(cc.lengths) > max_len:
         ap.error(f"--lengths {max(cc.lengths)} exceeds the model context {max_len}")
-    if args.text and cc.haystack == "filler":
-        ap.error("--text needs --haystack text or mixed")
+    if refine and cc.refine_length > max_len:
+        ap.error(f"--refine-length {cc.refine_length} exceeds the model context {max_len}")
+    if args.from_pattern and not refine:
+        ap.error("--from-pattern refines a pattern: it needs --method gradient and --refine-band > 0")
+    if args.text and cc.haystack == "filler" and not refine:
+        ap.error("--text needs --haystack text or mixed, or the refinement (--refine-band > 0)")
+    alpha0 = None
+    if args.from_pattern:
+        try:
+            alpha0 = load_pattern(args.from_pattern)
+            check_shape(alpha0, ckpt.config.num_layers, ckpt.config.num_kv_heads)
+        except (OSError, ValueError) as e:
+            print(f"error: --from-pattern {args.from_pattern}: {e}", file=sys.stderr)
+            return 2
     tok = Tokenizer.from_checkpoint_dir(ckpt.path)
     encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     haystack = None
-    if cc.haystack != "filler":
+    if cc.haystack != "filler" or refine:
         try:
             haystack = encode(read_text(args.text)) if args.text else haystack_ids(encode)
         except (OSError, UnicodeDecodeError) as e:
             print(f"error: cannot read --text {args.text}: {e}", file=sys.stderr)
             return 2
-        if len(haystack) < max(cc.lengths):
-            ap.error(f"the haystack text has {len(haystack)} tokens, fewer than --lengths {max(cc.lengths)}")
+        need = max([*(cc.lengths if cc.haystack != "filler" and alpha0 is None else ()),
+                    *((cc.refine_length,) if refine else ())])
+        if len(haystack) < need:
+            ap.error(f"the haystack text has {len(haystack)} tokens, fewer than the {need} the samples need "
+                     f"(--lengths / --refine-length)")
     params = ckpt.load_params(args.dtype)
     print(f"[calibrate] {ckpt.path} ({ckpt.config.num_layers} layers x {ckpt.config.num_kv_heads} KV heads), "
           f"{cc}", flush=True)
-    res = calibrate(params, ckpt.config, encode, cc, haystack=haystack, log=lambda s: print(s, flush=True))
+    logp = lambda s: print(s, flush=True)  # noqa: E731
+    if alpha0 is not None:
+        t0 = time.perf_counter()
+        alpha, report = refine_boundary(jax.tree.map(jnp.asarray, params), ckpt.config, encode, alpha0, cc,
+                                        haystack=haystack, log=logp)
+        res = CalibResult(alpha, [], time.perf_counter() - t0, cc, None, report)
+    else:
+        res = calibrate(params, ckpt.config, encode, cc, haystack=haystack, log=logp)
     out = write_pattern_atomic(args.output or ckpt.path / "head_pattern.tsv", res.alpha)
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".json")
     curve_path.parent.mkdir(parents=True, exist_ok=True)
-    curve_path.write_text(json.dumps({"checkpoint": str(ckpt.path), **res.to_json()}, indent=1))
+    record = {"checkpoint": str(ckpt.path), **res.to_json()}
+    if args.from_pattern:
+        record["from_pattern"] = str(Path(args.from_pattern).absolute())
+    curve_path.write_text(json.dumps(record, indent=1))
     print(f"[calibrate] wrote {out} and {curve_path} in {res.seconds / 60:.1f} min", flush=True)
     return 0
 

@@ -20,7 +20,7 @@ from lserve_jax.passkey import byte_encoder
 CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
 ENCODE = byte_encoder(CFG.vocab_size)
-QUICK = cal.CalibConfig(sink=4, local=16, lengths=(384,), num_keys=2, steps=6, lr=0.1, reg=0.05)
+QUICK = cal.CalibConfig(sink=4, local=16, lengths=(384,), num_keys=2, steps=6, lr=0.1, reg=0.05, refine_band=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +105,22 @@ def test_gradient_calibration_lowers_the_loss(params):
 
 
 TEXT = ENCODE("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 8)
-REFINE = dataclasses.replace(QUICK, refine_band=2, refine_samples=1, refine_length=160)
+REFINE = dataclasses.replace(QUICK, refine_band=2, refine_samples=2, refine_length=160)
 
 
-def test_refine_samples_weight_text_past_the_window_and_answers():
-    samples = cal.refine_samples(ENCODE, REFINE, TEXT)
-    assert len(samples) == 2 * REFINE.refine_samples
-    (text, tw), (keys, kw) = samples
-    assert text.shape == tw.shape == keys.shape == kw.shape == (160,)
-    assert " ".join(map(str, text)) in " ".join(map(str, TEXT))  # a run of the haystack
-    assert np.all(tw[:REFINE.sink + REFINE.local] == 0) and np.all(tw[REFINE.sink + REFINE.local:] == 1)
-    body = bytes(int(t) - 1 for t in keys).decode(errors="replace")
-    assert body.count("The pass key number") == REFINE.num_keys and "yellow" in body  # first one in filler
-    first = int(np.argmax(kw))
-    assert kw.sum() > 0 and np.all(kw[first:159] == 1) and kw[159] == 0  # the answer span
-    held_out = cal.make_samples(ENCODE, REFINE, 1)[0][0]
-    assert not np.array_equal(held_out[:150], keys[:150])  # not the optimisation's samples
-    with pytest.raises(ValueError, match="refine_length"):
-        cal.refine_samples(ENCODE, REFINE, TEXT[:100])
+def test_refine_samples_are_held_out_text_weighted_past_the_window():
+    samples = cal.refine_samples(REFINE, TEXT)
+    assert len(samples) == REFINE.refine_samples
+    joined = " ".join(map(str, TEXT))
+    for tokens, w in samples:
+        assert tokens.shape == w.shape == (160,)
+        assert " ".join(map(str, tokens)) in joined  # a run of the haystack
+        assert np.all(w[:REFINE.sink + REFINE.local] == 0) and np.all(w[REFINE.sink + REFINE.local:] == 1)
+    wide = cal.refine_samples(dataclasses.replace(REFINE, refine_local=40), TEXT)
+    assert int(np.argmax(wide[0][1])) == REFINE.sink + 40  # the refinement's own window
+    assert cal.refine_samples(REFINE, TEXT)[1][0].tolist() == samples[1][0].tolist()  # seeded
+    with pytest.raises(ValueError, match="fewer than 160"):
+        cal.refine_samples(REFINE, TEXT[:100])
 
 
 def _pattern_nll(params, retrieval, samples, cc) -> float:
@@ -141,33 +139,43 @@ def test_refine_boundary_streams_the_cheapest_heads_of_the_band(params):
     new, rep = cal.refine_boundary(params, CFG, ENCODE, alpha, REFINE, haystack=TEXT, log=None)
     assert sorted(rep["band"]) == [0, 1, 2, 3]  # band 2 on each side = every head here
     np.testing.assert_array_equal(np.sort(new.ravel()), np.sort(alpha.ravel()))  # the same gate values
-    samples = cal.refine_samples(ENCODE, REFINE, TEXT)
+    samples = cal.refine_samples(REFINE, TEXT)
     base = binarize(alpha, 0.5)
     assert rep["base_nll"] == pytest.approx(_pattern_nll(params, base, samples, REFINE), rel=1e-4)
     cost = {}
-    for h in range(4):
+    for h, c in zip(rep["band"], rep["cost"]):  # each cost against an independent measurement
         m = base.copy().ravel()
         m[h] = ~m[h]
         flipped = _pattern_nll(params, m.reshape(2, 2), samples, REFINE)
         cost[h] = flipped - rep["base_nll"] if base.ravel()[h] else rep["base_nll"] - flipped
-        assert rep["cost"][str(h)] == pytest.approx(cost[h], abs=1e-4)
-    cheapest = sorted(cost, key=cost.get)[:2]
-    assert sorted(np.flatnonzero(~binarize(new, 0.5))) == sorted(cheapest)
-    assert sorted(rep["moved"]) == sorted(set(cheapest) ^ {0, 3})
-    order = sorted(cost, key=cost.get)  # gates follow the cost order inside the band
-    assert list(np.argsort(new.ravel())) == order
+        assert c == pytest.approx(cost[h], abs=1e-4)
+    order = sorted(cost, key=cost.get)
+    assert sorted(np.flatnonzero(~binarize(new, 0.5))) == sorted(order[:2])  # the cheapest half streams
+    assert sorted(rep["moved"]) == sorted(set(order[:2]) ^ {0, 3})
+    assert list(np.argsort(new.ravel())) == order  # gates follow the cost order inside the band
 
 
-def test_refine_band_outside_is_unchanged_and_calibrate_reports_it(params):
-    alpha = np.array([[0.05, 0.9], [0.6, 0.4]])
-    cc = dataclasses.replace(REFINE, refine_band=1)
-    new, rep = cal.refine_boundary(params, CFG, ENCODE, alpha, cc, haystack=TEXT, log=None)
-    assert sorted(rep["band"]) == [2, 3]  # the highest streaming gate and the lowest retrieval gate
-    assert new[0, 0] == 0.05 and new[0, 1] == 0.9
-    res = cal.calibrate(params, CFG, ENCODE, dataclasses.replace(cc, steps=2), haystack=TEXT, log=None)
-    assert res.refine is not None and len(res.refine["band"]) == 2
+def test_rerank_band_keeps_gates_outside_the_band():
+    alpha = np.array([[0.05, 0.9, 0.3], [0.6, 0.4, 0.95]])
+    retrieval, band = cal.boundary_band(alpha, 0.5, 1)
+    assert sorted(band) == [3, 4]  # the highest streaming gate (0.4) and the lowest retrieval gate (0.6)
+    new = cal.rerank_band(alpha, band, [0.01, -0.01])  # the retrieval head (3) is cheaper to stream
+    assert new[1, 0] == 0.4 and new[1, 1] == 0.6
+    np.testing.assert_array_equal(np.delete(new.ravel(), band), np.delete(alpha.ravel(), band))
+    assert binarize(new, 0.5).sum() == binarize(alpha, 0.5).sum() == 3
+    assert (binarize(new, 0.75) == binarize(alpha, 0.75)).all()  # a cut outside the band does not move
+    _, wide = cal.boundary_band(alpha, 0.5, 10)
+    assert len(wide) == 6  # limited by the heads on each side
+
+
+def test_calibrate_refines_and_reports_it(params):
+    cc = dataclasses.replace(REFINE, refine_band=1, steps=2)
+    res = cal.calibrate(params, CFG, ENCODE, cc, haystack=TEXT, log=None)
+    assert res.refine is not None and len(res.refine["band"]) == 2 and len(res.refine["cost"]) == 2
     np.testing.assert_array_equal(np.sort(res.alpha.ravel()), np.sort(np.asarray(res.refine["alpha_before"]).ravel()))
     assert json.loads(json.dumps(res.to_json()))["refine"]["sparsity"] == 0.5
+    mass = cal.calibrate(params, CFG, ENCODE, dataclasses.replace(cc, method="attention-mass", steps=1), log=None)
+    assert mass.refine is None  # the baseline stays unrefined
     for bad in (dict(refine_band=-1), dict(refine_sparsity=1.0), dict(refine_samples=0),
                 dict(refine_band=1, refine_length=20)):
         with pytest.raises(ValueError, match="refine"):
@@ -232,7 +240,7 @@ def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
     with atomic_directory(dest) as tmp:
         write_checkpoint(tmp, params, CFG, "float32", tokenizer_files={"tokenizer.json": src.read_text()})
     rc = cal.main([str(dest), "--steps", "2", "--lengths", "384", "--sink", "4", "--local", "16",
-                   "--num-keys", "2"])
+                   "--num-keys", "2", "--refine-band", "0"])
     assert rc == 0
     ckpt = open_checkpoint(dest)
     assert ckpt.head_pattern().shape == (2, 2)
@@ -246,10 +254,31 @@ def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
     text = tmp_path / "haystack.txt"
     text.write_text("It was the best of times, it was the worst of times. " * 20)
     assert cal.main([str(dest), "--steps", "1", "--lengths", "384", "--sink", "4", "--local", "16",
-                     "--haystack", "text", "--text", str(text), "--output", str(out)]) == 0
+                     "--haystack", "text", "--text", str(text), "--output", str(out), "--refine-band", "0"]) == 0
     assert json.loads(out.with_suffix(".json").read_text())["config"]["haystack"] == "text"
+    # the refinement (filler samples, --text for the refinement only), then refinement alone
+    assert cal.main([str(dest), "--steps", "2", "--lengths", "384", "--sink", "4", "--local", "16",
+                     "--text", str(text), "--refine-band", "1", "--refine-length", "200", "--refine-samples", "1",
+                     "--output", str(out)]) == 0
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["config"]["refine_length"] == 200 and len(rec["refine"]["band"]) == 2
+    assert "boundary heads changed side" in capsys.readouterr().out
+    refined = tmp_path / "refined.tsv"
+    assert cal.main([str(dest), "--from-pattern", str(out), "--sink", "4", "--local", "16", "--text", str(text),
+                     "--refine-band", "1", "--refine-length", "200", "--refine-samples", "1",
+                     "--output", str(refined)]) == 0
+    rec = json.loads(refined.with_suffix(".json").read_text())
+    assert rec["curve"] == [] and rec["from_pattern"] == str(out)
+    np.testing.assert_array_equal(np.sort(load_pattern(refined).ravel()), np.sort(load_pattern(out).ravel()))
+    bad_pattern = tmp_path / "bad.tsv"
+    bad_pattern.write_text("1\t0\t1\n")
     text.write_text("Too short. " * 5)
-    for bad in (["--haystack", "text", "--text", str(text)], ["--haystack", "filler", "--text", str(text)],
+    for bad in (["--haystack", "text", "--text", str(text), "--refine-band", "0"],
+                ["--haystack", "filler", "--text", str(text), "--refine-band", "0"],
+                ["--text", str(text), "--refine-length", "200"],  # too short for the refinement
+                ["--refine-length", "4096"],  # past the model context (1024)
+                ["--from-pattern", str(bad_pattern)], ["--from-pattern", str(tmp_path / "none.tsv")],
+                ["--from-pattern", str(out), "--refine-band", "0"],
                 ["--haystack", "text", "--text", str(tmp_path / "missing.txt")]):
         with pytest.raises(SystemExit) as e:
             rc = cal.main([str(dest), "--steps", "1", "--lengths", "384", "--output", str(out), *bad])
