@@ -211,21 +211,30 @@ def calibration_sweep() -> list[str]:
              f"with streaming heads seeing the prefill window ({k.get('prefill_sink')}+{k.get('prefill_local')}) and "
              f"the decode window ({k.get('decode_sink')}+{k.get('decode_local')}); and a teacher-forced pass-key "
              "proxy on the accuracy grid's prompts (cells passed where dense passes). `a+b` rows score the mean "
-             "of two settings' gates. The shipped default before 2026-12-02 was `base` (filler haystack); "
-             "it is now `mixed`.", "",
+             "of two settings' gates; `X/...` rows re-rank the boundary of pattern X (`refine_boundary`, see each "
+             "run's note below). Runs a-d predate the refinement (optimisation only). The shipped pattern is "
+             "run f's `base/r4096`: filler samples, seed 0, then the refinement.", "",
              "| run | setting | overrides | ppl ratio, prefill window | ppl ratio, decode window | pass-key proxy |",
              "|---|---|---|---|---|---|"]
+    notes = []
     for name, d in runs:
+        run = name.removesuffix('.json').removeprefix('calib_sweep-')
+        if d.get("note"):
+            notes.append(f"* {run}: {d['note']}")
         dense = d.get("dense", {}).get("proxy_pass")
         for v, e in d.get("variants", {}).items():
             over = ", ".join(f"{a}={b}" for a, b in (e.get("overrides") or {}).items())
-            if e.get("combo"):
+            if e.get("refined_from"):
+                over = f"boundary of {e['refined_from']} re-ranked" + (f" ({e['rule']})" if e.get("rule") else "")
+            elif e.get("combo") and len(e["combo"]) == 1:
+                over = f"gates of {e['combo'][0]} from an earlier run"
+            elif e.get("combo"):
                 over = "mean of the gates of " + " and ".join(e["combo"])
-            lines.append(f"| {name.removesuffix('.json').removeprefix('calib_sweep-')} | {v} | "
+            lines.append(f"| {run} | {v} | "
                          f"{over or 'shipped'} | "
                          f"{e['ppl_ratio_prefill']:.4f} | {e['ppl_ratio_decode']:.4f} | "
                          f"{e['proxy_pass_where_dense']}/{dense} |")
-    return lines + [""]
+    return lines + [""] + notes + ([""] if notes else [])
 
 
 def prefill_summary() -> dict:
