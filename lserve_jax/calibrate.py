@@ -580,14 +580,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reg", type=float, default=d.reg, help="L1 weight lambda (%(default)s)")
     ap.add_argument("--haystack", choices=HAYSTACKS, default=d.haystack,
                     help="hide the keys in natural text, in tiled filler, or alternately in both (%(default)s)")
-    ap.add_argument("--text", help="UTF-8 text file for --haystack text/mixed (default: the calibration half "
-                    "of the shipped corpus, lserve_jax/data/)")
+    ap.add_argument("--text", help="UTF-8 text file for --haystack text/mixed and the refinement (default: the "
+                    "calibration half of the shipped corpus, lserve_jax/data/)")
     ap.add_argument("--text-weight", type=float, default=d.text_weight,
                     help="weight of the MSE over haystack positions past the window (%(default)s)")
     ap.add_argument("--refine-band", type=int, default=d.refine_band,
                     help="boundary refinement: heads on each side of the --refine-sparsity cut re-ranked by "
                     "their measured cost on natural text (%(default)s; 0: off)")
-    ap.add_argument("--refine-sparsity", type=float, default=d.refine_sparsity)
+    ap.add_argument("--refine-sparsity", type=float, default=d.refine_sparsity,
+                    help="static sparsity whose cut is refined (%(default)s)")
     ap.add_argument("--refine-samples", type=int, default=d.refine_samples, help="text windows (%(default)s)")
     ap.add_argument("--refine-length", type=int, default=None,
                     help=f"tokens per text window (default: {d.refine_length} or the model's context if shorter)")
@@ -595,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "streaming heads (default: --local)")
     ap.add_argument("--from-pattern", help="skip the optimisation: refine the boundary of this pattern TSV")
     ap.add_argument("--seed", type=int, default=d.seed)
-    ap.add_argument("--max-minutes", type=float, default=None, help="stop after the step that passes this")
+    ap.add_argument("--max-minutes", type=float, default=None, help="stop the optimisation after the step "
+                    "that passes this (the refinement still runs)")
     ap.add_argument("--dtype", default="float32", help="parameter dtype for calibration (%(default)s)")
     args = ap.parse_args(argv)
 
