@@ -257,11 +257,12 @@ def main(argv=None) -> int:
     if args.mass_pattern:
         patterns["attention-mass"] = load_pattern(args.mass_pattern)
     calib_json = os.path.splitext(pattern_path)[0] + ".json"
-    calib_minutes = calib_device = None
+    calib_minutes = calib_device = calib_cpu = None
     if os.path.exists(calib_json):
         with open(calib_json) as f:
             record = json.load(f)
         calib_minutes, calib_device = record.get("minutes"), record.get("device", "CPU")
+        calib_cpu = record.get("cpu_minutes", calib_minutes if calib_device == "CPU" else None)
 
     variants = [Variant("dense", None)]
     for s in args.sparsities:
@@ -371,7 +372,7 @@ def main(argv=None) -> int:
         res["grid"] = old["grid"]
     if args.skip_ppl and "perplexity" in old:
         res["perplexity"] = old["perplexity"]
-    res["summary"] = summary(res, headline, s0, calib_minutes, calib_device)
+    res["summary"] = summary(res, headline, s0, calib_minutes, calib_device, calib_cpu)
     if "grid" in res:
         png = os.path.splitext(out)[0] + ".png"
         heatmap(png, res["grid"]["variants"], args.lengths, args.depths)
@@ -385,8 +386,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def summary(res: dict, headline: str, s0: float, calib_minutes, calib_device=None) -> dict:
-    out: dict = {"headline_variant": headline, "calibrate_minutes": calib_minutes, "calibrate_device": calib_device}
+def summary(res: dict, headline: str, s0: float, calib_minutes, calib_device=None, calib_cpu=None) -> dict:
+    out: dict = {"headline_variant": headline, "calibrate_minutes": calib_minutes, "calibrate_device": calib_device,
+                 "calibrate_minutes_cpu": calib_cpu}
     if "grid" in res:
         g = res["grid"]["variants"]
         dense = np.asarray(g["dense"]["pass"]) >= 1.0
