@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lserve_jax.calibrate import gated_hidden, lm_logits, random_pattern  # noqa: E402
+from lserve_jax.calibrate import gated_nll_fn, random_pattern  # noqa: E402
 from lserve_jax.config import SparseConfig  # noqa: E402
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
@@ -109,16 +109,6 @@ def run_grid(engine, prompts, max_new_tokens: int = 8) -> tuple[list, list]:
 # ------------------------------------------------------------------------------------------
 
 
-def _nll_fn(cfg, sink: int, local: int):
-    @jax.jit
-    def nll(params, tokens, gates):
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)[:, :-1]
-        logp = jax.nn.log_softmax(lm_logits(params, h), axis=-1)
-        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-
-    return nll
-
-
 def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: int, local: int) -> dict:
     """Perplexity over `windows` consecutive, non-overlapping full windows of `length` tokens:
     exp of the total NLL over every predicted token of every window (each window predicts its
@@ -128,7 +118,7 @@ def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: in
         raise ValueError(f"the text has {len(text_ids)} tokens, {windows} x {length} requested")
     toks = jnp.asarray(np.asarray(text_ids[: windows * length], np.int32).reshape(windows, length))
     g = None if gates is None else jnp.asarray(gates, jnp.float32)
-    fn = _nll_fn(cfg, sink, local)
+    fn = gated_nll_fn(cfg, sink, local)
     nll = np.concatenate([np.asarray(fn(params, toks[i:i + 1], g), np.float64) for i in range(windows)])
     tail = nll[:, sink + local:]
     return {"ppl": float(np.exp(nll.mean())), "ppl_tail": float(np.exp(tail.mean())) if tail.size else None,

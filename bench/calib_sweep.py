@@ -33,7 +33,6 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +50,7 @@ from common import log  # noqa: E402
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
 from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden,  # noqa: E402
-                                  lm_logits, refine_boundary, rerank_band, text_samples)
-from lserve_jax.passkey import Encode, multi_passkey_sample  # noqa: E402  # noqa: E402
+                                  lm_logits, make_samples, refine_boundary, rerank_band, text_samples)
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
@@ -83,20 +81,6 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings (the refin
     "mixed-keys5": {"haystack": "mixed", "num_keys": 5},
     "mixed-reg0.1": {"haystack": "mixed", "reg": 0.1},
 }
-
-
-def key_samples(encode: Encode, n: int, length: int, num_keys: int, rng: np.random.Generator,
-                haystack: Sequence[int] | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """n multi-pass-key samples of exactly `length` tokens, weighted on the answer span; the keys
-    hide alternately in tiled filler and in `haystack` (filler only when None)."""
-    out = []
-    for i in range(n):
-        s = multi_passkey_sample(encode, length, num_keys, rng, fit_answer=True,
-                                 haystack=haystack if i % 2 else None)
-        w = np.zeros(length, np.float32)
-        w[len(s.ids) - 1: length - 1] = 1.0
-        out.append((np.asarray(s.ids + s.answer_ids, np.int32), w))
-    return out
 
 
 def _proxy_fn(cfg, sink: int, local: int):
@@ -206,8 +190,9 @@ def main() -> int:
         rng = np.random.default_rng([cc.seed, 1])
         retrieval, band = boundary_band(alpha, args.sparsity, args.refine_band)
         texts = text_samples(haystack, args.refine_samples, args.refine_length[0], cc.sink + 256, rng)
-        keys = (key_samples(encode, 4, 1024, cc.num_keys, rng, haystack)
-                + key_samples(encode, 4, 2048, cc.num_keys, rng, haystack))
+        keys = [(tokens, span) for length in (1024, 2048)  # keys alternately in filler and text
+                for tokens, span, _ in make_samples(encode, dataclasses.replace(cc, lengths=(length,), haystack="mixed"),
+                                                    4, haystack, rng)]
         t0 = time.perf_counter()
         costs = {"t256": flip_costs(params, cfg, retrieval, band, texts, sink=cc.sink, local=256)[1],
                  "t128": flip_costs(params, cfg, retrieval, band, texts, sink=cc.sink, local=128)[1],
@@ -264,7 +249,7 @@ def main() -> int:
         score_refined(combo, alpha, dataclasses.replace(SHIPPED, **VARIANTS.get(parts[0], {})))
 
     save()
-    print(f"\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")
+    print("\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")
     print("|---|---|---|---|---|")
     for name, e in res["variants"].items():
         print(f"| {name} | {e['calibrate_s']:.0f} | {e['ppl_ratio_prefill']:.4f} | {e['ppl_ratio_decode']:.4f} | "

@@ -110,6 +110,12 @@ class CalibConfig:
     def refine_window(self) -> int:
         return self.local if self.refine_local is None else self.refine_local
 
+    @property
+    def refines(self) -> bool:
+        """Whether `calibrate` ends with the boundary refinement (gradient method only:
+        attention-mass is the cheap baseline)."""
+        return self.method == "gradient" and self.refine_band > 0
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
@@ -254,10 +260,27 @@ def lm_logits(params: Params, hidden: jax.Array) -> jax.Array:
 def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig, layout: HeadLayout | None = None, *,
               sink: int = 0, local: int = 1, impl: str = "reference") -> jax.Array:
     """Negative log-likelihood of tokens[:, 1:] given their prefixes: float32 [B, T - 1]."""
-    h = forward_hidden(params, tokens, cfg, layout, sink=sink, local=local, impl=impl)[:, :-1]
-    logits = lm_logits(params, h)
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    return next_token_nll(params, forward_hidden(params, tokens, cfg, layout, sink=sink, local=local, impl=impl),
+                          tokens)
+
+
+def next_token_nll(params: Params, hidden: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[B, T, hidden] normed hidden states of `tokens` [B, T] -> float32 [B, T - 1]: the negative
+    log-likelihood of each next token."""
+    logp = jax.nn.log_softmax(lm_logits(params, hidden[:, :-1]), axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+@functools.lru_cache(maxsize=8)
+def gated_nll_fn(cfg: ModelConfig, sink: int, local: int):
+    """Jitted (params, tokens [B, T], gates or None) -> `next_token_nll` [B, T - 1] of the gated
+    model (binary gates: the sparse prefill model exactly; None: dense). Cached per window, so
+    every pattern scored at one window shares one compilation."""
+    @jax.jit
+    def nll(params, tokens, gates):
+        return next_token_nll(params, gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False),
+                              tokens)
+    return nll
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,15 +288,16 @@ def token_nll(params: Params, tokens: jax.Array, cfg: ModelConfig, layout: HeadL
 # ------------------------------------------------------------------------------------------
 
 
-def make_samples(encode: Encode, cfg: CalibConfig, n: int, haystack: Sequence[int] | None = None
-                 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def make_samples(encode: Encode, cfg: CalibConfig, n: int, haystack: Sequence[int] | None = None,
+                 rng: np.random.Generator | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """n (tokens int32 [T], span float32 [T], context float32 [T]) triples. `span` marks the
     positions whose next-token outputs are the answer (the loss positions); `context` the prompt
     positions past the streaming window (sink + local), where streaming heads see less than
     dense ones (the `text_weight` term). The prompt is shortened so prompt + answer is exactly
     the requested length (one compiled shape per length). haystack: natural-text token ids to
-    hide the keys in (None: tiled filler; with cfg.haystack "mixed", only odd samples use it)."""
-    rng = np.random.default_rng(cfg.seed)
+    hide the keys in (None: tiled filler; with cfg.haystack "mixed", only odd samples use it).
+    rng: where the keys, depths and offsets come from (default: seeded with cfg.seed)."""
+    rng = np.random.default_rng(cfg.seed) if rng is None else rng
     out = []
     for i in range(n):
         length = cfg.lengths[i % len(cfg.lengths)]
@@ -351,8 +375,7 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
     the cheap baseline."""
     log = log or (lambda s: None)
     params = jax.tree.map(jnp.asarray, params)
-    refine = cc.method == "gradient" and cc.refine_band > 0
-    if haystack is None and (cc.haystack != "filler" or refine):
+    if haystack is None and (cc.haystack != "filler" or cc.refines):
         haystack = haystack_ids(encode)
     samples = make_samples(encode, cc, cc.steps, None if cc.haystack == "filler" else haystack)
     start = time.perf_counter()
@@ -395,7 +418,7 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
             break
     alpha = break_ties(np.asarray(gates, np.float64), grad_mag)
     report = None
-    if refine:
+    if cc.refines:
         alpha, report = refine_boundary(params, cfg, encode, alpha, cc, haystack=haystack, log=log)
     return CalibResult(alpha, curve, time.perf_counter() - start, cc, grad_mag, report)
 
@@ -408,21 +431,6 @@ def break_ties(alpha: np.ndarray, secondary: np.ndarray, eps: float = 1e-6) -> n
     sec = np.asarray(secondary, np.float64)
     sec = (sec - sec.min()) / max(np.ptp(sec), 1e-30)
     return (np.clip(alpha, 0.0, 1.0) + eps * sec) / (1.0 + eps)
-
-
-@functools.lru_cache(maxsize=4)
-def _nll_fn(cfg: ModelConfig, sink: int, local: int):
-    """Jitted (params, tokens [1, T], gates, weights [T]) -> the weighted mean negative
-    log-likelihood of tokens[t + 1] given tokens[:t + 1] over positions t (binary gates: the
-    sparse prefill model exactly)."""
-    @jax.jit
-    def nll(params, tokens, gates, weights):
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)[0, :-1]
-        logp = jax.nn.log_softmax(lm_logits(params, h), axis=-1)
-        tok_nll = -jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0]
-        w = weights[:-1]
-        return jnp.sum(w * tok_nll) / jnp.maximum(jnp.sum(w), 1.0)
-    return nll
 
 
 def text_samples(haystack: Sequence[int], n: int, length: int, skip: int, rng: np.random.Generator
@@ -456,13 +464,14 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
     head h (a flat index) streams and every other head stays as in the pattern, i.e.
     NLL(P + h streaming) - NLL(P) for a retrieval head and NLL(P) - NLL(P - h streaming) for a
     streaming one. Returns (NLL(P), costs [len(heads)])."""
-    fn = _nll_fn(cfg, sink, local)
-    dev = [(jnp.asarray(t)[None], jnp.asarray(w)) for t, w in samples]
+    fn = gated_nll_fn(cfg, sink, local)
+    dev = [(jnp.asarray(t)[None], jnp.asarray(w[:-1])) for t, w in samples]  # weights of the predictions
     t0 = time.perf_counter()
 
     def nll(mask: np.ndarray) -> float:
         g = jnp.asarray(mask.reshape(retrieval.shape), jnp.float32)
-        return float(np.mean([float(fn(params, t, g, w)) for t, w in dev]))
+        return float(np.mean([float(jnp.sum(w * fn(params, t, g)[0]) / jnp.maximum(jnp.sum(w), 1.0))
+                              for t, w in dev]))
 
     base_mask = retrieval.ravel().copy()
     base = nll(base_mask)
@@ -620,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          refine_local=args.refine_local)
     except ValueError as e:
         ap.error(str(e))
-    refine = cc.method == "gradient" and cc.refine_band > 0
+    refine = cc.refines
     if not args.from_pattern and max(cc.lengths) > max_len:
         ap.error(f"--lengths {max(cc.lengths)} exceeds the model context {max_len}")
     if refine and cc.refine_length > max_len:

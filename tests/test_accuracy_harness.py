@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lserve_jax import passkey as pk
+from lserve_jax.calibrate import gated_hidden, lm_logits
 from lserve_jax.config import ModelConfig, SparseConfig
 from lserve_jax.engine import Engine
 from lserve_jax.heads import binarize, layout_and_permutation
@@ -223,15 +224,15 @@ def test_calib_sweep_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
         got = sweep.passkey_proxy(fn, params, cells, gates)
         for c, ok in zip(cells, got):
             toks = jnp.asarray([c.ids + c.answer_ids], jnp.int32)
-            h = acc.gated_hidden(params, toks, CFG, gates, sink=4, local=16)
-            pred = np.asarray(jnp.argmax(acc.lm_logits(params, h[0]), -1))[len(c.ids) - 1:-1]
+            h = gated_hidden(params, toks, CFG, gates, sink=4, local=16)
+            pred = np.asarray(jnp.argmax(lm_logits(params, h[0]), -1))[len(c.ids) - 1:-1]
             want = c.answer_ids[:-1]
             assert ok == (list(pred[:len(want)]) == want)
     # an answer equal to the model's own first prediction passes (only the first token is
     # checked: the period after it is excluded, and later inputs would change the prediction)
     c = cells[0]
     toks = jnp.asarray([c.ids + c.answer_ids], jnp.int32)
-    pred = np.asarray(jnp.argmax(acc.lm_logits(params, acc.gated_hidden(params, toks, CFG, None, sink=4,
+    pred = np.asarray(jnp.argmax(lm_logits(params, gated_hidden(params, toks, CFG, None, sink=4,
                                                                           local=16)[0]), -1))
     own = dataclasses.replace(c, answer_ids=[int(pred[len(c.ids) - 1]), 1])
     assert sweep.passkey_proxy(fn, params, [own, cells[1]], None)[0]
