@@ -50,7 +50,8 @@ from common import log  # noqa: E402
 from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
 from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden,  # noqa: E402
-                                  lm_logits, make_samples, refine_boundary, rerank_band, text_samples)
+                                  lm_logits, make_samples, refine_boundary, refine_samples, rerank_band,
+                                  text_samples)
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
@@ -62,6 +63,12 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings (the refin
     "base-norefine": {"refine_band": 0},
     "base-seed1": {"seed": 1},
     "base-seed2": {"seed": 2},
+    "base-s48": {"steps": 48},
+    "base-s48-seed1": {"steps": 48, "seed": 1},
+    "base-s48-seed2": {"steps": 48, "seed": 2},
+    "base-s64": {"steps": 64},
+    "base-s64-seed1": {"steps": 64, "seed": 1},
+    "base-s64-seed2": {"steps": 64, "seed": 2},
     "text": {"haystack": "text"},
     "text-w256": {"haystack": "text", "local": 256},
     "text-tw1": {"haystack": "text", "text_weight": 1.0},
@@ -130,6 +137,11 @@ def main() -> int:
                     "variant's calibration window)")
     ap.add_argument("--refine-study", action="store_true", help="score several boundary re-rankings "
                     "(text cost at two windows, pass-key cost, mixes) instead of `refine_boundary`'s")
+    ap.add_argument("--window-study", type=int, default=0, help="refine each optimised pattern from the "
+                    "per-window flip costs of this many text windows (the default recipe's come first) and "
+                    "score the refinement that the first k of them give, for each k in --window-subsets")
+    ap.add_argument("--window-subsets", type=acc._ints, default=[2, 3, 4], help="window counts k (--window-study)")
+    ap.add_argument("--skip-unrefined", action="store_true", help="do not score the optimised patterns themselves")
     ap.add_argument("--budget-s", type=float, default=540, help="start no variant after this many seconds")
     ap.add_argument("--out", help="JSON path (default: $OUT/calib_sweep.json or bench/results/)")
     args = ap.parse_args()
@@ -208,7 +220,39 @@ def main() -> int:
                   {"refined_from": name, "rule": rule, "band": band.tolist(),
                    "costs": {k: v.tolist() for k, v in costs.items()}, "calibrate_s": 0.0})
 
+    scored: dict[bytes, str] = {}  # binary pattern -> the entry that scored it (--window-study)
+
+    def window_study(name: str, alpha: np.ndarray, cc: CalibConfig) -> None:
+        """The boundary refinement from the first k of --window-study windows, for each k."""
+        rc = dataclasses.replace(cc, refine_band=args.refine_band or SHIPPED.refine_band, refine_sparsity=args.sparsity,
+                                 refine_samples=args.window_study, refine_length=args.refine_length[0],
+                                 refine_local=args.refine_local)
+        retrieval, band = boundary_band(alpha, args.sparsity, rc.refine_band)
+        t0 = time.perf_counter()
+        _, _, per = flip_costs(params, cfg, retrieval, band, refine_samples(rc, haystack), sink=rc.sink,
+                               local=rc.refine_window)
+        secs = time.perf_counter() - t0
+        log(f"{name}: {args.window_study} windows of flip costs in {secs:.0f}s")
+        for k in [k for k in args.window_subsets if k <= args.window_study]:
+            if time.perf_counter() - common.T0 > args.budget_s:
+                return
+            refined = rerank_band(alpha, band, per[:k].mean(0))
+            entry = {"refined_from": name, "windows": k, "band": band.tolist(), "window_cost": per.tolist(),
+                     "calibrate_s": secs * k / args.window_study}
+            key = binarize(refined, args.sparsity).tobytes()
+            if key in scored:  # the same binary pattern: the same scores
+                same = res["variants"][scored[key]]
+                entry.update({m: same[m] for m in same if m.startswith(("ppl_ratio", "proxy", "cells"))},
+                             same_pattern_as=scored[key], alpha=refined.tolist())
+                res["variants"][f"{name}/w{k}"] = entry
+                log(f"{name}/w{k}: same pattern as {scored[key]}")
+                continue
+            scored[key] = f"{name}/w{k}"
+            score(f"{name}/w{k}", refined, entry)
+
     def score_refined(name: str, alpha: np.ndarray, cc: CalibConfig) -> None:
+        if args.window_study:
+            return window_study(name, alpha, cc)
         if args.refine_study:
             return study(name, alpha, cc)
         if not args.refine_band:
@@ -230,11 +274,16 @@ def main() -> int:
         cc = dataclasses.replace(SHIPPED, **VARIANTS[name])
         if args.steps:
             cc = dataclasses.replace(cc, steps=args.steps)
+        if args.window_study:  # the optimisation alone; window_study refines
+            cc = dataclasses.replace(cc, refine_band=0)
         r = calibrate(params, cfg, encode, cc, log=None)
         alphas[name] = r.alpha
-        score(name, r.alpha, {"overrides": {k2: list(v) if isinstance(v, tuple) else v
-                                             for k2, v in VARIANTS[name].items()},
-                              "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"]})
+        entry = {"overrides": {k2: list(v) if isinstance(v, tuple) else v for k2, v in VARIANTS[name].items()},
+                 "calibrate_s": r.seconds, "final_loss": r.curve[-1]["loss"]}
+        if args.skip_unrefined:
+            res["variants"][name] = {**entry, "alpha": r.alpha.tolist(), "unscored": True}
+        else:
+            score(name, r.alpha, entry)
         score_refined(name, r.alpha, cc)
     for combo in [c for c in args.combos.split(",") if c]:
         if time.perf_counter() - common.T0 > args.budget_s:
@@ -252,6 +301,8 @@ def main() -> int:
     print("\n| variant | calib s | ppl ratio (prefill window) | ppl ratio (decode window) | proxy cells (where dense) |")
     print("|---|---|---|---|---|")
     for name, e in res["variants"].items():
+        if e.get("unscored"):
+            continue
         print(f"| {name} | {e['calibrate_s']:.0f} | {e['ppl_ratio_prefill']:.4f} | {e['ppl_ratio_decode']:.4f} | "
               f"{e['proxy_pass_where_dense']}/{sum(dense_cells)} |")
     print(f"wrote {out}")

@@ -45,6 +45,39 @@ def test_binary_gates_equal_the_sparse_prefill_model(params):
     assert float(jnp.max(jnp.abs(gated - dense))) > 1e-3  # the streaming heads do change the output
 
 
+@pytest.mark.parametrize("t,sink,local,block", [(100, 4, 16, 16), (64, 0, 8, 16), (37, 8, 64, 8), (96, 20, 10, 32),
+                                                (50, 4, 1, 7), (40, 3, 5, 64)])
+def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, block):
+    """gated_attention (blocks that read only the keys they may see) == the two [T, T] attentions
+    of `_two_attentions` mixed by the gates, in value and in the gradient on the gates and q."""
+    kq, kk, kv = jax.random.split(jax.random.key(t + sink), 3)
+    q = 2.0 * jax.random.normal(kq, (2, t, 4, 8))
+    k = 2.0 * jax.random.normal(kk, (2, t, 2, 8))
+    v = jax.random.normal(kv, (2, t, 2, 8))
+    gate = jnp.array([0.3, 1.0])
+
+    def ref(q, gate):
+        o_full, o_stream, _ = cal._two_attentions(q, k, v, sink, local)
+        a = gate[None, None, :, None, None]
+        return a * o_full + (1.0 - a) * o_stream
+
+    got = cal.gated_attention(q, k, v, gate, sink, local, block)
+    np.testing.assert_allclose(got, ref(q, gate), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(cal.gated_attention(q, k, v, None, sink, local, block),
+                               cal._two_attentions(q, k, v, sink, local, stream=False)[0], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(cal.gated_attention(q, k, v, jnp.zeros(2), sink, local, block),
+                               cal._two_attentions(q, k, v, sink, local)[1], atol=2e-5, rtol=2e-5)
+    for static in [(True, False), (False, True), (True, True), (False, False)]:  # binary gates, static
+        np.testing.assert_allclose(cal.gated_attention(q, k, v, static, sink, local, block),
+                                   ref(q, jnp.asarray(static, jnp.float32)), atol=2e-5, rtol=2e-5)
+    w = jax.random.normal(jax.random.key(7), got.shape)
+    loss = lambda f: lambda q, gate: jnp.sum(w * f(q, gate))  # noqa: E731
+    g_got = jax.grad(loss(lambda q, g: cal.gated_attention(q, k, v, g, sink, local, block)), argnums=(0, 1))(q, gate)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(q, gate)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_samples_have_exact_length_and_answer_span():
     samples = cal.make_samples(ENCODE, QUICK, 3)
     for tokens, span, context in samples:
@@ -104,8 +137,8 @@ def test_gradient_calibration_lowers_the_loss(params):
     assert res.to_json()["curve"][0]["distill"] == pytest.approx(0.0, abs=1e-8)  # gates start at 1
 
 
-TEXT = ENCODE("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 8)
-REFINE = dataclasses.replace(QUICK, refine_band=2, refine_samples=2, refine_length=160)
+TEXT = ENCODE("Call me Ishmael. Some years ago, never mind how long precisely, I went to sea. " * 12)
+REFINE = dataclasses.replace(QUICK, refine_band=2, refine_samples=2, refine_length=600)  # 3 attention blocks
 
 
 def test_refine_samples_are_held_out_text_weighted_past_the_window():
@@ -113,14 +146,14 @@ def test_refine_samples_are_held_out_text_weighted_past_the_window():
     assert len(samples) == REFINE.refine_samples
     joined = " ".join(map(str, TEXT))
     for tokens, w in samples:
-        assert tokens.shape == w.shape == (160,)
+        assert tokens.shape == w.shape == (600,)
         assert " ".join(map(str, tokens)) in joined  # a run of the haystack
         assert np.all(w[:REFINE.sink + REFINE.local] == 0) and np.all(w[REFINE.sink + REFINE.local:] == 1)
     wide = cal.refine_samples(dataclasses.replace(REFINE, refine_local=40), TEXT)
     assert int(np.argmax(wide[0][1])) == REFINE.sink + 40  # the refinement's own window
     assert cal.refine_samples(REFINE, TEXT)[1][0].tolist() == samples[1][0].tolist()  # seeded
-    with pytest.raises(ValueError, match="fewer than 160"):
-        cal.refine_samples(REFINE, TEXT[:100])
+    with pytest.raises(ValueError, match="fewer than 600"):
+        cal.refine_samples(REFINE, TEXT[:500])
 
 
 def _pattern_nll(params, retrieval, samples, cc) -> float:
@@ -149,6 +182,10 @@ def test_refine_boundary_streams_the_cheapest_heads_of_the_band(params):
         flipped = _pattern_nll(params, m.reshape(2, 2), samples, REFINE)
         cost[h] = flipped - rep["base_nll"] if base.ravel()[h] else rep["base_nll"] - flipped
         assert c == pytest.approx(cost[h], abs=1e-4)
+    per_window = np.asarray(rep["window_cost"])
+    assert per_window.shape == (REFINE.refine_samples, 4)
+    np.testing.assert_allclose(per_window.mean(0), rep["cost"], atol=1e-7)
+    assert np.ptp(per_window, axis=0).max() > 0  # two windows, two measurements
     order = sorted(cost, key=cost.get)
     assert sorted(np.flatnonzero(~binarize(new, 0.5))) == sorted(order[:2])  # the cheapest half streams
     assert sorted(rep["moved"]) == sorted(set(order[:2]) ^ {0, 3})
