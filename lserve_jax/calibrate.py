@@ -196,7 +196,7 @@ def _two_attentions(q, k, v, sink: int, local: int, stream: bool = True):
     return o_full, o_stream, l_stream / l_full
 
 
-BLOCK = 256  # query rows per block of `gated_attention`
+BLOCK = 256  # query rows per block of `gated_attention` on CPU (elsewhere: one block)
 
 
 def _block_mask(rows: tuple[int, int], keys: tuple[tuple[int, int], ...], sink: int, local: int | None) -> np.ndarray:
@@ -276,9 +276,10 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
 
     q [B, T, Hq, D], k/v [B, T, Hkv, D] -> float32 [B, T, Hkv, G, D]. gate: [Hkv] array in
     [0, 1]; None: full attention only; a tuple of Hkv bools (static): binary gates, each head
-    computing only its own attention (True: full). block: default `BLOCK`."""
-    block = block or BLOCK
+    computing only its own attention (True: full). block: default `BLOCK` on CPU; on a GPU one
+    block (the whole [T, T], which a GPU does faster than many small blocks, and compiles faster)."""
     b, t, hq, d = q.shape
+    block = block or (BLOCK if jax.default_backend() == "cpu" else t)
     hkv = k.shape[2]
     g = hq // hkv
     qh = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
@@ -371,10 +372,11 @@ def next_token_nll(params: Params, hidden: jax.Array, tokens: jax.Array, chunk: 
     """[B, T, hidden] normed hidden states of `tokens` [B, T] -> float32 [B, T - 1]: the negative
     log-likelihood of each next token, `logsumexp(logits) - logit[next]`.
 
-    The [positions, vocab] logits go through in chunks of `chunk` positions (default: 64 on CPU,
-    where small chunks stay in cache and run about 25% faster at 4K tokens; 1024 elsewhere)."""
+    On CPU the [positions, vocab] logits go through in chunks of `chunk` positions (default 64:
+    small chunks stay in cache and run about 25% faster at 4K tokens); elsewhere in one piece
+    unless `chunk` is given."""
     b, t, d = hidden.shape
-    chunk = chunk or (64 if jax.default_backend() == "cpu" else 1024)
+    chunk = chunk or (64 if jax.default_backend() == "cpu" else b * (t - 1))
     n = b * (t - 1)
     pad = (-n) % chunk
     h = jnp.pad(hidden[:, :-1].reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
