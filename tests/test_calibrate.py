@@ -47,9 +47,10 @@ def test_binary_gates_equal_the_sparse_prefill_model(params):
 
 @pytest.mark.parametrize("t,sink,local,block", [(100, 4, 16, 16), (64, 0, 8, 16), (37, 8, 64, 8), (96, 20, 10, 32),
                                                 (50, 4, 1, 7), (40, 3, 5, 64)])
-def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, block):
+def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, block, monkeypatch):
     """gated_attention (blocks that read only the keys they may see) == the two [T, T] attentions
-    of `_two_attentions` mixed by the gates, in value and in the gradient on the gates and q."""
+    of `_two_attentions` mixed by the gates, in value and in the gradient on the gates, q, k, v."""
+    monkeypatch.setattr(cal, "STREAM_BLOCK", 8)  # streaming blocks smaller than the full ones
     kq, kk, kv = jax.random.split(jax.random.key(t + sink), 3)
     q = 2.0 * jax.random.normal(kq, (2, t, 4, 8))
     k = 2.0 * jax.random.normal(kk, (2, t, 2, 8))
@@ -75,6 +76,14 @@ def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, bloc
     g_got = jax.grad(loss(lambda q, g: cal.gated_attention(q, k, v, g, sink, local, block)), argnums=(0, 1))(q, gate)
     g_ref = jax.grad(loss(ref), argnums=(0, 1))(q, gate)
     for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+    def mixed(k, v):  # the gradient on k and v too (the custom backward pass)
+        o_full, o_stream, _ = cal._two_attentions(q, k, v, sink, local)
+        a = gate[None, None, :, None, None]
+        return jnp.sum(w * (a * o_full + (1.0 - a) * o_stream))
+    g_got = jax.grad(lambda k, v: jnp.sum(w * cal.gated_attention(q, k, v, gate, sink, local, block)), argnums=(0, 1))(k, v)
+    for a, b in zip(g_got, jax.grad(mixed, argnums=(0, 1))(k, v)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
