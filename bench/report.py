@@ -158,6 +158,8 @@ def attention_decode() -> list[str]:
              f"`python bench/decode_attn.py` (`{name}`), times in µs."]
     if d.get("caveat"):
         lines += ["", f"Caveat recorded with the run: {d['caveat']}"]
+    if d.get("note"):
+        lines += ["", f"Note recorded with the run: {d['note']}"]
     if d.get("table"):
         lines += ["", "```", d["table"].rstrip(), "```"]
     return lines + [""]
@@ -223,9 +225,12 @@ def calibration_sweep() -> list[str]:
             notes.append(f"* {run}: {d['note']}")
         dense = d.get("dense", {}).get("proxy_pass")
         for v, e in d.get("variants", {}).items():
+            if e.get("unscored"):  # optimised only, scored after refinement (--skip-unrefined)
+                continue
             over = ", ".join(f"{a}={b}" for a, b in (e.get("overrides") or {}).items())
             if e.get("refined_from"):
-                over = f"boundary of {e['refined_from']} re-ranked" + (f" ({e['rule']})" if e.get("rule") else "")
+                over = f"boundary of {e['refined_from']} re-ranked" + (f" ({e['rule']})" if e.get("rule") else "") \
+                    + (f" from {e['windows']} windows" if e.get("windows") else "")
             elif e.get("combo") and len(e["combo"]) == 1:
                 over = f"gates of {e['combo'][0]} from an earlier run"
             elif e.get("combo"):

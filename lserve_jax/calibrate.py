@@ -12,16 +12,18 @@ text (`--haystack text`: the calibration half of the shipped corpus, `corpus.hay
 `--text FILE`), in tiled filler (`--haystack filler`), or alternately in both (`mixed`). `--text-weight w` adds `w` times the
 same MSE over the haystack positions past the streaming window (the dense model's language
 modelling over long range, which the answer span alone does not see). Only the gates get gradients:
-the weights are constants, so no weight gradient is ever computed; layers are rematerialised
-(`jax.checkpoint`).
+the weights are constants, so no weight gradient is ever computed. The layers run as one
+`lax.scan`; on CPU attention goes by blocks of query rows that read only the keys they may see,
+with a flash-style backward pass (`gated_attention`).
 
 Then the boundary refinement (`refine_boundary`, `--refine-band`, on by default): the gates near
 the 50% cut are close and move from seed to seed, so the 12 heads on each side of it are
 re-ranked by the measured rise of next-token NLL over natural text past the streaming window
 when each one alone streams (the corpus's calibration half, 4 windows of 4096 tokens), and the
 cheapest half streams. `--from-pattern TSV` runs only this step on an existing pattern (a
-DuoAttention one, or an earlier run). On an H200 it takes seconds; on 2 CPU cores it costs one
-4096-token forward per (band head + 1) x window, which dominates the run (see README).
+DuoAttention one, or an earlier run). On an H200 it takes seconds; on 2 CPU cores it is most
+of the run (see README): the pattern's forward over each window keeps every layer's input, and
+each flipped head recomputes the layers from its own on (`flip_costs`).
 
 `attention-mass` (a cheap baseline): one dense forward per sample; a head's score is the
 attention probability that the answer-span queries put outside the streaming window.
@@ -68,10 +70,10 @@ class CalibConfig:
     """Knobs of a calibration run. `sink`/`local` are the streaming window being calibrated
     for. The defaults are the settings that produced the shipped SmolLM2-135M pattern: the
     decode window (64 + 128: the narrower one, and answers are decoded); 80 Adam steps on
-    samples of 512-1536 tokens whose pass keys hide in tiled filler (13-20 minutes on 2 CPU
-    cores, seconds on an H200); then the boundary refinement at 50% sparsity (`refine_boundary`:
-    12 heads on each side of the cut, re-ranked by their measured cost on 4 windows of 4096
-    tokens of natural text).
+    samples of 512-1536 tokens whose pass keys hide in tiled filler; then the boundary
+    refinement at 50% sparsity (`refine_boundary`: 12 heads on each side of the cut, re-ranked
+    by their measured cost on 4 windows of 4096 tokens of natural text). 22.5 minutes on 2 CPU
+    cores (9.6 + 13.0), 8.5 seconds on an H200.
 
     Measured on SmolLM2 (bench/calib_sweep.py, bench/results/calib_sweep-2026-12-02*.json; 4K
     perplexity ratio to dense at 50% streaming heads, and a teacher-forced pass-key proxy on the
