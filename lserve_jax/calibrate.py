@@ -200,7 +200,6 @@ def _two_attentions(q, k, v, sink: int, local: int, stream: bool = True):
 
 BLOCK = 256  # query rows per block of `gated_attention` on CPU (elsewhere: one block)
 STREAM_BLOCK = 128  # the same for its streaming attention (reads sink + local + block keys per block)
-REMAT = False  # rematerialise layers in the gradient step (off: 15% faster on CPU, memory is ample at these lengths)
 
 
 def _block_mask(rows: tuple[int, int], keys: tuple[tuple[int, int], ...], sink: int, local: int | None) -> np.ndarray:
@@ -246,9 +245,10 @@ def _full_attention(qh, kh, vh, block: int):
     """Causal attention by blocks of query rows, each reading the keys up to its last row:
     qh [B, Hkv, G, T, D] (pre-scaled), kh/vh [B, Hkv, T, D] -> float32 [B, Hkv, G, T, D]."""
     t = qh.shape[3]
-    outs = [_softmax_attend(qh[:, :, :, s:min(s + block, t)], kh[:, :, :min(s + block, t)],
-                            vh[:, :, :min(s + block, t)], ((s, min(s + block, t)), ((0, min(s + block, t)),), 0, None))
-            for s in range(0, t, block)]
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        outs.append(_softmax_attend(qh[:, :, :, s:e], kh[:, :, :e], vh[:, :, :e], ((s, e), ((0, e),), 0, None)))
     return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
 
 
@@ -306,9 +306,9 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
     return o.transpose(0, 3, 1, 2, 4)
 
 
-def _gated_layer(lp, x: jax.Array, gate: jax.Array | None, cfg: ModelConfig, sink: int, local: int) -> jax.Array:
+def _gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int) -> jax.Array:
     """One decoder layer of the gated model: x [B, T, hidden] -> the next layer's input.
-    gate [Hkv] (None: dense)."""
+    gate: as `gated_attention`'s."""
     b, t = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv_freq = inv_frequencies(cfg)
@@ -459,7 +459,8 @@ def _gradient_step_fn(cfg: ModelConfig, sink: int, local: int, reg: float, lr: f
         return jnp.sum(w * (h - target) ** 2) / (jnp.maximum(jnp.sum(w), 1.0) * h.shape[-1])
 
     def loss_fn(gates, params, tokens, span, context, target):
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=REMAT).astype(jnp.float32)
+        # no rematerialisation: 15% faster on CPU, and the blocked attention keeps the saved state small
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False).astype(jnp.float32)
         distill = mse(h, target, span)
         if text_weight:
             distill = distill + text_weight * mse(h, target, context)
@@ -605,11 +606,10 @@ def _layer_fn(cfg: ModelConfig, sink: int, local: int):
 
 @functools.lru_cache(maxsize=8)
 def _weighted_nll_fn(cfg: ModelConfig):
-    """Jitted (final norm, embed, lm_head, last layer's output x [1, T, hidden], tokens [1, T],
-    weights [T - 1]) -> the weighted mean next-token NLL."""
-    def f(final_norm, embed, lm_head, x, tokens, w):
-        p = Params(embed=embed, layers=(), final_norm=final_norm, lm_head=lm_head)
-        nll = next_token_nll(p, rms_norm(x, final_norm, cfg.rms_norm_eps), tokens)[0]
+    """Jitted (params, last layer's output x [1, T, hidden], tokens [1, T], weights [T - 1]) ->
+    the weighted mean next-token NLL."""
+    def f(params, x, tokens, w):
+        nll = next_token_nll(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps), tokens)[0]
         return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1.0)
     return jax.jit(f)
 
@@ -630,7 +630,7 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
     final = _weighted_nll_fn(cfg)
     gates = [tuple(bool(b) for b in row) for row in np.asarray(retrieval, bool)]
     hkv = len(gates[0])
-    last = (params.final_norm, params.embed, params.lm_head)
+    head = params.replace(layers=())  # what the final NLL reads
     t0 = time.perf_counter()
     base = np.zeros(len(samples))
     flipped = np.zeros((len(samples), len(heads)))
@@ -640,14 +640,14 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
         xs = [params.embed[tok]]  # xs[l]: input of layer l
         for lp, g in zip(params.layers, gates):
             xs.append(layer(lp, xs[-1], g))
-        base[i] = float(final(*last, xs[-1], tok, wd))
+        base[i] = float(final(head, xs[-1], tok, wd))
         for j, h in enumerate(heads):
             l, kv = divmod(int(h), hkv)
             g = tuple(b != (n == kv) for n, b in enumerate(gates[l]))
             x = layer(params.layers[l], xs[l], g)
             for m in range(l + 1, cfg.num_layers):
                 x = layer(params.layers[m], x, gates[m])
-            flipped[i, j] = float(final(*last, x, tok, wd))
+            flipped[i, j] = float(final(head, x, tok, wd))
         if log:
             log(f"[refine] window {i + 1}/{len(samples)}: {len(heads)} heads flipped "
                 f"({time.perf_counter() - t0:.0f}s)")
