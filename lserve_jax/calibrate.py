@@ -220,22 +220,33 @@ def _softmax_attend(q, k, v, spec):
     return _attend_fwd(q, k, v, spec)[0]
 
 
+def _block_bias(rows: tuple[int, int], keys: tuple[tuple[int, int], ...], sink: int, local: int | None) -> np.ndarray:
+    """`_block_mask` as an additive float32 bias (0 where allowed, -inf elsewhere): XLA's CPU
+    backend fuses an add into the softmax pass, where a select costs a pass of its own."""
+    return np.where(_block_mask(rows, keys, sink, local), 0.0, -np.inf).astype(np.float32)
+
+
 def _attend_fwd(q, k, v, spec):
-    s = jnp.where(_block_mask(*spec), jnp.einsum("bhgqd,bhkd->bhgqk", q, k), -jnp.inf)
+    d = v.shape[-1]
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bhgqk,bhkd->bhgqd", p, v) / l
+    # a ones column on v: the same matmul gives the softmax denominators (no pass of its own over p)
+    ol = jnp.einsum("bhgqk,bhkd->bhgqd", p, jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1))
+    l = ol[..., d:]
+    o = ol[..., :d] / l
     return o, (q, k, v, o, m + jnp.log(l))
 
 
 def _attend_bwd(spec, res, do):
     q, k, v, o, lse = res
-    p = jnp.exp(jnp.where(_block_mask(*spec), jnp.einsum("bhgqd,bhkd->bhgqk", q, k), -jnp.inf) - lse)
-    dv = jnp.einsum("bhgqk,bhgqd->bhkd", p, do)
-    dp = jnp.einsum("bhgqd,bhkd->bhgqk", do, v)
-    ds = p * (dp - jnp.sum(do * o, axis=-1, keepdims=True))
-    return jnp.einsum("bhgqk,bhkd->bhgqd", ds, k), jnp.einsum("bhgqk,bhgqd->bhkd", ds, q), dv
+    p = jnp.exp(jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec) - lse)
+    ds = p * (jnp.einsum("bhgqd,bhkd->bhgqk", do, v) - jnp.sum(do * o, axis=-1, keepdims=True))
+    # dk and dv as [D, m] products with p and ds in their own layout, transposed after: XLA's CPU
+    # dot would otherwise copy the [n, m] matrices into [m, n] first (about 20% of this pass)
+    dv = jnp.einsum("bhgqd,bhgqk->bhdk", do, p)
+    dk = jnp.einsum("bhgqd,bhgqk->bhdk", q, ds)
+    return jnp.einsum("bhgqk,bhkd->bhgqd", ds, k), jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2)
 
 
 _softmax_attend.defvjp(_attend_fwd, _attend_bwd)
@@ -278,10 +289,11 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
     outputs mixed (its reference, tests/test_calibrate.py) at a fraction of the work and memory
     (what makes CPU calibration affordable at 4K tokens).
 
-    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> float32 [B, T, Hkv, G, D]. gate: [Hkv] array in
-    [0, 1]; None: full attention only; a tuple of Hkv bools (static): binary gates, each head
-    computing only its own attention (True: full). block: default `BLOCK` on CPU; on a GPU one
-    block (the whole [T, T], which a GPU does faster than many small blocks, and compiles faster)."""
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> float32 [B, T, Hkv, G, D]. gate: None: full attention
+    only; a float [Hkv] array in [0, 1]: the mix; a bool [Hkv] array: binary gates, each head
+    computing only its own attention (a `lax.cond` per head, so one compilation serves every
+    binary pattern; True: full). block: default `BLOCK` on CPU; on a GPU one block (the whole
+    [T, T], which a GPU does faster than many small blocks, and compiles faster)."""
     b, t, hq, d = q.shape
     cpu = jax.default_backend() == "cpu"
     block = block or (BLOCK if cpu else t)
@@ -291,18 +303,16 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
     qh = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
     kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
     vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    full = lambda q, k, v: _full_attention(q, k, v, block)  # noqa: E731
+    stream = lambda q, k, v: _streaming_attention(q, k, v, sink, local, sblock)  # noqa: E731
     if gate is None:
-        o = _full_attention(qh, kh, vh, block)
-    elif isinstance(gate, tuple):
-        full = [h for h in range(hkv) if gate[h]]
-        stream = [h for h in range(hkv) if not gate[h]]
-        parts = ([_full_attention(qh[:, full], kh[:, full], vh[:, full], block)] if full else []) + \
-                ([_streaming_attention(qh[:, stream], kh[:, stream], vh[:, stream], sink, local, sblock)] if stream else [])
-        o = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        o = o[:, np.argsort(full + stream)] if full and stream else o
+        o = full(qh, kh, vh)
+    elif jnp.issubdtype(gate.dtype, jnp.bool_):  # one head at a time, each on its own branch
+        o = jnp.concatenate([jax.lax.cond(gate[h], full, stream, qh[:, h:h + 1], kh[:, h:h + 1], vh[:, h:h + 1])
+                             for h in range(hkv)], axis=1)
     else:
         a = gate.astype(jnp.float32)[None, :, None, None, None]
-        o = a * _full_attention(qh, kh, vh, block) + (1.0 - a) * _streaming_attention(qh, kh, vh, sink, local, sblock)
+        o = a * full(qh, kh, vh) + (1.0 - a) * stream(qh, kh, vh)
     return o.transpose(0, 3, 1, 2, 4)
 
 
@@ -539,8 +549,10 @@ def calibrate(params: Params, cfg: ModelConfig, encode: Encode, cc: CalibConfig 
         return CalibResult(total / n, curve, time.perf_counter() - start, cc)
 
     opt, step = _gradient_step_fn(cfg, cc.sink, cc.local, cc.reg, cc.lr, cc.text_weight)
-    gates = jnp.full(shape, cc.init, jnp.float32)
-    opt_state = opt.init(gates)
+    # committed to the device from the start, as the step's outputs are: otherwise the second
+    # step of each sample length compiles again
+    gates = jax.device_put(jnp.full(shape, cc.init, jnp.float32), jax.devices()[0])
+    opt_state = jax.device_put(opt.init(gates), jax.devices()[0])
     grad_mag = np.zeros(shape)
     stacked = stack_layers(params)
     for i, (tokens, span, context) in enumerate(samples):
@@ -599,9 +611,9 @@ def refine_samples(cc: CalibConfig, haystack: Sequence[int]) -> list[tuple[np.nd
 
 @functools.lru_cache(maxsize=8)
 def _layer_fn(cfg: ModelConfig, sink: int, local: int):
-    """Jitted (layer params, x, binary gate: a tuple of Hkv bools) -> next x: one compilation
-    per gate tuple serves every layer."""
-    return jax.jit(lambda lp, x, gate: _gated_layer(lp, x, gate, cfg, sink, local), static_argnums=2)
+    """Jitted (layer params, x, binary gate: bool [Hkv]) -> next x: one compilation serves every
+    layer and gate."""
+    return jax.jit(lambda lp, x, gate: _gated_layer(lp, x, gate, cfg, sink, local))
 
 
 @functools.lru_cache(maxsize=8)
@@ -628,8 +640,9 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
     so flipping a head in layer l recomputes layers l.. only (`_layer_fn`, blocked attention)."""
     layer = _layer_fn(cfg, sink, local)
     final = _weighted_nll_fn(cfg)
-    gates = [tuple(bool(b) for b in row) for row in np.asarray(retrieval, bool)]
-    hkv = len(gates[0])
+    retrieval = np.asarray(retrieval, bool)
+    gates = [jnp.asarray(row) for row in retrieval]
+    hkv = retrieval.shape[1]
     head = params.replace(layers=())  # what the final NLL reads
     t0 = time.perf_counter()
     base = np.zeros(len(samples))
@@ -643,8 +656,7 @@ def flip_costs(params: Params, cfg: ModelConfig, retrieval: np.ndarray, heads: S
         base[i] = float(final(head, xs[-1], tok, wd))
         for j, h in enumerate(heads):
             l, kv = divmod(int(h), hkv)
-            g = tuple(b != (n == kv) for n, b in enumerate(gates[l]))
-            x = layer(params.layers[l], xs[l], g)
+            x = layer(params.layers[l], xs[l], jnp.asarray(retrieval[l] != (np.arange(hkv) == kv)))
             for m in range(l + 1, cfg.num_layers):
                 x = layer(params.layers[m], x, gates[m])
             flipped[i, j] = float(final(head, x, tok, wd))

@@ -68,9 +68,9 @@ def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, bloc
                                cal._two_attentions(q, k, v, sink, local, stream=False)[0], atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(cal.gated_attention(q, k, v, jnp.zeros(2), sink, local, block),
                                cal._two_attentions(q, k, v, sink, local)[1], atol=2e-5, rtol=2e-5)
-    for static in [(True, False), (False, True), (True, True), (False, False)]:  # binary gates, static
-        np.testing.assert_allclose(cal.gated_attention(q, k, v, static, sink, local, block),
-                                   ref(q, jnp.asarray(static, jnp.float32)), atol=2e-5, rtol=2e-5)
+    for binary in [(True, False), (False, True), (True, True), (False, False)]:  # binary gates: lax.cond per head
+        np.testing.assert_allclose(cal.gated_attention(q, k, v, jnp.asarray(binary), sink, local, block),
+                                   ref(q, jnp.asarray(binary, jnp.float32)), atol=2e-5, rtol=2e-5)
     w = jax.random.normal(jax.random.key(7), got.shape)
     loss = lambda f: lambda q, gate: jnp.sum(w * f(q, gate))  # noqa: E731
     g_got = jax.grad(loss(lambda q, g: cal.gated_attention(q, k, v, g, sink, local, block)), argnums=(0, 1))(q, gate)
