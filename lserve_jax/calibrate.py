@@ -72,8 +72,8 @@ class CalibConfig:
     decode window (64 + 128: the narrower one, and answers are decoded); 80 Adam steps on
     samples of 512-1536 tokens whose pass keys hide in tiled filler; then the boundary
     refinement at 50% sparsity (`refine_boundary`: 12 heads on each side of the cut, re-ranked
-    by their measured cost on 4 windows of 4096 tokens of natural text). 22.5 minutes on 2 CPU
-    cores (9.6 + 13.0), 8.5 seconds on an H200.
+    by their measured cost on 4 windows of 4096 tokens of natural text). 17.8 minutes on 2 CPU
+    cores (8.1 + 9.7), 8.5 seconds on an H200.
 
     Measured on SmolLM2 (bench/calib_sweep.py, bench/results/calib_sweep-2026-12-02*.json; 4K
     perplexity ratio to dense at 50% streaming heads, and a teacher-forced pass-key proxy on the
