@@ -862,7 +862,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = write_pattern_atomic(args.output or ckpt.path / "head_pattern.tsv", res.alpha)
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".json")
     curve_path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": str(ckpt.path), **res.to_json()}
+    dev = jax.devices()[0]
+    record = {"checkpoint": str(ckpt.path), "device": "CPU" if dev.platform == "cpu" else dev.device_kind,
+              "cpu_cores": os.cpu_count(), **res.to_json()}
     if args.from_pattern:
         record["from_pattern"] = str(Path(args.from_pattern).absolute())
     curve_path.write_text(json.dumps(record, indent=1))
