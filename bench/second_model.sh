@@ -17,9 +17,9 @@ src=$1 out=$2
 shift 2
 ckpt=${CKPT:-${LSERVE_JAX_CACHE:-$HOME/.cache/lserve_jax}/$(basename "${src%/}" .gguf)-lserve}  # the converted checkpoint
 mkdir -p "$out"
-[ -f "$ckpt/lserve.json" ] || python -m lserve_jax.convert.cli "$src" "$ckpt" --dtype float32 --quiet --force
-[ -f "$out/pattern.tsv" ] || python -m lserve_jax.calibrate --checkpoint "$ckpt" --output "$out/pattern.tsv"
-[ -f "$out/mass.tsv" ] || python -m lserve_jax.calibrate --checkpoint "$ckpt" --method attention-mass \
+[ -f "$ckpt/lserve.json" ] || python -m convert "$src" "$ckpt" --dtype float32 --quiet --force
+[ -f "$out/pattern.tsv" ] || python -m lserve_jax.calibrate "$ckpt" --output "$out/pattern.tsv"
+[ -f "$out/mass.tsv" ] || python -m lserve_jax.calibrate "$ckpt" --method attention-mass \
   --output "$out/mass.tsv"
 python bench/accuracy.py --checkpoint "$ckpt" --pattern "$out/pattern.tsv" --mass-pattern "$out/mass.tsv" \
   --out "$out/accuracy.json" --resume "$@"
