@@ -292,6 +292,7 @@ def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
     assert ckpt.head_pattern().shape == (2, 2)
     curve = json.loads((dest / "head_pattern.json").read_text())
     assert len(curve["curve"]) == 2 and curve["config"]["local"] == 16
+    assert curve["device"] == "CPU" and curve["cpu_cores"] >= 1  # what bench/accuracy.py reports the time against
     assert "step 2/2" in capsys.readouterr().out
     out = tmp_path / "elsewhere.tsv"
     assert cal.main([str(dest), "--method", "attention-mass", "--steps", "1", "--lengths", "384",
