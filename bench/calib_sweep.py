@@ -93,7 +93,7 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings (the refin
 def _proxy_fn(cfg, sink: int, local: int):
     @jax.jit
     def fn(params, tokens, gates, pos):  # pos [B, A]: positions whose next token is the answer
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local, remat=False)
+        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local)
         h = jnp.take_along_axis(h, pos[..., None], axis=1)
         return jnp.argmax(lm_logits(params, h), axis=-1)
     return fn

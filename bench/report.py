@@ -173,6 +173,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _summary_tables(d: dict, skip: tuple[type, ...]) -> list[str]:
+    """An accuracy run's summary metrics (leaving out values of the `skip` types) as a table,
+    then the run's own markdown tables."""
+    flat = {k: v for k, v in (d.get("summary") or {}).items() if not isinstance(v, skip)}
+    lines = ["", "| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()] if flat else []
+    return lines + (["", d["table_md"].rstrip()] if d.get("table_md") else [])
+
+
 def accuracy() -> list[str]:
     runs = _load("accuracy-*.json")
     if not runs:
@@ -186,12 +194,7 @@ def accuracy() -> list[str]:
     if per:
         lines += ["", "| variant | cells passed | passed where dense passes |", "|---|---|---|"]
         lines += [f"| {k} | {v['cells_pass']} | {v['pass_where_dense_passes']} |" for k, v in per.items()]
-    flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-    if flat:
-        lines += ["", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
-    if d.get("table_md"):
-        lines += ["", d["table_md"].rstrip()]
+    lines += _summary_tables(d, skip=(dict,))
     for png in sorted(glob.glob(os.path.join(RESULTS, "accuracy-*.png")))[-1:]:
         lines += ["", f"![passkey grid](bench/results/{os.path.basename(png)})"]
     return lines + [""]
@@ -203,13 +206,9 @@ def second_model() -> list[str]:
     if not runs:
         return []
     name, d = runs[-1]
-    summary = d.get("summary") or {}
     lines = [f"## Accuracy on a second model ({d.get('model', '?')}, {d.get('backend', '?')})", "",
-             f"`bench/second_model.sh` (`{name}`). {d.get('note', '')}", ""]
-    flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]
-    if d.get("table_md"):
-        lines += ["", d["table_md"].rstrip()]
+             f"`bench/second_model.sh` (`{name}`). {d.get('note', '')}"]
+    lines += _summary_tables(d, skip=(dict, list))
     if d.get("heatmap"):
         lines += ["", f"![passkey grid]({d['heatmap']})"]
     return lines + [""]

@@ -7,7 +7,7 @@
 #   bench/second_model.sh MODEL.gguf OUTDIR [bench/accuracy.py arguments...]
 #
 # Used for Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, ../shared/BENCH.md); the arguments of that run
-# are in the note of bench/results/accuracy-qwen2.5-coder-0.5b-*.json.
+# are in the note of bench/results/second_model-qwen2.5-coder-0.5b-*.json.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 MODEL.gguf|HF_DIR OUTDIR [bench/accuracy.py arguments...]" >&2
