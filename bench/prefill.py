@@ -80,7 +80,7 @@ def main(argv=None):
     log("env", env)
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
-    params = shard_params(params, args.tp)
+    params = shard_params(params, cfg, args.tp)
     log(f"params {param_bytes(params) / 1e9:.1f} GB; retrieval heads per layer {layout_sparse.num_retrieval}")
     results = {"env": env, "shape": args.shape, "knobs": SparseConfig().__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}

@@ -31,22 +31,12 @@ from decode import dense_stepper, paged_stepper, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax import model as model_lib
-from lserve_jax.model import _logits, _mlp, _proj, _qkv, rms_norm
 from lserve_jax.params import init_params
-from lserve_jax.rope import apply_rope, inv_frequencies
 
 
 def no_attention_step(params, x_tokens, positions, cfg):
     """The decode step without attention or cache: o = q. What weights and launches cost."""
-    inv = inv_frequencies(cfg)
-    x = params.embed[x_tokens]
-    x, b0 = model_lib.pad_rows(x)
-    for lp in params.layers:
-        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, h, cfg)
-        q = apply_rope(q[:, None], positions[:, None], inv)[:, 0]
-        x = _mlp(lp, x + _proj(q.reshape(x.shape[0], -1), lp.wo), cfg)
-    return _logits(params, x[:b0], cfg)
+    return model_lib.decode_forward(params, x_tokens, positions, cfg, lambda i, q, k, v: (q, None))[0]
 
 
 def stepper(name, params, cfg, layouts, batch, ctx, extra):

@@ -27,11 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .arrays import Arrays
 from .config import ConfigError, ModelConfig
 from .heads import load_pattern
 from .params import Params, abstract_params
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layers hold only the weights their family declares (1: absent q/k/v biases as None)
+READABLE_FORMATS = (1, 2)
+_V1_OPTIONAL = ("bq", "bk", "bv")  # format 1 stored these as None when a model had no biases
 META_FILE = "lserve.json"
 PATTERN_FILE = "head_pattern.tsv"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -69,12 +72,19 @@ class Checkpoint:
         """Restores the params (optionally cast to another dtype)."""
         import orbax.checkpoint as ocp
 
-        target = abstract_params(self.config, DTYPES[self.dtype])
+        target = abstract = abstract_params(self.config, DTYPES[self.dtype])
+        legacy = self.meta.get("format") == 1
+        if legacy:
+            target = target.replace(layers=tuple(
+                Arrays({**{n: None for n in _V1_OPTIONAL}, **dict(lp.items())}) for lp in target.layers))
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 params = ckptr.restore(self.path / "params", target)
         except Exception as e:  # orbax raises many types for a damaged tree
             raise CheckpointError(f"cannot restore the parameters in {self.path / 'params'}: {e}") from None
+        if legacy:
+            params = params.replace(layers=tuple(  # declaration order, as abstract_params makes it
+                Arrays({n: lp.get(n) for n in want}) for lp, want in zip(params.layers, abstract.layers)))
         if dtype is not None and dtype != self.dtype:
             params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
         return params
@@ -96,8 +106,9 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         dtype = meta["dtype"]
     except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"corrupted {meta_file}: {e}") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} has checkpoint format {meta.get('format')}, this version reads "
+                              f"{READABLE_FORMATS}; convert the model again")
     if dtype not in DTYPES:
         raise CheckpointError(f"{meta_file}: unknown dtype {dtype!r}")
     for part in ("params",):

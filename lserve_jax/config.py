@@ -11,33 +11,37 @@ import json
 import os
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
-
-
 class ConfigError(ValueError):
     """A config that this project cannot run (unknown architecture, inconsistent shapes...)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `kind` is "none", "linear" or "llama3" (HF `rope_type`)."""
+    """RoPE frequency scaling. `kind` is "none", "linear", "llama3" or "yarn" (HF `rope_type`).
+
+    The fields after `original_max_position_embeddings` are YaRN's, with transformers' defaults:
+    `attention_factor` None means derived from `factor` (and `mscale` / `mscale_all_dim` when
+    both are nonzero; 0 means unset, as in transformers where they are tested for truthiness).
+    """
 
     kind: str = "none"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Llama-family decoder, built from an HF `config.json` by `from_hf`."""
 
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # a model family (lserve_jax.models): "llama", "mistral", "qwen2", "qwen3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -50,7 +54,7 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v projection bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projection bias (Qwen2; optional elsewhere)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -71,17 +75,16 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Builds the config from a parsed HF `config.json` dict; raises ConfigError if unsupported."""
-        archs = hf.get("architectures") or []
-        arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            model_type = hf.get("model_type")
-            if model_type in ("llama", "mistral", "qwen2"):
-                arch = model_type
-            else:
-                raise ConfigError(
-                    f"unsupported architecture {archs or model_type!r}; supported: "
-                    f"{sorted(SUPPORTED_ARCHITECTURES)}"
-                )
+        from . import models  # the family registry (pure Python, like this module)
+
+        family = models.for_hf(hf)
+        if family is None:
+            raise ConfigError(
+                f"unsupported architecture {hf.get('architectures') or hf.get('model_type')!r}; supported: "
+                f"{models.hf_architectures()}"
+            )
+        arch = family.name
+        hf = {**family.hf_defaults, **hf}
         try:
             hidden = int(hf["hidden_size"])
             heads = int(hf["num_attention_heads"])
@@ -95,7 +98,7 @@ class ModelConfig:
                 if rs is None and rp.get("rope_type", "default") != "default":
                     rs = rp
             window = hf.get("sliding_window")
-            if (hf.get("use_sliding_window", arch == "mistral") and window is not None
+            if (hf.get("use_sliding_window", False) and window is not None
                     and int(window) < int(hf.get("max_position_embeddings", 4096))):
                 raise ConfigError(
                     f"sliding-window attention (sliding_window={window}) is not supported; models with "
@@ -113,10 +116,10 @@ class ModelConfig:
                 head_dim=head_dim,
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
                 rope_theta=rope_theta,
-                rope_scaling=_rope_scaling(rs),
+                rope_scaling=_rope_scaling(rs, hf),
                 max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+                attention_bias=bool(hf.get("attention_bias", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
             )
@@ -139,7 +142,25 @@ class ModelConfig:
         return cls(**d)
 
 
-def _rope_scaling(rs: dict[str, Any] | None) -> RopeScaling:
+def _rope_number(rs: dict[str, Any], key: str, default: Any = None) -> Any:
+    """rope_scaling[key] as a float (`default` when absent or null); ConfigError naming the field."""
+    v = rs.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"rope_scaling.{key} must be a number, got {v!r}")
+    return float(v)
+
+
+def _rope_scaling(rs: dict[str, Any] | None, hf: dict[str, Any] | None = None) -> RopeScaling:
+    """Parses HF's `rope_scaling` (or transformers 5 `rope_parameters`); `hf` is the whole
+    config.json, needed for partial rotary and YaRN's defaults (`max_position_embeddings`)."""
+    hf = hf or {}
+    rp = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    for where, d in (("", hf), ("rope_parameters.", rp), ("rope_scaling.", rs or {})):
+        prf = d.get("partial_rotary_factor")
+        if prf is not None and prf != 1:
+            raise ConfigError(f"partial rotary ({where}partial_rotary_factor={prf}) is not supported")
     if not rs:
         return RopeScaling()
     kind = rs.get("rope_type", rs.get("type", "default"))
@@ -155,7 +176,56 @@ def _rope_scaling(rs: dict[str, Any] | None) -> RopeScaling:
             high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
         )
-    raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3")
+    if kind == "yarn":
+        return _yarn_scaling(rs, hf)
+    raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3, yarn")
+
+
+def _yarn_scaling(rs: dict[str, Any], hf: dict[str, Any]) -> RopeScaling:
+    """YaRN with transformers' (5.x) defaulting: `original_max_position_embeddings` defaults to
+    `max_position_embeddings`, and a top-level `original_max_position_embeddings` wins over the
+    rope dict's; an explicit `factor` is used as is (even when it disagrees with
+    max_position_embeddings / original), a null one is that ratio; beta_fast / beta_slow default
+    (also when 0) to 32 / 1; `truncate` to true."""
+    if "factor" not in rs:
+        raise ConfigError("yarn rope_scaling needs 'factor' (rope_scaling.factor)")
+    max_pos = int(hf.get("max_position_embeddings", 4096))
+    orig = hf.get("original_max_position_embeddings")
+    if orig is None:
+        orig = rs.get("original_max_position_embeddings")
+    if orig is None:
+        orig = max_pos
+    if isinstance(orig, bool) or not isinstance(orig, (int, float)) or orig != int(orig) or orig <= 0:
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be a positive integer, got {orig!r}")
+    orig = int(orig)
+    factor = _rope_number(rs, "factor")
+    if factor is None:
+        factor = float(max_pos) / orig
+    if not factor > 0 or factor == float("inf"):
+        raise ConfigError(f"rope_scaling.factor must be > 0, got {factor!r}")
+    attention_factor = _rope_number(rs, "attention_factor")
+    if attention_factor is not None and not (0 < attention_factor < float("inf")):
+        raise ConfigError(f"rope_scaling.attention_factor must be > 0, got {attention_factor!r}")
+    beta_fast = _rope_number(rs, "beta_fast") or 32.0  # `or`: transformers treats 0 as unset
+    beta_slow = _rope_number(rs, "beta_slow") or 1.0
+    for name, v in (("beta_fast", beta_fast), ("beta_slow", beta_slow)):
+        if not 0 < v < float("inf"):
+            raise ConfigError(f"rope_scaling.{name} must be > 0, got {v!r}")
+    if beta_fast < beta_slow:
+        raise ConfigError(f"rope_scaling.beta_fast ({beta_fast}) must be >= rope_scaling.beta_slow ({beta_slow})")
+    mscale = _rope_number(rs, "mscale", 0.0)
+    mscale_all_dim = _rope_number(rs, "mscale_all_dim", 0.0)
+    for name, v in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
+        if not 0 <= v < float("inf"):
+            raise ConfigError(f"rope_scaling.{name} must be >= 0, got {v!r}")
+    truncate = rs.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ConfigError(f"rope_scaling.truncate must be true or false, got {truncate!r}")
+    return RopeScaling(
+        kind="yarn", factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
+        beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,
+        mscale_all_dim=mscale_all_dim, truncate=truncate,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,7 +101,7 @@ class Engine:
         self.tokenizer = tokenizer
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, prefill_impl, decode_impl, tp)
-        self.params = shard_params(params, tp)
+        self.params = shard_params(params, config, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")

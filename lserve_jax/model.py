@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ from .attention.decode import decode_attention
 from .attention.prefill import prefill_attention
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
-from .params import LayerParams, Params
-from .rope import apply_rope, inv_frequencies
+from .models.layer import causal_attention, decoder_layer, logits
+from .params import Params
 from .selection import insert_newest, select_pages
 from .sharding import DECODE_SPECS, PREFILL_SPECS, check_tp, tensor_parallel
 
@@ -69,41 +69,6 @@ def pad_rows(x: jax.Array) -> tuple[jax.Array, int]:
     return jnp.pad(x, ((0, DECODE_MIN_ROWS - b),) + ((0, 0),) * (x.ndim - 1)), b
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return w * xf.astype(x.dtype)  # HF casts back before the weight
-
-
-def _proj(x, w, b=None):
-    y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _qkv(lp: LayerParams, h: jax.Array, cfg: ModelConfig):
-    lead = h.shape[:-1]
-    q = _proj(h, lp.wq, lp.bq).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = _proj(h, lp.wk, lp.bk).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = _proj(h, lp.wv, lp.bv).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    return q, k, v
-
-
-def _mlp(lp: LayerParams, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-    gate = _proj(h, lp.w_gate)
-    up = _proj(h, lp.w_up)
-    return x + _proj(jax.nn.silu(gate) * up, lp.w_down)
-
-
-def _logits(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    if params.lm_head is None:
-        return jnp.einsum("bh,vh->bv", x, params.embed, preferred_element_type=jnp.float32)
-    return jnp.einsum("bh,hv->bv", x, params.lm_head, preferred_element_type=jnp.float32)
-
-
 def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.Array, spec: ModelSpec,
             on_layer: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, kvc.KVCache]:
     """Runs a right-padded batch of prompts and fills the cache.
@@ -113,29 +78,25 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
     Returns the logits of each prompt's last token, float32 [B, vocab].
     `on_layer(l)`, if given, is called from the device after each layer (a progress bar).
     """
-    cfg = spec.model
     b, t = tokens.shape
-    inv_freq = inv_frequencies(cfg)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = params.embed[tokens]  # [B, T, hidden]
     layers = []
     for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
         with jax.named_scope(f"layer{i}"):
-            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            q, k, v = _qkv(lp, h, cfg)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
             attn = functools.partial(_prefill_attention, r=spec.local_retrieval(i), spec=spec)
-            o, lc = tensor_parallel(attn, spec.tp, PREFILL_SPECS)(q, k, v, lc, cache.page_table, lengths)
-            x = x + _proj(o.reshape(b, t, -1), lp.wo)
+
+            def attend(q, k, v, attn=attn, lc=lc):
+                return tensor_parallel(attn, spec.tp, PREFILL_SPECS)(q, k, v, lc, cache.page_table, lengths)
+
+            x, lc = decoder_layer(lp, x, positions, spec.model, attend)
             layers.append(lc)
-            x = _mlp(lp, x, cfg)
             if on_layer is not None:
                 jax.debug.callback(on_layer, jnp.int32(i))
     last = x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]: logits only where needed
     new_cache = cache.replace(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
                               step=jnp.zeros((), jnp.int32))
-    return _logits(params, last, cfg), new_cache
+    return logits(params, last, spec.model), new_cache
 
 
 def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: int, spec: ModelSpec):
@@ -215,48 +176,43 @@ def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, spec: Mod
     caller that counts steps (`refresh_due`) can alternate two programs instead. Both give the
     same results; one program measured faster on the H200 (bench/results/profile_decode-*).
     """
-    cfg = spec.model
+    def attend(i, q, k, v):
+        attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh)
+        return tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, cache.layers[i], cache.page_table,
+                                                             cache.lengths, cache.step)
+
+    out, layers = decode_forward(params, tokens, cache.lengths, spec.model, attend)
+    return out, cache.replace(layers=layers, lengths=cache.lengths + 1, step=cache.step + 1)
+
+
+def decode_forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                   attend: Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+                   ) -> tuple[jax.Array, tuple[Any, ...]]:
+    """The decode skeleton shared by `decode_step` and the benchmarks' baselines: one token per
+    sequence through every layer, attention by `attend(layer, q [B, Hq, D], k, v [B, Hkv, D])
+    -> (o [B, Hq, D], aux)`. tokens, positions int32 [B]. Returns (logits float32 [B, vocab],
+    every layer's aux). Projections run on >= DECODE_MIN_ROWS rows (zero rows appended),
+    attention on the real B only."""
     b = tokens.shape[0]
-    inv_freq = inv_frequencies(cfg)
-    positions = cache.lengths  # where the new token goes
-    new_len = positions + 1
-    x, _ = pad_rows(params.embed[tokens])  # [max(B, DECODE_MIN_ROWS), hidden]
-    layers = []
-    for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
+    x, _ = pad_rows(params.embed[tokens][:, None])  # [max(B, DECODE_MIN_ROWS), 1, hidden]
+    pos_rows, _ = pad_rows(positions[:, None])
+    auxes = []
+    for i, lp in enumerate(params.layers):
         with jax.named_scope(f"layer{i}"):
-            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-            q, k, v = (y[:b] for y in _qkv(lp, h, cfg))  # [B, H, D]
-            q = apply_rope(q[:, None], positions[:, None], inv_freq)[:, 0]
-            k = apply_rope(k[:, None], positions[:, None], inv_freq)[:, 0]
-            attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh)
-            o, lc = tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, lc, cache.page_table, positions,
-                                                                  cache.step)
-            x = x + _proj(pad_rows(o.reshape(b, -1))[0], lp.wo)
-            x = _mlp(lp, x, cfg)
-            layers.append(lc)
-    new_cache = cache.replace(layers=tuple(layers), lengths=new_len, step=cache.step + 1)
-    return _logits(params, x[:b], cfg), new_cache
+            def layer_attend(q, k, v, i=i):
+                o, aux = attend(i, q[:b, 0], k[:b, 0], v[:b, 0])
+                return pad_rows(o)[0][:, None], aux
+
+            x, aux = decoder_layer(lp, x, pos_rows, cfg, layer_attend)
+            auxes.append(aux)
+    return logits(params, x[:b, 0], cfg), tuple(auxes)
 
 
 def forward_reference(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Plain dense causal forward without a cache: logits float32 [B, T, vocab] (tests only)."""
     b, t = tokens.shape
-    inv_freq = inv_frequencies(cfg)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     x = params.embed[tokens]
-    mask = jnp.tril(jnp.ones((t, t), bool))
     for lp in params.layers:
-        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = _qkv(lp, h, cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        k = jnp.repeat(k, cfg.group_size, axis=2)
-        v = jnp.repeat(v, cfg.group_size, axis=2)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(cfg.head_dim)
-        p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-        o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(x.dtype)
-        x = x + _proj(o.reshape(b, t, -1), lp.wo)
-        x = _mlp(lp, x, cfg)
-    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    w = params.embed.T if params.lm_head is None else params.lm_head
-    return jnp.einsum("bth,hv->btv", x, w, preferred_element_type=jnp.float32)
+        x, _ = decoder_layer(lp, x, positions, cfg, lambda q, k, v: (causal_attention(q, k, v), None))
+    return logits(params, x, cfg)

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (HF's half-rotation layout) with `linear` and `llama3` scaling."""
+"""Rotary position embeddings (HF's half-rotation layout) with `linear`, `llama3` and `yarn` scaling."""
 
 from __future__ import annotations
 
@@ -28,14 +28,80 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
         blended = (1 - smooth) * inv / rs.factor + smooth * inv
         inv = np.where(wavelen > low_wavelen, inv / rs.factor,
                        np.where(wavelen < high_wavelen, inv, blended))
+    elif rs.kind == "yarn":
+        return _yarn_inv_frequencies(cfg)
     return inv.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates x [..., T, heads, head_dim] by positions [..., T] (int). Computed in float32."""
+def _yarn_correction_dim(rotations: float, dim: int, base: float, orig_ctx: int) -> float:
+    """The (fractional) rotary dimension whose wavelength makes `rotations` turns over `orig_ctx`."""
+    return (dim * math.log(orig_ctx / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+
+def yarn_ramp_bounds(cfg: ModelConfig) -> tuple[float, float]:
+    """YaRN's [low, high] dimension band (in float64, as transformers): frequency pairs below `low`
+    keep their original frequency, those above `high` are interpolated (divided by `factor`)."""
+    rs, d = cfg.rope_scaling, cfg.head_dim
+    low = _yarn_correction_dim(rs.beta_fast, d, cfg.rope_theta, rs.original_max_position_embeddings)
+    high = _yarn_correction_dim(rs.beta_slow, d, cfg.rope_theta, rs.original_max_position_embeddings)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, d - 1)
+
+
+def _yarn_inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """YaRN (NTK-by-parts) inverse frequencies, rounded like transformers' float32 torch code.
+
+    transformers builds them in float32 step by step; each step is reproduced here with float32
+    numpy arithmetic (identical IEEE rounding for + - * /). The one transcendental, theta ** x, is
+    taken in float64 on the float32-rounded exponent and rounded once, which agrees with torch's
+    float32 pow to the bit on almost every element (torch's own is not always correctly rounded).
+    """
+    rs, d = cfg.rope_scaling, cfg.head_dim
+    f32 = np.float32
+    exponent = np.arange(0, d, 2, dtype=f32) / f32(d)  # float32-rounded, as torch
+    pos_freqs = np.power(np.float64(cfg.rope_theta), exponent.astype(np.float64)).astype(f32)
+    extrapolated = f32(1) / pos_freqs  # the original frequencies
+    interpolated = f32(1) / (f32(rs.factor) * pos_freqs)  # slowed down by `factor`
+    low, high = yarn_ramp_bounds(cfg)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(d // 2, dtype=f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+    keep = f32(1) - ramp  # weight of the original frequency: 1 below `low`, 0 above `high`
+    inv = interpolated * (f32(1) - keep) + extrapolated * keep
+    return inv.astype(f32)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def attention_scaling(cfg: ModelConfig) -> float:
+    """Factor on cos and sin (so on q.k twice): 1 except for YaRN's attention temperature.
+
+    YaRN: the configured `attention_factor` if given; else, with both `mscale` and `mscale_all_dim`
+    nonzero (DeepSeek style), mscale(factor, mscale) / mscale(factor, mscale_all_dim); else
+    mscale(factor) = 0.1 ln(factor) + 1. A Python float (float64), as transformers keeps it.
+    """
+    rs = cfg.rope_scaling
+    if rs.kind != "yarn":
+        return 1.0
+    if rs.attention_factor is not None:
+        return float(rs.attention_factor)
+    if rs.mscale and rs.mscale_all_dim:
+        return float(yarn_mscale(rs.factor, rs.mscale) / yarn_mscale(rs.factor, rs.mscale_all_dim))
+    return yarn_mscale(rs.factor)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling: float = 1.0) -> jax.Array:
+    """Rotates x [..., T, heads, head_dim] by positions [..., T] (int). Computed in float32.
+    `scaling` multiplies cos and sin (HF's `attention_scaling`)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., T, d/2]
     cos = jnp.cos(angles)[..., None, :]  # broadcast over heads
     sin = jnp.sin(angles)[..., None, :]
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
     xf = x.astype(jnp.float32)
     x1, x2 = jnp.split(xf, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

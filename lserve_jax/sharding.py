@@ -27,9 +27,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .cache import KVCache, LayerCache
+from .arrays import Arrays
+from .cache import LAYER_FIELDS, SHARED_FIELDS, KVCache
 from .config import ModelConfig
 from .heads import HeadLayout
+from .params import Params, flat_axes, from_flat
 
 AXIS = "tp"
 
@@ -91,8 +93,18 @@ def tp_permutation(retrieval: np.ndarray, tp: int) -> tuple[HeadLayout, np.ndarr
     return layout, np.asarray(perms, np.int32)
 
 
-_LAYER_SPECS = LayerCache(k_pages=P(AXIS), v_pages=P(AXIS), k_min=P(AXIS), k_max=P(AXIS), ring_k=P(AXIS),
-                          ring_v=P(AXIS), sel_pages=P(None, AXIS), sel_count=P(None, AXIS))
+# Logical axes (lserve_jax.decl, cache.LAYER_FIELDS) split over the "tp" mesh axis; every other
+# axis is replicated. Parameters: q/k/v/gate/up columns and o/down rows (their head and ffn
+# axes); caches: the head axes of pools, rings and selections.
+RULES = {"q_heads": AXIS, "kv_heads": AXIS, "ffn": AXIS, "retrieval": AXIS, "streaming": AXIS, "sel_heads": AXIS}
+
+
+def spec_of(axes) -> P:
+    """PartitionSpec of an array with these logical axes."""
+    return P(*(RULES.get(a) for a in axes))
+
+
+_LAYER_SPECS = Arrays({n: spec_of(axes) for n, (axes, _) in LAYER_FIELDS.items()})
 _HEADS4 = P(None, None, AXIS, None)  # [B, T, heads, D]
 _HEADS3 = P(None, AXIS, None)  # [B, heads, D]
 # (in_specs, out_specs) of model._prefill_attention / model._decode_attention
@@ -108,15 +120,9 @@ def tensor_parallel(fn, tp: int, specs):
     return jax.shard_map(fn, mesh=get_mesh(tp), in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def param_specs(params):
-    """Column-parallel q/k/v/gate/up, row-parallel o/down; embeddings, norms, lm_head replicated."""
-    cols, rows = P(None, AXIS), P(AXIS, None)
-    layer = lambda lp: lp.replace(
-        attn_norm=P(), mlp_norm=P(), wq=cols, wk=cols, wv=cols, wo=rows, w_gate=cols, w_up=cols, w_down=rows,
-        bq=None if lp.bq is None else P(AXIS), bk=None if lp.bk is None else P(AXIS),
-        bv=None if lp.bv is None else P(AXIS))
-    return params.replace(embed=P(), final_norm=P(), lm_head=None if params.lm_head is None else P(),
-                          layers=tuple(layer(lp) for lp in params.layers))
+def param_specs(cfg: ModelConfig) -> Params:
+    """PartitionSpecs of every parameter, from its declared logical axes."""
+    return from_flat(cfg, {name: spec_of(axes) for name, axes in flat_axes(cfg).items()})
 
 
 def _put(tree, specs, tp):
@@ -124,12 +130,13 @@ def _put(tree, specs, tp):
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
 
 
-def shard_params(params, tp: int):
-    return params if tp == 1 else _put(params, param_specs(params), tp)
+def shard_params(params: Params, cfg: ModelConfig, tp: int) -> Params:
+    return params if tp == 1 else _put(params, param_specs(cfg), tp)
 
 
 def shard_cache(cache: KVCache, tp: int) -> KVCache:
     if tp == 1:
         return jax.device_put(cache, jax.devices()[0])
-    specs = cache.replace(layers=tuple(_LAYER_SPECS for _ in cache.layers), page_table=P(), lengths=P(), step=P())
+    shared = {n: spec_of(axes) for n, (axes, _) in SHARED_FIELDS.items()}
+    specs = cache.replace(layers=tuple(_LAYER_SPECS for _ in cache.layers), **shared)
     return _put(cache, specs, tp)

@@ -18,10 +18,21 @@ VARIANTS = {
     "mistral": ("MistralConfig", dict(sliding_window=None, num_attention_heads=8, num_key_value_heads=2)),
     "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=4)),
     "tied": ("LlamaConfig", dict(tie_word_embeddings=True, num_attention_heads=8, num_key_value_heads=1)),
+    # Qwen3: per-head q/k RMSNorm, an explicit head_dim unlike hidden / heads (64 / 4 = 16)
+    "qwen3": ("Qwen3Config", dict(head_dim=32)),
+    # YaRN (Qwen2.5's 128K recipe, shrunk so the ramp falls inside head_dim 16): factor 4 with
+    # max_position_embeddings 512 / original 64 = 8, so transformers uses the explicit factor.
+    "qwen2_yarn": ("Qwen2Config", dict(rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    # DeepSeek-style mscale == mscale_all_dim (attention factor exactly 1, so this one checks the
+    # frequencies alone), untruncated ramp, non-default betas, head_dim 32.
+    "llama_yarn": ("LlamaConfig", dict(num_attention_heads=2, num_key_value_heads=1, rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+        "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 1.0, "truncate": False})),
 }
 
 MODEL_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
-                 "Qwen2Config": "Qwen2ForCausalLM"}
+                 "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
 
 
 def make_hf_model(variant: str, out_dir: Path, *, safe_serialization: bool = True, seed: int = 0):

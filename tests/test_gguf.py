@@ -44,7 +44,8 @@ GG_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layern
             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
             "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-            "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+            "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+            "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
 GG_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
 
@@ -55,7 +56,7 @@ def llamacpp_permute(w, n_head):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def make_hf_weights(seed=0, *, biases=False, tied=False):
+def make_hf_weights(seed=0, *, biases=False, tied=False, qk_norm=False):
     rng = np.random.default_rng(seed)
     h, q, k, i, v = CFG["hidden"], CFG["heads"] * CFG["head_dim"], CFG["kv"] * CFG["head_dim"], CFG["inter"], len(TOKENS)
     r = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.1  # noqa: E731
@@ -72,6 +73,9 @@ def make_hf_weights(seed=0, *, biases=False, tied=False):
         if biases:
             w.update({p + "self_attn.q_proj.bias": r(q), p + "self_attn.k_proj.bias": r(k),
                       p + "self_attn.v_proj.bias": r(k)})
+        if qk_norm:
+            d = CFG["head_dim"]
+            w.update({p + "self_attn.q_norm.weight": 1 + r(d), p + "self_attn.k_norm.weight": 1 + r(d)})
     return w
 
 
@@ -187,6 +191,42 @@ def test_qwen2_biases_not_permuted(tmp_path):
     assert set(m.tensors) == set(ref) and "model.layers.1.self_attn.k_proj.bias" in m.tensors
     for k, v in ref.items():
         np.testing.assert_array_equal(m.tensors[k], v, err_msg=k)
+
+
+def test_qwen3_qk_norms_not_permuted(tmp_path):
+    ref = make_hf_weights(5, qk_norm=True)
+    m = read_gguf(write_gguf(tmp_path / "m.gguf", "qwen3", ref, pre="qwen2"))
+    c = m.hf_config
+    assert c["architectures"] == ["Qwen3ForCausalLM"] and c["model_type"] == "qwen3"
+    assert set(m.tensors) == set(ref) and "model.layers.1.self_attn.k_norm.weight" in m.tensors
+    for k, v in ref.items():
+        np.testing.assert_array_equal(m.tensors[k], v, err_msg=k)
+    with pytest.raises(ConversionError, match="attn_q_norm"):  # a Qwen3 file without its q norms
+        read_gguf(write_gguf(tmp_path / "bad.gguf", "qwen3", ref, pre="qwen2",
+                             drop=("blk.0.attn_q_norm.weight",)))
+
+
+def test_qwen3_gguf_logits_match_transformers(tmp_path):
+    """A Qwen3 GGUF through our converter gives transformers' logits (on the HF dir made from it)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import jax.numpy as jnp
+
+    from lserve_jax.checkpoint import open_checkpoint
+    from lserve_jax.convert.cli import convert
+    from lserve_jax.model import forward_reference
+
+    src = write_gguf(tmp_path / "q3.gguf", "qwen3", make_hf_weights(6, qk_norm=True), pre="qwen2")
+    hf_dir = write_hf_dir(read_gguf(src), tmp_path / "hf")
+    convert(src, tmp_path / "ckpt", dtype="float32", progress=False)
+    ckpt = open_checkpoint(tmp_path / "ckpt")
+    assert ckpt.config.architecture == "qwen3"
+    ids = [5, 9, 40, 7, 3, 11, 60, 2]
+    ours = np.asarray(forward_reference(ckpt.load_params(), jnp.asarray([ids]), ckpt.config))[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
 def test_metadata_only(tmp_path):
@@ -329,6 +369,37 @@ def test_llama3_rope_freqs(tmp_path):
     assert "rope_freqs.weight" not in m.tensors and len(m.tensors) == len(make_hf_weights())
     assert m.hf_config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}
+
+
+def test_yarn_rope_scaling(tmp_path):
+    # llama.cpp's convert_hf_to_gguf writes HF's yarn factor, original_max_position_embeddings and,
+    # when set, attention_factor / beta_fast / beta_slow; they come back as HF's rope_scaling.
+    from lserve_jax import rope
+    from lserve_jax.config import ModelConfig
+
+    def yarn(w, **more):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(64)
+        for key, v in more.items():
+            getattr(w, f"add_rope_scaling_{key}")(v)
+
+    m = read_gguf(write_gguf(tmp_path / "q.gguf", "qwen2", make_hf_weights(biases=True), pre="qwen2",
+                             extra_kv=yarn), load_tensors=False)
+    assert m.hf_config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = ModelConfig.from_hf(m.hf_config)
+    assert rope.attention_scaling(cfg) == pytest.approx(1 + 0.1 * np.log(4.0))
+    m = read_gguf(write_gguf(tmp_path / "q2.gguf", "qwen2", make_hf_weights(biases=True), pre="qwen2",
+                             extra_kv=lambda w: yarn(w, yarn_attn_factor=0.8, yarn_beta_fast=16.0,
+                                                     yarn_beta_slow=2.0)), load_tensors=False)
+    assert m.hf_config["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                           "attention_factor": 0.8, "beta_fast": 16.0, "beta_slow": 2.0}
+    rs = ModelConfig.from_hf(m.hf_config).rope_scaling
+    assert (rs.kind, rs.attention_factor, rs.beta_fast, rs.beta_slow) == ("yarn", 0.8, 16.0, 2.0)
+    p = write_gguf(tmp_path / "q3.gguf", "qwen2", make_hf_weights(biases=True), pre="qwen2",
+                   extra_kv=lambda w: yarn(w, yarn_ext_factor=0.5))
+    with pytest.raises(ConversionError, match="yarn_ext_factor"):
+        read_gguf(p, load_tensors=False)
 
 
 # ---------------------------------------------------------------- default model fetch

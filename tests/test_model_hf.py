@@ -106,14 +106,14 @@ def test_sparse_off_equals_dense_with_pattern(tmp_path, rng):
     np.testing.assert_allclose(sb[:, 0], full[len(prompt):], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["query_head", "kv_head"])
-def test_sparse_paths_equal_dense_when_nothing_is_dropped(mode, tmp_path, rng):
+@pytest.mark.parametrize("mode,variant", [("query_head", "mistral"), ("kv_head", "mistral"), ("query_head", "qwen3")])
+def test_sparse_paths_equal_dense_when_nothing_is_dropped(mode, variant, tmp_path, rng):
     """Streaming heads whose window covers the whole context, and a page budget that covers it,
     read exactly what dense attention reads: the logits must equal transformers'."""
     from lserve_jax.heads import layout_and_permutation
     from lserve_jax.params import permute_kv_heads
 
-    model = make_hf_model("mistral", tmp_path / "hf")
+    model = make_hf_model(variant, tmp_path / "hf")
     convert(tmp_path / "hf", tmp_path / "ckpt", dtype="float32", progress=False)
     ckpt = open_checkpoint(tmp_path / "ckpt")
     cfg = ckpt.config
@@ -151,7 +151,7 @@ def test_ring_drops_the_middle(tmp_path, rng):
     _, steps, _ = run_cached(params, cfg, [prompt], cont, sparse=sparse, layout=layout)
     # the same model run as a full forward whose every head applies the Λ mask
     full_tokens = jnp.asarray([prompt + list(cont[0])])
-    from lserve_jax.calibrate import forward_hidden, lm_logits
+    from lserve_jax.evals import forward_hidden, lm_logits
 
     streaming = HeadLayout(cfg.num_kv_heads, (0,) * cfg.num_layers)
     ref = np.asarray(lm_logits(params, forward_hidden(params, full_tokens, cfg, streaming, sink=sink, local=local)))

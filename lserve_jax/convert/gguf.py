@@ -30,42 +30,12 @@ from lserve_jax.convert.gguf_tokenizer import (TokenizerConversionError, build_t
 log = logging.getLogger(__name__)
 
 
-from lserve_jax.convert.hf import ConversionError  # one error type for every source format
+from lserve_jax import models  # noqa: E402
+from lserve_jax.config import ConfigError, ModelConfig  # noqa: E402
+from lserve_jax.convert.hf import ConversionError  # noqa: E402  (one error type for every source format)
+from lserve_jax.decl import axis_sizes  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
-class _ArchSpec:
-    hf_architecture: str
-    model_type: str
-    permuted_qk: bool  # llama.cpp's convert script permutes q/k rows for these
-    qkv_bias: bool     # q/k/v projections carry biases (and o_proj does not)
-
-
-_ARCHS: dict[str, _ArchSpec] = {
-    "llama": _ArchSpec("LlamaForCausalLM", "llama", permuted_qk=True, qkv_bias=False),
-    "qwen2": _ArchSpec("Qwen2ForCausalLM", "qwen2", permuted_qk=False, qkv_bias=True),
-}
-SUPPORTED_ARCHITECTURES = tuple(sorted(_ARCHS))
-
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Tensors that carry no weights of their own in HF form: rope_freqs becomes config
 # (rope_scaling), the others are precomputed rotary tables from old converters.
@@ -156,7 +126,30 @@ def _llama3_rope_scaling(freq_factors: np.ndarray, theta: float, head_dim: int,
                           "llama3 parameters; cannot express it as an HF rope_scaling")
 
 
-def _build_config(arch: str, spec: _ArchSpec, kv: dict, embed_shape, rope_freqs,
+def _yarn_rope_scaling(arch: str, kv: dict, sfactor, orig_ctx) -> dict:
+    """HF's yarn rope_scaling from llama.cpp's keys: the inverse of convert_hf_to_gguf.py, which
+    writes factor, original_context_length and (when the HF config has them) attention_factor,
+    beta_fast and beta_slow as rope.scaling.yarn_attn_factor / yarn_beta_fast / yarn_beta_slow.
+    A missing original_context_length means context_length in llama.cpp and
+    max_position_embeddings in transformers: the same number, so it is left out."""
+    rs: dict[str, Any] = {"rope_type": "yarn", "factor": _nice_float(sfactor or 1.0)}
+    if orig_ctx:
+        rs["original_max_position_embeddings"] = int(orig_ctx)
+    for gguf_key, hf_key in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                             ("yarn_beta_slow", "beta_slow")):
+        v = kv.get(f"{arch}.rope.scaling.{gguf_key}")
+        if v is not None:
+            rs[hf_key] = _nice_float(v)
+    # Knobs with no transformers equivalent (or, for these architectures, no agreed meaning).
+    for gguf_key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0), ("attn_factor", 1.0)):
+        v = kv.get(f"{arch}.rope.scaling.{gguf_key}")
+        if v is not None and float(v) != neutral:
+            raise ConversionError(f"'{arch}.rope.scaling.{gguf_key}' = {v} (yarn) is not supported; "
+                                  f"only {neutral} maps to a transformers rope_scaling")
+    return rs
+
+
+def _build_config(arch: str, family: models.Family, kv: dict, embed_shape, rope_freqs,
                   tied: bool, tok) -> dict:
     def get(key, default=None, required=True):
         v = kv.get(f"{arch}.{key}", default)
@@ -192,9 +185,7 @@ def _build_config(arch: str, spec: _ArchSpec, kv: dict, embed_shape, rope_freqs,
     if stype == "linear" and sfactor not in (None, 1.0):
         rope_scaling = {"rope_type": "linear", "factor": _nice_float(sfactor)}
     elif stype == "yarn":
-        rope_scaling = {"rope_type": "yarn", "factor": _nice_float(sfactor or 1.0)}
-        if orig_ctx:
-            rope_scaling["original_max_position_embeddings"] = int(orig_ctx)
+        rope_scaling = _yarn_rope_scaling(arch, kv, sfactor, orig_ctx)
     elif stype not in (None, "none", "linear"):
         raise ConversionError(f"rope scaling type {stype!r} is not supported")
     if rope_freqs is not None:
@@ -203,8 +194,8 @@ def _build_config(arch: str, spec: _ArchSpec, kv: dict, embed_shape, rope_freqs,
         rope_scaling = _llama3_rope_scaling(rope_freqs, theta, head_dim, orig_ctx)
 
     cfg: dict[str, Any] = {
-        "architectures": [spec.hf_architecture],
-        "model_type": spec.model_type,
+        "architectures": [family.hf_architectures[0]],
+        "model_type": family.model_types[0],
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
@@ -227,56 +218,59 @@ def _build_config(arch: str, spec: _ArchSpec, kv: dict, embed_shape, rope_freqs,
         cfg["pad_token_id"] = tok.pad_token_id
     if rope_scaling is not None:
         cfg["rope_scaling"] = rope_scaling
-    if spec.model_type == "llama":
-        cfg.update(attention_bias=False, mlp_bias=False, attention_dropout=0.0, pretraining_tp=1)
-    else:
-        cfg.update(attention_dropout=0.0, use_sliding_window=False, sliding_window=None,
-                   max_window_layers=cfg["num_hidden_layers"])
+    cfg.update(family.gguf_hf_config)
     return cfg
 
 
-def _expected_shapes(cfg: dict, spec: _ArchSpec) -> dict[str, tuple[int, ...]]:
-    h, v, i = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
-    q, k = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, h)
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (k, h),
-            p + "self_attn.v_proj.weight": (k, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i)})
-        if spec.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (k,),
-                           p + "self_attn.v_proj.bias": (k,)})
+def _hf_names(family: models.Family) -> tuple[dict[str, str], dict[str, str]]:
+    """GGUF -> HF names of the family's declared weights: (top-level, per layer after blk.{i}.)."""
+    top = {p.gguf: p.hf for p in models.TOP_PARAMS}
+    layer = {p.gguf: p.hf for p in family.layer_params if p.gguf}
+    return top, layer
+
+
+def _expected_shapes(cfg: dict, family: models.Family) -> dict[str, tuple[int, ...]]:
+    """HF name -> HF shape of every weight the config needs, from the family's declaration."""
+    try:
+        mc = ModelConfig.from_hf(cfg)
+    except ConfigError as e:
+        raise ConversionError(str(e)) from None
+    sizes = axis_sizes(mc)
+
+    def hf_shape(p):
+        shape = p.decl(sizes).shape
+        return shape[::-1] if p.transpose else shape
+
+    shapes = {p.hf: hf_shape(p) for p in models.TOP_PARAMS if p.present(mc)}
+    for n in range(mc.num_layers):
+        shapes.update({f"model.layers.{n}.{p.hf}": hf_shape(p) for p in family.layer_decls(mc)})
     return shapes
 
 
-def _hf_name(gguf_name: str, n_layers: int) -> str | None:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
+def _hf_name(gguf_name: str, n_layers: int, family: models.Family) -> str | None:
+    top, layer_names = _hf_names(family)
+    if gguf_name in top:
+        return top[gguf_name]
     m = _LAYER_RE.match(gguf_name)
     if m:
         layer, rest = int(m.group(1)), m.group(2)
         if rest.rsplit(".", 1)[0] in _IGNORED_LAYER_TENSORS:
             return None
-        if rest in _LAYER_NAMES and layer < n_layers:
-            return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
-    raise ConversionError(f"unexpected tensor {gguf_name!r}; this converter handles dense "
-                          "Llama/Qwen2 decoders only")
+        if rest in layer_names and layer < n_layers:
+            return f"model.layers.{layer}.{layer_names[rest]}"
+    raise ConversionError(f"unexpected tensor {gguf_name!r}; this converter handles the dense decoders "
+                          f"of {', '.join(models.gguf_architectures())} only")
 
 
-def _gguf_name(hf_name: str) -> str:
+def _gguf_name(hf_name: str, family: models.Family) -> str:
     """HF name -> GGUF name, for error messages that point into the file."""
-    for g, h in _GLOBAL_NAMES.items():
+    top, layer_names = _hf_names(family)
+    for g, h in top.items():
         if h == hf_name:
             return g
     m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
     if m:
-        for g, h in _LAYER_NAMES.items():
+        for g, h in layer_names.items():
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}"
     return hf_name
@@ -308,10 +302,10 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
             raise ConversionError(f"{path}: cannot decode metadata field {key!r}: {e}") from e
 
     arch = kv.get("general.architecture")
-    if arch not in _ARCHS:
+    family = models.for_gguf(arch)
+    if family is None:
         raise ConversionError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
-                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    spec = _ARCHS[arch]
+                              f"supported: {', '.join(models.gguf_architectures())}")
     try:
         tok = build_tokenizer(kv)
     except TokenizerConversionError as e:
@@ -323,20 +317,23 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
     embed_shape = tuple(int(d) for d in reversed(by_name["token_embd.weight"].shape))
     rope_freqs = _dequantize(by_name["rope_freqs.weight"]) if "rope_freqs.weight" in by_name else None
     tied = "output.weight" not in by_name
-    cfg = _build_config(arch, spec, kv, embed_shape, rope_freqs, tied, tok)
-    expected = _expected_shapes(cfg, spec)
+    cfg = _build_config(arch, family, kv, embed_shape, rope_freqs, tied, tok)
+    try:
+        expected = _expected_shapes(cfg, family)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
 
     names: dict[str, str] = {}  # HF -> GGUF
     for gname in by_name:
         if gname in _NON_WEIGHT_TENSORS:
             continue
-        hname = _hf_name(gname, cfg["num_hidden_layers"])
+        hname = _hf_name(gname, cfg["num_hidden_layers"], family)
         if hname is None:
             continue
         if hname not in expected:
             raise ConversionError(f"{path}: tensor {gname!r} ({hname}) is not expected for {arch}")
         names[hname] = gname
-    missing = [_gguf_name(n) for n in expected if n not in names]
+    missing = [_gguf_name(n, family) for n in expected if n not in names]
     if missing:
         raise ConversionError(f"{path}: {len(missing)} required tensor(s) missing for {arch}: "
                               + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
@@ -350,9 +347,9 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
             raise ConversionError(f"{path}: tensor {gname} has shape {shape}, expected "
                                   f"{expected[hname]} for {hname}")
         arr = _dequantize(t)
-        if spec.permuted_qk and hname.endswith("q_proj.weight"):
+        if family.gguf_permuted_qk and hname.endswith("q_proj.weight"):
             arr = unpermute_qk(arr, cfg["num_attention_heads"])
-        elif spec.permuted_qk and hname.endswith("k_proj.weight"):
+        elif family.gguf_permuted_qk and hname.endswith("k_proj.weight"):
             arr = unpermute_qk(arr, cfg["num_key_value_heads"])
         tensors[hname] = arr
 

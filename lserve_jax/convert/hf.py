@@ -1,7 +1,7 @@
 """Hugging Face checkpoints -> our flat parameter names, with every name and shape checked.
 
-The whole mapping is the table below: HF tensor name pattern -> (our flat name, transpose?).
-Linear weights are stored [out, in] by HF and [in, out] by us.
+The mapping comes from the model family's declaration (`name_table`: HF tensor name pattern ->
+our flat name, transpose?). Linear weights are stored [out, in] by HF and [in, out] by us.
 """
 
 from __future__ import annotations
@@ -16,44 +16,34 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from .. import models
 from ..config import ConfigError, ModelConfig
 from ..params import flat_shapes
 
-# HF name (with {i} for the layer index) -> (our flat name, transpose)
-NAME_TABLE: dict[str, tuple[str, bool]] = {
-    "model.embed_tokens.weight": ("embed", False),
-    "model.norm.weight": ("final_norm", False),
-    "lm_head.weight": ("lm_head", True),
-    "model.layers.{i}.input_layernorm.weight": ("layers.{i}.attn_norm", False),
-    "model.layers.{i}.post_attention_layernorm.weight": ("layers.{i}.mlp_norm", False),
-    "model.layers.{i}.self_attn.q_proj.weight": ("layers.{i}.wq", True),
-    "model.layers.{i}.self_attn.k_proj.weight": ("layers.{i}.wk", True),
-    "model.layers.{i}.self_attn.v_proj.weight": ("layers.{i}.wv", True),
-    "model.layers.{i}.self_attn.o_proj.weight": ("layers.{i}.wo", True),
-    "model.layers.{i}.self_attn.q_proj.bias": ("layers.{i}.bq", False),
-    "model.layers.{i}.self_attn.k_proj.bias": ("layers.{i}.bk", False),
-    "model.layers.{i}.self_attn.v_proj.bias": ("layers.{i}.bv", False),
-    "model.layers.{i}.mlp.gate_proj.weight": ("layers.{i}.w_gate", True),
-    "model.layers.{i}.mlp.up_proj.weight": ("layers.{i}.w_up", True),
-    "model.layers.{i}.mlp.down_proj.weight": ("layers.{i}.w_down", True),
-}
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-_PATTERNS = [(re.compile("^" + re.escape(hf).replace(r"\{i\}", r"(\d+)") + "$"), ours, t)
-             for hf, (ours, t) in NAME_TABLE.items()]
+
+def name_table(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+    """HF name (with {i} for the layer index) -> (our flat name, transpose), from the family's
+    declaration (lserve_jax/models/<family>.py): every weight this config has."""
+    family = models.get(cfg.architecture)
+    table = {p.hf: (p.name, p.transpose) for p in models.TOP_PARAMS if p.present(cfg)}
+    table.update({f"model.layers.{{i}}.{p.hf}": (f"layers.{{i}}.{p.name}", p.transpose)
+                  for p in family.layer_decls(cfg)})
+    return table
 
 
 class ConversionError(ValueError):
     """A source checkpoint that cannot be converted (names, shapes, files)."""
 
 
-def map_name(hf_name: str) -> tuple[str, bool] | None:
-    """Our flat name and transpose flag for an HF tensor name (None if unknown)."""
-    for pat, ours, transpose in _PATTERNS:
-        m = pat.match(hf_name)
-        if m:
-            return (ours.replace("{i}", m.group(1)) if m.groups() else ours), transpose
-    return None
+def map_name(hf_name: str, table: dict[str, tuple[str, bool]]) -> tuple[str, bool] | None:
+    """Our flat name and transpose flag for an HF tensor name (None if not in `table`)."""
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_name)
+    if m:
+        hit = table.get("model.layers.{i}." + m.group(2))
+        return None if hit is None else (hit[0].replace("{i}", m.group(1)), hit[1])
+    return table.get(hf_name)
 
 
 # --- readers ---------------------------------------------------------------------------------
@@ -159,6 +149,7 @@ def map_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dty
     """Renames, transposes, casts and checks every tensor; raises ConversionError naming each
     unexpected, missing or mis-shaped tensor."""
     expected = flat_shapes(cfg)
+    table = name_table(cfg)
     out: dict[str, np.ndarray] = {}
     unexpected, bad_shape = [], []
     for name, arr in tensors:
@@ -166,7 +157,7 @@ def map_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dty
             on_tensor(name)
         if IGNORED.match(name):
             continue
-        mapped = map_name(name)
+        mapped = map_name(name, table)
         if mapped is None or mapped[0] not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some tied checkpoints also store the shared matrix
@@ -184,7 +175,7 @@ def map_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dty
     if bad_shape:
         problems.append("wrong shape: " + "; ".join(bad_shape))
     if missing:
-        problems.append("missing: " + ", ".join(_hf_name(m) for m in missing))
+        problems.append("missing: " + ", ".join(_hf_name(m, table) for m in missing))
     if unexpected:
         problems.append("unexpected: " + ", ".join(unexpected))
     if problems:
@@ -192,9 +183,9 @@ def map_tensors(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]], dty
     return out
 
 
-def _hf_name(ours: str) -> str:
+def _hf_name(ours: str, table: dict[str, tuple[str, bool]]) -> str:
     m = re.match(r"layers\.(\d+)\.(.*)", ours)
-    for hf, (name, _) in NAME_TABLE.items():
+    for hf, (name, _) in table.items():
         if m and name == "layers.{i}." + m.group(2):
             return hf.replace("{i}", m.group(1))
         if not m and name == ours:

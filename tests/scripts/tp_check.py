@@ -24,7 +24,7 @@ def run(params, cfg, layout, sparse, tp, prompts, steps):
     cache = kvc.init_cache(cfg, layout, sparse, batch=b, num_pages=b * max_pages + 1, max_pages_per_seq=max_pages,
                            dtype=jnp.float32)
     cache = cache.replace(page_table=jnp.arange(1, b * max_pages + 1, dtype=jnp.int32).reshape(b, max_pages))
-    cache, params = shard_cache(cache, tp), shard_params(params, tp)
+    cache, params = shard_cache(cache, tp), shard_params(params, cfg, tp)
     tokens = np.zeros((b, 64), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p

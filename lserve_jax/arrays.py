@@ -1,0 +1,81 @@
+"""`Arrays`: a pytree of named arrays with attribute access, built from declarations.
+
+Layer parameters and layer caches are `Arrays` whose names come from their declarations
+(`lserve_jax.decl`), so adding a parameter or a cache field is one declaration, not an edit of
+a fixed dataclass field list in several files. Key paths are attribute keys (`.wq`), the same
+as the flax dataclasses they replace, so orbax checkpoints and shardings see identical trees.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from .decl import ArrayDecl
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Arrays:
+    """Immutable mapping name -> array (or any pytree leaf, e.g. a PartitionSpec)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None, /, **kw):
+        object.__setattr__(self, "_items", {**(items or {}), **kw})
+
+    def __getattr__(self, name: str):
+        try:
+            return object.__getattribute__(self, "_items")[name]
+        except KeyError:
+            raise AttributeError(f"no array {name!r}; these are: {sorted(self._items)}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Arrays is immutable; use .replace(name=...)")
+
+    def get(self, name: str, default=None):
+        return self._items.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def items(self):
+        return self._items.items()
+
+    def keys(self):
+        return self._items.keys()
+
+    def replace(self, **kw) -> "Arrays":
+        unknown = set(kw) - set(self._items)
+        if unknown:
+            raise KeyError(f"replace: no array(s) {sorted(unknown)}; these are: {sorted(self._items)}")
+        return Arrays({**self._items, **kw})
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={getattr(v, 'shape', v)}" for k, v in self._items.items())
+        return f"Arrays({inner})"
+
+    def tree_flatten_with_keys(self):
+        names = tuple(self._items)
+        return tuple((jax.tree_util.GetAttrKey(n), self._items[n]) for n in names), names
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        return cls(dict(zip(names, children)))
+
+
+def build(decls: Mapping[str, ArrayDecl], make: Callable[[str, ArrayDecl], Any]) -> Arrays:
+    """Arrays with `make(name, decl)` for every declaration, in declaration order."""
+    return Arrays({name: make(name, d) for name, d in decls.items()})
+
+
+def zeros(decls: Mapping[str, ArrayDecl], dtype) -> Arrays:
+    return build(decls, lambda _, d: jnp.zeros(d.shape, d.dtype or dtype))
+
+
+def abstract(decls: Mapping[str, ArrayDecl], dtype) -> Arrays:
+    return build(decls, lambda _, d: jax.ShapeDtypeStruct(d.shape, d.dtype or dtype))

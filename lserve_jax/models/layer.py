@@ -1,0 +1,99 @@
+"""THE decoder layer, used by prefill, decode, the reference forward, calibration's gated
+forwards and every benchmark baseline; attention is a callable the caller passes.
+
+    x, aux = decoder_layer(lp, x, positions, cfg, attend)
+
+x [..., T, hidden], positions int [..., T]; `attend(q, k, v)` gets q [..., T, Hq, D] and k, v
+[..., T, Hkv, D] after the projections, the per-head q/k norms (when the family declares
+them) and RoPE, and returns (o [..., T, Hq, D], aux): prefill attends and writes the paged
+cache, decode appends and reads selected pages, calibration mixes full and streaming
+attention, a benchmark baseline runs cuDNN over a contiguous cache. `aux` (new cache, layer
+statistics, anything) is handed back untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..arrays import Arrays
+from ..config import ModelConfig
+from ..rope import apply_rope, attention_scaling, inv_frequencies
+
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)  # HF casts back before the weight
+
+
+def project(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype."""
+    y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-norm, q/k/v projections, per-head q/k norms if declared, RoPE.
+    x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
+    lead = x.shape[:-1]
+    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+    q = project(h, lp.wq, lp.get("bq")).reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = project(h, lp.wk, lp.get("bk")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = project(h, lp.wv, lp.get("bv")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    if "q_norm" in lp:  # Qwen3: RMSNorm over each head's channels, before RoPE
+        q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    inv_freq, scaling = inv_frequencies(cfg), attention_scaling(cfg)
+    return apply_rope(q, positions, inv_freq, scaling), apply_rope(k, positions, inv_freq, scaling), v
+
+
+def mlp(lp: Arrays, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The residual SwiGLU block: x + down(silu(gate(h)) * up(h)), h = norm(x)."""
+    h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+    return x + project(jax.nn.silu(project(h, lp.w_gate)) * project(h, lp.w_up), lp.w_down)
+
+
+def decoder_layer(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                  attend: Attend) -> tuple[jax.Array, Any]:
+    """One decoder layer: x [..., T, hidden] -> (next layer's input, attend's aux)."""
+    q, k, v = attention_inputs(lp, x, positions, cfg)
+    o, aux = attend(q, k, v)
+    x = x + project(o.astype(x.dtype).reshape(*x.shape[:-1], -1), lp.wo)
+    return mlp(lp, x, cfg), aux
+
+
+def final_norm(params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+
+
+def lm_logits(params, hidden: jax.Array) -> jax.Array:
+    """[..., hidden] normed hidden states -> float32 [..., vocab] logits (tied or not)."""
+    if params.lm_head is None:
+        return jnp.einsum("...h,vh->...v", hidden, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def logits(params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm then the LM head: [..., hidden] -> float32 [..., vocab]."""
+    return lm_logits(params, final_norm(params, x, cfg))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Plain dense causal GQA attention, [B, T, H, D] in and out (the reference forward's)."""
+    t, hq, d = q.shape[-3:]
+    g = hq // k.shape[-2]
+    k = jnp.repeat(k, g, axis=-2)
+    v = jnp.repeat(v, g, axis=-2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
