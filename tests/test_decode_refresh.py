@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from lserve_jax import cache as kvc
-from lserve_jax.config import ModelConfig, SparseConfig
+from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, decode_step, prefill, refresh_due, selection_active
 from lserve_jax.params import init_params
 from lserve_jax.selection import insert_newest, topk_pages
+
+from .tiny import tiny_config
 
 PAGE = 16
 
@@ -68,8 +70,7 @@ def test_insert_newest_matches_spec_and_keeps_the_newest_page(k):
                 assert set(sel[bi, 0, : cnt[bi, 0]].tolist()) == set(range(n_valid))
 
 
-CFG = ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256, eos_token_ids=())
+CFG = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=48, head_dim=8, max_position_embeddings=256)
 
 
 @pytest.mark.parametrize("mode", ["query_head", "kv_head"])
@@ -108,8 +109,8 @@ def test_host_decided_refresh_equals_device_decided(mode):
     assert int(c1.step) == 20
 
 
-CFG3 = ModelConfig(architecture="llama", vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2,
-                   num_heads=9, num_kv_heads=3, head_dim=16, max_position_embeddings=256, eos_token_ids=())
+CFG3 = tiny_config(vocab_size=64, hidden_size=48, intermediate_size=64, num_heads=9, num_kv_heads=3,
+                   max_position_embeddings=256)
 
 
 @pytest.mark.parametrize("mode", ["query_head", "kv_head"])

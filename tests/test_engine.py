@@ -10,34 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.config import ModelConfig, SparseConfig
 from lserve_jax.engine import Engine, PageAllocator, PoolExhausted, length_bucket
-from lserve_jax.params import init_params
 from lserve_jax.sampling import SamplingParams, sample
-from lserve_jax.tokenizer import Tokenizer
 
-# eos_token_ids=(): a random model may emit any id; with no EOS every run goes to its length limit
-CFG = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, eos_token_ids=())
-SPARSE = SparseConfig(page_size=16, logical_page_size=4, token_budget=128)
+from .tiny import TINY, TINY_SPARSE, tiny_config, tiny_params
+
+CFG = TINY
+SPARSE = TINY_SPARSE
 PROMPTS = [[5, 6, 7], list(range(10, 30)), [1, 2, 3, 4, 5, 6, 7, 8, 9]]  # 3 lengths, 2 length buckets
-
-
-def word_tokenizer_json(path) -> None:
-    """A WordLevel tokenizer over the tiny vocab: id i <-> "w{i:03d}" (fixed width, so no token's
-    text is a substring of another's, which keeps stop-string expectations simple)."""
-    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, **{f"w{i:03d}": i for i in range(1, CFG.vocab_size)}}
-    tok = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(path))
-
-
-@pytest.fixture(scope="module")
-def params():
-    # scale 0.5: peaky logits, so greedy choices are far from ties
-    return init_params(CFG, jax.random.key(0), jnp.float32, scale=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +26,8 @@ def engine(params):
 
 
 @pytest.fixture(scope="module")
-def text_engine(params, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    word_tokenizer_json(path)
-    return Engine(params, CFG, sparse=SPARSE, tokenizer=Tokenizer(path))
+def text_engine(params, word_tokenizer):
+    return Engine(params, CFG, sparse=SPARSE, tokenizer=word_tokenizer)
 
 
 # --- PageAllocator -------------------------------------------------------------------------
@@ -232,15 +210,8 @@ def test_repeated_calls_do_not_recompile(params):
 
 
 def test_token_ids_outside_the_vocabulary_are_rejected():
-    import jax
-    import jax.numpy as jnp
-
-    from lserve_jax.config import ModelConfig
-    from lserve_jax.engine import Engine
-    from lserve_jax.params import init_params
-
-    cfg = ModelConfig("llama", 64, 32, 64, 1, 2, 1, 16, max_position_embeddings=128)
-    eng = Engine(init_params(cfg, jax.random.key(0), jnp.float32), cfg, max_seq_len=128)
+    cfg = tiny_config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+    eng = Engine(tiny_params(cfg, scale=0.02), cfg, max_seq_len=128)
     for bad in ([[64, 1]], [[-1, 3]]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             eng.generate(bad, SamplingParams(max_new_tokens=1))
