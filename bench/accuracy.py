@@ -3,12 +3,12 @@
     python bench/accuracy.py                      # SmolLM2-135M-Instruct, the calibrated pattern
     python bench/accuracy.py --quick              # two grid cells, one short perplexity window
 
-* Passkey grid (context length x needle depth), token-exact prompts from `lserve_jax.passkey`,
+* Passkey grid (context length x needle depth), token-exact prompts (`lserve_jax.evals.grid_prompts`),
   the same prompts for every variant, greedy decoding through `Engine.generate` (sparse prefill,
-  streaming rings and page selection in decode). A cell passes if the key is in the output.
-* Perplexity on the first half of a long public-domain text shipped in lserve_jax/data/ (full windows of each length),
-  all-position logits from the sparse prefill model (`calibrate.gated_hidden` with binary
-  gates: the `prefill_attention` semantics, checked against it in tests/test_accuracy_harness.py)
+  streaming rings and page selection in decode; `evals.run_grid`). A cell passes if the key is in the output.
+* Perplexity on the first half of a long public-domain text shipped in lserve_jax/data/ (full windows of each
+  length; `evals.perplexity`), all-position logits from the sparse prefill model (`calibrate.gated_hidden`
+  with binary gates: the `prefill_attention` semantics, checked against it in tests/test_calibrate.py)
   with the prefill window and, separately, with the narrower decode window for streaming heads.
 * Variants: dense; the calibrated pattern at several static sparsities and token budgets; a
   random pattern and the attention-mass pattern at the same sparsity and knobs.
@@ -32,15 +32,12 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lserve_jax.calibrate import gated_nll_fn, random_pattern  # noqa: E402
 from lserve_jax.config import SparseConfig  # noqa: E402
-from lserve_jax import corpus  # noqa: E402
+from lserve_jax.evals import (GRID_DEPTHS, GRID_LENGTHS, TEXT_PATH, eval_ids, grid_prompts,  # noqa: E402
+                              perplexity, random_pattern, run_grid)
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
-from lserve_jax.passkey import passed, passkey_prompt, random_key  # noqa: E402
-from lserve_jax.sampling import SamplingParams  # noqa: E402
 
 T0 = time.perf_counter()
 REPO_PATTERN = os.path.join(ROOT, "lserve_jax", "patterns", "SmolLM2-135M-Instruct.tsv")
@@ -51,8 +48,6 @@ KNOBS = dict(prefill_sink=64, prefill_local=256, decode_sink=64, decode_local=12
 # (sink, local) that streaming heads see in the all-position perplexity forward
 WINDOWS = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
            "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
-GRID_LENGTHS = [256, 512, 1024, 1536, 2048]
-GRID_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def log(*a) -> None:
@@ -75,55 +70,8 @@ class Variant:
 
 
 # ------------------------------------------------------------------------------------------
-# Passkey grid.
+# --resume.
 # ------------------------------------------------------------------------------------------
-
-
-def build_grid_prompts(encode, lengths, depths, trials: int, seed: int):
-    """[len][depth][trial] PasskeyPrompts, identical for every variant."""
-    rng = np.random.default_rng(seed)
-    return [[[passkey_prompt(encode, n, d, random_key(rng)) for _ in range(trials)] for d in depths]
-            for n in lengths]
-
-
-def run_grid(engine, prompts, max_new_tokens: int = 8) -> tuple[list, list]:
-    """Returns (pass [len][depth] as the fraction of trials passed, outputs [len][depth][trial])."""
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    frac, outs = [], []
-    for row in prompts:
-        frow, orow = [], []
-        for cell in row:
-            gens = engine.generate([p.ids for p in cell], sampling)
-            texts = [g.text if engine.tokenizer is not None else g.token_ids for g in gens]
-            ok = [passed(p, t) if isinstance(t, str) else passed(p, output_ids=t) for p, t in zip(cell, texts)]
-            frow.append(sum(ok) / len(ok))
-            orow.append(texts)
-        frac.append(frow)
-        outs.append(orow)
-        log(f"  length {cell[0].length}: {['%.2f' % f for f in frow]}")
-    return frac, outs
-
-
-# ------------------------------------------------------------------------------------------
-# Perplexity.
-# ------------------------------------------------------------------------------------------
-
-
-def perplexity(params, cfg, text_ids, length: int, windows: int, gates, sink: int, local: int) -> dict:
-    """Perplexity over `windows` consecutive, non-overlapping full windows of `length` tokens:
-    exp of the total NLL over every predicted token of every window (each window predicts its
-    length - 1 tokens from its own prefix); also over the positions past the streaming window
-    (`tail`, where streaming heads see less than dense), and per window (`window_ppl`)."""
-    if windows < 1 or len(text_ids) < windows * length:
-        raise ValueError(f"the text has {len(text_ids)} tokens, {windows} x {length} requested")
-    toks = jnp.asarray(np.asarray(text_ids[: windows * length], np.int32).reshape(windows, length))
-    g = None if gates is None else jnp.asarray(gates, jnp.float32)
-    fn = gated_nll_fn(cfg, sink, local)
-    nll = np.concatenate([np.asarray(fn(params, toks[i:i + 1], g), np.float64) for i in range(windows)])
-    tail = nll[:, sink + local:]
-    return {"ppl": float(np.exp(nll.mean())), "ppl_tail": float(np.exp(tail.mean())) if tail.size else None,
-            "tokens": int(nll.size), "windows": windows,
-            "window_ppl": [float(x) for x in np.exp(nll.mean(axis=1))]}
 
 
 def same_patterns(old: dict, patterns: dict) -> set[str]:
@@ -212,8 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
     ap.add_argument("--pattern", help="calibrated TSV (default: <checkpoint>/head_pattern.tsv, else the repo's)")
     ap.add_argument("--mass-pattern", help="attention-mass TSV to compare (optional)")
-    ap.add_argument("--lengths", type=_ints, default=GRID_LENGTHS)
-    ap.add_argument("--depths", type=_floats, default=GRID_DEPTHS)
+    ap.add_argument("--lengths", type=_ints, default=list(GRID_LENGTHS))
+    ap.add_argument("--depths", type=_floats, default=list(GRID_DEPTHS))
     ap.add_argument("--trials", type=int, default=1, help="pass keys per cell (batched)")
     ap.add_argument("--sparsities", type=_floats, default=[0.5, 0.75])
     ap.add_argument("--budgets", type=_ints, default=[256, 512])
@@ -309,9 +257,9 @@ def main(argv=None) -> int:
             engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, progress=False)
             if prompts is None:
                 encode = (lambda s: engine.tokenizer.encode(s, add_special_tokens=False))
-                prompts = build_grid_prompts(encode, args.lengths, args.depths, args.trials, args.seed)
+                prompts = grid_prompts(encode, args.lengths, args.depths, args.trials, args.seed)
             t = time.perf_counter()
-            frac, outs = run_grid(engine, prompts)
+            frac, outs = run_grid(engine, prompts, log=log)
             layout = engine.spec.layout
             grid[v.name] = {"pattern": v.pattern, "sparsity": v.sparsity, "budget": v.budget, "pass": frac,
                             "outputs": outs, "seconds": time.perf_counter() - t,
@@ -329,7 +277,7 @@ def main(argv=None) -> int:
         from lserve_jax.tokenizer import Tokenizer
 
         tok = Tokenizer.from_checkpoint_dir(ckpt.path)
-        text_ids = corpus.eval_ids(lambda s: tok.encode(s, add_special_tokens=False))
+        text_ids = eval_ids(lambda s: tok.encode(s, add_special_tokens=False))
         params = ckpt.load_params("float32")
         pv = {"dense": None}
         for s in args.ppl_sparsities:
@@ -339,7 +287,7 @@ def main(argv=None) -> int:
                 pv[f"{p}-s{s0:g}"] = binarize(patterns[p], s0)
         ppl = {k: e for k, e in old.get("perplexity", {}).get("variants", {}).items()
                if k == "dense" or reusable(k.rsplit("-s", 1)[0])}
-        res["perplexity"] = {"text": os.path.relpath(corpus.TEXT_PATH, ROOT) + " (first half)",
+        res["perplexity"] = {"text": os.path.relpath(TEXT_PATH, ROOT) + " (first half)",
                              "text_tokens": len(text_ids),
                              "lengths": args.ppl_lengths, "windows_per_length": args.ppl_windows,
                              "variants": ppl}

@@ -8,10 +8,10 @@ For each calibration variant (a `CalibConfig` override, see VARIANTS), runs
 * perplexity at `--ppl-length` over `--ppl-windows` windows of the corpus's evaluation half,
   with the prefill window and with the decode window for streaming heads (the same numbers as
   `bench/accuracy.py`), as ratios to dense;
-* a teacher-forced passkey proxy on `bench/accuracy.py`'s grid prompts: a cell passes if the
-  greedy argmax at every answer position is the answer token (all-position forward, prefill
-  window). The real grid (`bench/accuracy.py`) decodes through the engine; this proxy only
-  ranks candidates.
+* a teacher-forced passkey proxy on the accuracy grid's prompts (`lserve_jax.evals.passkey_proxy`):
+  a cell passes if the greedy argmax at every answer position is the answer token (all-position
+  forward, prefill window). The real grid (`bench/accuracy.py`) decodes through the engine; this
+  proxy only ranks candidates.
 
 Writes JSON under $OUT (or bench/results/) after every variant, so a cut-off run keeps what it
 finished; prints a table last. `--prior JSON --combos a+b` also scores the mean of two
@@ -43,16 +43,16 @@ for _p in (ROOT, os.path.join(ROOT, "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import accuracy as acc  # noqa: E402  (bench/accuracy.py)
+import accuracy as acc  # noqa: E402  (bench/accuracy.py: its knobs and windows)
 import common  # noqa: E402  (bench/common.py)
 from common import log  # noqa: E402
 
-from lserve_jax import corpus  # noqa: E402
 from lserve_jax.api import default_checkpoint  # noqa: E402
-from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, gated_hidden,  # noqa: E402
-                                  lm_logits, make_samples, refine_boundary, refine_samples, rerank_band,
-                                  text_samples)
+from lserve_jax.calibrate import (CalibConfig, boundary_band, calibrate, flip_costs, make_samples,  # noqa: E402
+                                  refine_boundary, refine_samples, rerank_band, text_samples)
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
+from lserve_jax.evals import (GRID_DEPTHS, GRID_LENGTHS, eval_ids, grid_prompts, haystack_ids,  # noqa: E402
+                              passkey_proxy, perplexity)
 from lserve_jax.heads import binarize  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -90,31 +90,6 @@ VARIANTS = {  # name -> CalibConfig overrides of the shipped settings (the refin
 }
 
 
-def _proxy_fn(cfg, sink: int, local: int):
-    @jax.jit
-    def fn(params, tokens, gates, pos):  # pos [B, A]: positions whose next token is the answer
-        h = gated_hidden(params, tokens, cfg, gates, sink=sink, local=local)
-        h = jnp.take_along_axis(h, pos[..., None], axis=1)
-        return jnp.argmax(lm_logits(params, h), axis=-1)
-    return fn
-
-
-def passkey_proxy(fn, params, cells, gates) -> list[bool]:
-    """cells: PasskeyPrompts; all padded (right, causal) to one shape."""
-    width = max(len(c.ids) + len(c.answer_ids) for c in cells)
-    a = max(len(c.answer_ids) for c in cells)
-    toks = np.zeros((len(cells), width), np.int32)
-    pos = np.zeros((len(cells), a), np.int32)
-    for i, c in enumerate(cells):
-        seq = c.ids + c.answer_ids
-        toks[i, :len(seq)] = seq
-        pos[i, :len(c.answer_ids)] = np.arange(len(c.answer_ids)) + len(c.ids) - 1
-        pos[i, len(c.answer_ids):] = len(c.ids) - 1
-    out = np.asarray(fn(params, jnp.asarray(toks), gates, jnp.asarray(pos)))
-    want = [c.answer_ids[:-1] or c.answer_ids for c in cells]  # the digits, without the period
-    return [list(out[i, :len(w)]) == list(w) for i, w in enumerate(want)]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
@@ -123,7 +98,7 @@ def main() -> int:
     ap.add_argument("--ppl-length", type=int, default=4096)
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--steps", type=int, help="override every variant's step count (smoke runs)")
-    ap.add_argument("--grid-lengths", type=acc._ints, default=acc.GRID_LENGTHS)
+    ap.add_argument("--grid-lengths", type=acc._ints, default=list(GRID_LENGTHS))
     ap.add_argument("--prior", default="", help="previous sweep JSONs (comma-separated) whose patterns "
                     "--combos may name (a later file's name wins)")
     ap.add_argument("--combos", default="", help="comma-separated 'a+b' names: score the mean of the "
@@ -158,17 +133,20 @@ def main() -> int:
     tok = Tokenizer.from_checkpoint_dir(ckpt.path)
     encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     params = jax.tree.map(jnp.asarray, ckpt.load_params("float32"))
-    text_ids = corpus.eval_ids(encode)
-    cells = [c for row in acc.build_grid_prompts(encode, args.grid_lengths,
-                                                 acc.GRID_DEPTHS, 1, 0) for d in row for c in d]
-    proxy = _proxy_fn(cfg, *acc.WINDOWS["prefill"])
+    text_ids = eval_ids(encode)
+    cells = [c for row in grid_prompts(encode, args.grid_lengths, GRID_DEPTHS, 1, 0) for d in row for c in d]
+
+    def proxy(gates) -> list[bool]:  # the teacher-forced grid, prefill window: passed per cell
+        sink, local = acc.WINDOWS["prefill"]
+        return passkey_proxy(params, cfg, cells, gates, sink=sink, local=local)
+
     res = {**env, "checkpoint": str(ckpt.path), "knobs": acc.KNOBS,
            "sparsity": args.sparsity, "ppl_length": args.ppl_length, "ppl_windows": args.ppl_windows,
            "shipped": dataclasses.asdict(SHIPPED), "variants": {}}
 
-    dense = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, None, 0, 1)
+    dense = perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, None, 0, 1)
     dense_ppl = dense["ppl"]
-    dense_cells = passkey_proxy(proxy, params, cells, None)
+    dense_cells = proxy(None)
     res["dense"] = {"ppl": dense_ppl, "proxy_pass": sum(dense_cells), "cells": dense_cells}
     log(f"dense ppl {dense_ppl:.4f}, proxy {sum(dense_cells)}/{len(cells)}")
 
@@ -179,15 +157,15 @@ def main() -> int:
     for path in [p for p in args.prior.split(",") if p]:
         with open(path) as f:
             alphas.update({n: np.asarray(e["alpha"]) for n, e in json.load(f)["variants"].items()})
-    haystack = corpus.haystack_ids(encode)
+    haystack = haystack_ids(encode)
 
     def score(name: str, alpha: np.ndarray, entry: dict) -> None:
         gates = jnp.asarray(binarize(alpha, args.sparsity), jnp.float32)
         for win, (sink, local) in acc.WINDOWS.items():
-            p = acc.perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, gates, sink, local)
+            p = perplexity(params, cfg, text_ids, args.ppl_length, args.ppl_windows, gates, sink, local)
             entry[f"ppl_ratio_{win}"] = p["ppl"] / dense_ppl
             entry[f"ppl_ratio_{win}_per_window"] = [w / d for w, d in zip(p["window_ppl"], dense["window_ppl"])]
-        ok = passkey_proxy(proxy, params, cells, gates)
+        ok = proxy(gates)
         entry["proxy_pass"] = sum(ok)
         entry["proxy_pass_where_dense"] = sum(a and b for a, b in zip(ok, dense_cells))
         entry["cells"] = ok

@@ -28,62 +28,48 @@ import jax.numpy as jnp
 from common import (add_model_args, copy_bandwidth, environment, log, model_config, param_bytes, ratio,
                     sparse_layout, write_json)
 from lserve_jax import cache as kvc
-from lserve_jax.attention import decode as decode_attn_lib
-from lserve_jax.attention.decode import dense_decode_attention
+from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
-from lserve_jax.model import (ModelSpec, _logits, _mlp, _proj, _qkv, decode_step, pad_rows, refresh_due,
-                              rms_norm, selection_active)
+from lserve_jax.model import ModelSpec, decode_forward, decode_step, refresh_due, selection_active
 from lserve_jax.params import init_params
 from lserve_jax.sharding import shard_cache, shard_params
-from lserve_jax.rope import apply_rope, inv_frequencies
 
 BF16 = 2
 
 
 def random_cache(cfg, layout, sparse, batch, ctx, extra, key):
-    """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more."""
-    page, lp = sparse.page_size, sparse.logical_page_size
-    n = -(-(ctx + extra) // page)
-    pool = batch * n + 1
-    k_sel = kvc.selection_width(sparse, n)
+    """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more: built
+    by `cache.init_cache` from the cache declaration, page statistics from the random keys."""
+    n = -(-(ctx + extra) // sparse.page_size)
+
+    def fill(i, name, d, dtype):
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jnp.zeros(d.shape, dtype)
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), list(kvc.LAYER_FIELDS).index(name)), d.shape, dtype)
+
+    cache = kvc.init_cache(cfg, layout, sparse, batch=batch, num_pages=batch * n + 1, max_pages_per_seq=n,
+                           dtype=jnp.bfloat16, fill=fill)
     layers = []
-    for i, r in enumerate(layout.num_retrieval):
-        s = cfg.num_kv_heads - r
-        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, i), 4)
-        kp = jax.random.normal(k1, (r, pool, page, cfg.head_dim), jnp.bfloat16)
-        grouped = kp.reshape(r, pool, page // lp, lp, cfg.head_dim)
-        hsel = kvc.selection_heads(cfg, sparse, r)
-        layers.append(kvc.LayerCache(
-            k_pages=kp, v_pages=jax.random.normal(k2, kp.shape, jnp.bfloat16),
-            k_min=grouped.min(axis=3), k_max=grouped.max(axis=3),
-            ring_k=jax.random.normal(k3, (s, batch, sparse.ring_size, cfg.head_dim), jnp.bfloat16),
-            ring_v=jax.random.normal(k4, (s, batch, sparse.ring_size, cfg.head_dim), jnp.bfloat16),
-            sel_pages=jnp.zeros((batch, hsel, k_sel), jnp.int32), sel_count=jnp.zeros((batch, hsel), jnp.int32)))
+    for lc in cache.layers:
+        k_min, k_max = kvc.page_stats(lc.k_pages, sparse.logical_page_size)
+        layers.append(lc.replace(k_min=k_min.astype(lc.k_min.dtype), k_max=k_max.astype(lc.k_max.dtype)))
     table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
-    return kvc.KVCache(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32),
-                       step=jnp.zeros((), jnp.int32))
+    return cache.replace(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32))
 
 
-def dense_contiguous_step(params, kc, vc, tokens, lengths, cfg):
-    """The dense baseline: contiguous [B, T, Hkv, D] caches, attention through cuDNN."""
-    inv = inv_frequencies(cfg)
-    b = tokens.shape[0]
-    x, _ = pad_rows(params.embed[tokens])  # as decode_step: projections on >= DECODE_MIN_ROWS rows
-    rows = jnp.arange(b)
-    new_k, new_v = [], []
-    for lp, k_l, v_l in zip(params.layers, kc, vc):
-        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = (y[:b] for y in _qkv(lp, h, cfg))
-        q = apply_rope(q[:, None], lengths[:, None], inv)[:, 0]
-        k = apply_rope(k[:, None], lengths[:, None], inv)[:, 0]
-        k_l = k_l.at[rows, lengths].set(k)
-        v_l = v_l.at[rows, lengths].set(v)
-        o = dense_decode_attention(q, k_l, v_l, lengths + 1, implementation="cudnn")
-        x = _mlp(lp, x + _proj(pad_rows(o.reshape(b, -1))[0], lp.wo), cfg)
-        new_k.append(k_l)
-        new_v.append(v_l)
-    return _logits(params, x[:b], cfg), tuple(new_k), tuple(new_v), lengths + 1
+def dense_contiguous_step(params, kc, vc, tokens, lengths, cfg, implementation="cudnn"):
+    """The dense baseline: the model's decode skeleton over contiguous [B, T, Hkv, D] caches,
+    attention through cuDNN."""
+    rows = jnp.arange(tokens.shape[0])
+
+    def attend(i, q, k, v):
+        k_l = kc[i].at[rows, lengths].set(k)
+        v_l = vc[i].at[rows, lengths].set(v)
+        return dense_decode_attention(q, k_l, v_l, lengths + 1, implementation=implementation), (k_l, v_l)
+
+    out, kv = decode_forward(params, tokens, lengths, cfg, attend)
+    return out, tuple(k for k, _ in kv), tuple(v for _, v in kv), lengths + 1
 
 
 def step_times(step, state, steps, warmup, free=True):
@@ -113,11 +99,11 @@ def step_times(step, state, steps, warmup, free=True):
             "max_s": max(times), "pipelined_s": pipelined, "steps": steps, "first_call_s": first}
 
 
-def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False):
+def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False, kernels=Kernels()):
     """(step, state): one decode step per call over a random cache. The selection refresh is
     decided on the device as the engine does it, or (host_refresh) by the host, every
     `selector_interval` steps, alternating two static programs."""
-    spec = ModelSpec(cfg, layout, sparse, tp=tp)
+    spec = ModelSpec(cfg, layout, sparse, kernels, tp=tp)
     cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra, jax.random.key(3)), tp)
     selecting = host_refresh and selection_active(spec, cache.page_table.shape[1])
     fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",),
@@ -135,8 +121,8 @@ def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_ref
     return step, state
 
 
-def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1):
-    step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp)
+def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels()):
+    step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp, kernels=kernels)
     return step_times(step, state, steps, warmup)
 
 
@@ -182,7 +168,7 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
     """Times `sparse_decode` configs on one layer of this point (the most common retrieval
     count, kv_head selection of the full budget), `reps` dependent calls in one jit; returns
     [{options, us, rel_err}] with errors vs the reference (a config that is wrong is skipped)."""
-    from lserve_jax.attention.decode import decode_attention
+    from lserve_jax.ops import decode_attention
 
     r = max(set(layout.num_retrieval), key=list(layout.num_retrieval).count)
     s, d, page = cfg.num_kv_heads - r, cfg.head_dim, sparse.page_size
@@ -204,18 +190,19 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
     cnt = jnp.full((batch, r), k_sel, jnp.int32)
     args = (kp, vp, rk, rv, table, lengths, sel, cnt)
 
-    def loop(opts, impl="pallas"):
+    def loop(opts):
+        choice = OpChoice.from_options(opts, impls=("triton",))
+
         def f(q, kp, vp, rk, rv, table, lengths, sel, cnt):
             def body(_, carry):
                 qq = carry
-                o = decode_attention(qq, kp, vp, rk, rv, table, lengths, sel, cnt, mode="kv_head", impl=impl,
-                                     kernel_options=opts)
+                o = decode_attention(qq, kp, vp, rk, rv, table, lengths, sel, cnt, mode="kv_head", choice=choice)
                 return (qq + o * 0).astype(qq.dtype)  # a dependency chain: calls run one after another
             return jax.lax.fori_loop(0, reps, body, q)
         return jax.jit(f)
 
-    one = lambda opts, impl="pallas": jax.jit(lambda *a: decode_attention(
-        a[0], *a[1:], mode="kv_head", impl=impl, kernel_options=opts))
+    one = lambda opts, impl="triton": jax.jit(lambda *a: decode_attention(
+        a[0], *a[1:], mode="kv_head", choice=OpChoice.from_options(opts, impls=(impl,))))
     ref = one(None, "reference")(q, *args)
     out = []
     for opts in TUNE_CONFIGS:
@@ -276,7 +263,7 @@ def main(argv=None):
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
-    params = shard_params(params, args.tp)
+    params = shard_params(params, cfg, args.tp)
     dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
     base = SparseConfig()
     results = {"env": env, "shape": args.shape, "copy_bandwidth_Bps": bw, "weights_bytes": weights,
@@ -285,13 +272,16 @@ def main(argv=None):
     out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
+        kernels = Kernels()  # default orders and tiles unless --tune finds better decode options
         if args.tune:
             t = tune_layer(cfg, layout_sparse, base, batch, ctx)
             ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2]
             best = min(ok, key=lambda c: c["us"])["options"] if ok else {}
             t["chosen"] = best
             results.setdefault("tuning", {})[point] = t
-            decode_attn_lib.DEFAULT_KERNEL_OPTIONS = dict(best)
+            # this point's decode choice: the default order with the tuned Triton options (for the
+            # paged variants' ModelSpec, whose Kernels carry it into decode_step)
+            kernels = Kernels().with_options(decode=best)
             log(f"ctx={ctx} B={batch}: sparse_decode options {best}")
         for name in args.variants.split(","):
             log(f"ctx={ctx} B={batch} {name} ...")
@@ -304,16 +294,16 @@ def main(argv=None):
                 elif name == "dense_paged":
                     layout = dense_layout
                     r = run_paged(params, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup, args.tp)
+                                  args.steps, args.warmup, args.tp, kernels)
                 else:
                     layout = layout_sparse
                     mode = name.removeprefix("sparse_")
                     r = run_paged(params, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
-                                  args.steps, args.warmup, args.tp)
+                                  args.steps, args.warmup, args.tp, kernels)
                 floor = bytes_floor(cfg, layout, base, batch, ctx, name, weights)
                 r["bytes_floor"] = floor
                 if name.startswith("sparse") or name == "dense_paged":
-                    r["kernel_options"] = dict(decode_attn_lib.DEFAULT_KERNEL_OPTIONS)
+                    r["kernel_options"] = kernels.decode.kwargs
                 if bw:
                     r["floor_s"] = floor / bw
                     r["floor_fraction"] = r["floor_s"] / r["pipelined_s"]

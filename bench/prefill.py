@@ -26,6 +26,7 @@ from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, prefill
+from lserve_jax.ops import Kernels
 from lserve_jax.params import init_params
 from lserve_jax.sharding import shard_cache, shard_params
 from lserve_jax.sampling import sample
@@ -40,7 +41,7 @@ VARIANTS = {
 
 def run_variant(params, cfg, layout, impl, t, reps, warmup, tp=1):
     sparse = SparseConfig()
-    spec = ModelSpec(cfg, layout, sparse, prefill_impl=impl, tp=tp)
+    spec = ModelSpec(cfg, layout, sparse, Kernels.from_names(prefill=impl), tp=tp)
     n_pages = t // sparse.page_size
     cache = kvc.init_cache(cfg, layout, sparse, batch=1, num_pages=n_pages + 1, max_pages_per_seq=n_pages,
                            dtype=jnp.bfloat16)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,14 @@ from .config import SparseConfig
 from .engine import Engine
 from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
 from .params import permute_kv_heads
+from .sharding import ShardingError
 from .tokenizer import Tokenizer
 
 
 def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathLike | None = "auto",
          sparse: SparseConfig | None = None, dtype: str | None = None, max_seq_len: int | None = None,
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-         progress: bool = True, tp: int = 1) -> Engine:
+         progress: bool = True, tp: int = 1, max_slots: int | None = None) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -33,7 +35,12 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     with `sparse.static_sparsity` and each layer's KV heads are permuted retrieval-first.
     tp: split the KV heads over this many local devices (lserve_jax.sharding); each layer's
     retrieval-head count is rounded up to a multiple of tp so every device gets the same share.
+    max_slots: decode slots of the request loop (default: `generate` sizes them to its batch).
+    Compiled programs are kept on disk between runs (`enable_compilation_cache`).
     """
+    if isinstance(tp, bool) or not isinstance(tp, Integral) or tp < 1:
+        raise ShardingError(f"tp must be an integer >= 1 (devices to split the KV heads over), got {tp!r}")
+    enable_compilation_cache()
     is_default = checkpoint is None
     if is_default:
         checkpoint = default_checkpoint(progress=progress)
@@ -68,7 +75,27 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
-                  num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp)
+                  num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,
+                  max_slots=max_slots)
+
+
+NO_JIT_CACHE_ENV = "LSERVE_JAX_NO_JIT_CACHE"
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled programs in the user cache directory (`<cache>/jit`), so a second run of the
+    same shapes starts in seconds. Set LSERVE_JAX_NO_JIT_CACHE=1 to turn this off; a cache
+    directory already chosen (jax_compilation_cache_dir) is left as it is."""
+    if os.environ.get(NO_JIT_CACHE_ENV):
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    from .default_model import default_cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str((default_cache_dir() / "jit").absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 DEFAULT_CHECKPOINT_DIRNAME = "SmolLM2-135M-Instruct-lserve"

@@ -34,6 +34,9 @@ class Arrays:
     def __setattr__(self, name, value):
         raise AttributeError("Arrays is immutable; use .replace(name=...)")
 
+    def __getitem__(self, name: str):
+        return self._items[name]
+
     def get(self, name: str, default=None):
         return self._items.get(name, default)
 

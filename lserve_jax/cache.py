@@ -11,32 +11,49 @@ Per layer (R retrieval KV heads, S streaming KV heads, after the load-time permu
   reused between refreshes.
 
 Shared by all layers: `page_table [B, max_pages_per_seq]` (logical page -> physical page; physical
-page 0 is a scratch page that unused entries point at), `lengths [B]` and the decode `step`.
+page 0 is a scratch page that unused entries point at), `lengths [B]` and the decode `step [B]`
+(every row has its own selection-refresh clock, so admitting or finishing one row changes no
+other row's results).
 Keys are stored after RoPE. The engine allocates pages (host side); nothing here allocates.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .arrays import Arrays
 from .config import ModelConfig, SparseConfig
+from .decl import ArrayDecl
 from .heads import HeadLayout
 
 NULL_PAGE = 0  # scratch page: never handed out, absorbs writes of padding rows
 
 
-@struct.dataclass
-class LayerCache:
-    k_pages: jax.Array  # [R, P, page, D]
-    v_pages: jax.Array  # [R, P, page, D]
-    k_min: jax.Array  # [R, P, page // lp, D]
-    k_max: jax.Array  # [R, P, page // lp, D]
-    ring_k: jax.Array  # [S, B, W, D]
-    ring_v: jax.Array  # [S, B, W, D]
-    sel_pages: jax.Array  # int32 [B, Hsel, K] logical page ids chosen by the selector
-    sel_count: jax.Array  # int32 [B, Hsel]
+# Every per-layer cache array, declared once: name -> (logical axes, dtype; None = the cache dtype).
+# Shapes come from `layer_cache_decls`, shardings from the axes (`sharding.RULES`: the head
+# axes "retrieval", "streaming" and "sel_heads" split over the tensor-parallel devices).
+LAYER_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
+    "k_pages": (("retrieval", "pages", "page", "head_dim"), None),  # [R, P, page, D]
+    "v_pages": (("retrieval", "pages", "page", "head_dim"), None),  # [R, P, page, D]
+    "k_min": (("retrieval", "pages", "lpages", "head_dim"), None),  # [R, P, page // lp, D]
+    "k_max": (("retrieval", "pages", "lpages", "head_dim"), None),  # [R, P, page // lp, D]
+    "ring_k": (("streaming", "batch", "slots", "head_dim"), None),  # [S, B, W, D]
+    "ring_v": (("streaming", "batch", "slots", "head_dim"), None),  # [S, B, W, D]
+    "sel_pages": (("batch", "sel_heads", "sel"), jnp.int32),  # [B, Hsel, K] logical page ids chosen
+    "sel_count": (("batch", "sel_heads"), jnp.int32),  # [B, Hsel]
+}
+# The fields shared by all layers (the KVCache dataclass below holds them).
+SHARED_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
+    "page_table": (("batch", "table"), jnp.int32),  # [B, max_pages_per_seq]
+    "lengths": (("batch",), jnp.int32),  # [B]
+    "step": (("batch",), jnp.int32),  # [B] decode steps since each row's prefill
+}
+
+LayerCache = Arrays  # one layer's cache: the LAYER_FIELDS arrays
 
 
 @struct.dataclass
@@ -44,7 +61,7 @@ class KVCache:
     layers: tuple[LayerCache, ...]
     page_table: jax.Array  # int32 [B, max_pages_per_seq]
     lengths: jax.Array  # int32 [B] tokens in the cache per sequence
-    step: jax.Array  # int32 [] decode steps since the last prefill (selection refresh clock)
+    step: jax.Array  # int32 [B] decode steps since each row's prefill (its selection refresh clock)
 
     @property
     def batch(self) -> int:
@@ -70,33 +87,83 @@ def selection_width(sparse: SparseConfig, max_pages_per_seq: int) -> int:
     return min(sparse.max_selected_pages, max_pages_per_seq)
 
 
+def cache_sizes(cfg: ModelConfig, sparse: SparseConfig, *, num_retrieval: int, batch: int, num_pages: int,
+                max_pages_per_seq: int) -> dict[str, int]:
+    """Sizes of the cache axes for one layer with `num_retrieval` retrieval heads."""
+    return {
+        "retrieval": num_retrieval, "streaming": cfg.num_kv_heads - num_retrieval, "pages": num_pages,
+        "page": sparse.page_size, "lpages": sparse.page_size // sparse.logical_page_size, "head_dim": cfg.head_dim,
+        "batch": batch, "slots": sparse.ring_size, "sel_heads": selection_heads(cfg, sparse, num_retrieval),
+        "sel": selection_width(sparse, max_pages_per_seq), "table": max_pages_per_seq,
+    }
+
+
+def _decls(fields, sizes) -> dict[str, ArrayDecl]:
+    return {n: ArrayDecl(axes, tuple(sizes[a] for a in axes), dtype, init="zeros") for n, (axes, dtype) in fields.items()}
+
+
+def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, **sizes) -> dict[str, ArrayDecl]:
+    """One layer's arrays (keyword arguments: those of `cache_sizes`)."""
+    return _decls(LAYER_FIELDS, cache_sizes(cfg, sparse, **sizes))
+
+
 def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, batch: int,
-               num_pages: int, max_pages_per_seq: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page)."""
+               num_pages: int, max_pages_per_seq: int, dtype=jnp.bfloat16,
+               fill: Callable[[int, str, ArrayDecl, object], jax.Array] | None = None) -> KVCache:
+    """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page).
+
+    fill(layer, name, decl, dtype), if given, makes each layer array instead of zeros (the
+    benchmarks' random caches); the page table maps nothing (every entry the scratch page)."""
     if num_pages < 2:
         raise ValueError(f"the page pool needs at least 2 pages (one is scratch), got {num_pages=}")
-    d, page, lp = cfg.head_dim, sparse.page_size, sparse.logical_page_size
-    k_sel = selection_width(sparse, max_pages_per_seq)
+    make = fill or (lambda i, name, d, dt: jnp.zeros(d.shape, dt))
     layers = []
-    for r in layout.num_retrieval:
-        s = cfg.num_kv_heads - r
-        hsel = selection_heads(cfg, sparse, r)
-        layers.append(LayerCache(
-            k_pages=jnp.zeros((r, num_pages, page, d), dtype),
-            v_pages=jnp.zeros((r, num_pages, page, d), dtype),
-            k_min=jnp.zeros((r, num_pages, page // lp, d), dtype),
-            k_max=jnp.zeros((r, num_pages, page // lp, d), dtype),
-            ring_k=jnp.zeros((s, batch, sparse.ring_size, d), dtype),
-            ring_v=jnp.zeros((s, batch, sparse.ring_size, d), dtype),
-            sel_pages=jnp.zeros((batch, hsel, k_sel), jnp.int32),
-            sel_count=jnp.zeros((batch, hsel), jnp.int32),
-        ))
-    return KVCache(
-        layers=tuple(layers),
-        page_table=jnp.full((batch, max_pages_per_seq), NULL_PAGE, jnp.int32),
-        lengths=jnp.zeros((batch,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-    )
+    for i, r in enumerate(layout.num_retrieval):
+        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, batch=batch, num_pages=num_pages,
+                                  max_pages_per_seq=max_pages_per_seq)
+        layers.append(Arrays({n: make(i, n, d, d.dtype or dtype) for n, d in decls.items()}))
+    shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, batch=batch, num_pages=num_pages,
+                                                max_pages_per_seq=max_pages_per_seq))
+    fills = {"page_table": NULL_PAGE}  # every table entry the scratch page until the engine maps pages
+    return KVCache(layers=tuple(layers), **{n: jnp.full(d.shape, fills.get(n, 0), d.dtype) for n, d in shared.items()})
+
+
+def _batch_axis(fields, name: str) -> int | None:
+    axes = fields[name][0]
+    return axes.index("batch") if "batch" in axes else None
+
+
+def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    """The cache of sequences `rows` (int32 [b]) alone: every array with a batch axis gathered
+    (page tables, lengths, clocks, rings, selections), the page pools shared as they are."""
+    def take(fields, name, x):
+        ax = _batch_axis(fields, name)
+        return x if ax is None else jnp.take(x, rows, axis=ax)
+
+    layers = tuple(Arrays({n: take(LAYER_FIELDS, n, x) for n, x in lc.items()}) for lc in cache.layers)
+    return KVCache(layers=layers, **{n: take(SHARED_FIELDS, n, getattr(cache, n)) for n in SHARED_FIELDS})
+
+
+def put_rows(cache: KVCache, sub: KVCache, rows: jax.Array) -> KVCache:
+    """`cache` with rows `rows` replaced by `sub`'s (as `take_rows` made it and prefill filled it)
+    and the page pools taken from `sub` (where prefill wrote those rows' pages)."""
+    def put(fields, name, x, y):
+        ax = _batch_axis(fields, name)
+        if ax is None:
+            return y
+        idx = (slice(None),) * ax + (rows,)
+        return x.at[idx].set(y)
+
+    layers = tuple(Arrays({n: put(LAYER_FIELDS, n, x, sl[n]) for n, x in lc.items()})
+                   for lc, sl in zip(cache.layers, sub.layers))
+    return KVCache(layers=layers, **{n: put(SHARED_FIELDS, n, getattr(cache, n), getattr(sub, n))
+                                     for n in SHARED_FIELDS})
+
+
+def page_stats(k_pages: jax.Array, lp: int) -> tuple[jax.Array, jax.Array]:
+    """Key min/max of every logical page of full pages: k_pages [..., page, D] ->
+    [..., page // lp, D] each (for caches filled without going through prefill)."""
+    return _page_stats(k_pages, jnp.ones(k_pages.shape[:-1], bool), lp)
 
 
 def ring_slot(t: jax.Array, sink: int, local: int) -> jax.Array:
@@ -163,51 +230,20 @@ def write_prefill(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Ar
 
 
 def append(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,
-           positions: jax.Array, sparse: SparseConfig, impl: str = "reference") -> LayerCache:
+           positions: jax.Array, sparse: SparseConfig, choice=None) -> LayerCache:
     """Appends one token per sequence. k, v: [B, Hkv, D] (post-RoPE); positions [B] where it goes.
 
-    impl: "reference" (jnp scatters, below), "pallas" (`pallas.append.fused_append`: one launch
-    for pages, statistics and ring) or "auto" (pallas on a GPU when the shapes suit it).
+    choice: the `ops.OpChoice` of `ops.append.append_token` (default: the platform's order; the
+    reference is jnp scatters, the Triton `fused_append` one launch for pages, statistics and
+    ring).
     """
-    if impl not in ("auto", "pallas", "reference"):
-        raise ValueError(f"append impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
-    if impl != "reference":
-        from .pallas.append import fused_append, supported
-        from .pallas.compat import on_gpu
+    from .ops.append import append_token
+    from .ops.registry import REGISTRY, OpChoice
 
-        if impl == "pallas" or (on_gpu() and supported(lc.k_pages, lc.ring_k)):
-            kp, vp, kmin, kmax, rk, rv = fused_append(
-                k, v, positions, page_table, lc.k_pages, lc.v_pages, lc.k_min, lc.k_max, lc.ring_k, lc.ring_v,
-                page=sparse.page_size, lp=sparse.logical_page_size, sink=sparse.decode_sink,
-                local=sparse.decode_local)
-            return lc.replace(k_pages=kp, v_pages=vp, k_min=kmin, k_max=kmax, ring_k=rk, ring_v=rv)
-    b, hkv, d = k.shape
-    page, lp = sparse.page_size, sparse.logical_page_size
-    r = lc.k_pages.shape[0]
-    rows = jnp.arange(b)
-    if r:
-        phys = page_table[rows, positions // page]  # [B]
-        off = positions % page
-        lpage = off // lp
-        kr = jnp.swapaxes(k[:, :r], 0, 1)  # [R, B, D]
-        vr = jnp.swapaxes(v[:, :r], 0, 1)
-        # a token that opens a logical page resets its statistics; later ones widen them
-        fresh = (off % lp == 0)[None, :, None]
-        old_min = lc.k_min[:, phys, lpage]  # [R, B, D]
-        old_max = lc.k_max[:, phys, lpage]
-        kc = kr.astype(lc.k_min.dtype)
-        lc = lc.replace(
-            k_pages=lc.k_pages.at[:, phys, off].set(kr.astype(lc.k_pages.dtype)),
-            v_pages=lc.v_pages.at[:, phys, off].set(vr.astype(lc.v_pages.dtype)),
-            k_min=lc.k_min.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.minimum(old_min, kc))),
-            k_max=lc.k_max.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.maximum(old_max, kc))),
-        )
-    if hkv - r:
-        slot = ring_slot(positions, sparse.decode_sink, sparse.decode_local)  # [B]
-        ks = jnp.swapaxes(k[:, r:], 0, 1)  # [S, B, D]
-        vs = jnp.swapaxes(v[:, r:], 0, 1)
-        lc = lc.replace(
-            ring_k=lc.ring_k.at[:, rows, slot].set(ks.astype(lc.ring_k.dtype)),
-            ring_v=lc.ring_v.at[:, rows, slot].set(vs.astype(lc.ring_v.dtype)),
-        )
-    return lc
+    choice = OpChoice() if choice is None else choice
+    REGISTRY.resolve("append", choice)  # an unknown implementation name fails before any work
+    kp, vp, kmin, kmax, rk, rv = append_token(
+        k, v, positions, page_table, lc.k_pages, lc.v_pages, lc.k_min, lc.k_max, lc.ring_k, lc.ring_v,
+        page=sparse.page_size, lp=sparse.logical_page_size, sink=sparse.decode_sink, local=sparse.decode_local,
+        choice=choice)
+    return lc.replace(k_pages=kp, v_pages=vp, k_min=kmin, k_max=kmax, ring_k=rk, ring_v=rv)

@@ -38,6 +38,7 @@ _V1_OPTIONAL = ("bq", "bk", "bv")  # format 1 stored these as None when a model 
 META_FILE = "lserve.json"
 PATTERN_FILE = "head_pattern.tsv"
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+DEBUG_ENV = "LSERVE_JAX_DEBUG"  # set: errors keep the full text of the library error behind them
 
 
 class CheckpointError(ValueError):
@@ -77,11 +78,15 @@ class Checkpoint:
         if legacy:
             target = target.replace(layers=tuple(
                 Arrays({**{n: None for n in _V1_OPTIONAL}, **dict(lp.items())}) for lp in target.layers))
+        where = self.path.absolute() / "params"  # orbax takes only absolute paths
         try:
             with ocp.StandardCheckpointer() as ckptr:
-                params = ckptr.restore(self.path / "params", target)
-        except Exception as e:  # orbax raises many types for a damaged tree
-            raise CheckpointError(f"cannot restore the parameters in {self.path / 'params'}: {e}") from None
+                params = ckptr.restore(where, target)
+        except Exception as e:  # orbax raises many types for a damaged tree, some with pages of TensorStore spec
+            msg = (f"checkpoint {self.path} is damaged: cannot restore the parameters in its params/ "
+                   f"directory; convert the model again")
+            msg += f"\norbax: {e}" if os.environ.get(DEBUG_ENV) else f" ({DEBUG_ENV}=1 shows orbax's full error)"
+            raise CheckpointError(msg) from None
         if legacy:
             params = params.replace(layers=tuple(  # declaration order, as abstract_params makes it
                 Arrays({n: lp.get(n) for n in want}) for lp, want in zip(params.layers, abstract.layers)))
@@ -114,7 +119,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     for part in ("params",):
         if not (path / part).exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {part} is missing")
-    return Checkpoint(path, config, dtype, meta)
+    return Checkpoint(path.absolute(), config, dtype, meta)  # absolute: orbax refuses relative paths
 
 
 @contextlib.contextmanager
@@ -149,7 +154,7 @@ def write_checkpoint(dest: Path, params: Params, config: ModelConfig, dtype: str
     from .heads import save_pattern
 
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(dest / "params", params)
+        ckptr.save(Path(dest).absolute() / "params", params)  # orbax takes only absolute paths
         ckptr.wait_until_finished()
     for name, content in (tokenizer_files or {}).items():
         mode = "wb" if isinstance(content, bytes) else "w"

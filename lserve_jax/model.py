@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import cache as kvc
-from .attention.decode import decode_attention
-from .attention.prefill import prefill_attention
+from .ops import Kernels, decode_attention, prefill_attention
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
 from .models.layer import causal_attention, decoder_layer, logits
@@ -33,8 +32,7 @@ class ModelSpec:
     model: ModelConfig
     layout: HeadLayout
     sparse: SparseConfig = SparseConfig()
-    prefill_impl: str = "auto"  # see attention.prefill.prefill_attention
-    decode_impl: str = "auto"  # see attention.decode.decode_attention
+    kernels: Kernels = Kernels()  # implementations and tuning of every op (lserve_jax.ops)
     tp: int = 1  # tensor-parallel degree: KV heads split over the first `tp` local devices
 
     def __post_init__(self):
@@ -95,7 +93,7 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
                 jax.debug.callback(on_layer, jnp.int32(i))
     last = x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]: logits only where needed
     new_cache = cache.replace(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
-                              step=jnp.zeros((), jnp.int32))
+                              step=jnp.zeros((b,), jnp.int32))
     return logits(params, last, spec.model), new_cache
 
 
@@ -103,7 +101,7 @@ def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: i
     """One layer's attention and cache write, over the KV heads this device holds."""
     sp = spec.sparse
     o = prefill_attention(q, k, v, lengths, num_retrieval=r, sink=sp.prefill_sink, local=sp.prefill_local,
-                          impl=spec.prefill_impl)
+                          choice=spec.kernels.prefill)
     return o, kvc.write_prefill(lc, k, v, page_table, lengths, sp)
 
 
@@ -126,22 +124,31 @@ def refresh_due(spec: ModelSpec, step: int) -> bool:
 
 
 def _selection(lc: kvc.LayerCache, q_r: jax.Array, page_table: jax.Array, step: jax.Array,
-               new_len: jax.Array, sp: SparseConfig, refresh: bool | None) -> tuple[jax.Array, jax.Array]:
+               new_len: jax.Array, sp: SparseConfig, refresh: bool | None, kernels: Kernels
+               ) -> tuple[jax.Array, jax.Array]:
     """The pages each retrieval head reads this step: recomputed every `selector_interval`
-    steps; in between the selection is reused, with each sequence's newest page added when it
-    opens one. refresh: True / False decided by the caller (one program each, no device-side
-    branch), None: decided on device from `step` (a lax.cond)."""
+    steps of each row's own clock (step int32 [B]); in between the selection is reused, with
+    each sequence's newest page added when it opens one. refresh: True / False decided by the
+    caller for every row (one program each, no device-side branch), None: decided on device per
+    row from `step` (one lax.cond: the fresh selection is computed when any row is due, and kept
+    for the rows that are)."""
     k_sel = lc.sel_pages.shape[-1]
 
     def fresh():
         return select_pages(q_r, lc.k_min, lc.k_max, page_table, new_len, max_pages=k_sel,
-                            mode=sp.selection_mode, page_size=sp.page_size)
+                            mode=sp.selection_mode, page_size=sp.page_size, choice=kernels.page_scores)
 
     def reuse():
         return insert_newest(lc.sel_pages, lc.sel_count, new_len, page_size=sp.page_size)
 
     if refresh is None:
-        return lax.cond(step % sp.selector_interval == 0, fresh, reuse)
+        due = step % sp.selector_interval == 0  # [B]
+
+        def per_row():
+            (sel, count), (old, old_count) = fresh(), reuse()
+            return jnp.where(due[:, None, None], sel, old), jnp.where(due[:, None], count, old_count)
+
+        return lax.cond(jnp.any(due), per_row, reuse)
     return fresh() if refresh else reuse()
 
 
@@ -151,9 +158,9 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     sp, g = spec.sparse, spec.model.group_size
     b = q.shape[0]
     new_len = positions + 1
-    lc = kvc.append(lc, k, v, page_table, positions, sp, impl=spec.decode_impl)
+    lc = kvc.append(lc, k, v, page_table, positions, sp, choice=spec.kernels.append)
     if _selects(sp, r, lc.sel_pages.shape[-1], page_table.shape[1]):
-        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh)
+        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh, spec.kernels)
         lc = lc.replace(sel_pages=sel, sel_count=count)
         mode = sp.selection_mode
     else:  # dense: every page of the sequence, shared by the GQA group
@@ -162,7 +169,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
         count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
         mode = "kv_head"
     o = decode_attention(q, lc.k_pages, lc.v_pages, lc.ring_k, lc.ring_v, page_table, new_len,
-                         sel, count, mode=mode, impl=spec.decode_impl)
+                         sel, count, mode=mode, choice=spec.kernels.decode)
     return o, lc
 
 

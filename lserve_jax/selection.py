@@ -28,7 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MODES = ("query_head", "kv_head")
+from .ops.decode import MODES
+from .ops.page_scores import page_scores, validate_page_score_args
+from .ops.registry import OpChoice
+
 GROUP_REDUCES = ("max", "sum")
 
 
@@ -39,56 +42,7 @@ def _check(q, k_min, k_max, page_table, lengths, max_pages, mode, group_reduce):
         raise ValueError(f"group_reduce must be one of {GROUP_REDUCES}, got {group_reduce!r}")
     if max_pages < 1:
         raise ValueError(f"max_pages must be >= 1, got {max_pages}")
-    if q.ndim != 3:
-        raise ValueError(f"q must be [B, R*G, D], got {q.shape=}")
-    if k_min.ndim != 4 or k_min.shape != k_max.shape:
-        raise ValueError(f"k_min/k_max must be [R, P, L, D] and equal, got {k_min.shape=} {k_max.shape=}")
-    b, hq, d = q.shape
-    r = k_min.shape[0]
-    if k_min.shape[-1] != d:
-        raise ValueError(f"head_dim mismatch: {q.shape=} {k_min.shape=}")
-    if (r == 0 and hq != 0) or (r and hq % r):
-        raise ValueError(f"q heads must be a multiple of the retrieval heads: {q.shape=} {k_min.shape=}")
-    if page_table.ndim != 2 or page_table.shape[0] != b:
-        raise ValueError(f"page_table must be [B, N]: {page_table.shape=} {q.shape=}")
-    if lengths.shape != (b,):
-        raise ValueError(f"lengths must be [B]: {lengths.shape=} {q.shape=}")
-
-
-def page_scores_reference(q, k_min, k_max, page_table):
-    """Scores of every physical page of every sequence (pure jnp, the spec).
-
-    q: [B, R*G, D]; k_min, k_max: [R, P, L, D]; page_table: int32[B, N].
-    Returns float32[B, R, G, N]: score of logical-table page n for query head (r, g).
-    """
-    b, hq, d = q.shape
-    r = k_min.shape[0]
-    g = hq // r
-    qf = q.reshape(b, r, g, 1, 1, d).astype(jnp.float32)
-    ids = jnp.clip(page_table, 0, k_min.shape[1] - 1)
-    kmin = jnp.take(k_min, ids, axis=1).astype(jnp.float32)  # [R, B, N, L, D]
-    kmax = jnp.take(k_max, ids, axis=1).astype(jnp.float32)
-    kmin = jnp.swapaxes(kmin, 0, 1)[:, :, None]  # [B, R, 1, N, L, D]
-    kmax = jnp.swapaxes(kmax, 0, 1)[:, :, None]
-    s = jnp.sum(jnp.maximum(qf * kmax, qf * kmin), axis=-1)  # [B, R, G, N, L]
-    return jnp.max(s, axis=-1)
-
-
-def _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl, score_options):
-    if impl == "auto":
-        from .pallas.compat import on_gpu
-        from .pallas.page_scores import supported
-
-        impl = "pallas" if on_gpu() and supported(q, k_min) else "reference"
-    if impl == "reference":
-        return page_scores_reference(q, k_min, k_max, page_table)
-    if impl == "pallas":
-        from .pallas.page_scores import page_scores
-
-        # pages past the sequence are left unwritten: topk_pages masks them
-        return page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size,
-                           **(score_options or {}))
-    raise ValueError(f"impl must be 'auto', 'reference' or 'pallas', got {impl!r}")
+    validate_page_score_args(q, k_min, k_max, page_table, lengths)
 
 
 def topk_pages(scores, lengths, *, page_size: int, max_pages: int):
@@ -137,16 +91,15 @@ def insert_newest(sel_pages, sel_count, lengths, *, page_size: int):
 
 
 def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: str,
-                 group_reduce: str = "max", page_size: int | None = None, impl: str = "auto",
-                 score_options: dict | None = None):
+                 group_reduce: str = "max", page_size: int | None = None, choice: OpChoice = OpChoice()):
     """Chooses the pages each retrieval selection head reads at decode.
 
     q: [B, R*G, D] retrieval heads' queries (post-RoPE); k_min, k_max: [R, P, page // lp, D];
     page_table: int32[B, N]; lengths: int32[B] tokens including the current one.
     page_size: the physical page size in tokens. The stats only give page // lp, so the default
     assumes 16-token logical pages (SparseConfig's default); pass it whenever lp != 16.
-    impl: "auto" (Pallas scores on a GPU when the shapes suit it, else jnp), "pallas",
-    "reference"; score_options: tuning kwargs of `pallas.page_scores.page_scores`.
+    choice: the page-score implementations to try and their options (`ops.page_scores`;
+    default: the platform's order, the Triton kernel on a GPU when the shapes suit it).
     Returns sel_pages int32[B, Hsel, max_pages] (logical page indices) and sel_count
     int32[B, Hsel]; Hsel = R*G ("query_head") or R ("kv_head").
     """
@@ -158,7 +111,7 @@ def select_pages(q, k_min, k_max, page_table, lengths, *, max_pages: int, mode: 
     if r == 0:
         return jnp.zeros((b, 0, max_pages), jnp.int32), jnp.zeros((b, 0), jnp.int32)
     g = hq // r
-    s = _page_scores(q, k_min, k_max, page_table, lengths, page_size, impl, score_options)  # [B, R, G, N]
+    s = page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size, choice=choice)  # [B, R, G, N]
     if mode == "kv_head":
         s = jnp.max(s, axis=2) if group_reduce == "max" else jnp.sum(s, axis=2)
     else:

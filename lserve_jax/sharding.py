@@ -134,6 +134,13 @@ def shard_params(params: Params, cfg: ModelConfig, tp: int) -> Params:
     return params if tp == 1 else _put(params, param_specs(cfg), tp)
 
 
+def replicate(x, tp: int):
+    """x committed to the devices the model runs on: the first device, or replicated over tp."""
+    if tp == 1:
+        return jax.device_put(x, jax.devices()[0])
+    return jax.device_put(x, NamedSharding(get_mesh(tp), P()))
+
+
 def shard_cache(cache: KVCache, tp: int) -> KVCache:
     if tp == 1:
         return jax.device_put(cache, jax.devices()[0])

@@ -1,11 +1,13 @@
-"""The accuracy harness: token-exact passkey prompts, the shipped text, perplexity against the
-dense reference forward, and a two-cell smoke run of the grid through the engine (tiny model)."""
+"""The accuracy harness (`lserve_jax.evals`): token-exact passkey prompts, the shipped text,
+perplexity against the dense reference forward, a two-cell smoke run of the grid through the
+engine, the teacher-forced proxy (tiny model); and bench/accuracy.py end to end, resume included."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -13,29 +15,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax import passkey as pk
-from lserve_jax.calibrate import gated_hidden, lm_logits
+from lserve_jax.calibrate import gated_hidden
 from lserve_jax.config import ModelConfig, SparseConfig
 from lserve_jax.engine import Engine
-from lserve_jax.heads import binarize, layout_and_permutation
+from lserve_jax.evals import corpus, grid_prompts, lm_logits, passkey_proxy, perplexity, run_grid
+from lserve_jax.evals import passkey as pk
+from lserve_jax.heads import binarize, layout_and_permutation, save_pattern
 from lserve_jax.model import forward_reference
 from lserve_jax.params import init_params, permute_kv_heads
+
+from .test_calibrate import write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
 ENCODE = pk.byte_encoder(CFG.vocab_size)
-
-
-def _load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-acc = _load_bench("accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +115,6 @@ def test_passed():
 # --- text and perplexity -------------------------------------------------------------------
 
 def test_shipped_text():
-    from lserve_jax import corpus
-
     path = corpus.TEXT_PATH
     assert os.path.getsize(path) < 1 << 20
     with open(path, encoding="utf-8") as f:
@@ -134,7 +126,7 @@ def test_shipped_text():
 
 def test_perplexity_matches_dense_reference_and_sparse_differs(params):
     text = ENCODE("the quick brown fox jumps over the lazy dog. " * 20)
-    dense = acc.perplexity(params, CFG, text, 128, 2, None, 4, 16)
+    dense = perplexity(params, CFG, text, 128, 2, None, 4, 16)
     toks = jnp.asarray(np.asarray(text[:256], np.int32).reshape(2, 128))
     logp = jax.nn.log_softmax(forward_reference(params, toks, CFG)[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1)
@@ -142,22 +134,9 @@ def test_perplexity_matches_dense_reference_and_sparse_differs(params):
     assert dense["tokens"] == 2 * 127 and dense["windows"] == 2
     assert np.exp(np.mean(np.log(dense["window_ppl"]))) == pytest.approx(dense["ppl"], rel=1e-5)  # pooled
     with pytest.raises(ValueError):
-        acc.perplexity(params, CFG, text, 128, len(text) // 128 + 1, None, 4, 16)
-    sparse = acc.perplexity(params, CFG, text, 128, 2, np.array([[1.0, 0.0], [0.0, 1.0]]), 4, 16)
+        perplexity(params, CFG, text, 128, len(text) // 128 + 1, None, 4, 16)
+    sparse = perplexity(params, CFG, text, 128, 2, np.array([[1.0, 0.0], [0.0, 1.0]]), 4, 16)
     assert np.isfinite(sparse["ppl"]) and sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-6)
-
-
-def test_resume_reuses_only_entries_with_the_same_windows():
-    assert acc._kept({"ppl": 20.0, "tokens": 4 * 4095}, 4096, 4)
-    assert not acc._kept({"ppl": 20.0, "tokens": 4095}, 4096, 4)  # a 1-window run is recomputed
-    assert not acc._kept(None, 4096, 4)
-
-
-def test_resume_keeps_only_patterns_with_the_same_gates():
-    a = np.random.default_rng(0).random((4, 3))
-    old = {"patterns": {"alpha": {"calibrated": np.round(a, 6).tolist(), "random": np.round(a, 6).tolist()}}}
-    assert acc.same_patterns(old, {"calibrated": a, "random": a + 0.1, "attention-mass": a}) == {"calibrated"}
-    assert acc.same_patterns({}, {"calibrated": a}) == set()
 
 
 # --- grid smoke run ------------------------------------------------------------------------
@@ -165,44 +144,24 @@ def test_resume_keeps_only_patterns_with_the_same_gates():
 def test_grid_smoke_two_cells(params):
     """Two cells (one length, depths 0 and 1) through Engine.generate, dense and sparse with the
     same prompts; with a window that covers the prompt the sparse engine must agree with dense."""
-    prompts = acc.build_grid_prompts(ENCODE, [300], [0.0, 1.0], trials=1, seed=0)
+    prompts = grid_prompts(ENCODE, [300], [0.0, 1.0], trials=1, seed=0)
     assert [[c[0].length for c in row] for row in prompts] == [[300, 300]]
     knobs = dict(page_size=16, logical_page_size=4)
     dense = Engine(params, CFG, sparse=SparseConfig(token_budget=512, sparse_decode=False, **knobs),
                    max_seq_len=320)
-    frac_d, outs_d = acc.run_grid(dense, prompts)
+    frac_d, outs_d = run_grid(dense, prompts)
     assert np.asarray(frac_d).shape == (1, 2)
     alpha = np.array([[0.9, 0.1], [0.2, 0.8]])
     layout, perms = layout_and_permutation(binarize(alpha, 0.5))
     wide = SparseConfig(static_sparsity=0.5, prefill_sink=4, prefill_local=512, decode_sink=4, decode_local=512,
                         token_budget=512, **knobs)
     sparse = Engine(permute_kv_heads(params, CFG, perms), CFG, layout=layout, sparse=wide, max_seq_len=320)
-    frac_s, outs_s = acc.run_grid(sparse, prompts)
+    frac_s, outs_s = run_grid(sparse, prompts)
     assert outs_s == outs_d and frac_s == frac_d
     assert all(len(o[0]) == 8 for o in outs_d[0])  # no EOS in a random model: 8 tokens each
 
 
-def test_heatmap_and_tables(tmp_path):
-    pytest.importorskip("matplotlib")
-    grid = {"dense": {"pass": [[1.0, 1.0], [1.0, 0.0]], "sparsity": 0.0, "budget": None},
-            "calibrated-s0.5-b256": {"pass": [[1.0, 0.0], [1.0, 0.0]], "sparsity": 0.5, "budget": 256}}
-    png = tmp_path / "h.png"
-    acc.heatmap(str(png), grid, [256, 512], [0.0, 1.0])
-    assert png.read_bytes()[:4] == b"\x89PNG"
-    ppl = {"lengths": [512], "variants": {"dense": {"prefill": {"512": {"ppl": 10.0, "ppl_tail": 11.0}}},
-                                          "calibrated-s0.5": {"prefill": {"512": {"ppl": 10.1, "ppl_tail": 11.2}},
-                                                              "decode": {"512": {"ppl": 10.2, "ppl_tail": None}}}}}
-    res = {"grid": {"lengths": [256, 512], "variants": grid}, "perplexity": ppl}
-    md = acc.tables(res)
-    assert "| calibrated-s0.5-b256 | 0.5 | 256 | 2/4 | 2/3 |" in md and "10.100" in md
-    s = acc.summary(res, "calibrated-s0.5-b256", 0.5, 12.5)
-    assert s["cells_dense_pass"] == 3 and s["cells_sparse_pass_where_dense_passes"] == 2
-    assert s["ppl_ratio_sparse_over_dense"] == pytest.approx(1.01) and s["calibrate_minutes"] == 12.5
-
-
 def test_corpus_halves_are_disjoint_and_cover_the_text():
-    from lserve_jax import corpus
-
     text = corpus.read_text()
     first, second = corpus.split_text(text)
     assert first and second and not text.startswith("#")
@@ -214,14 +173,12 @@ def test_corpus_halves_are_disjoint_and_cover_the_text():
         corpus.split_text("one line without a break at all")
 
 
-def test_calib_sweep_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
-    """bench/calib_sweep.py's proxy: a cell passes iff the argmax at every answer position is
-    the answer token; right padding to a common width changes nothing (causal)."""
-    sweep = _load_bench("calib_sweep")
+def test_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
+    """A cell passes iff the argmax at every answer position is the answer token; right padding
+    to a common width changes nothing (causal)."""
     cells = [pk.passkey_prompt(ENCODE, n, d, "4242") for n, d in ((300, 0.5), (400, 0.0), (360, 1.0))]
-    fn = sweep._proxy_fn(CFG, 4, 16)
     for gates in (None, jnp.asarray([[1.0, 0.0], [0.0, 1.0]])):
-        got = sweep.passkey_proxy(fn, params, cells, gates)
+        got = passkey_proxy(params, CFG, cells, gates, sink=4, local=16)
         for c, ok in zip(cells, got):
             toks = jnp.asarray([c.ids + c.answer_ids], jnp.int32)
             h = gated_hidden(params, toks, CFG, gates, sink=4, local=16)
@@ -235,4 +192,53 @@ def test_calib_sweep_passkey_proxy_is_the_teacher_forced_greedy_answer(params):
     pred = np.asarray(jnp.argmax(lm_logits(params, gated_hidden(params, toks, CFG, None, sink=4,
                                                                           local=16)[0]), -1))
     own = dataclasses.replace(c, answer_ids=[int(pred[len(c.ids) - 1]), 1])
-    assert sweep.passkey_proxy(fn, params, [own, cells[1]], None)[0]
+    assert passkey_proxy(params, CFG, [own, cells[1]], None, sink=4, local=16)[0]
+
+
+# --- bench/accuracy.py ---------------------------------------------------------------------
+
+def test_accuracy_script_end_to_end_and_resume(params, tmp_path):
+    """bench/accuracy.py on a tiny checkpoint: grid and perplexity of dense, the pattern and the
+    random control; tables, summary and heatmap. `--resume` keeps the entries of patterns with
+    the same gates and perplexities over the same windows, and computes the others again."""
+    pytest.importorskip("matplotlib")
+    ckpt, pattern, out = tmp_path / "ckpt", tmp_path / "pattern.tsv", tmp_path / "acc.json"
+    write_tiny_checkpoint(ckpt, params, CFG)
+    save_pattern(pattern, np.array([[0.9, 0.1], [0.2, 0.8]]))
+    args = ["--checkpoint", str(ckpt), "--pattern", str(pattern), "--lengths", "300", "--depths", "0,1",
+            "--sparsities", "0.5", "--budgets", "256", "--ppl-lengths", "512", "--ppl-sparsities", "0.5",
+            "--selection-modes", "query_head", "--out", str(out)]
+
+    def run(*extra) -> tuple[dict, str]:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), *args, *extra],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return json.loads(out.read_text()), r.stdout + r.stderr
+
+    res, _ = run("--ppl-windows", "2")
+    names = ["dense", "calibrated-s0.5-b256", "random-s0.5-b256"]
+    assert list(res["grid"]["variants"]) == names
+    assert all(np.shape(v["pass"]) == (1, 2) for v in res["grid"]["variants"].values())
+    ppl = res["perplexity"]["variants"]
+    assert list(ppl) == ["dense", "calibrated-s0.5", "random-s0.5"] and list(ppl["dense"]) == ["prefill"]
+    assert ppl["calibrated-s0.5"]["decode"]["512"]["tokens"] == 2 * 511 and len(ppl["dense"]["prefill"]["512"]["window_ppl"]) == 2
+    s = res["summary"]
+    assert s["headline_variant"] == "calibrated-s0.5-b256" and s["cells_total"] == 2 and s["ppl_length"] == 512
+    assert s["ppl_ratio_sparse_over_dense"] == pytest.approx(ppl["calibrated-s0.5"]["prefill"]["512"]["ppl"] /
+                                                             ppl["dense"]["prefill"]["512"]["ppl"])
+    assert len(s["ppl_ratio_random_over_dense_per_window"]) == 2
+    assert s["cells_sparse_pass_where_dense_passes"] == s["per_variant"][names[1]]["pass_where_dense_passes"]
+    assert f"| {names[1]} | 0.5 | 256 | " in res["table_md"] and "| random-s0.5 | decode | " in res["table_md"]
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+    save_pattern(pattern, np.array([[0.1, 0.9], [0.8, 0.2]]))  # re-calibrated: its entries go
+    again, log = run("--ppl-windows", "2", "--resume")
+    assert "grid: dense (kept" in log and "grid: random-s0.5-b256 (kept" in log and f"grid: {names[1]}\n" in log
+    for name in ("dense", "random-s0.5"):
+        assert again["perplexity"]["variants"][name] == ppl[name]
+    assert again["perplexity"]["variants"]["calibrated-s0.5"] != ppl["calibrated-s0.5"]
+
+    third, log = run("--ppl-windows", "1", "--resume")  # other windows: every perplexity again
+    assert third["grid"] == again["grid"] and "ppl dense prefill @512" in log
+    assert third["perplexity"]["variants"]["dense"]["prefill"]["512"]["tokens"] == 511
+

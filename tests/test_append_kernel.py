@@ -1,5 +1,6 @@
-"""The fused decode-append kernel (interpret mode) equals the jnp scatters of cache.append, over
-appends that open pages and logical pages, wrap the ring, and layers with R = 0 or S = 0."""
+"""The fused decode-append kernel (interpreted on CPU, compiled under the `gpu` marker) equals
+the jnp scatters of its reference, over appends that open pages and logical pages, wrap the
+ring, and layers with R = 0 or S = 0; cache.append through the ops API."""
 
 from __future__ import annotations
 
@@ -9,40 +10,66 @@ import pytest
 
 from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
+from lserve_jax.ops import OpChoice, Unsupported, append_token
+from lserve_jax.pallas.append import append_reference, fused_append
+
+from .kernel_base import COMPILED, GPU_MARKS, INTERPRET, kernel_cases
+
+_FIELDS = ("k_pages", "v_pages", "k_min", "k_max", "ring_k", "ring_v")
+
+# (r, s, dtype, page, lp, sink, local, d): small layers on CPU; llama3-8b-like ones on the GPU
+_CASES = [(r, s, dtype, 16, 4, 4, 12, 32) for r, s in [(2, 1), (0, 3), (3, 0), (1, 1)]
+          for dtype in (jnp.float32, jnp.bfloat16)]
+_GPU_CASES = [(4, 4, jnp.bfloat16, 64, 16, 128, 256, 128), (8, 0, jnp.bfloat16, 64, 16, 128, 256, 128),
+              (3, 5, jnp.float32, 64, 16, 128, 256, 64)]
 
 
-@pytest.mark.parametrize("r,s", [(2, 1), (0, 3), (3, 0), (1, 1)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_append_equals_reference(r, s, dtype):
+@pytest.mark.parametrize("runner,case", kernel_cases(
+    _CASES, _GPU_CASES, ids=lambda c: f"R{c[0]}S{c[1]}-page{c[3]}-D{c[7]}-{jnp.dtype(c[2]).name}"))
+def test_fused_append_equals_reference(runner, case):
+    r, s, dtype, page, lp, sink, local, d = case
     rng = np.random.default_rng(r * 10 + s)
-    sp = SparseConfig(page_size=16, logical_page_size=4, decode_sink=4, decode_local=12)
-    b, d, n, p = 3, 32, 5, 17
+    b, w, steps = 3, sink + local, 6
+    # crosses a page and logical pages; the ring wraps (positions past sink + local)
+    pos = np.array([page - 2, 3, 2 * page - 2 + w], np.int32)
+    n = -(-(int(pos.max()) + steps) // page)  # table columns: every position stays inside the table
+    p = b * n + 2
     c = lambda x: jnp.asarray(x, dtype)
-    lc = kvc.LayerCache(
-        k_pages=c(rng.standard_normal((r, p, 16, d))), v_pages=c(rng.standard_normal((r, p, 16, d))),
-        k_min=c(rng.standard_normal((r, p, 4, d))), k_max=c(rng.standard_normal((r, p, 4, d))),
-        ring_k=c(rng.standard_normal((s, b, 16, d))), ring_v=c(rng.standard_normal((s, b, 16, d))),
-        sel_pages=jnp.zeros((b, max(r, 1), 2), jnp.int32), sel_count=jnp.zeros((b, max(r, 1)), jnp.int32))
+    cache = (c(rng.standard_normal((r, p, page, d))), c(rng.standard_normal((r, p, page, d))),
+             c(rng.standard_normal((r, p, page // lp, d))), c(rng.standard_normal((r, p, page // lp, d))),
+             c(rng.standard_normal((s, b, w, d))), c(rng.standard_normal((s, b, w, d))))
     table = jnp.asarray(rng.permutation(np.arange(1, p))[: b * n].reshape(b, n), jnp.int32)
-    pos = np.array([14, 3, 30], np.int32)  # crosses a page (16, 32) and logical pages; ring wraps
-    ref = got = lc
-    for _ in range(6):
+    kw = dict(page=page, lp=lp, sink=sink, local=local)
+    ref = got = cache
+    for _ in range(steps):
         k = c(rng.standard_normal((b, r + s, d)))
         v = c(rng.standard_normal((b, r + s, d)))
-        ref = kvc.append(ref, k, v, table, jnp.asarray(pos), sp, impl="reference")
-        got = kvc.append(got, k, v, table, jnp.asarray(pos), sp, impl="pallas")
+        ref = append_reference(k, v, jnp.asarray(pos), table, *ref, **kw)
+        got = fused_append(k, v, jnp.asarray(pos), table, *got, **kw, **runner.kw)
         pos = pos + 1
-        for name in ("k_pages", "v_pages", "k_min", "k_max", "ring_k", "ring_v"):
-            np.testing.assert_array_equal(np.asarray(getattr(got, name), np.float32),
-                                          np.asarray(getattr(ref, name), np.float32), err_msg=name)
+        for name, a, z in zip(_FIELDS, got, ref):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(z, np.float32), err_msg=name)
 
 
-def test_append_rejects_unknown_impl():
-    with pytest.raises(ValueError, match="append impl"):
-        kvc.append(None, None, None, None, None, SparseConfig(), impl="triton")
+def test_append_choices_say_why():
+    """Unknown implementation names and unsupported shapes say why."""
+    with pytest.raises(ValueError, match="unknown append implementation"):
+        kvc.append(None, None, None, None, None, SparseConfig(), choice=OpChoice(("mosaic",)))
+    sp = SparseConfig(page_size=16, logical_page_size=4, decode_sink=4, decode_local=12)
+    b, d = 2, 24  # a head_dim the fused kernel does not store (not a power of 2)
+    args = (jnp.zeros((b, 2, d)), jnp.zeros((b, 2, d)), jnp.asarray([0, 5], jnp.int32), jnp.ones((b, 2), jnp.int32),
+            jnp.zeros((1, 3, 16, d)), jnp.zeros((1, 3, 16, d)), jnp.zeros((1, 3, 4, d)), jnp.zeros((1, 3, 4, d)),
+            jnp.zeros((1, b, 16, d)), jnp.zeros((1, b, 16, d)))
+    kw = dict(page=sp.page_size, lp=sp.logical_page_size, sink=sp.decode_sink, local=sp.decode_local)
+    with pytest.raises(Unsupported, match="power-of-2 head_dim"):
+        append_token(*args, **kw, choice=INTERPRET.choice("triton"))
+    with pytest.raises(ValueError, match="k_min"):
+        append_token(*args[:6], args[6][:, :, :2], *args[7:], **kw)
+    out = append_token(*args, **kw, choice=OpChoice())  # default order: the reference runs it
+    assert out[4].shape == (1, b, 16, d)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("impl", ["reference", "pallas", pytest.param("gpu", marks=GPU_MARKS)])
 def test_key_statistics_equal_recomputation_after_appends(impl):
     """After a prefill and appends that cross logical and physical page boundaries, every logical
     page's k_min / k_max equal the min / max recomputed from the keys stored in the pages (over
@@ -65,7 +92,12 @@ def test_key_statistics_equal_recomputation_after_appends(impl):
     for step in range(22):  # row 0: 13 -> 35 (pages 0..2), row 1: 30 -> 52 (pages 1..3)
         pos = lengths + step
         k = jnp.asarray(keys[np.arange(b), pos])
-        lc = kvc.append(lc, k, k, table, jnp.asarray(pos), sp, impl=impl)
+        if impl == "gpu":  # compiled, through the ops API
+            arrays = append_token(k, k, jnp.asarray(pos), table, *(getattr(lc, f) for f in _FIELDS),
+                                  page=16, lp=4, sink=4, local=12, choice=COMPILED.choice("triton"))
+            lc = lc.replace(**dict(zip(_FIELDS, arrays)))
+        else:
+            lc = kvc.append(lc, k, k, table, jnp.asarray(pos), sp, choice=OpChoice.from_name("append", impl))
     final = lengths + 22
     kp, kmin, kmax = (np.asarray(x) for x in (lc.k_pages, lc.k_min, lc.k_max))
     tab = np.asarray(table)

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from lserve_jax import calibrate as cal
+from lserve_jax.calibrate import gated
 from lserve_jax.config import ModelConfig
+from lserve_jax.evals import byte_encoder, forward_hidden, token_nll
 from lserve_jax.heads import binarize, layout_and_permutation, load_pattern
 from lserve_jax.params import init_params, permute_kv_heads
-from lserve_jax.passkey import byte_encoder
 
 CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
@@ -35,9 +36,9 @@ def test_binary_gates_equal_the_sparse_prefill_model(params):
     layout, perms = layout_and_permutation(retrieval)
     toks = jax.random.randint(jax.random.key(1), (1, 48), 0, CFG.vocab_size)
     gated = cal.gated_hidden(params, toks, CFG, jnp.asarray(retrieval, jnp.float32), sink=4, local=8)
-    lib = cal.forward_hidden(permute_kv_heads(params, CFG, perms), toks, CFG, layout, sink=4, local=8)
+    lib = forward_hidden(permute_kv_heads(params, CFG, perms), toks, CFG, layout, sink=4, local=8)
     np.testing.assert_allclose(gated, lib, atol=2e-5, rtol=2e-5)
-    dense = cal.forward_hidden(params, toks, CFG)
+    dense = forward_hidden(params, toks, CFG)
     np.testing.assert_allclose(cal.gated_hidden(params, toks, CFG, jnp.ones((2, 2)), sink=4, local=8), dense,
                                atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(cal.gated_hidden(params, toks, CFG, None, sink=4, local=8), dense,
@@ -49,8 +50,8 @@ def test_binary_gates_equal_the_sparse_prefill_model(params):
                                                 (50, 4, 1, 7), (40, 3, 5, 64)])
 def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, block, monkeypatch):
     """gated_attention (blocks that read only the keys they may see) == the two [T, T] attentions
-    of `_two_attentions` mixed by the gates, in value and in the gradient on the gates, q, k, v."""
-    monkeypatch.setattr(cal, "STREAM_BLOCK", 8)  # streaming blocks smaller than the full ones
+    of `two_attentions` mixed by the gates, in value and in the gradient on the gates, q, k, v."""
+    monkeypatch.setattr(gated, "STREAM_BLOCK", 8)  # streaming blocks smaller than the full ones
     kq, kk, kv = jax.random.split(jax.random.key(t + sink), 3)
     q = 2.0 * jax.random.normal(kq, (2, t, 4, 8))
     k = 2.0 * jax.random.normal(kk, (2, t, 2, 8))
@@ -58,16 +59,16 @@ def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, bloc
     gate = jnp.array([0.3, 1.0])
 
     def ref(q, gate):
-        o_full, o_stream, _ = cal._two_attentions(q, k, v, sink, local)
+        o_full, o_stream, _ = cal.two_attentions(q, k, v, sink, local)
         a = gate[None, None, :, None, None]
         return a * o_full + (1.0 - a) * o_stream
 
     got = cal.gated_attention(q, k, v, gate, sink, local, block)
     np.testing.assert_allclose(got, ref(q, gate), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(cal.gated_attention(q, k, v, None, sink, local, block),
-                               cal._two_attentions(q, k, v, sink, local, stream=False)[0], atol=2e-5, rtol=2e-5)
+                               cal.two_attentions(q, k, v, sink, local, stream=False)[0], atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(cal.gated_attention(q, k, v, jnp.zeros(2), sink, local, block),
-                               cal._two_attentions(q, k, v, sink, local)[1], atol=2e-5, rtol=2e-5)
+                               cal.two_attentions(q, k, v, sink, local)[1], atol=2e-5, rtol=2e-5)
     for binary in [(True, False), (False, True), (True, True), (False, False)]:  # binary gates: lax.cond per head
         np.testing.assert_allclose(cal.gated_attention(q, k, v, jnp.asarray(binary), sink, local, block),
                                    ref(q, jnp.asarray(binary, jnp.float32)), atol=2e-5, rtol=2e-5)
@@ -79,7 +80,7 @@ def test_blocked_gated_attention_equals_the_dense_reference(t, sink, local, bloc
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
     def mixed(k, v):  # the gradient on k and v too (the custom backward pass)
-        o_full, o_stream, _ = cal._two_attentions(q, k, v, sink, local)
+        o_full, o_stream, _ = cal.two_attentions(q, k, v, sink, local)
         a = gate[None, None, :, None, None]
         return jnp.sum(w * (a * o_full + (1.0 - a) * o_stream))
     g_got = jax.grad(lambda k, v: jnp.sum(w * cal.gated_attention(q, k, v, gate, sink, local, block)), argnums=(0, 1))(k, v)
@@ -171,7 +172,7 @@ def _pattern_nll(params, retrieval, samples, cc) -> float:
     p = permute_kv_heads(params, CFG, perms)
     out = []
     for tokens, w in samples:
-        nll = cal.token_nll(p, jnp.asarray(tokens)[None], CFG, layout, sink=cc.sink, local=cc.local)[0]
+        nll = token_nll(p, jnp.asarray(tokens)[None], CFG, layout, sink=cc.sink, local=cc.local)[0]
         out.append(float(jnp.sum(nll * w[:-1]) / np.sum(w[:-1])))
     return float(np.mean(out))
 
@@ -267,24 +268,26 @@ def test_pattern_tsv_round_trip(tmp_path):
     np.testing.assert_array_equal(load_pattern(path), alpha * 0.5)
 
 
-def _byte_tokenizer_json(path) -> None:
+def write_tiny_checkpoint(dest, params, cfg) -> None:
+    """A converted checkpoint of `params` with a byte-level BPE tokenizer (no merges: one token
+    per byte), enough for the CLIs that build prompts and read text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from lserve_jax.checkpoint import atomic_directory, write_checkpoint
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.save(str(path))
+    with atomic_directory(dest) as tmp:
+        write_checkpoint(tmp, params, cfg, "float32", tokenizer_files={"tokenizer.json": tok.to_str()})
 
 
 def test_cli_writes_pattern_with_checkpoint(params, tmp_path, capsys):
-    from lserve_jax.checkpoint import atomic_directory, open_checkpoint, write_checkpoint
+    from lserve_jax.checkpoint import open_checkpoint
 
-    src = tmp_path / "tok.json"
-    _byte_tokenizer_json(src)
     dest = tmp_path / "ckpt"
-    with atomic_directory(dest) as tmp:
-        write_checkpoint(tmp, params, CFG, "float32", tokenizer_files={"tokenizer.json": src.read_text()})
+    write_tiny_checkpoint(dest, params, CFG)
     rc = cal.main([str(dest), "--steps", "2", "--lengths", "384", "--sink", "4", "--local", "16",
                    "--num-keys", "2", "--refine-band", "0"])
     assert rc == 0

@@ -1,22 +1,23 @@
-"""Paged sparse decode: kernel (interpret mode on CPU) vs reference vs brute-force numpy."""
+"""Paged sparse decode: kernel (interpreted on CPU, compiled under the `gpu` marker) vs reference
+vs brute-force numpy; the ops API's implementations and validation."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from lserve_jax.attention.decode import decode_attention, dense_decode_attention
-from lserve_jax.pallas.decode import paged_decode, paged_decode_reference
+from lserve_jax.ops import OpChoice, Unsupported, decode_attention, dense_decode_attention
+from lserve_jax.pallas.decode import (paged_decode, paged_decode_reference, sparse_decode,
+                                      sparse_decode_reference)
+from lserve_jax.selection import select_pages
 
+from .kernel_base import COMPILED, GPU_MARKS, INTERPRET, gpu_only, kernel_cases, rel_err
 
-def rel_err(out, ref):
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return np.linalg.norm(out - ref) / np.linalg.norm(ref)
-
-
-def tol(dtype):
-    return 1e-5 if dtype == jnp.float32 else 1e-2
+REFERENCE = OpChoice(("reference",))
 
 
 def make_layer(rng, *, b, r, s, g, d, page, lengths, sink, local, num_pages=None):
@@ -87,12 +88,15 @@ def brute_force(layer, sel, cnt, *, r, s, g, page, sink, local, mode):
     return out
 
 
-def run_attention(layer, sel, cnt, *, mode, impl, dtype, **kw):
+def layer_args(layer, sel, cnt, dtype):
+    """decode_attention's positional arrays."""
     c = lambda x: jnp.asarray(x, dtype)
-    return decode_attention(
-        c(layer["q"]), c(layer["k_pages"]), c(layer["v_pages"]), c(layer["ring_k"]), c(layer["ring_v"]),
-        jnp.asarray(layer["page_table"]), jnp.asarray(layer["lengths"]), jnp.asarray(sel),
-        jnp.asarray(cnt), mode=mode, impl=impl, **kw)
+    return (c(layer["q"]), c(layer["k_pages"]), c(layer["v_pages"]), c(layer["ring_k"]), c(layer["ring_v"]),
+            jnp.asarray(layer["page_table"]), jnp.asarray(layer["lengths"]), jnp.asarray(sel), jnp.asarray(cnt))
+
+
+def run_attention(layer, sel, cnt, *, mode, choice, dtype):
+    return decode_attention(*layer_args(layer, sel, cnt, dtype), mode=mode, choice=choice)
 
 
 # (r, s, g, page, lengths, budget_pages, sink, local): budgets above and below the context,
@@ -121,29 +125,35 @@ def case_layer(case, mode, seed):
 def test_reference_matches_brute_force(case, mode):
     r, s, g, page, lengths, k, sink, local = case
     layer, sel, cnt = case_layer(case, mode, 1)
-    ref = run_attention(layer, sel, cnt, mode=mode, impl="reference", dtype=jnp.float32)
+    ref = run_attention(layer, sel, cnt, mode=mode, choice=REFERENCE, dtype=jnp.float32)
     bf = brute_force(layer, sel, cnt, r=r, s=s, g=g, page=page, sink=sink, local=max(local, 1), mode=mode)
     assert ref.shape == layer["q"].shape
     assert rel_err(ref, bf) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("mode,case", [("query_head", CASES[0]), ("kv_head", CASES[0]),
-                                       ("kv_head", CASES[1]), ("query_head", CASES[2]),
-                                       ("kv_head", CASES[3]),
-                                       ("kv_head", (2, 2, 4, 16, [150, 37], 4, 8, 32))])  # W=40: two launches
-def test_pallas_matches_reference(case, mode, dtype):
+# (mode, case, dtype) through the ops API's "triton" implementation
+_ATTN_CASES = [(mode, case, dtype) for dtype in (jnp.float32, jnp.bfloat16)
+               for mode, case in [("query_head", CASES[0]), ("kv_head", CASES[0]), ("kv_head", CASES[1]),
+                                  ("query_head", CASES[2]), ("kv_head", CASES[3]),
+                                  ("kv_head", (2, 2, 4, 16, [150, 37], 4, 8, 32))]]  # W=40: two launches
+
+
+@pytest.mark.parametrize("runner,mc", kernel_cases(_ATTN_CASES, ids=lambda c: f"{c[0]}-R{c[1][0]}S{c[1][1]}-"
+                                                                              f"W{c[1][6] + c[1][7]}-{c[2].dtype.name}"))
+def test_triton_matches_reference(runner, mc):
+    mode, case, dtype = mc
     layer, sel, cnt = case_layer(case, mode, 2)
-    ref = run_attention(layer, sel, cnt, mode=mode, impl="reference", dtype=dtype)
-    out = run_attention(layer, sel, cnt, mode=mode, impl="pallas", dtype=dtype,
-                        kernel_options=dict(pages_per_block=2, pages_per_split=2))
+    ref = run_attention(layer, sel, cnt, mode=mode, choice=REFERENCE, dtype=dtype)
+    out = run_attention(layer, sel, cnt, mode=mode, dtype=dtype,
+                        choice=runner.choice("triton", pages_per_block=2, pages_per_split=2))
     assert out.dtype == dtype and out.shape == layer["q"].shape
-    assert rel_err(out, ref) < tol(dtype)
+    assert rel_err(out, ref) < runner.tol(dtype)
 
 
-@pytest.mark.parametrize("impl", ["reference", "pallas"])
+@pytest.mark.parametrize("runner,impl", [(INTERPRET, "reference"), (INTERPRET, "triton"),
+                                         pytest.param(COMPILED, "triton", marks=GPU_MARKS)])
 @pytest.mark.parametrize("g", [1, 4])
-def test_dense_paged_decode_equals_softmax_attention(impl, g):
+def test_dense_paged_decode_equals_softmax_attention(runner, impl, g):
     rng = np.random.default_rng(3)
     hkv, d, page = 2, 32, 16
     layer = make_layer(rng, b=3, r=hkv, s=0, g=g, d=d, page=page, lengths=[1, 47, 96], sink=0, local=1)
@@ -153,7 +163,7 @@ def test_dense_paged_decode_equals_softmax_attention(impl, g):
         hsel = hkv if mode == "kv_head" else hkv * g
         sel = np.broadcast_to(np.arange(n, dtype=np.int32), (3, hsel, n))
         cnt = np.broadcast_to((-(-lengths // page))[:, None], (3, hsel)).astype(np.int32)
-        out = run_attention(layer, sel, cnt, mode=mode, impl=impl, dtype=jnp.float32)
+        out = run_attention(layer, sel, cnt, mode=mode, choice=runner.choice(impl), dtype=jnp.float32)
         t = layer["kf"].shape[1]
         dense = dense_decode_attention(jnp.asarray(layer["q"]), jnp.asarray(layer["kf"]),
                                        jnp.asarray(layer["vf"]), jnp.asarray(lengths), implementation="xla")
@@ -166,16 +176,20 @@ def test_dense_paged_decode_equals_softmax_attention(impl, g):
                 e = np.exp(sc - sc.max())
                 want[b, i] = e @ layer["vf"][b, : lengths[b], i // g] / e.sum()
         assert t == lengths.max()
-        assert rel_err(out, want) < 1e-5, mode
+        assert rel_err(out, want) < runner.tol(jnp.float32), mode
         assert rel_err(dense, want) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("ppb,pps,m,off", [(1, None, 1, 0), (2, 2, 4, 1), (4, 4, 8, 0), (2, None, 16, 0),
-                                            (2, 4, 3, 2)])
-def test_kernel_sweep(ppb, pps, m, off, dtype):
+_SWEEP = [(ppb, pps, m, off, dtype) for dtype in (jnp.float32, jnp.bfloat16)
+          for ppb, pps, m, off in [(1, None, 1, 0), (2, 2, 4, 1), (4, 4, 8, 0), (2, None, 16, 0), (2, 4, 3, 2)]]
+
+
+@pytest.mark.parametrize("runner,case", kernel_cases(_SWEEP, ids=lambda c: f"ppb{c[0]}-pps{c[1]}-m{c[2]}-off{c[3]}-"
+                                                                           f"{c[4].dtype.name}"))
+def test_kernel_sweep(runner, case):
     """The primitive alone: random (possibly repeated-page) slot lists, empty programs, splits,
     rows fewer than 16 (repeated in the kernel) or not a power of 2 (padded), a q head offset."""
+    ppb, pps, m, off, dtype = case
     rng = np.random.default_rng(4)
     b, h, d, hk, p, page, n = 2, 4, 64, 2, 24, 16, 9
     c = lambda x: jnp.asarray(x, dtype)
@@ -187,10 +201,11 @@ def test_kernel_sweep(ppb, pps, m, off, dtype):
     cnt = jnp.asarray([[9, 5, 3, 0], [1, 9, 7, 2]], jnp.int32)
     ln = jnp.asarray([130, 71], jnp.int32)
     ref = paged_decode_reference(q, kp, vp, ids, lg, cnt, ln, head_offset=off)
-    out = paged_decode(q, kp, vp, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps, head_offset=off)
+    out = paged_decode(q, kp, vp, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps, head_offset=off,
+                       **runner.kw)
     assert out.shape == (b, h, m, d) and out.dtype == dtype
     assert np.all(np.asarray(out[0, 3], np.float32) == 0)  # count 0 -> zeros
-    assert rel_err(out, ref) < tol(dtype)
+    assert rel_err(out, ref) < runner.tol(dtype)
 
 
 def test_validation_errors():
@@ -198,23 +213,45 @@ def test_validation_errors():
     layer = make_layer(rng, b=1, r=1, s=1, g=2, d=16, page=16, lengths=[20], sink=4, local=4)
     sel, cnt = random_selection(rng, layer["lengths"], hsel=2, k=2, page=16)
     with pytest.raises(ValueError, match="sel_pages"):
-        run_attention(layer, sel, cnt, mode="kv_head", impl="reference", dtype=jnp.float32)
+        run_attention(layer, sel, cnt, mode="kv_head", choice=REFERENCE, dtype=jnp.float32)
     with pytest.raises(ValueError, match="mode"):
-        run_attention(layer, sel, cnt, mode="bogus", impl="reference", dtype=jnp.float32)
+        run_attention(layer, sel, cnt, mode="bogus", choice=REFERENCE, dtype=jnp.float32)
     with pytest.raises(ValueError, match="q.shape"):
         paged_decode(jnp.zeros((1, 2, 16)), jnp.zeros((1, 4, 16, 16)), jnp.zeros((1, 4, 16, 16)),
                      jnp.zeros((1, 2, 2), jnp.int32), jnp.zeros((1, 2, 2), jnp.int32),
                      jnp.zeros((1, 2), jnp.int32), jnp.zeros((1,), jnp.int32))
+    # the Triton kernel refuses a head_dim that is not a power of 2 before tracing, naming why
+    odd = make_layer(rng, b=1, r=1, s=1, g=2, d=24, page=16, lengths=[20], sink=4, local=12)
+    sel, cnt = random_selection(rng, odd["lengths"], hsel=1, k=2, page=16)
+    with pytest.raises(Unsupported, match="power-of-2 head_dim"):
+        run_attention(odd, sel, cnt, mode="kv_head", choice=INTERPRET.choice("triton"), dtype=jnp.float32)
+    assert rel_err(run_attention(odd, sel, cnt, mode="kv_head", choice=OpChoice(), dtype=jnp.float32),
+                   run_attention(odd, sel, cnt, mode="kv_head", choice=REFERENCE, dtype=jnp.float32)) == 0
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("r,s,m,w,ppb,pps", [(2, 2, 4, 48, 2, None), (1, 3, 1, 48, 1, 2), (2, 0, 8, 32, 4, 4),
-                                              (0, 2, 4, 96, None, None), (3, 1, 3, 64, 2, 2)])
-def test_sparse_decode_sweep(r, s, m, w, ppb, pps, dtype):
+def test_impl_names_and_kernel_options():
+    """Implementation names and tuning options reach the kernel through an OpChoice."""
+    layer, sel, cnt = case_layer(CASES[0], "kv_head", 2)
+    args = layer_args(layer, sel, cnt, jnp.float32)
+    ref = decode_attention(*args, mode="kv_head", choice=REFERENCE)
+    choice = OpChoice.from_name("decode", "pallas", dict(pages_per_block=2))
+    out = decode_attention(*args, mode="kv_head", choice=choice)
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="unknown decode implementation"):
+        OpChoice.from_name("decode", "cudnn")
+
+
+_SPARSE_SWEEP = [(r, s, m, w, ppb, pps, dtype) for dtype in (jnp.float32, jnp.bfloat16)
+                 for r, s, m, w, ppb, pps in [(2, 2, 4, 48, 2, None), (1, 3, 1, 48, 1, 2), (2, 0, 8, 32, 4, 4),
+                                              (0, 2, 4, 96, None, None), (3, 1, 3, 64, 2, 2)]]
+
+
+@pytest.mark.parametrize("runner,case", kernel_cases(
+    _SPARSE_SWEEP, ids=lambda c: f"R{c[0]}S{c[1]}-m{c[2]}-W{c[3]}-{c[6].dtype.name}"))
+def test_sparse_decode_sweep(runner, case):
     """One launch for retrieval + ring programs vs its reference: splits, rings before and after
     they fill (lengths below and above W), empty slot lists, R = 0 or S = 0, M not a power of 2."""
-    from lserve_jax.pallas.decode import sparse_decode, sparse_decode_reference
-
+    r, s, m, w, ppb, pps, dtype = case
     rng = np.random.default_rng(r * 7 + s)
     b, d, p, page, n, g = 3, 32, 20, 16, 7, 2
     c = lambda x: jnp.asarray(x, dtype)
@@ -227,10 +264,75 @@ def test_sparse_decode_sweep(r, s, m, w, ppb, pps, dtype):
     cnt = jnp.asarray(rng.integers(0, n + 1, (b, r * g)), jnp.int32)
     ln = jnp.asarray([100, 9, 1], jnp.int32)
     ref = sparse_decode_reference(q, kp, vp, rk, rv, ids, lg, cnt, ln)
-    out = sparse_decode(q, kp, vp, rk, rv, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps)
+    out = sparse_decode(q, kp, vp, rk, rv, ids, lg, cnt, ln, pages_per_block=ppb, pages_per_split=pps, **runner.kw)
     assert out.shape == (b, hp, m, d) and out.dtype == dtype
-    assert rel_err(out, ref) < tol(dtype)
+    assert rel_err(out, ref) < runner.tol(dtype)
     if r:
         zero = np.argwhere(np.asarray(cnt) == 0)
         for bi, hi in zero:  # an empty selection reads nothing
             assert np.all(np.asarray(out[bi, hi], np.float32) == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU only (moved from bench/decode_attn.py): one llama3-8b layer (Hq 32, Hkv 8, D 128, bf16),
+# R = S = 4, pages 64 / logical 16, a 64-page budget, ring 128 + 256, an 8K context.
+# ------------------------------------------------------------------------------------------
+
+_HQ, _HKV, _D, _R, _S, _PAGE, _LP, _KSEL, _W = 32, 8, 128, 4, 4, 64, 16, 64, 128 + 256
+
+
+def _llama_layer(t=8192, b=2, seed=1):
+    """Random device-side pools for every KV head (the first R used by the sparse layer), the
+    second sequence shorter (ring wrapped, pages unused)."""
+    n = t // _PAGE
+    p = b * n + 1
+    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+    kp = jax.random.normal(ks[0], (_HKV, p, _PAGE, _D), jnp.bfloat16)
+    kmin = jax.random.normal(ks[6], (_R, p, _PAGE // _LP, _D), jnp.bfloat16)
+    return dict(
+        q=jax.random.normal(ks[1], (b, _HQ, _D), jnp.bfloat16),
+        page_table=(1 + jax.random.permutation(ks[2], b * n)).reshape(b, n).astype(jnp.int32),
+        lengths=jnp.asarray([t - 5, t // 2 + 7], jnp.int32),
+        ring_k=jax.random.normal(ks[3], (_S, b, _W, _D), jnp.bfloat16),
+        ring_v=jax.random.normal(ks[4], (_S, b, _W, _D), jnp.bfloat16),
+        k_pages8=kp, v_pages8=jax.random.normal(ks[5], kp.shape, jnp.bfloat16),
+        k_min=kmin, k_max=(kmin + jnp.abs(jax.random.normal(ks[7], kmin.shape, jnp.bfloat16))).astype(jnp.bfloat16))
+
+
+@gpu_only
+@pytest.mark.parametrize("options", [{}, dict(pages_per_split=8, pages_per_block=2),
+                                     dict(pages_per_block=4, num_warps=8)], ids=str)
+@pytest.mark.parametrize("mode", ["query_head", "kv_head"])
+def test_gpu_sparse_layer(mode, options):
+    lay = _llama_layer()
+    sel, cnt = select_pages(lay["q"][:, :_R * (_HQ // _HKV)], lay["k_min"], lay["k_max"], lay["page_table"],
+                            lay["lengths"], max_pages=_KSEL, mode=mode, page_size=_PAGE)
+    args = (lay["q"], lay["k_pages8"][:_R], lay["v_pages8"][:_R], lay["ring_k"], lay["ring_v"], lay["page_table"],
+            lay["lengths"], sel, cnt)
+    run = lambda choice: jax.jit(functools.partial(decode_attention, mode=mode, choice=choice))(*args)
+    out = run(COMPILED.choice("triton", **options))
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+    assert rel_err(out, run(REFERENCE)) < COMPILED.tol(jnp.bfloat16)
+
+
+@gpu_only
+@pytest.mark.parametrize("options", [{}, dict(pages_per_split=16)], ids=str)
+@pytest.mark.parametrize("engine", ["cudnn", "xla"])
+def test_gpu_dense_paged_equals_dense(engine, options):
+    """Every page of all 8 KV heads through the paged kernel = dense attention over the same
+    tokens gathered into a contiguous cache."""
+    lay = _llama_layer()
+    b, n = lay["page_table"].shape
+    sel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, _HKV, n))
+    cnt = jnp.broadcast_to(((lay["lengths"] + _PAGE - 1) // _PAGE)[:, None], (b, _HKV)).astype(jnp.int32)
+    ring0 = jnp.zeros((0, b, _W, _D), jnp.bfloat16)
+    out = jax.jit(functools.partial(decode_attention, mode="kv_head", choice=COMPILED.choice("triton", **options)))(
+        lay["q"], lay["k_pages8"], lay["v_pages8"], ring0, ring0, lay["page_table"], lay["lengths"], sel, cnt)
+
+    def contiguous(pages):  # [8, P, page, D] -> [B, T, 8, D]
+        x = pages[:, lay["page_table"]]  # [8, B, n, page, D]
+        return x.transpose(1, 2, 3, 0, 4).reshape(b, n * _PAGE, _HKV, _D)
+
+    dense = jax.jit(functools.partial(dense_decode_attention, implementation=engine))(
+        lay["q"], contiguous(lay["k_pages8"]), contiguous(lay["v_pages8"]), lay["lengths"])
+    assert rel_err(out, dense) < COMPILED.tol(jnp.bfloat16)

@@ -1,4 +1,4 @@
-"""Host-side engine pieces: page allocator, length buckets, sampling knobs and sampling, stop
+"""Host-side engine pieces: length buckets, sampling knobs and sampling, stop
 strings, and `Engine.generate` on a tiny random model (token-id prompts, no tokenizer)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.engine import Engine, PageAllocator, PoolExhausted, length_bucket
+from lserve_jax.engine import Engine, length_bucket
 from lserve_jax.sampling import SamplingParams, sample
 
 from .tiny import TINY, TINY_SPARSE, tiny_config, tiny_params
@@ -28,32 +28,6 @@ def engine(params):
 @pytest.fixture(scope="module")
 def text_engine(params, word_tokenizer):
     return Engine(params, CFG, sparse=SPARSE, tokenizer=word_tokenizer)
-
-
-# --- PageAllocator -------------------------------------------------------------------------
-
-def test_allocator_never_hands_out_the_scratch_page():
-    a = PageAllocator(5)
-    assert a.free_pages == 4
-    pages = a.alloc(4)
-    assert sorted(pages) == [1, 2, 3, 4] and a.free_pages == 0
-
-
-def test_allocator_exhaustion_changes_nothing():
-    a = PageAllocator(4)
-    held = a.alloc(2)
-    with pytest.raises(PoolExhausted, match="2 pages requested, 1 of 3 free"):
-        a.alloc(2)
-    assert a.free_pages == 1  # the failed request took nothing
-    a.free(held)
-    assert a.free_pages == 3
-    assert sorted(a.alloc(3)) == [1, 2, 3]  # freed pages are reusable, no duplicates
-
-
-def test_allocator_pages_are_distinct_across_requests():
-    a = PageAllocator(9)
-    got = a.alloc(3) + a.alloc(2) + a.alloc(3)
-    assert len(set(got)) == 8 and 0 not in got
 
 
 # --- length_bucket -------------------------------------------------------------------------
@@ -177,7 +151,7 @@ def test_batch_equals_each_prompt_alone(engine):
 def test_generate_is_deterministic_and_pages_are_returned(engine):
     sp = SamplingParams(max_new_tokens=5, temperature=1.0, seed=11)
     a = engine.generate(PROMPTS[:2], sp)
-    _, alloc = engine._caches[2]
+    alloc = engine.scheduler.allocator
     free_after = alloc.free_pages
     b = engine.generate(PROMPTS[:2], sp)
     assert [g.token_ids for g in a] == [g.token_ids for g in b]

@@ -336,13 +336,14 @@ def test_generate_page_pool_exhausted(ckpt, capsys):
 @pytest.mark.parametrize("knobs, message", [
     (["--num-pages", "1"], "at least 2 pages"),
     (["--num-pages", "0"], "at least 2 pages"),  # 0 must not silently mean "the default"
-    (["--max-seq-len", "0"], "max_seq_len must be positive"),
+    (["--max-seq-len", "0"], "--max-seq-len must be >= 1"),
     (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
 ])
 def test_generate_invalid_sizes(ckpt, capsys, knobs, message):
+    """Bad option values are usage errors: exit 2, before the model loads."""
     rc, err = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, "--max-new-tokens", "4", *knobs)
-    assert rc == 1 and message in err
+    assert rc == 2 and message in err
 
 
 @pytest.mark.parametrize("knobs, message", [
@@ -355,7 +356,7 @@ def test_generate_invalid_sizes(ckpt, capsys, knobs, message):
 ])
 def test_generate_invalid_sparse_knobs(ckpt, capsys, knobs, message):
     rc, err = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, *knobs)
-    assert rc == 1 and message in err
+    assert rc == 2 and message in err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -388,8 +389,8 @@ def test_pool_exhausted_leaves_the_engine_usable(ckpt):
 
     engine = lserve_jax.load(ckpt, pattern=None, sparse=sparse, num_pages=3, progress=False)  # 2 usable pages
     engine.generate(small, sp_small)  # the cache exists and has run once
-    _, alloc = engine._caches[1]
-    with pytest.raises(PoolExhausted, match="need 4 pages"):
+    alloc = engine.scheduler.allocator
+    with pytest.raises(PoolExhausted, match="needs 4 pages"):
         engine.generate([list(range(1, 31))], lserve_jax.SamplingParams(max_new_tokens=20))
     assert alloc.free_pages == 2
     got = engine.generate(small, sp_small)
@@ -458,3 +459,235 @@ def test_sliding_window_models_are_refused():
     # Qwen2 configs name a window but switch it off
     qwen = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096, "use_sliding_window": False}
     assert ModelConfig.from_hf(qwen).architecture == "qwen2"
+
+
+# --- malformed sources: one line naming the file and the field (issue 17, item 4) -------------
+
+def assert_one_error_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _edit_safetensors_header(src: Path, edit) -> None:
+    import struct
+
+    data = (src / WEIGHTS).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    (src / WEIGHTS).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _rename_field(old: str, new: str):
+    def edit(h):
+        h["model.norm.weight"][new] = h["model.norm.weight"].pop(old)
+    return edit
+
+
+def _overlap(h):  # two norms of one size made to share their bytes
+    h["model.layers.0.post_attention_layernorm.weight"]["data_offsets"] = \
+        list(h["model.layers.0.input_layernorm.weight"]["data_offsets"])
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda h: h["model.norm.weight"].pop("shape"), ["model.norm.weight", "has no 'shape'"]),
+    (lambda h: h["model.norm.weight"].pop("dtype"), ["model.norm.weight", "has no 'dtype'"]),
+    (lambda h: h["model.norm.weight"].pop("data_offsets"), ["model.norm.weight", "has no 'data_offsets'"]),
+    (_rename_field("shape", "shapes"), ["model.norm.weight", "has no 'shape'"]),
+    (_rename_field("data_offsets", "offsets"), ["model.norm.weight", "has no 'data_offsets'"]),
+    (lambda h: h["model.norm.weight"].update(shape="64"), ["model.norm.weight", "shape must be a list"]),
+    (lambda h: h["model.norm.weight"].update(dtype=["F32"]), ["model.norm.weight", "dtype must be a string"]),
+    (lambda h: h.update({"model.norm.weight": "F32"}), ["model.norm.weight", "not an object with dtype"]),
+    (lambda h: h.update({"model.norm.weight": [0, 256]}), ["model.norm.weight", "not an object with dtype"]),
+    (_overlap, ["post_attention_layernorm.weight", "data_offsets", "overlap"]),
+    (lambda h: h.pop("model.layers.0.input_layernorm.weight"), ["data_offsets", "belong to no tensor"]),
+], ids=["no-shape", "no-dtype", "no-offsets", "shapes", "offsets", "shape-str", "dtype-list", "entry-str",
+        "entry-list", "overlap", "gap"])
+def test_convert_malformed_safetensors_header(src, tmp_path, capsys, edit, needles):
+    _edit_safetensors_header(src, edit)
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, f"{src / WEIGHTS}:", *needles)
+    assert_nothing_written(tmp_path / "out")
+
+
+def _set(**fields):
+    return lambda cfg: {**cfg, **fields}
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda cfg: [cfg], ["expected a JSON object"]),
+    (_set(hidden_size=None), ["hidden_size must be a positive integer, got null"]),
+    (_set(hidden_size="abc"), ["hidden_size must be a positive integer, got \"abc\""]),
+    (_set(hidden_size="64"), ["hidden_size must be a positive integer, got \"64\""]),
+    (_set(num_hidden_layers=[2]), ["num_hidden_layers must be a positive integer, got [2]"]),
+    (_set(rope_scaling="linear"), ["rope_scaling must be an object or null, got \"linear\""]),
+    (_set(eos_token_id=[2, None]), ["eos_token_id", "[2, null]"]),
+    (_set(num_attention_heads=0), ["num_attention_heads must be a positive integer, got 0"]),
+    (_set(max_position_embeddings=-1), ["max_position_embeddings must be a positive integer, got -1"]),
+    (_set(rms_norm_eps=-1e-6), ["rms_norm_eps must be a positive number, got -1e-06"]),
+    (_set(tie_word_embeddings="false"), ["tie_word_embeddings must be true or false"]),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "vocab_size"}, ["the field 'vocab_size' is missing"]),
+], ids=["list", "hidden-null", "hidden-abc", "hidden-str", "layers-list", "rope-str", "eos-null", "heads-0",
+        "max-pos-negative", "eps-negative", "tie-str", "no-vocab"])
+def test_convert_malformed_config(src, tmp_path, capsys, edit, needles):
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(edit(cfg)))
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, f"{src / 'config.json'}:", *needles)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_config_with_too_many_layers_gives_a_short_message(src, tmp_path, capsys):
+    """100000 layers: the missing tensors are listed up to a few, not all 900000 (a 39 MB line)."""
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100000}))
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    line = assert_one_error_line(err, str(src), "num_hidden_layers in config.json is 100000 but the weights hold 2",
+                                 "model.layers.2.", "... and 899974 more")
+    assert len(line) < 1000
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_non_finite_weights(src, tmp_path, capsys):
+    def edit(t):
+        t["model.layers.1.mlp.up_proj.weight"][3, 5] = np.inf
+
+    _rewrite_weights(src, edit)
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, "model.layers.1.mlp.up_proj.weight in model.safetensors: 1 NaN or infinite")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_index_with_a_list_weight_map(src, tmp_path, capsys):
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [WEIGHTS]}))
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, "model.safetensors.index.json: corrupted index: weight_map must map")
+    assert_nothing_written(tmp_path / "out")
+
+
+class NotAWeight:
+    """Pickled by reference (tests.test_errors.NotAWeight): torch.load(weights_only=True) refuses it."""
+
+
+@pytest.mark.parametrize("value, needles", [
+    (3, ["entry model.norm.weight is not a tensor (type int)"]),
+    ({"weight": 1}, ["entry model.norm.weight is not a tensor (type dict; a nested state dict?)"]),
+    (NotAWeight(), ["weights_only=True) refuses its pickle", "NotAWeight"]),
+], ids=["int", "nested-dict", "refused-pickle"])
+def test_convert_bad_torch_bin(src, tmp_path, capsys, value, needles):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(src / WEIGHTS)
+    (src / WEIGHTS).unlink()
+    state["model.norm.weight"] = value
+    torch.save(state, src / "pytorch_model.bin")
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, f"{src / 'pytorch_model.bin'}:", *needles)
+    assert_nothing_written(tmp_path / "out")
+
+
+def _gguf_with(tmp_path: Path, edit) -> Path:
+    """The tiny Llama GGUF of test_gguf, edited in place through a writable GGUFReader."""
+    import gguf
+
+    from .test_gguf import make_hf_weights, write_gguf
+
+    path = write_gguf(tmp_path / "m.gguf", "llama", make_hf_weights())
+    reader = gguf.GGUFReader(str(path), "r+")
+    edit(reader)
+    reader.data.flush()
+    return path
+
+
+def _gguf_value(key, value):
+    def edit(reader):
+        field = reader.fields[key]
+        field.parts[field.data[0]][0] = value
+    return edit
+
+
+def _gguf_tensor_type(name, ggml_type):
+    def edit(reader):
+        tensor = next(t for t in reader.tensors if t.name == name)
+        tensor.field.parts[4][0] = ggml_type  # name_len, name, n_dims, dims, type, offset
+    return edit
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (_gguf_value("llama.attention.head_count", 0), ["'llama.attention.head_count' must be a positive integer, got 0"]),
+    (_gguf_value("llama.embedding_length", 60), ["'llama.embedding_length' is 60 but token_embd.weight has shape"]),
+    (_gguf_value("llama.block_count", 100000), ["'llama.block_count' is 100000 but the file has tensors for 2 blocks"]),
+    (_gguf_value("llama.attention.layer_norm_rms_epsilon", -1.0), ["layer_norm_rms_epsilon' must be a positive"]),
+    # F32 -> F64 doubles output_norm's bytes over output.weight's (it read them, as NaN, before)
+    (_gguf_tensor_type("output_norm.weight", 28), ["output_norm.weight (F64, dims [64]) ends at", "corrupted"]),
+    # F32 -> BF16 halves a norm: the next tensor no longer starts where it ends
+    (_gguf_tensor_type("blk.0.attn_norm.weight", 30), ["blk.0.attn_norm.weight (BF16, dims [64]) ends at"]),
+    # ... or the last one: its lost half is left over at the end of the file
+    (_gguf_tensor_type("blk.1.ffn_down.weight", 1), ["after the last tensor blk.1.ffn_down.weight (F16"]),
+], ids=["head-count-0", "embedding-length", "block-count", "eps-negative", "type-overlap", "type-gap",
+        "type-last"])
+def test_convert_malformed_gguf(tmp_path, capsys, edit, needles):
+    path = _gguf_with(tmp_path, edit)
+    rc, err = run_convert(capsys, path, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, f"{path}:", *needles)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_gguf_with_nan_weights(tmp_path, capsys):
+    from .test_gguf import make_hf_weights, write_gguf
+
+    weights = make_hf_weights()
+    weights["model.layers.0.mlp.up_proj.weight"][1, 2] = np.nan
+    path = write_gguf(tmp_path / "m.gguf", "llama", weights)
+    rc, err = run_convert(capsys, path, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, f"{path}:", "blk.0.ffn_up.weight (F32) has 1 NaN or infinite values")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_python_m_convert_malformed_config(src, tmp_path):
+    """The entry point as users run it: one line on stderr, exit 1, no traceback, nothing written."""
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "hidden_size": None}))
+    proc = subprocess.run([sys.executable, "-m", "convert", str(src), str(tmp_path / "out"), "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert_one_error_line(proc.stderr, f"{src / 'config.json'}: hidden_size must be a positive integer, got null")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_tensor_stored_twice(src, tmp_path, capsys):
+    """Two shards holding one tensor: which copy wins is not for the converter to guess."""
+    from safetensors.numpy import load_file, save_file
+
+    norm = load_file(src / WEIGHTS)["model.norm.weight"]
+    save_file({"model.norm.weight": norm + 1}, src / "model-extra.safetensors")
+    rc, err = run_convert(capsys, src, tmp_path / "out")
+    assert rc == 1
+    assert_one_error_line(err, str(src), "stored twice: model.norm.weight in model-extra.safetensors and in "
+                                         "model.safetensors")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_convert_float16_overflow(src, tmp_path, capsys):
+    """A weight beyond float16's range would become inf under --dtype float16."""
+    def edit(t):
+        t["model.norm.weight"][0] = 1e6
+
+    _rewrite_weights(src, edit)
+    rc, err = run_convert(capsys, src, tmp_path / "out", "--dtype", "float16")
+    assert rc == 1
+    assert_one_error_line(err, "model.norm.weight in model.safetensors: values overflow float16")
+    assert_nothing_written(tmp_path / "out")

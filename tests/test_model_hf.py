@@ -14,6 +14,7 @@ from lserve_jax.checkpoint import open_checkpoint
 from lserve_jax.config import SparseConfig
 from lserve_jax.convert.cli import convert
 from lserve_jax.heads import HeadLayout
+from lserve_jax.ops import Kernels
 from lserve_jax.model import ModelSpec, decode_step, prefill
 
 from .hf_models import VARIANTS, hf_logits, make_hf_model
@@ -30,7 +31,7 @@ def run_cached(params, cfg, prompts, continuations, sparse=SPARSE, layout=None):
     Returns (prefill last-token logits [B, V], decode logits [steps, B, V], decode jit).
     """
     layout = layout or HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
-    spec = ModelSpec(cfg, layout, sparse, "reference", "reference")
+    spec = ModelSpec(cfg, layout, sparse, Kernels.from_names(prefill="reference", decode="reference"))
     b = len(prompts)
     max_pages = 8
     cache = kvc.init_cache(cfg, layout, sparse, batch=b, num_pages=b * max_pages + 1,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lserve_jax.config import SparseConfig
-from lserve_jax.passkey import passed, passkey_prompt, random_key
+from lserve_jax.evals import passed, passkey_prompt, random_key
 from lserve_jax.sampling import SamplingParams
 
 from .test_real_model import default_paths  # noqa: F401  (fixture: fetches the model once)

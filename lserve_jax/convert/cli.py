@@ -12,9 +12,11 @@ import numpy as np
 from ..checkpoint import atomic_directory, write_checkpoint
 from ..config import ModelConfig
 from ..heads import PatternError, check_shape, load_pattern
-from .hf import ConversionError, hf_tensors, is_hf_dir, map_tensors, read_hf_config, tokenizer_files
+from .hf import (ConversionError, hf_tensors, is_hf_dir, map_tensors, one_line, read_hf_config,
+                 tokenizer_files)
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+MAX_MESSAGE = 2000  # characters of an error line; the converters' own lists are capped well below
 
 
 def _np_dtype(name: str):
@@ -41,15 +43,18 @@ def load_source(src: Path, dtype: str, *, progress: bool = True):
             raise ConversionError(f"{src}: {e}") from None
         n = len(gm.tensors)
         with _progress(n, "convert", progress) as bar:
-            arrays = map_tensors(cfg, iter(gm.tensors.items()), _np_dtype(dtype), lambda _: bar.update())
+            arrays = map_tensors(cfg, iter(gm.tensors.items()), _np_dtype(dtype), lambda _: bar.update(),
+                                 source=src)
         return cfg, arrays, tokenizer_files_from_gguf(gm), {"source": str(src), "source_format": "gguf"}
     if not src.exists():
         raise ConversionError(f"source not found: {src}")
     if not is_hf_dir(src):
         raise ConversionError(f"{src} is neither a Hugging Face model directory (with config.json) nor a .gguf file")
     _, cfg = read_hf_config(src)
+    origin: dict[str, Path] = {}  # tensor name -> its file, for error messages
     with _progress(None, "convert", progress) as bar:
-        arrays = map_tensors(cfg, hf_tensors(src), _np_dtype(dtype), lambda _: bar.update())
+        arrays = map_tensors(cfg, hf_tensors(src, origin), _np_dtype(dtype), lambda _: bar.update(),
+                             source=src, origin=origin)
     return cfg, arrays, tokenizer_files(src), {"source": str(src), "source_format": "hf"}
 
 
@@ -60,7 +65,8 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force
 
     from ..params import from_flat
 
-    src, dest = Path(src).expanduser(), Path(dest).expanduser()
+    # absolute: orbax refuses relative paths, and lserve.json records the source for later
+    src, dest = Path(src).expanduser().absolute(), Path(dest).expanduser().absolute()
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
     if dest.exists() and not force:
@@ -97,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         dest = convert(args.src, args.dest, dtype=args.dtype, force=args.force, pattern=args.pattern,
                        progress=not args.quiet)
     except (ConversionError, PatternError, FileExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = one_line(e)
+        if len(msg) > MAX_MESSAGE:
+            msg = msg[:MAX_MESSAGE] + f"... ({len(msg) - MAX_MESSAGE} more characters)"
+        print(f"error: {msg}", file=sys.stderr)
         return 1
     cfg = json.loads((dest / "lserve.json").read_text())["model"]
     print(f"wrote {dest} ({cfg['architecture']}, {cfg['num_layers']} layers, {args.dtype})", file=sys.stderr)

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 from lserve_jax import models  # noqa: E402
-from lserve_jax.config import ConfigError, ModelConfig  # noqa: E402
-from lserve_jax.convert.hf import ConversionError  # noqa: E402  (one error type for every source format)
+from lserve_jax.config import ConfigError, ModelConfig, show  # noqa: E402
+from lserve_jax.convert.hf import (ConversionError, all_finite, listing,  # noqa: E402  (one error type
+                                   one_line)  # for every source format)
 from lserve_jax.decl import axis_sizes  # noqa: E402
 
 
@@ -96,7 +98,47 @@ def _open(path: Path):
     try:
         return _gguf.GGUFReader(str(path), "r")
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors alike
-        raise ConversionError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
+        raise ConversionError(f"{path}: not a readable GGUF file (truncated or corrupt?): {one_line(e)}") from None
+
+
+def _check_layout(reader) -> None:
+    """llama.cpp's rule (ggml/src/gguf.cpp): the tensors' data lie in the order of their infos,
+    each at the previous one's end rounded up to the alignment, and inside the file; and nothing
+    follows the last one but its padding. A corrupted type, shape or offset then shows as a
+    misplaced tensor instead of reading its neighbour's bytes."""
+    def desc(t) -> str:
+        return f"{t.name} ({t.tensor_type.name}, dims {[int(d) for d in t.shape]})"
+
+    size, pos, prev = len(reader.data), 0, None
+    for t in reader.tensors:
+        offset = int(t.data_offset) - int(reader.data_offset)
+        if offset != pos:
+            before = f"tensor {desc(prev)} ends at {pos}" if prev is not None else "the data starts at 0"
+            raise ConversionError(
+                f"tensor {desc(t)} has data offset {offset} but {before}: the type, dims or offset of "
+                f"one of them is corrupted")
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ConversionError(f"tensor {desc(t)} ends at byte {end}, past the end of the file "
+                                  f"({size} bytes; truncated?)")
+        pos += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
+        prev = t
+    # Writers pad every tensor, the last too (or leave the last unpadded): more is unexplained,
+    # e.g. a last tensor whose type or dims shrank.
+    extra = size - int(reader.data_offset) - pos
+    if prev is not None and extra > 0:
+        raise ConversionError(f"{extra} bytes after the last tensor {desc(prev)} belong to no tensor: its type "
+                              f"or dims are corrupted")
+
+
+def _number(kv: dict, key: str) -> float | None:
+    """A positive finite number from the metadata (None when absent); ConversionError naming the key."""
+    v = kv.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise ConversionError(f"GGUF metadata '{key}' must be a positive number, got {show(v)}")
+    return float(v)
 
 
 def _llama3_rope_scaling(freq_factors: np.ndarray, theta: float, head_dim: int,
@@ -137,13 +179,13 @@ def _yarn_rope_scaling(arch: str, kv: dict, sfactor, orig_ctx) -> dict:
         rs["original_max_position_embeddings"] = int(orig_ctx)
     for gguf_key, hf_key in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
                              ("yarn_beta_slow", "beta_slow")):
-        v = kv.get(f"{arch}.rope.scaling.{gguf_key}")
+        v = _number(kv, f"{arch}.rope.scaling.{gguf_key}")
         if v is not None:
             rs[hf_key] = _nice_float(v)
     # Knobs with no transformers equivalent (or, for these architectures, no agreed meaning).
     for gguf_key, neutral in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0), ("attn_factor", 1.0)):
         v = kv.get(f"{arch}.rope.scaling.{gguf_key}")
-        if v is not None and float(v) != neutral:
+        if v is not None and v != neutral:
             raise ConversionError(f"'{arch}.rope.scaling.{gguf_key}' = {v} (yarn) is not supported; "
                                   f"only {neutral} maps to a transformers rope_scaling")
     return rs
@@ -151,35 +193,57 @@ def _yarn_rope_scaling(arch: str, kv: dict, sfactor, orig_ctx) -> dict:
 
 def _build_config(arch: str, family: models.Family, kv: dict, embed_shape, rope_freqs,
                   tied: bool, tok) -> dict:
-    def get(key, default=None, required=True):
+    def get(key, default=None):
         v = kv.get(f"{arch}.{key}", default)
-        if v is None and required:
+        if v is None:
             raise ConversionError(f"GGUF metadata key '{arch}.{key}' is missing")
         if isinstance(v, list):
             raise ConversionError(f"'{arch}.{key}' varies per layer; not supported")
         return v
 
-    hidden = int(get("embedding_length"))
-    n_heads = int(get("attention.head_count"))
-    n_kv = int(get("attention.head_count_kv", n_heads))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    def count(key, default=None) -> int:
+        v = get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConversionError(f"GGUF metadata '{arch}.{key}' must be a positive integer, got {show(v)}")
+        return v
+
+    def number(key, default=None) -> float:
+        get(key, default)  # missing / per-layer
+        return default if f"{arch}.{key}" not in kv else _number(kv, f"{arch}.{key}")
+
+    hidden = count("embedding_length")
+    if len(embed_shape) != 2 or embed_shape[1] != hidden:
+        raise ConversionError(f"'{arch}.embedding_length' is {hidden} but token_embd.weight has shape "
+                              f"{embed_shape}, expected (vocab, {hidden})")
+    n_heads = count("attention.head_count")
+    n_kv = count("attention.head_count_kv", n_heads)
+    if f"{arch}.attention.key_length" not in kv and hidden % n_heads:
+        raise ConversionError(f"'{arch}.embedding_length' ({hidden}) is not a multiple of "
+                              f"'{arch}.attention.head_count' ({n_heads}) and no key_length is given")
+    head_dim = count("attention.key_length", hidden // n_heads)
+    if count("attention.value_length", head_dim) != head_dim:
         raise ConversionError("key_length != value_length is not supported")
-    rope_dim = int(get("rope.dimension_count", head_dim))
+    rope_dim = count("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ConversionError(f"partial rotary (rope dim {rope_dim} < head dim {head_dim}) is not supported")
+        raise ConversionError(f"partial rotary ('{arch}.rope.dimension_count' = {rope_dim}, head dim "
+                              f"{head_dim}) is not supported")
     if n_heads % n_kv:
         raise ConversionError(f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     vocab = int(embed_shape[0])
     if kv.get(f"{arch}.vocab_size") not in (None, vocab):
-        raise ConversionError(f"{arch}.vocab_size={kv[f'{arch}.vocab_size']} but token_embd has {vocab} rows")
-    theta = _nice_float(get("rope.freq_base", 10000.0))
-    ctx = int(get("context_length"))
+        raise ConversionError(f"{arch}.vocab_size={show(kv[f'{arch}.vocab_size'])} but token_embd has {vocab} rows")
+    theta = _nice_float(number("rope.freq_base", 10000.0))
+    ctx = count("context_length")
 
     rope_scaling = None
     stype = kv.get(f"{arch}.rope.scaling.type")
-    sfactor = kv.get(f"{arch}.rope.scaling.factor", kv.get(f"{arch}.rope.scale_linear"))
+    sfactor = _number(kv, f"{arch}.rope.scaling.factor")
+    if sfactor is None:
+        sfactor = _number(kv, f"{arch}.rope.scale_linear")
     orig_ctx = kv.get(f"{arch}.rope.scaling.original_context_length")
+    if orig_ctx is not None and (isinstance(orig_ctx, bool) or not isinstance(orig_ctx, int) or orig_ctx < 1):
+        raise ConversionError(f"GGUF metadata '{arch}.rope.scaling.original_context_length' must be a "
+                              f"positive integer, got {show(orig_ctx)}")
     if stype in (None, "none") and sfactor not in (None, 1.0) and f"{arch}.rope.scale_linear" in kv:
         stype = "linear"
     if stype == "linear" and sfactor not in (None, 1.0):
@@ -187,7 +251,7 @@ def _build_config(arch: str, family: models.Family, kv: dict, embed_shape, rope_
     elif stype == "yarn":
         rope_scaling = _yarn_rope_scaling(arch, kv, sfactor, orig_ctx)
     elif stype not in (None, "none", "linear"):
-        raise ConversionError(f"rope scaling type {stype!r} is not supported")
+        raise ConversionError(f"rope scaling type {show(stype)} ('{arch}.rope.scaling.type') is not supported")
     if rope_freqs is not None:
         if rope_scaling is not None:
             raise ConversionError("both rope_freqs and rope.scaling.type are set; ambiguous")
@@ -198,13 +262,13 @@ def _build_config(arch: str, family: models.Family, kv: dict, embed_shape, rope_
         "model_type": family.model_types[0],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _nice_float(get("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _nice_float(number("attention.layer_norm_rms_epsilon")),
         "rope_theta": theta,
         "max_position_embeddings": ctx,
         "tie_word_embeddings": tied,
@@ -280,48 +344,70 @@ def _dequantize(t) -> np.ndarray:
     # ggml lists dims fastest-first ([in, out] for a linear); numpy/HF order is the reverse.
     shape = tuple(int(d) for d in reversed(t.shape))
     try:
-        arr = _gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        with np.errstate(all="ignore"):  # NaN scales warn; the finiteness check below reports them
+            arr = _gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
     except NotImplementedError as e:
         raise ConversionError(f"tensor {t.name}: cannot dequantise type {t.tensor_type.name}: {e}") from e
+    except (ValueError, TypeError, IndexError) as e:  # the dequantisers' own shape checks
+        raise ConversionError(f"tensor {t.name} ({t.tensor_type.name}): cannot dequantise: {one_line(e)}") from None
     arr = np.asarray(arr, dtype=np.float32)
     if arr.size != math.prod(shape):
         raise ConversionError(f"tensor {t.name}: {arr.size} values for shape {shape} (truncated file?)")
+    if not all_finite(arr):
+        n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ConversionError(f"tensor {t.name} ({t.tensor_type.name}) has {n} NaN or infinite values")
     return np.ascontiguousarray(arr.reshape(shape))  # copy: detach from the memory map
 
 
 def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFModel:
     """Parse ``path`` into a :class:`GGUFModel`.  ``load_tensors=False`` reads metadata only
-    (config and tokenizer), leaving ``tensors`` empty.  Raises :class:`ConversionError`."""
+    (config and tokenizer), leaving ``tensors`` empty.  Raises :class:`ConversionError`, whose
+    message starts with ``path``."""
     path = Path(path)
     reader = _open(path)
+    try:
+        return _read(reader, path, load_tensors)
+    except ConversionError as e:
+        msg = one_line(e)
+        raise ConversionError(msg if msg.startswith(f"{path}:") else f"{path}: {msg}") from None
+
+
+def _read(reader, path: Path, load_tensors: bool) -> GGUFModel:
     kv: dict[str, Any] = {}
     for key, field in reader.fields.items():
         try:
             kv[key] = _field_value(field)
         except Exception as e:
-            raise ConversionError(f"{path}: cannot decode metadata field {key!r}: {e}") from e
+            raise ConversionError(f"cannot decode metadata field {key!r}: {one_line(e)}") from None
+    _check_layout(reader)
 
     arch = kv.get("general.architecture")
-    family = models.for_gguf(arch)
+    family = models.for_gguf(arch) if isinstance(arch, str) else None
     if family is None:
-        raise ConversionError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
+        raise ConversionError(f"unsupported architecture {show(arch)} (general.architecture); "
                               f"supported: {', '.join(models.gguf_architectures())}")
     try:
         tok = build_tokenizer(kv)
     except TokenizerConversionError as e:
-        raise ConversionError(f"{path}: {e}") from e
+        raise ConversionError(str(e)) from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # mistyped tokenizer.* values
+        raise ConversionError(f"malformed tokenizer metadata (tokenizer.ggml.*): {type(e).__name__}: "
+                              f"{one_line(e)}") from None
 
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
-        raise ConversionError(f"{path}: tensor 'token_embd.weight' is missing")
+        raise ConversionError("tensor 'token_embd.weight' is missing")
     embed_shape = tuple(int(d) for d in reversed(by_name["token_embd.weight"].shape))
     rope_freqs = _dequantize(by_name["rope_freqs.weight"]) if "rope_freqs.weight" in by_name else None
     tied = "output.weight" not in by_name
     cfg = _build_config(arch, family, kv, embed_shape, rope_freqs, tied, tok)
-    try:
-        expected = _expected_shapes(cfg, family)
-    except ConversionError as e:
-        raise ConversionError(f"{path}: {e}") from None
+    # before listing the expected tensors: a block_count of 10^9 must not build 10^9 names
+    blocks = [m.group(1) for m in map(_LAYER_RE.match, by_name) if m]
+    n_blocks = 1 + max((int(b) for b in blocks if b.isascii()), default=-1)
+    if cfg["num_hidden_layers"] != n_blocks:
+        raise ConversionError(f"'{arch}.block_count' is {cfg['num_hidden_layers']} but the file has tensors "
+                              f"for {n_blocks} blocks (blk.N.*)")
+    expected = _expected_shapes(cfg, family)
 
     names: dict[str, str] = {}  # HF -> GGUF
     for gname in by_name:
@@ -331,12 +417,11 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
         if hname is None:
             continue
         if hname not in expected:
-            raise ConversionError(f"{path}: tensor {gname!r} ({hname}) is not expected for {arch}")
+            raise ConversionError(f"tensor {gname!r} ({hname}) is not expected for {arch}")
         names[hname] = gname
     missing = [_gguf_name(n, family) for n in expected if n not in names]
     if missing:
-        raise ConversionError(f"{path}: {len(missing)} required tensor(s) missing for {arch}: "
-                              + ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        raise ConversionError(f"{len(missing)} required tensor(s) missing for {arch}: {listing(missing)}")
 
     tensors: dict[str, np.ndarray] = {}
     types = {h: by_name[g].tensor_type.name for h, g in names.items()}
@@ -344,7 +429,7 @@ def read_gguf(path: str | os.PathLike, *, load_tensors: bool = True) -> GGUFMode
         t = by_name[gname]
         shape = tuple(int(d) for d in reversed(t.shape))
         if shape != expected[hname]:
-            raise ConversionError(f"{path}: tensor {gname} has shape {shape}, expected "
+            raise ConversionError(f"tensor {gname} has shape {shape}, expected "
                                   f"{expected[hname]} for {hname}")
         arr = _dequantize(t)
         if family.gguf_permuted_qk and hname.endswith("q_proj.weight"):
@@ -425,8 +510,8 @@ def _main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = convert_gguf_to_hf(args.gguf, args.out_dir, dtype=args.dtype)
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}")
+    except (ConversionError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0

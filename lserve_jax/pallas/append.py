@@ -6,10 +6,11 @@ streaming heads' ring. In XLA these are six scatters (plus gathers for the old s
 kernel launches per layer; here one program per sequence writes all of them in place (the
 cache arrays are aliased to the outputs, so nothing else is read or copied).
 
-Semantics are those of `lserve_jax.cache.append` (its jnp code is the reference): for sequence
-b at position t, page row `page_table[b, t // page]`, offset `t % page`, logical page
-`offset // lp` (a token that opens a logical page resets its statistics, later ones widen
-them), ring slot `t` if t < sink else `sink + (t - sink) % local`.
+Semantics (`append_reference` below is the spec, jnp scatters): for sequence b at position t,
+page row `page_table[b, t // page]`, offset `t % page`, logical page `offset // lp` (a token
+that opens a logical page resets its statistics, later ones widen them), ring slot `t` if
+t < sink else `sink + (t - sink) % local`. The first R KV heads of k, v are retrieval heads
+(into the pages), the other S streaming heads (into the ring).
 """
 
 from __future__ import annotations
@@ -21,6 +22,36 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .compat import resolve_interpret, triton_params
+
+
+def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v, *,
+                     page: int, lp: int, sink: int, local: int):
+    """Pure-jnp spec of `fused_append` (same arguments, same six arrays returned)."""
+    b, hkv, d = k.shape
+    r = k_pages.shape[0]
+    rows = jnp.arange(b)
+    if r:
+        phys = page_table[rows, positions // page]  # [B]
+        off = positions % page
+        lpage = off // lp
+        kr = jnp.swapaxes(k[:, :r], 0, 1)  # [R, B, D]
+        vr = jnp.swapaxes(v[:, :r], 0, 1)
+        # a token that opens a logical page resets its statistics; later ones widen them
+        fresh = (off % lp == 0)[None, :, None]
+        old_min = k_min[:, phys, lpage]  # [R, B, D]
+        old_max = k_max[:, phys, lpage]
+        kc = kr.astype(k_min.dtype)
+        k_pages = k_pages.at[:, phys, off].set(kr.astype(k_pages.dtype))
+        v_pages = v_pages.at[:, phys, off].set(vr.astype(v_pages.dtype))
+        k_min = k_min.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.minimum(old_min, kc)))
+        k_max = k_max.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.maximum(old_max, kc)))
+    if hkv - r:
+        slot = jnp.where(positions < sink, positions, sink + (positions - sink) % local)  # [B]
+        ks = jnp.swapaxes(k[:, r:], 0, 1)  # [S, B, D]
+        vs = jnp.swapaxes(v[:, r:], 0, 1)
+        ring_k = ring_k.at[:, rows, slot].set(ks.astype(ring_k.dtype))
+        ring_v = ring_v.at[:, rows, slot].set(vs.astype(ring_v.dtype))
+    return k_pages, v_pages, k_min, k_max, ring_k, ring_v
 
 
 def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, page, lp, sink, local, n_cols):

@@ -4,7 +4,7 @@ S_j = sum_i max(q_i kmax_ji, q_i kmin_ji) = q+ . kmax_j + q- . kmin_j (q+ = max(
 q- = min(q, 0)), then the max over the logical pages of a physical page. One program per
 (chunk of `chunk` table entries, retrieval KV head, sequence) reads the key statistics of those
 pages once (through the page table) and scores them for the whole GQA group at once (the G
-query rows padded to 16 for the dot). The pure-jnp spec is `selection.page_scores_reference`.
+query rows padded to 16 for the dot). The pure-jnp spec is `page_scores_reference` below.
 """
 
 from __future__ import annotations
@@ -27,6 +27,25 @@ def _pow2(n: int) -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def page_scores_reference(q, k_min, k_max, page_table):
+    """Scores of every physical page of every sequence (pure jnp, the spec).
+
+    q: [B, R*G, D]; k_min, k_max: [R, P, L, D]; page_table: int32[B, N].
+    Returns float32[B, R, G, N]: score of logical-table page n for query head (r, g).
+    """
+    b, hq, d = q.shape
+    r = k_min.shape[0]
+    g = hq // r
+    qf = q.reshape(b, r, g, 1, 1, d).astype(jnp.float32)
+    ids = jnp.clip(page_table, 0, k_min.shape[1] - 1)
+    kmin = jnp.take(k_min, ids, axis=1).astype(jnp.float32)  # [R, B, N, L, D]
+    kmax = jnp.take(k_max, ids, axis=1).astype(jnp.float32)
+    kmin = jnp.swapaxes(kmin, 0, 1)[:, :, None]  # [B, R, 1, N, L, D]
+    kmax = jnp.swapaxes(kmax, 0, 1)[:, :, None]
+    s = jnp.sum(jnp.maximum(qf * kmax, qf * kmin), axis=-1)  # [B, R, G, N, L]
+    return jnp.max(s, axis=-1)
 
 
 def supported(q, k_min) -> bool:

@@ -55,35 +55,35 @@ _LOG2E = math.log2(math.e)
 
 
 def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int):
-  """Raise ValueError on inconsistent shapes / knobs. Called before any tracing."""
-  if q.ndim != 4:
-    raise ValueError(f"q must be [B, T, Hq, D], got {q.shape=}")
-  if k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"k and v must be [B, T, Hkv, D], got {k.shape=} {v.shape=}")
-  if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got {k.shape=} {v.shape=}")
-  b, t, hq, d = q.shape
-  if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-    raise ValueError(
-        f"k/v must be [B, T, Hkv, D] with q's B, T, D; got {q.shape=} {k.shape=}")
-  hkv = k.shape[2]
-  if hkv == 0 or hq % hkv != 0:
-    raise ValueError(f"q heads must be a multiple of kv heads, got {q.shape=} {k.shape=}")
-  if lengths.shape != (b,):
-    raise ValueError(f"lengths must be [B]={b}, got {lengths.shape=}")
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(f"lengths must be integer, got {lengths.dtype=}")
-  if q.dtype != k.dtype or q.dtype != v.dtype:
-    raise ValueError(f"q, k, v must share a dtype, got {q.dtype=} {k.dtype=} {v.dtype=}")
-  for name, val in (("num_retrieval", num_retrieval), ("sink", sink), ("local", local)):
-    if not isinstance(val, (int, np.integer)) or isinstance(val, bool):
-      raise ValueError(f"{name} must be a static Python int, got {val!r}")
-  if not 0 <= num_retrieval <= hkv:
-    raise ValueError(f"num_retrieval must be in [0, Hkv={hkv}], got {num_retrieval=}")
-  if sink < 0 or local < 0:
-    raise ValueError(f"sink and local must be >= 0, got {sink=} {local=}")
-  if num_retrieval < hkv and sink == 0 and local == 0:
-    raise ValueError("streaming heads need sink > 0 or local > 0 (else rows see no key)")
+    """Raise ValueError on inconsistent shapes / knobs. Called before any tracing."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, Hq, D], got {q.shape=}")
+    if k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"k and v must be [B, T, Hkv, D], got {k.shape=} {v.shape=}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape=} {v.shape=}")
+    b, t, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(
+            f"k/v must be [B, T, Hkv, D] with q's B, T, D; got {q.shape=} {k.shape=}")
+    hkv = k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"q heads must be a multiple of kv heads, got {q.shape=} {k.shape=}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B]={b}, got {lengths.shape=}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integer, got {lengths.dtype=}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype=} {k.dtype=} {v.dtype=}")
+    for name, val in (("num_retrieval", num_retrieval), ("sink", sink), ("local", local)):
+        if not isinstance(val, (int, np.integer)) or isinstance(val, bool):
+            raise ValueError(f"{name} must be a static Python int, got {val!r}")
+    if not 0 <= num_retrieval <= hkv:
+        raise ValueError(f"num_retrieval must be in [0, Hkv={hkv}], got {num_retrieval=}")
+    if sink < 0 or local < 0:
+        raise ValueError(f"sink and local must be >= 0, got {sink=} {local=}")
+    if num_retrieval < hkv and sink == 0 and local == 0:
+        raise ValueError("streaming heads need sink > 0 or local > 0 (else rows see no key)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,37 +93,37 @@ def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, lo
 
 def prefill_attention_reference(q, k, v, lengths, *, num_retrieval: int, sink: int,
                                 local: int, scale: float | None = None) -> jax.Array:
-  validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
-  b, t, hq, d = q.shape
-  hkv = k.shape[2]
-  g = hq // hkv
-  if scale is None:
-    scale = 1.0 / math.sqrt(d)
-  hi = lax.Precision.HIGHEST
-  qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
-  kf = k.astype(jnp.float32)
-  vf = v.astype(jnp.float32)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * scale  # [B, Hkv, G, T, T]
-  i = jnp.arange(t)[:, None]
-  j = jnp.arange(t)[None, :]
-  causal = j <= i                                                     # [T, T]
-  in_len = j[None] < lengths.astype(jnp.int32)[:, None, None]         # [B, 1, T]
-  window = (j < sink) | (i - j < local)                               # [T, T]
-  is_ret = jnp.arange(hkv) < num_retrieval                            # [Hkv]
-  head_ok = is_ret[:, None, None] | window[None]                      # [Hkv, T, T]
-  mask = (causal[None, None] & in_len[:, None] & head_ok[None])       # [B, Hkv, T, T]
-  mask = mask[:, :, None]                                             # [B, Hkv, 1, T, T]
-  s = jnp.where(mask, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=hi)            # [B, T, Hkv, G, D]
-  l = jnp.moveaxis(l[..., 0], 3, 1)[..., None]                        # [B, T, Hkv, G, 1]
-  o = o / jnp.where(l == 0, 1.0, l)
-  row_ok = jnp.arange(t)[None, :] < lengths.astype(jnp.int32)[:, None]  # [B, T]
-  o = jnp.where(row_ok[:, :, None, None, None], o, 0.0)
-  return o.reshape(b, t, hq, d).astype(q.dtype)
+    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    hi = lax.Precision.HIGHEST
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
+    kf = k.astype(jnp.float32)
+    vf = v.astype(jnp.float32)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * scale  # [B, Hkv, G, T, T]
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    causal = j <= i                                                     # [T, T]
+    in_len = j[None] < lengths.astype(jnp.int32)[:, None, None]         # [B, 1, T]
+    window = (j < sink) | (i - j < local)                               # [T, T]
+    is_ret = jnp.arange(hkv) < num_retrieval                            # [Hkv]
+    head_ok = is_ret[:, None, None] | window[None]                      # [Hkv, T, T]
+    mask = (causal[None, None] & in_len[:, None] & head_ok[None])       # [B, Hkv, T, T]
+    mask = mask[:, :, None]                                             # [B, Hkv, 1, T, T]
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, vf, precision=hi)            # [B, T, Hkv, G, D]
+    l = jnp.moveaxis(l[..., 0], 3, 1)[..., None]                        # [B, T, Hkv, G, 1]
+    o = o / jnp.where(l == 0, 1.0, l)
+    row_ok = jnp.arange(t)[None, :] < lengths.astype(jnp.int32)[:, None]  # [B, T]
+    o = jnp.where(row_ok[:, :, None, None, None], o, 0.0)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def prefill_attention_reference(q, k, v, lengths, *, num_retrieval: int, sink: i
 
 
 def _cdiv(a, b: int):
-  return lax.div(a + (b - 1), b)
+    return lax.div(a + (b - 1), b)
 
 
 def _prefill_kernel(
@@ -151,98 +151,98 @@ def _prefill_kernel(
     sink: int,
     local: int,
 ):
-  block_q, block_h, head_dim = q_ref.shape
-  rows = block_q * block_h
-  qi = num_q_blocks - 1 - pl.program_id(0)  # heaviest q blocks are launched first
-  kv_head = pl.program_id(1) // head_splits
-  length = lengths_ref[pl.program_id(2)]
+    block_q, block_h, head_dim = q_ref.shape
+    rows = block_q * block_h
+    qi = num_q_blocks - 1 - pl.program_id(0)  # heaviest q blocks are launched first
+    kv_head = pl.program_id(1) // head_splits
+    length = lengths_ref[pl.program_id(2)]
 
-  q0 = qi * block_q
-  q = q_ref[...].reshape(rows, head_dim)
-  # Token position of every row of the folded [tokens x heads] M dimension.
-  qpos = q0 + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), block_h)
+    q0 = qi * block_q
+    q = q_ref[...].reshape(rows, head_dim)
+    # Token position of every row of the folded [tokens x heads] M dimension.
+    qpos = q0 + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), block_h)
 
-  row_end = jnp.minimum(q0 + block_q, length)          # exclusive end of the valid rows
-  kv_end = jnp.where(q0 < length, row_end, 0)          # keys [0, kv_end) may be visible
-  n_end = _cdiv(kv_end, block_k)
-  # Blocks whose every key is visible to every row (causal and length-wise).
-  n_full = jnp.minimum(lax.div(jnp.minimum(q0 + 1, length), block_k), n_end)
+    row_end = jnp.minimum(q0 + block_q, length)          # exclusive end of the valid rows
+    kv_end = jnp.where(q0 < length, row_end, 0)          # keys [0, kv_end) may be visible
+    n_end = _cdiv(kv_end, block_k)
+    # Blocks whose every key is visible to every row (causal and length-wise).
+    n_full = jnp.minimum(lax.div(jnp.minimum(q0 + 1, length), block_k), n_end)
 
-  any_streaming = num_retrieval < num_kv_heads
-  all_streaming = num_retrieval == 0
-  if any_streaming:
-    ns = _cdiv(jnp.minimum(kv_end, sink), block_k)     # sink blocks [0, ns)
-    ls = lax.div(jnp.maximum(q0 - local + 1, 0), block_k)
-    lo = jnp.minimum(jnp.maximum(ns, ls), n_end)       # local blocks [lo, n_end)
-    r1 = row_end - 1
-    a = _cdiv(jnp.maximum(r1 - local + 1, 0), block_k)  # first block inside every row's window
-    a = jnp.minimum(jnp.maximum(a, lo), n_end)
-    b = jnp.minimum(jnp.maximum(n_full, a), n_end)
-    if all_streaming:
-      is_ret = None
+    any_streaming = num_retrieval < num_kv_heads
+    all_streaming = num_retrieval == 0
+    if any_streaming:
+        ns = _cdiv(jnp.minimum(kv_end, sink), block_k)     # sink blocks [0, ns)
+        ls = lax.div(jnp.maximum(q0 - local + 1, 0), block_k)
+        lo = jnp.minimum(jnp.maximum(ns, ls), n_end)       # local blocks [lo, n_end)
+        r1 = row_end - 1
+        a = _cdiv(jnp.maximum(r1 - local + 1, 0), block_k)  # first block inside every row's window
+        a = jnp.minimum(jnp.maximum(a, lo), n_end)
+        b = jnp.minimum(jnp.maximum(n_full, a), n_end)
+        if all_streaming:
+            is_ret = None
+        else:
+            is_ret = kv_head < num_retrieval
+            zero = jnp.int32(0)
+            ns = jnp.where(is_ret, zero, ns)
+            lo = jnp.where(is_ret, zero, lo)
+            a = jnp.where(is_ret, zero, a)
+            b = jnp.where(is_ret, n_full, b)
     else:
-      is_ret = kv_head < num_retrieval
-      zero = jnp.int32(0)
-      ns = jnp.where(is_ret, zero, ns)
-      lo = jnp.where(is_ret, zero, lo)
-      a = jnp.where(is_ret, zero, a)
-      b = jnp.where(is_ret, n_full, b)
-  else:
-    is_ret = None
+        is_ret = None
 
-  qk_scale = sm_scale * _LOG2E
-  # Masked logits stay finite after scaling (no inf - inf in fully masked rows).
-  mask_value = DEFAULT_MASK_VALUE / max(qk_scale, 1.0)
-  # f32 inputs: IEEE dots (the Triton lowering's DEFAULT precision is TF32).
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    qk_scale = sm_scale * _LOG2E
+    # Masked logits stay finite after scaling (no inf - inf in fully masked rows).
+    mask_value = DEFAULT_MASK_VALUE / max(qk_scale, 1.0)
+    # f32 inputs: IEEE dots (the Triton lowering's DEFAULT precision is TF32).
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
-  def body(kb, carry, *, masked: bool):
-    acc, m_i, l_i = carry  # m_i is in the scaled (log2) domain
-    start = pl.multiple_of(kb * block_k, block_k)
-    k = k_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32)  # [rows, block_k], unscaled
-    if masked:
-      kpos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-      mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < length)
-      if any_streaming:
-        window = (kpos[None, :] < sink) | (qpos[:, None] - kpos[None, :] < local)
-        if is_ret is not None:
-          window = window | is_ret
-        mask = mask & window
-      s = jnp.where(mask, s, mask_value)
-    m_new = jnp.maximum(m_i, jnp.max(s, axis=1) * qk_scale)
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s * qk_scale - m_new[:, None])  # one FMA per logit
-    l_new = l_i * alpha + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(start, block_k), :]
-    pv = jnp.dot(p.astype(v.dtype), v, precision=precision,
-                 preferred_element_type=jnp.float32)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_new
+    def body(kb, carry, *, masked: bool):
+        acc, m_i, l_i = carry  # m_i is in the scaled (log2) domain
+        start = pl.multiple_of(kb * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32)  # [rows, block_k], unscaled
+        if masked:
+            kpos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+            mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < length)
+            if any_streaming:
+                window = (kpos[None, :] < sink) | (qpos[:, None] - kpos[None, :] < local)
+                if is_ret is not None:
+                    window = window | is_ret
+                mask = mask & window
+            s = jnp.where(mask, s, mask_value)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=1) * qk_scale)
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s * qk_scale - m_new[:, None])  # one FMA per logit
+        l_new = l_i * alpha + jnp.sum(p, axis=1)
+        v = v_ref[pl.ds(start, block_k), :]
+        pv = jnp.dot(p.astype(v.dtype), v, precision=precision,
+                     preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + pv
+        return acc, m_new, l_new
 
-  masked_body = functools.partial(body, masked=True)
-  plain_body = functools.partial(body, masked=False)
+    masked_body = functools.partial(body, masked=True)
+    plain_body = functools.partial(body, masked=False)
 
-  carry = (
-      jnp.zeros((rows, head_dim), jnp.float32),
-      jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),  # below any scaled logit
-      jnp.zeros((rows,), jnp.float32),
-  )
-  if any_streaming:
-    carry = lax.fori_loop(0, ns, masked_body, carry)    # sink blocks
-    carry = lax.fori_loop(lo, a, masked_body, carry)    # window's leading edge
-    carry = lax.fori_loop(a, b, plain_body, carry)      # interior (retrieval: [0, n_full))
-    carry = lax.fori_loop(b, n_end, masked_body, carry)  # diagonal / length edge
-  else:
-    carry = lax.fori_loop(0, n_full, plain_body, carry)
-    carry = lax.fori_loop(n_full, n_end, masked_body, carry)
-  acc, _, l_i = carry
+    carry = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),  # below any scaled logit
+        jnp.zeros((rows,), jnp.float32),
+    )
+    if any_streaming:
+        carry = lax.fori_loop(0, ns, masked_body, carry)    # sink blocks
+        carry = lax.fori_loop(lo, a, masked_body, carry)    # window's leading edge
+        carry = lax.fori_loop(a, b, plain_body, carry)      # interior (retrieval: [0, n_full))
+        carry = lax.fori_loop(b, n_end, masked_body, carry)  # diagonal / length edge
+    else:
+        carry = lax.fori_loop(0, n_full, plain_body, carry)
+        carry = lax.fori_loop(n_full, n_end, masked_body, carry)
+    acc, _, l_i = carry
 
-  l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
-  out = acc / l_safe[:, None]
-  out = jnp.where((qpos < length)[:, None], out, 0.0)
-  o_ref[...] = out.astype(o_ref.dtype).reshape(block_q, block_h, head_dim)
+    l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    out = jnp.where((qpos < length)[:, None], out, 0.0)
+    o_ref[...] = out.astype(o_ref.dtype).reshape(block_q, block_h, head_dim)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,32 +251,27 @@ def _prefill_kernel(
 
 
 def _pow2_divisor(n: int) -> int:
-  return n & (-n)
+    return n & (-n)
 
 
 def _next_pow2(n: int) -> int:
-  return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-# Tuning overrides, e.g. set by bench/prefill_attn.py while it sweeps configurations:
-# {"dense": {...}, "streaming": {...}} with keys block_m, block_k, num_warps, num_stages.
-BLOCK_CONFIG_OVERRIDE: dict[str, dict[str, int]] = {}
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def default_block_config(head_dim: int, group: int, streaming_only: bool = False
                          ) -> dict[str, int]:
-  """Block sizes / warps / stages; defaults tuned on the H200 (bench/prefill_attn.py)."""
-  del group
-  mode = "streaming" if streaming_only else "dense"
-  if mode in BLOCK_CONFIG_OVERRIDE:
-    return dict(BLOCK_CONFIG_OVERRIDE[mode])
-  # H200, jax 0.11.2, bf16, llama3-8b heads (D=128, G=4): 128x128 tiles, 8 warps, 3 stages
-  # won both the dense (T=16K) and the streaming-only (T=32K) sweeps
-  # (bench/results/prefill_attn-2026-12-01{a,b}.json); 4 stages or 256-row / 256-key tiles
-  # exceed shared memory at D=128. D <= 64 is not tuned.
-  if head_dim <= 64:
-    return dict(block_m=128, block_k=64, num_warps=4, num_stages=3)
-  return dict(block_m=128, block_k=128, num_warps=8, num_stages=3)
+    """Block sizes / warps / stages; defaults tuned on the H200 (bench/prefill_attn.py).
+
+    A caller that tunes passes its own values (through `OpChoice.options` in the ops API).
+    """
+    del group, streaming_only  # the same tiles won both sweeps (below)
+    # H200, jax 0.11.2, bf16, llama3-8b heads (D=128, G=4): 128x128 tiles, 8 warps, 3 stages
+    # won both the dense (T=16K) and the streaming-only (T=32K) sweeps
+    # (bench/results/prefill_attn-2026-12-01{a,b}.json); 4 stages or 256-row / 256-key tiles
+    # exceed shared memory at D=128. D <= 64 is not tuned.
+    if head_dim <= 64:
+        return dict(block_m=128, block_k=64, num_warps=4, num_stages=3)
+    return dict(block_m=128, block_k=128, num_warps=8, num_stages=3)
 
 
 def prefill_attention_pallas(
@@ -296,36 +291,36 @@ def prefill_attention_pallas(
     interpret: bool | None = None,
     debug: bool = False,
 ) -> jax.Array:
-  """Block-sparse LServe prefill attention, Pallas Triton kernel.
+    """Block-sparse LServe prefill attention, Pallas Triton kernel.
 
-  ``block_m`` is the M dimension of the dots: ``block_q`` tokens x ``block_h`` query heads of
-  one GQA group (``block_h`` = the largest power of two dividing G, at most ``block_m``).
-  ``interpret=None`` interprets on CPU and compiles on GPU.
-  """
-  validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
-  _, _, hq, d = q.shape
-  hkv = k.shape[2]
-  if d < 16:
-    raise ValueError(f"head_dim must be >= 16 for the Triton dots, got {q.shape=}")
-  streaming_only = num_retrieval == 0 and sink < q.shape[1] and local < q.shape[1]
-  cfg = default_block_config(d, hq // hkv, streaming_only)
-  block_m = cfg["block_m"] if block_m is None else block_m
-  block_k = cfg["block_k"] if block_k is None else block_k
-  num_warps = cfg["num_warps"] if num_warps is None else num_warps
-  num_stages = cfg["num_stages"] if num_stages is None else num_stages
-  for name, val in (("block_m", block_m), ("block_k", block_k)):
-    if val < 16 or val & (val - 1):
-      raise ValueError(f"{name} must be a power of 2 >= 16, got {val}")
-  if scale is None:
-    scale = 1.0 / math.sqrt(d)
-  if not scale > 0:
-    raise ValueError(f"scale must be > 0, got {scale=}")
-  return _prefill_pallas_jit(
-      q, k, v, lengths.astype(jnp.int32),
-      num_retrieval=int(num_retrieval), sink=int(sink), local=int(local),
-      scale=float(scale), block_m=int(block_m), block_k=int(block_k),
-      num_warps=int(num_warps), num_stages=int(num_stages),
-      interpret=compat.resolve_interpret(interpret), debug=bool(debug))
+    ``block_m`` is the M dimension of the dots: ``block_q`` tokens x ``block_h`` query heads of
+    one GQA group (``block_h`` = the largest power of two dividing G, at most ``block_m``).
+    ``interpret=None`` interprets on CPU and compiles on GPU.
+    """
+    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
+    _, _, hq, d = q.shape
+    hkv = k.shape[2]
+    if d < 16:
+        raise ValueError(f"head_dim must be >= 16 for the Triton dots, got {q.shape=}")
+    streaming_only = num_retrieval == 0 and sink < q.shape[1] and local < q.shape[1]
+    cfg = default_block_config(d, hq // hkv, streaming_only)
+    block_m = cfg["block_m"] if block_m is None else block_m
+    block_k = cfg["block_k"] if block_k is None else block_k
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    for name, val in (("block_m", block_m), ("block_k", block_k)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {val}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale=}")
+    return _prefill_pallas_jit(
+        q, k, v, lengths.astype(jnp.int32),
+        num_retrieval=int(num_retrieval), sink=int(sink), local=int(local),
+        scale=float(scale), block_m=int(block_m), block_k=int(block_k),
+        num_warps=int(num_warps), num_stages=int(num_stages),
+        interpret=compat.resolve_interpret(interpret), debug=bool(debug))
 
 
 @functools.partial(
@@ -334,56 +329,56 @@ def prefill_attention_pallas(
                      "num_warps", "num_stages", "interpret", "debug"))
 def _prefill_pallas_jit(q, k, v, lengths, *, num_retrieval, sink, local, scale, block_m,
                         block_k, num_warps, num_stages, interpret, debug):
-  bsz, t, hq, d = q.shape
-  hkv = k.shape[2]
-  g = hq // hkv
+    bsz, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
 
-  # A token window that covers the whole sequence is plain causal attention.
-  if sink >= t or local >= t:
-    num_retrieval = hkv
+    # A token window that covers the whole sequence is plain causal attention.
+    if sink >= t or local >= t:
+        num_retrieval = hkv
 
-  block_h = min(_pow2_divisor(g), block_m)
-  head_splits = g // block_h
-  block_q = block_m // block_h
-  # Small T: shrink the blocks, keeping every dot dimension >= 16.
-  block_q = max(min(block_q, _next_pow2(t)), max(1, 16 // block_h))
-  block_k = max(16, min(block_k, _next_pow2(t)))
-  t_pad = -(-t // max(block_q, block_k)) * max(block_q, block_k)
-  d_pad = _next_pow2(d)
-  if t_pad != t or d_pad != d:
-    pad = ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d))
-    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  num_q_blocks = t_pad // block_q
+    block_h = min(_pow2_divisor(g), block_m)
+    head_splits = g // block_h
+    block_q = block_m // block_h
+    # Small T: shrink the blocks, keeping every dot dimension >= 16.
+    block_q = max(min(block_q, _next_pow2(t)), max(1, 16 // block_h))
+    block_k = max(16, min(block_k, _next_pow2(t)))
+    t_pad = -(-t // max(block_q, block_k)) * max(block_q, block_k)
+    d_pad = _next_pow2(d)
+    if t_pad != t or d_pad != d:
+        pad = ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d))
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    num_q_blocks = t_pad // block_q
 
-  kernel = functools.partial(
-      _prefill_kernel, sm_scale=scale, block_k=block_k, num_q_blocks=num_q_blocks,
-      head_splits=head_splits, num_retrieval=num_retrieval, num_kv_heads=hkv,
-      sink=sink, local=local)
-  grid = (num_q_blocks, hkv * head_splits, bsz)
+    kernel = functools.partial(
+        _prefill_kernel, sm_scale=scale, block_k=block_k, num_q_blocks=num_q_blocks,
+        head_splits=head_splits, num_retrieval=num_retrieval, num_kv_heads=hkv,
+        sink=sink, local=local)
+    grid = (num_q_blocks, hkv * head_splits, bsz)
 
-  def q_map(i, h, b):
-    return (b, num_q_blocks - 1 - i, h, 0)
+    def q_map(i, h, b):
+        return (b, num_q_blocks - 1 - i, h, 0)
 
-  def kv_map(i, h, b):
-    del i
-    return (b, 0, h // head_splits, 0)
+    def kv_map(i, h, b):
+        del i
+        return (b, 0, h // head_splits, 0)
 
-  out = pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=[
-          pl.BlockSpec((bsz,), lambda i, h, b: (0,)),
-          pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
-          pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
-          pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
-      ],
-      out_specs=pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=compat.triton_params(num_warps, num_stages),
-      interpret=interpret,
-      debug=debug,
-      name="lserve_prefill",
-  )(lengths, q, k, v)
-  if t_pad != t or d_pad != d:
-    out = out[:, :t, :, :d]
-  return out
+    out = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[
+            pl.BlockSpec((bsz,), lambda i, h, b: (0,)),
+            pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
+            pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
+            pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
+        ],
+        out_specs=pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=compat.triton_params(num_warps, num_stages),
+        interpret=interpret,
+        debug=debug,
+        name="lserve_prefill",
+    )(lengths, q, k, v)
+    if t_pad != t or d_pad != d:
+        out = out[:, :t, :, :d]
+    return out

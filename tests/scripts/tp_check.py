@@ -12,14 +12,16 @@ from lserve_jax import cache as kvc
 from lserve_jax.config import ModelConfig, SparseConfig
 from lserve_jax.heads import layout_and_permutation
 from lserve_jax.model import ModelSpec, decode_step, prefill
+from lserve_jax.ops import Kernels
 from lserve_jax.params import init_params, permute_kv_heads
 from lserve_jax.sharding import balance_retrieval, shard_cache, shard_params, tp_permutation
 
 jax.config.update("jax_default_matmul_precision", "highest")
+REFERENCE = Kernels.from_names(prefill="reference", decode="reference")
 
 
 def run(params, cfg, layout, sparse, tp, prompts, steps):
-    spec = ModelSpec(cfg, layout, sparse, "reference", "reference", tp)
+    spec = ModelSpec(cfg, layout, sparse, REFERENCE, tp)
     b, max_pages = len(prompts), 8
     cache = kvc.init_cache(cfg, layout, sparse, batch=b, num_pages=b * max_pages + 1, max_pages_per_seq=max_pages,
                            dtype=jnp.float32)

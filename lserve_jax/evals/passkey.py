@@ -1,4 +1,4 @@
-"""Passkey prompts, token-exact: shared by head-pattern calibration and the accuracy harness.
+"""Passkey prompts, token-exact: shared by head-pattern calibration and the accuracy grid.
 
 A prompt is built from token ids, not text, so its length and the needle's position are exact:
 
@@ -12,7 +12,7 @@ calibration samples use; the needles then interrupt the text where they land.
 after the intro, 1.0 right before the question.
 
 Everything takes an `encode: str -> list[int]` (no special tokens), so a tiny random model in a
-test can use a toy byte-level encoder (`byte_encoder`).
+test can use a toy byte-level encoder (`byte_encoder`). Pure Python and numpy (no jax).
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ class PasskeyPrompt:
     @property
     def length(self) -> int:
         return len(self.ids)
+
+    @property
+    def key_ids(self) -> list[int]:
+        """The answer without its final period: the tokens a retrieval must produce."""
+        return list(self.answer_ids[:-1] or self.answer_ids)
 
 
 def byte_encoder(vocab_size: int) -> Encode:
@@ -144,6 +149,6 @@ def passed(prompt: PasskeyPrompt, output_text: str | None = None, output_ids: Se
         return all(k in output_text for k in prompt.keys)
     if output_ids is None:
         raise ValueError("pass output_text or output_ids")
-    want = list(prompt.answer_ids[:-1] or prompt.answer_ids)  # without the final period
+    want = prompt.key_ids
     got = list(output_ids)
     return any(got[i:i + len(want)] == want for i in range(max(1, len(got) - len(want) + 1)))

@@ -1,8 +1,9 @@
 """The long public-domain text shipped with the package, split into two disjoint halves.
 
-* `eval_ids`: the first half, for perplexity (`bench/accuracy.py`).
-* `haystack_ids`: the second half, natural text to hide calibration pass keys in
-  (`lserve_jax.calibrate`), so that a pattern is never calibrated on the text it is scored on.
+* `eval_ids`: the first half, for perplexity (`evals.perplexity`, `bench/accuracy.py`).
+* `haystack_ids`: the second half, natural text to hide calibration pass keys in and to refine
+  a pattern's boundary on (`lserve_jax.calibrate`), so that a pattern is never calibrated on
+  the text it is scored on.
 
 The split is at the first line break at or after the middle character, so both halves are
 whole lines and the split does not depend on the tokenizer.
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-TEXT_PATH = Path(__file__).with_name("data") / "eb1911_shakespeare.txt"
+TEXT_PATH = Path(__file__).parent.parent / "data" / "eb1911_shakespeare.txt"  # package data
 
 
 def read_text(path: str | os.PathLike = TEXT_PATH) -> str:

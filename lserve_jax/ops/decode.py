@@ -1,4 +1,4 @@
-"""Decode attention dispatch: LServe's sparse decode over the paged pool and the streaming ring.
+"""Decode attention: the API. Shapes are validated here; the backends run it.
 
 `decode_attention` splits the query heads of one layer:
 
@@ -8,36 +8,33 @@
   [0, min(length, W)); the ring is viewed as W / pb contiguous pages of pb tokens per sequence
   (pb = the largest power of 2 dividing W, at most 128).
 
-On the GPU both halves run in one kernel launch (`pallas.decode.sparse_decode`), unless the
-ring width has no power-of-2 factor >= 16 (then two `paged_decode` launches); the reference runs
-each half through `paged_decode_reference`.
-
+Implementations: "triton" (both halves in one `pallas.decode.sparse_decode` launch; options are
+its tuning kwargs) and "reference" (each half through `paged_decode_reference`).
 `dense_decode_attention` is the dense baseline over a contiguous cache (cuDNN or XLA).
 """
 
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ..pallas.compat import on_gpu
-from ..pallas.decode import paged_decode, paged_decode_reference, ring_page, sparse_decode
+from ..pallas.decode import ring_page
+from .registry import REGISTRY, OpChoice
 
+__all__ = ["MODES", "decode_attention", "dense_decode_attention", "retrieval_slots", "ring_slots",
+           "two_launches", "validate_decode_args"]
+
+# Who owns a page selection: each query head (LServe) or each KV head (shared by its GQA group).
 MODES = ("query_head", "kv_head")
-# tuning kwargs of `sparse_decode` when the caller passes none (bench/decode.py --tune measures
-# alternatives on the layer shapes of a run and may replace them for that run)
-DEFAULT_KERNEL_OPTIONS: dict = {}
-IMPLS = ("auto", "pallas", "reference")
 
 
-def _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, mode,
-           impl):
+def validate_decode_args(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
+                         mode):
+    """ValueError naming the offending shape; returns (b, hq, d, r, s, g)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if q.ndim != 3:
         raise ValueError(f"q must be [B, Hq, D], got {q.shape=}")
     b, hq, d = q.shape
@@ -61,8 +58,12 @@ def _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
     return b, hq, d, r, s, g
 
 
-def _retrieval_args(q, page_table, sel_pages, *, mode, r, g):
-    """q viewed per program head (no copy) and the physical pages of each selection slot."""
+def retrieval_slots(q, page_table, sel_pages, *, mode: str, g: int):
+    """q viewed per program head (no copy) and the physical / logical page of each slot.
+
+    Returns qh [B, Hsel, M, D] (M = 1 query row per program in query_head mode, the G rows of
+    the group in kv_head mode), phys and lg int32[B, Hsel, K].
+    """
     b, hq, d = q.shape
     n = page_table.shape[1]
     lg = jnp.clip(sel_pages, 0, n - 1)
@@ -74,8 +75,9 @@ def _retrieval_args(q, page_table, sel_pages, *, mode, r, g):
     return qh, phys, lg
 
 
-def _ring_args(q, ring_k, ring_v, lengths):
-    """The ring as a pool of [S, B * W/pb, pb, D] pages with its slot lists and lengths."""
+def ring_slots(ring_k, ring_v, lengths):
+    """The ring as a pool of pages: (k [S, B*W/pb, pb, D], v, page ids int32[B, S, W/pb],
+    logical ids, counts int32[B, S], ring lengths int32[B])."""
     s, b, w, d = ring_k.shape
     pb = ring_page(w)
     nw = w // pb
@@ -89,47 +91,41 @@ def _ring_args(q, ring_k, ring_v, lengths):
     return kp, vp, ids, lg, counts, ring_len
 
 
+def two_launches(run: Callable, q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
+                 *, mode: str, scale: float):
+    """Retrieval heads, then streaming heads, each through `run` (paged_decode or its reference,
+    same signature); program heads take their rows straight from q (head_offset), no copies."""
+    b, hq, d = q.shape
+    r, s = k_pages.shape[0], ring_k.shape[0]
+    g = hq // (r + s)
+    outs = []
+    if r:
+        qh, phys, lg = retrieval_slots(q, page_table, sel_pages, mode=mode, g=g)
+        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths, scale=scale, head_offset=0)
+        outs.append(o.reshape(b, r * g, d))
+    if s:
+        kp, vp, ids, lg, counts, ring_len = ring_slots(ring_k, ring_v, lengths)
+        o = run(q.reshape(b, r + s, g, d), kp, vp, ids, lg, counts, ring_len, scale=scale, head_offset=r)
+        outs.append(o.reshape(b, s * g, d))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
-                     *, mode: str, impl: str = "auto", scale=None, kernel_options=None):
+                     *, mode: str, scale: float | None = None, choice: OpChoice = OpChoice()):
     """One layer's sparse decode attention. Returns [B, Hq, D] in q's dtype.
 
     q: [B, Hq, D] (post-RoPE); k_pages, v_pages: [R, P, page, D]; ring_k, ring_v: [S, B, W, D];
     page_table: int32[B, N]; lengths: int32[B] (including the current token); sel_pages:
     int32[B, Hsel, K] logical page ids, sel_count: int32[B, Hsel], Hsel = R*G (query_head) or
-    R (kv_head). impl: "reference" | "pallas" | "auto" (pallas on GPU, reference elsewhere).
-    "pallas" runs retrieval and streaming heads in ONE launch (`pallas.decode.sparse_decode`);
-    kernel_options: its tuning kwargs. "reference" runs the two halves through
-    `paged_decode_reference`.
+    R (kv_head). choice: implementations to try and their options (for "triton": the tuning
+    kwargs of `sparse_decode`).
     """
-    b, hq, d, r, s, g = _check(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths,
-                               sel_pages, sel_count, mode, impl)
-    if impl == "auto":
-        impl = "pallas" if on_gpu() else "reference"
-    scale = d ** -0.5 if scale is None else float(scale)
-    lengths = lengths.astype(jnp.int32)
-    if impl == "pallas" and (not s or ring_page(ring_k.shape[2]) >= 16):
-        m = 1 if mode == "query_head" else g  # query rows per program head
-        _, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
-        o = sparse_decode(q.reshape(b, hq // m, m, d), k_pages, v_pages, ring_k, ring_v, phys, lg,
-                          sel_count.astype(jnp.int32), lengths, scale=scale,
-                          **(DEFAULT_KERNEL_OPTIONS if kernel_options is None else kernel_options))
-        return o.reshape(b, hq, d)
-    # two launches (reference, or a ring width whose blocks are too small for the fused kernel);
-    # program heads take their rows straight from q (head_offset), no slicing copies
-    if impl == "pallas":
-        run = functools.partial(paged_decode, **(kernel_options or {}))
-    else:
-        run = paged_decode_reference
-    outs = []
-    if r:
-        qh, phys, lg = _retrieval_args(q, page_table, sel_pages, mode=mode, r=r, g=g)
-        o = run(qh, k_pages, v_pages, phys, lg, sel_count.astype(jnp.int32), lengths, scale=scale, head_offset=0)
-        outs.append(o.reshape(b, r * g, d))
-    if s:
-        kp, vp, ids, lg, counts, ring_len = _ring_args(q, ring_k, ring_v, lengths)
-        o = run(q.reshape(b, r + s, g, d), kp, vp, ids, lg, counts, ring_len, scale=scale, head_offset=r)
-        outs.append(o.reshape(b, s * g, d))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    validate_decode_args(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, mode)
+    if not isinstance(choice, OpChoice):
+        raise ValueError(f"choice must be an OpChoice, got {choice!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return REGISTRY.dispatch("decode", choice, q, k_pages, v_pages, ring_k, ring_v, page_table,
+                             lengths.astype(jnp.int32), sel_pages, sel_count, mode=mode, scale=scale)
 
 
 def dense_decode_attention(q, k, v, lengths, *, implementation: str = "cudnn", scale=None):

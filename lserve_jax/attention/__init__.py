@@ -1,1 +1,0 @@
-"""Attention dispatch: pick a kernel or reference implementation and validate shapes."""

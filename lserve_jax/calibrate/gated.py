@@ -1,0 +1,221 @@
+"""The gated model that calibration trains: per (layer, KV head) a gate in [0, 1] mixes full
+causal attention with streaming attention (sink + local tokens),
+`o = gate * o_full + (1 - gate) * o_stream`, inside THE decoder layer (`models.layer`).
+
+Binary gates give exactly the sparse prefill model (`prefill_attention`'s semantics, in the
+original head order), so the same forward scores patterns (`evals.perplexity`,
+`evals.passkey_proxy`). On CPU the attention goes by blocks of query rows that read only the
+keys they may see, with a flash-style backward pass (`gated_attention`); the layers run as one
+`lax.scan` over stacked weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import ModelConfig
+from ..evals.nll import next_token_nll
+from ..models.layer import decoder_layer, final_norm
+from ..params import Params, stack_layers
+
+
+def _window(t: int, sink: int, local: int) -> jax.Array:
+    """[T, T] bool: causal and inside a streaming head's Λ window."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    return (j <= i) & ((j < sink) | (i - j < local))
+
+
+def two_attentions(q, k, v, sink: int, local: int, stream: bool = True):
+    """Full causal and streaming attention from one score matrix, with the reference semantics
+    of `prefill_attention` (every head retrieval / every head streaming).
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> (o_full, o_stream) float32 [B, T, Hkv, G, D] and the
+    streaming share of each row's causal softmax mass [B, Hkv, G, T] (1 - the mass outside the
+    window). Both softmaxes share the causal row max (the window always holds the diagonal, so
+    its sum stays away from underflow for any realistic score range). `stream=False`: only
+    o_full. Scores are one [B, Hkv, G*T, T] batched matmul (no K/V repeat across the group).
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qh = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh).reshape(b, hkv, g, t, t) / math.sqrt(d)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))  # [B, Hkv, G, T, T]
+
+    def attend(p):
+        l = jnp.sum(p, axis=-1)  # [B, Hkv, G, T]
+        o = jnp.einsum("bhqk,bhkd->bhqd", p.reshape(b, hkv, g * t, t), vh).reshape(b, hkv, g, t, d)
+        return (o / l[..., None]).transpose(0, 3, 1, 2, 4), l  # [B, T, Hkv, G, D]
+
+    o_full, l_full = attend(e)
+    if not stream:
+        return o_full, None, None
+    o_stream, l_stream = attend(jnp.where(_window(t, sink, local), e, 0.0))
+    return o_full, o_stream, l_stream / l_full
+
+
+BLOCK = 256  # query rows per block of `gated_attention` on CPU (elsewhere: one block)
+STREAM_BLOCK = 128  # the same for its streaming attention (reads sink + local + block keys per block)
+
+
+def _block_bias(rows: tuple[int, int], keys: tuple[tuple[int, int], ...], sink: int, local: int | None) -> np.ndarray:
+    """[n, m] float32 additive mask: 0 where the query rows [rows[0], rows[1]) may see the keys
+    (positions `keys`, ranges concatenated): causal, and inside the sink + local window unless
+    local is None; -inf elsewhere. An add, not a select: XLA's CPU backend fuses it into the
+    softmax pass, where a select costs a pass of its own."""
+    i = np.arange(*rows)[:, None]
+    j = np.concatenate([np.arange(a, b) for a, b in keys])[None, :]
+    mask = j <= i
+    if local is not None:
+        mask &= (j < sink) | (i - j < local)
+    return np.where(mask, 0.0, -np.inf).astype(np.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _softmax_attend(q, k, v, spec):
+    """q [B, Hkv, G, n, D] (pre-scaled), k/v [B, Hkv, m, D] -> float32 [B, Hkv, G, n, D]: softmax
+    attention over the keys `_block_bias(*spec)` allows (every row allows one). Its gradient
+    recomputes the probabilities from the saved log-sum-exp (flash-attention style) rather
+    than keeping the [n, m] intermediates: calibration's backward pass is mostly this."""
+    return _attend_fwd(q, k, v, spec)[0]
+
+
+def _attend_fwd(q, k, v, spec):
+    d = v.shape[-1]
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    # a ones column on v: the same matmul gives the softmax denominators (no pass of its own over p)
+    ol = jnp.einsum("bhgqk,bhkd->bhgqd", p, jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1))
+    l = ol[..., d:]
+    o = ol[..., :d] / l
+    return o, (q, k, v, o, m + jnp.log(l))
+
+
+def _attend_bwd(spec, res, do):
+    q, k, v, o, lse = res
+    p = jnp.exp(jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec) - lse)
+    ds = p * (jnp.einsum("bhgqd,bhkd->bhgqk", do, v) - jnp.sum(do * o, axis=-1, keepdims=True))
+    # dk and dv as [D, m] products with p and ds in their own layout, transposed after: XLA's CPU
+    # dot would otherwise copy the [n, m] matrices into [m, n] first (about 20% of this pass)
+    dv = jnp.einsum("bhgqd,bhgqk->bhdk", do, p)
+    dk = jnp.einsum("bhgqd,bhgqk->bhdk", q, ds)
+    return jnp.einsum("bhgqk,bhkd->bhgqd", ds, k), jnp.swapaxes(dk, -1, -2), jnp.swapaxes(dv, -1, -2)
+
+
+_softmax_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _full_attention(qh, kh, vh, block: int):
+    """Causal attention by blocks of query rows, each reading the keys up to its last row:
+    qh [B, Hkv, G, T, D] (pre-scaled), kh/vh [B, Hkv, T, D] -> float32 [B, Hkv, G, T, D]."""
+    t = qh.shape[3]
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        outs.append(_softmax_attend(qh[:, :, :, s:e], kh[:, :, :e], vh[:, :, :e], ((s, e), ((0, e),), 0, None)))
+    return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+
+
+def _streaming_attention(qh, kh, vh, sink: int, local: int, block: int):
+    """Streaming (sink + local) attention by blocks of query rows, each reading the sink and the
+    `local + block` keys before its last row; shapes as `_full_attention`."""
+    t = qh.shape[3]
+    outs = []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        lo = max(0, s - local + 1)  # first key inside some row's local window
+        if lo <= sink:  # the sink and local keys overlap: one slice, the window mask
+            keys, ks, vs = ((0, e),), kh[:, :, :e], vh[:, :, :e]
+        else:  # keys [0, sink) (visible to every row) then [lo, e)
+            keys = ((0, sink), (lo, e))
+            ks = jnp.concatenate([kh[:, :, :sink], kh[:, :, lo:e]], axis=2)
+            vs = jnp.concatenate([vh[:, :, :sink], vh[:, :, lo:e]], axis=2)
+        outs.append(_softmax_attend(qh[:, :, :, s:e], ks, vs, ((s, e), keys, sink, local)))
+    return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+
+
+def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = None):
+    """Per KV head `gate * full causal + (1 - gate) * streaming` attention, computed by blocks of
+    `block` query rows that touch only the keys they may see: a block's full attention reads the
+    keys up to its last row (about half the [T, T] work), its streaming attention the sink and
+    the `local + block` keys before its last row. The same function as `two_attentions`' two
+    outputs mixed (its reference, tests/test_calibrate.py) at a fraction of the work and memory
+    (what makes CPU calibration affordable at 4K tokens).
+
+    q [B, T, Hq, D], k/v [B, T, Hkv, D] -> float32 [B, T, Hkv, G, D]. gate: None: full attention
+    only; a float [Hkv] array in [0, 1]: the mix; a bool [Hkv] array: binary gates, each head
+    computing only its own attention (a `lax.cond` per head, so one compilation serves every
+    binary pattern; True: full). block: default `BLOCK` on CPU; on a GPU one block (the whole
+    [T, T], which a GPU does faster than many small blocks, and compiles faster)."""
+    b, t, hq, d = q.shape
+    cpu = jax.default_backend() == "cpu"
+    block = block or (BLOCK if cpu else t)
+    sblock = min(block, STREAM_BLOCK) if cpu else block
+    hkv = k.shape[2]
+    g = hq // hkv
+    qh = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
+    kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    full = lambda q, k, v: _full_attention(q, k, v, block)  # noqa: E731
+    stream = lambda q, k, v: _streaming_attention(q, k, v, sink, local, sblock)  # noqa: E731
+    if gate is None:
+        o = full(qh, kh, vh)
+    elif jnp.issubdtype(gate.dtype, jnp.bool_):  # one head at a time, each on its own branch
+        o = jnp.concatenate([jax.lax.cond(gate[h], full, stream, qh[:, h:h + 1], kh[:, h:h + 1], vh[:, h:h + 1])
+                             for h in range(hkv)], axis=1)
+    else:
+        a = gate.astype(jnp.float32)[None, :, None, None, None]
+        o = a * full(qh, kh, vh) + (1.0 - a) * stream(qh, kh, vh)
+    return o.transpose(0, 3, 1, 2, 4)
+
+
+def gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int) -> jax.Array:
+    """One decoder layer of the gated model: x [B, T, hidden] -> the next layer's input.
+    gate: as `gated_attention`'s."""
+    b, t = x.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    x, _ = decoder_layer(lp, x, positions, cfg, lambda q, k, v: (gated_attention(q, k, v, gate, sink, local), None))
+    return x
+
+
+def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax.Array | None, *,
+                 sink: int, local: int) -> jax.Array:
+    """Final (normed) hidden states [B, T, hidden] of the gated model, in the original head order.
+
+    gates: [layers, kv_heads] in [0, 1]; 1 is full attention, 0 streaming (binary gates give
+    exactly the sparse prefill model); None: the dense model (streaming attention not computed).
+    The layers run as a `lax.scan` (pass `params.stack_layers(params)` to stack them once, not
+    per call)."""
+    def layer(x, lp, gate):
+        return gated_layer(lp, x, gate, cfg, sink, local)
+
+    layers = stack_layers(params).layers
+    if gates is None:
+        body = lambda x, lp: (layer(x, lp, None), None)  # noqa: E731
+        x, _ = jax.lax.scan(body, params.embed[tokens], layers)
+    else:
+        body = lambda x, lg: (layer(x, *lg), None)  # noqa: E731
+        x, _ = jax.lax.scan(body, params.embed[tokens], (layers, jnp.asarray(gates)))
+    return final_norm(params, x, cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def gated_nll_fn(cfg: ModelConfig, sink: int, local: int):
+    """Jitted (params, tokens [B, T], gates or None) -> `next_token_nll` [B, T - 1] of the gated
+    model (binary gates: the sparse prefill model exactly; None: dense). Cached per window, so
+    every pattern scored at one window shares one compilation."""
+    @jax.jit
+    def nll(params, tokens, gates):
+        return next_token_nll(params, gated_hidden(params, tokens, cfg, gates, sink=sink, local=local),
+                              tokens)
+    return nll

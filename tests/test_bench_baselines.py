@@ -1,0 +1,83 @@
+"""The benchmarks' baselines run the model's own decode skeleton (`model.decode_forward`) and
+build random caches from the cache declaration (`cache.init_cache(fill=...)`): on CPU, with XLA
+attention in place of cuDNN, the dense contiguous baseline equals the paged dense decode step."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lserve_jax import cache as kvc
+from lserve_jax.config import SparseConfig
+from lserve_jax.heads import HeadLayout
+from lserve_jax.model import ModelSpec, decode_step, prefill
+from lserve_jax.ops import Kernels
+
+from .tiny import TINY, tiny_params
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench_module(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_dense_contiguous_baseline_equals_the_paged_decode_step():
+    decode = _bench_module("decode")
+    params = tiny_params(TINY)
+    layout = HeadLayout.dense(TINY.num_layers, TINY.num_kv_heads)
+    sparse = SparseConfig(page_size=16, logical_page_size=4, sparse_decode=False)
+    spec = ModelSpec(TINY, layout, sparse, Kernels.from_names(prefill="reference", decode="reference"))
+    b, t, n = 2, 32, 4
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, TINY.vocab_size, (b, t)).astype(np.int32)
+    lengths = np.array([20, 32], np.int32)
+    cache = kvc.init_cache(TINY, layout, sparse, batch=b, num_pages=b * n + 1, max_pages_per_seq=n,
+                           dtype=jnp.float32)
+    cache = cache.replace(page_table=jnp.arange(1, b * n + 1, dtype=jnp.int32).reshape(b, n))
+    _, cache = prefill(params, cache, jnp.asarray(tokens), jnp.asarray(lengths), spec)
+    # the contiguous caches of the baseline hold the same prompt K/V, gathered from the pages
+    kc, vc = [], []
+    for lc in cache.layers:
+        pages = np.asarray(cache.page_table)
+        k = np.asarray(lc.k_pages)[:, pages].transpose(1, 2, 3, 0, 4).reshape(b, n * 16, -1, TINY.head_dim)
+        v = np.asarray(lc.v_pages)[:, pages].transpose(1, 2, 3, 0, 4).reshape(b, n * 16, -1, TINY.head_dim)
+        kc.append(jnp.asarray(k))
+        vc.append(jnp.asarray(v))
+    step = jax.jit(functools.partial(decode_step, spec=spec))
+    base = jax.jit(functools.partial(decode.dense_contiguous_step, cfg=TINY, implementation="xla"))
+    toks, lens, kc, vc = jnp.asarray([3, 7], jnp.int32), jnp.asarray(lengths), tuple(kc), tuple(vc)
+    for _ in range(5):
+        ref, cache = step(params, cache, toks)
+        got, kc, vc, lens = base(params, kc, vc, toks, lens)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=0)
+        toks = jnp.argmax(ref, axis=-1).astype(jnp.int32)
+
+
+def test_random_cache_statistics_match_its_pages():
+    decode = _bench_module("decode")
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32)
+    cache = decode.random_cache(TINY, HeadLayout(2, (1, 2)), sparse, 2, 40, 8, jax.random.key(0))
+    for lc in cache.layers:
+        k = np.asarray(lc.k_pages).reshape(*lc.k_pages.shape[:2], 4, 4, -1)
+        np.testing.assert_array_equal(np.asarray(lc.k_min), k.min(axis=3))
+        np.testing.assert_array_equal(np.asarray(lc.k_max), k.max(axis=3))
+    assert cache.lengths.tolist() == [40, 40] and cache.step.shape == (2,)
+
+
+def test_bench_scripts_import_and_explain_themselves():
+    for script in ("decode.py", "prefill.py", "profile_decode.py", "prefill_attn.py", "decode_attn.py", "accuracy.py",
+                   "calib_sweep.py"):
+        r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0 and "usage" in r.stdout, (script, r.stderr[-2000:])
