@@ -253,16 +253,35 @@ class Engine:
         """Queues a request (text or token ids); returns its id. A request that can never run
         (longer than the model, the cache or the pool) raises RequestTooLarge and queues nothing."""
         (ids,) = self.tokenize([prompt], chat)
+        self._check_prompt(0, ids)
         if sampling.seed is None:
             from .prompts import normalize_sampling
 
             sampling = normalize_sampling(sampling)
+        if self._max_new(ids, sampling) < sampling.max_new_tokens:  # stops at the context: "length"
+            sampling = dataclasses.replace(sampling, max_new_tokens=self._max_new(ids, sampling))
         request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if self._cache is None:
             self._build_cache()
         req = self.scheduler.add(request_id, ids, sampling)
         req.key_data = seed_key_data(sampling.seed)  # uint32 [2]: its sampling key, before positions
         return request_id
+
+    @property
+    def max_tokens(self) -> int:
+        """Positions a sequence may use: the model's context or the cache's capacity."""
+        return min(self.max_seq_len, self.config.max_position_embeddings)
+
+    def _check_prompt(self, i: int, ids: list[int]) -> None:
+        if len(ids) >= self.max_tokens:
+            raise PromptTooLong(
+                f"prompt {i} has {len(ids)} tokens but the limit is {self.max_tokens} positions, one of them "
+                f"for the first new token (model context {self.config.max_position_embeddings}, cache "
+                f"max_seq_len {self.max_seq_len})")
+
+    def _max_new(self, ids: list[int], sampling: SamplingParams) -> int:
+        """New tokens a prompt can get: max_new_tokens, cut at the context (finish reason "length")."""
+        return min(sampling.max_new_tokens, self.max_tokens - len(ids))
 
     def abort(self, request_id: str) -> bool:
         """Stops a request and frees its slot and pages at once; False if it is not known."""
@@ -413,13 +432,8 @@ class Engine:
         ids = self.tokenize(prompts, chat)
         n = len(ids)
         page = self.spec.sparse.page_size
-        limit = min(self.max_seq_len, self.config.max_position_embeddings)
         for i, p in enumerate(ids):
-            if len(p) + sampling.max_new_tokens > limit:
-                raise PromptTooLong(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} it needs "
-                    f"{len(p) + sampling.max_new_tokens} positions but the limit is {limit} "
-                    f"(model context {self.config.max_position_embeddings}, cache max_seq_len {self.max_seq_len})")
+            self._check_prompt(i, p)
         if self.has_unfinished():
             raise RuntimeError("generate() runs on an idle engine; finish the requests added with add_request first")
         slots = self.max_slots or 1 << (n - 1).bit_length()
@@ -427,7 +441,7 @@ class Engine:
             self._reset(slots)
         usable = self.scheduler.allocator.num_pages - 1
         for i, p in enumerate(ids):
-            need = -(-(len(p) + sampling.max_new_tokens) // page)
+            need = -(-(len(p) + self._max_new(p, sampling)) // page)
             if need > usable:
                 raise PoolExhausted(f"page pool exhausted: prompt {i} needs {need} pages of {page} tokens, the pool "
                                     f"has {usable} (raise num_pages or lower the length)")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from lserve_jax.calibrate import gated_hidden
-from lserve_jax.config import ModelConfig, SparseConfig
+from lserve_jax.config import SparseConfig
 from lserve_jax.engine import Engine
 from lserve_jax.evals import corpus, grid_prompts, lm_logits, passkey_proxy, perplexity, run_grid
 from lserve_jax.evals import passkey as pk
@@ -25,10 +25,10 @@ from lserve_jax.model import forward_reference
 from lserve_jax.params import init_params, permute_kv_heads
 
 from .test_calibrate import write_tiny_checkpoint
+from .tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
+CFG = tiny_config(vocab_size=256, max_position_embeddings=1024)  # byte-level prompts
 ENCODE = pk.byte_encoder(CFG.vocab_size)
 
 

@@ -74,11 +74,11 @@ def test_key_statistics_equal_recomputation_after_appends(impl):
     """After a prefill and appends that cross logical and physical page boundaries, every logical
     page's k_min / k_max equal the min / max recomputed from the keys stored in the pages (over
     the valid tokens only), and the pages hold every token at its position."""
-    from lserve_jax.config import ModelConfig
     from lserve_jax.heads import HeadLayout
 
-    cfg = ModelConfig(architecture="llama", vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    from .tiny import tiny_config
+
+    cfg = tiny_config(vocab_size=32, hidden_size=32, intermediate_size=32, num_layers=1, max_position_embeddings=256)
     sp = SparseConfig(page_size=16, logical_page_size=4, decode_sink=4, decode_local=12)
     b, n = 2, 5
     cache = kvc.init_cache(cfg, HeadLayout(2, (2,)), sp, batch=b, num_pages=b * n + 1, max_pages_per_seq=n,

@@ -13,13 +13,13 @@ import pytest
 
 from lserve_jax import calibrate as cal
 from lserve_jax.calibrate import gated
-from lserve_jax.config import ModelConfig
 from lserve_jax.evals import byte_encoder, forward_hidden, token_nll
 from lserve_jax.heads import binarize, layout_and_permutation, load_pattern
 from lserve_jax.params import init_params, permute_kv_heads
 
-CFG = ModelConfig(architecture="llama", vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, eos_token_ids=())
+from .tiny import tiny_config
+
+CFG = tiny_config(vocab_size=256, max_position_embeddings=1024)  # byte-level prompts
 ENCODE = byte_encoder(CFG.vocab_size)
 QUICK = cal.CalibConfig(sink=4, local=16, lengths=(384,), num_keys=2, steps=6, lr=0.1, reg=0.05, refine_band=0)
 

@@ -320,9 +320,17 @@ def test_generate_prompt_longer_than_context(ckpt, capsys):
     assert f"prompt 0 has {CONTEXT + 6} tokens" in err and f"the limit is {CONTEXT}" in err
 
 
-def test_generate_prompt_plus_new_tokens_over_context(ckpt, capsys):
-    rc, err = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, "--max-new-tokens", str(CONTEXT))
-    assert rc == 1 and f"needs {10 + CONTEXT} positions but the limit is {CONTEXT}" in err
+def test_generate_stops_at_the_context(ckpt, capsys):
+    """A prompt that fits with max_new_tokens past the context generates up to the context and
+    stops there with finish reason "length" (as HF and llama.cpp do), instead of refusing."""
+    import lserve_jax
+
+    engine = lserve_jax.load(ckpt, pattern=None, progress=False)
+    prompt = list(range(3, 13))
+    out = engine.generate([prompt], lserve_jax.SamplingParams(max_new_tokens=CONTEXT, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == CONTEXT - len(prompt)
+    rc, _ = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, "--max-new-tokens", str(CONTEXT))
+    assert rc == 0
 
 
 def test_generate_page_pool_exhausted(ckpt, capsys):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from lserve_jax.config import SparseConfig
-from lserve_jax.engine import Engine
+from lserve_jax.engine import Engine, PromptTooLong
 from lserve_jax.heads import HeadLayout
 from lserve_jax.params import permute_kv_heads
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.scheduler import RequestTooLarge, Scheduler
 
-from .tiny import TINY, tiny_config, tiny_params
+from .tiny import tiny_config, tiny_params
 
 # selection really selects: 2 pages of 16 tokens out of up to 8, refreshed every 3 steps of each
 # row's own clock; streaming heads keep 4 + 12 tokens
@@ -150,10 +150,16 @@ def test_requests_that_can_never_fit_are_rejected_and_the_rest_run():
                  num_pages=4)  # 3 usable pages: 48 tokens
     with pytest.raises(RequestTooLarge, match="needs 4 pages"):
         eng.add_request(list(range(1, 40)), SamplingParams(max_new_tokens=20))
-    with pytest.raises(RequestTooLarge, match="limit is 128"):
-        eng.add_request(list(range(1, 100)), SamplingParams(max_new_tokens=40))
+    with pytest.raises(PromptTooLong, match="limit is 128"):
+        eng.add_request([1] * 128, SamplingParams(max_new_tokens=4))
     rid = eng.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
     assert run_all(eng, [])[rid] and not eng.has_unfinished()
+
+
+def test_max_new_tokens_past_the_context_stops_at_the_context():
+    eng = Engine(tiny_params(CFG), CFG, sparse=SparseConfig(page_size=16, logical_page_size=4), max_slots=2)
+    rid = eng.add_request([1] * 120, SamplingParams(max_new_tokens=50, ignore_eos=True))
+    assert len(run_all(eng, [])[rid]) == 8  # 128 positions in all
 
 
 def test_ignore_eos_runs_to_the_token_limit():

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lserve_jax.config import ModelConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax.sharding import ShardingError, balance_retrieval, check_tp, tp_permutation
+
+from .tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_tp_permutation_puts_each_devices_retrieval_heads_first():
 
 
 def test_uneven_heads_are_a_clear_error():
-    cfg = ModelConfig("llama", 32, 64, 64, 2, 9, 3, 16)  # SmolLM2-like: 3 KV heads
+    cfg = tiny_config(num_heads=9, num_kv_heads=3)  # SmolLM2-like: 3 KV heads
     with pytest.raises(ShardingError, match="does not divide"):
         check_tp(cfg, HeadLayout.dense(2, 3), 2)
     with pytest.raises(ShardingError, match="not divisible"):
@@ -62,7 +63,7 @@ def test_layout_ordered_for_another_tp_is_rejected():
     from lserve_jax.config import SparseConfig
     from lserve_jax.model import ModelSpec
 
-    cfg = ModelConfig("llama", 32, 64, 64, 1, 4, 4, 16)
+    cfg = tiny_config(num_layers=1, num_kv_heads=4)
     one_device = HeadLayout(4, (2,))
     with pytest.raises(ValueError, match="ordered for tp=1"):
         ModelSpec(cfg, one_device, SparseConfig(), tp=2)
