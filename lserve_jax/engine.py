@@ -87,10 +87,12 @@ class Stats:
     decode_steps: int = 0  # steps timed in decode_s
     first_step_s: float = 0.0  # the first decode step, compilation included on a new shape
     preemptions: int = 0
+    decode_tokens: int = 0  # tokens produced by the steps timed in decode_s (every running sequence's)
 
     def line(self) -> str:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
-        dec = f"{self.decode_steps / self.decode_s:.1f} steps/s" if self.decode_s else "n/a"
+        dec = (f"{self.decode_tokens / self.decode_s:.1f} tok/s ({self.decode_steps / self.decode_s:.1f} steps/s)"
+               if self.decode_s else "n/a")
         pre = f" | {self.preemptions} preemptions" if self.preemptions else ""
         return (f"[stats] prompt tokens {self.prompt_tokens} | ttft {self.ttft_s * 1e3:.0f} ms | "
                 f"prefill {pf:.1f} tok/s | decode {dec} (first step {self.first_step_s * 1e3:.0f} ms) | "
@@ -462,6 +464,7 @@ class Engine:
                 stats.first_step_s = now - p.t0
             else:
                 marks["steps"] += 1
+                stats.decode_tokens += len(p.rows)
 
         self._on_collect = collected
         self._on_token = (lambda req, tok: on_token(index[req.request_id], tok)) if on_token else None

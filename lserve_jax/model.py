@@ -74,7 +74,7 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
     tokens: int32 [B, T] (T a multiple of the page size); lengths: int32 [B].
     The cache's page_table must already map the pages these prompts need.
     Returns the logits of each prompt's last token, float32 [B, vocab].
-    `on_layer(l)`, if given, is called from the device after each layer (a progress bar).
+    `on_layer(l)`, if given, is called from the device once layer l has run (a progress bar).
     """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -89,8 +89,8 @@ def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.
 
             x, lc = decoder_layer(lp, x, positions, spec.model, attend)
             layers.append(lc)
-            if on_layer is not None:
-                jax.debug.callback(on_layer, jnp.int32(i))
+            if on_layer is not None:  # after the layer: its argument depends on the layer's output
+                jax.debug.callback(lambda done, i=i: on_layer(i), x[0, 0, 0])
     last = x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]: logits only where needed
     new_cache = cache.replace(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
                               step=jnp.zeros((b,), jnp.int32))

@@ -189,3 +189,29 @@ def test_token_ids_outside_the_vocabulary_are_rejected():
     for bad in ([[64, 1]], [[-1, 3]]):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             eng.generate(bad, SamplingParams(max_new_tokens=1))
+
+
+def test_progress_callbacks_wait_for_their_layer(params):
+    """Each prefill progress callback takes an operand computed by its layer, so XLA cannot run
+    them all at the start of the program (the bar used to jump to the end, then sit there)."""
+    import functools
+
+    from lserve_jax import cache as kvc
+    from lserve_jax.heads import HeadLayout
+    from lserve_jax.model import ModelSpec, prefill
+
+    layout = HeadLayout.dense(CFG.num_layers, CFG.num_kv_heads)
+    spec = ModelSpec(CFG, layout, SPARSE)
+    cache = kvc.init_cache(CFG, layout, SPARSE, batch=1, num_pages=3, max_pages_per_seq=2, dtype=jnp.float32)
+    fn = functools.partial(prefill, spec=spec, on_layer=lambda i: None)
+    jaxpr = jax.make_jaxpr(fn)(params, cache, jnp.zeros((1, 16), jnp.int32), jnp.array([5], jnp.int32))
+    calls = [e for e in jaxpr.eqns if "callback" in e.primitive.name]
+    assert len(calls) == CFG.num_layers
+    for e in calls:
+        assert all(type(v).__name__ != "Literal" for v in e.invars), "a callback with constant operands"
+
+
+def test_stats_line_reports_tokens_per_second(engine):
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+    line = engine.last_stats.line()
+    assert "tok/s" in line and engine.last_stats.decode_tokens == 4 * len(PROMPTS)
