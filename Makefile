@@ -1,11 +1,11 @@
-# Quick start: `make demo` (generation with the default real model) and `make test`.
+# Quick start: `make demo` (generation with the default real model), `make serve` (HTTP server) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: demo test venv clean
+.PHONY: demo serve test venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m lserve_jax.generate --chat --prompt "$(PROMPT)" --max-new-tokens 64
+
+serve: $(STAMP)
+	$(PY) -m lserve_jax.serve
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -160,6 +160,49 @@ def put_rows(cache: KVCache, sub: KVCache, rows: jax.Array) -> KVCache:
                                      for n in SHARED_FIELDS})
 
 
+def save_sequence(cache: KVCache, row: jax.Array, pages: jax.Array) -> dict:
+    """Everything sequence `row` has in the cache, for a swap to host memory: per layer its pages
+    (`pages` int32 [n], the physical pages it owns, padded with the scratch page) of every array
+    with a pages axis, its row of every array with a batch axis; its length and clock."""
+    def take(x, axes, idx, ax_name):
+        return jnp.take(x, idx, axis=axes.index(ax_name))
+
+    layers = []
+    for lc in cache.layers:
+        saved = {}
+        for n, x in lc.items():
+            axes = LAYER_FIELDS[n][0]
+            if "pages" in axes:
+                saved[n] = take(x, axes, pages, "pages")
+            elif "batch" in axes:
+                saved[n] = take(x, axes, row[None], "batch")
+        layers.append(saved)
+    return {"layers": layers, **{n: getattr(cache, n)[row] for n in ("lengths", "step")}}
+
+
+def restore_sequence(cache: KVCache, row: jax.Array, pages: jax.Array, saved: dict) -> KVCache:
+    """`cache` with `saved` (from `save_sequence`) written back into row `row` and the pages
+    `pages` (new physical pages, as many as were saved; padding entries the scratch page)."""
+    def put(x, axes, idx, ax_name, y):
+        ax = axes.index(ax_name)
+        return x.at[(slice(None),) * ax + (idx,)].set(y.astype(x.dtype))
+
+    layers = []
+    for lc, sv in zip(cache.layers, saved["layers"]):
+        new = {}
+        for n, x in lc.items():
+            axes = LAYER_FIELDS[n][0]
+            if "pages" in axes:
+                new[n] = put(x, axes, pages, "pages", sv[n])
+            elif "batch" in axes:
+                new[n] = put(x, axes, row[None], "batch", sv[n])
+            else:
+                new[n] = x
+        layers.append(Arrays(new))
+    return cache.replace(layers=tuple(layers), lengths=cache.lengths.at[row].set(saved["lengths"]),
+                         step=cache.step.at[row].set(saved["step"]))
+
+
 def page_stats(k_pages: jax.Array, lp: int) -> tuple[jax.Array, jax.Array]:
     """Key min/max of every logical page of full pages: k_pages [..., page, D] ->
     [..., page // lp, D] each (for caches filled without going through prefill)."""

@@ -113,14 +113,22 @@ class Engine:
     def __init__(self, params: Params, config: ModelConfig, *, tokenizer=None, layout: HeadLayout | None = None,
                  sparse: SparseConfig = SparseConfig(), max_seq_len: int | None = None,
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-                 cache_dtype=None, tp: int = 1, max_slots: int | None = None):
+                 cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto"):
         """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
         its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
-        (default: enough for every slot at max_seq_len, plus the scratch page)."""
+        (default: enough for every slot at max_seq_len, plus the scratch page). preemption: what
+        happens to a request preempted when the pool runs out: "swap" (its cache rows and pages
+        go to host memory and come back unchanged), "recompute" (freed; prefilled again with its
+        generated tokens: exact for dense attention, while with streaming heads and page
+        selection a recomputed cache follows prefill's masks, not decode's), "auto" (recompute
+        for dense layouts, swap for sparse ones: both exact)."""
+        if preemption not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
         self.tokenizer = tokenizer
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, Kernels.from_names(prefill=prefill_impl, decode=decode_impl), tp)
+        self.preemption = ("recompute" if layout.is_dense else "swap") if preemption == "auto" else preemption
         self.params = shard_params(params, config, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:
@@ -146,6 +154,8 @@ class Engine:
         # (a lax.cond that XLA runs as a CUDA-graph conditional node; measured faster on the H200
         # than switching between two static programs, bench/results/profile_decode-*.json)
         self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",))
+        self._save = jax.jit(kvc.save_sequence)
+        self._restore = jax.jit(kvc.restore_sequence, donate_argnames=("cache",))
         self.scheduler: Scheduler | None = None
         self.last_stats = Stats()
         self._reset(max_slots or 8, build=False)
@@ -303,9 +313,22 @@ class Engine:
         Returns the requests that got tokens or finished since the last call."""
         sched = self.scheduler
         admitted = sched.admit()
-        if admitted:
-            self._dispatch_prefill(admitted)
-        sched.grow()  # may preempt: a preempted request's row maps nothing until it is readmitted
+        resumed = [r for r in admitted if r.swapped is not None]
+        fresh = [r for r in admitted if r.swapped is None]
+        if resumed:
+            self._dispatch_restore(resumed)
+        if fresh:
+            self._dispatch_prefill(fresh)
+        swap = self.preemption == "swap"
+        if swap and sched.pages_short() > 0:
+            # a swap saves what the device holds: read every dispatched token first, so that the
+            # saved state and the request's tokens agree (a pipeline bubble, at preemptions only)
+            for p in self._pending:
+                self._collect(p)
+            self._pending = []
+        for req in sched.grow():  # a preempted request's row maps nothing until it is readmitted
+            if swap:
+                self._swap_out(req)
         in_flight = self._pending
         self._pending = []
         if any(r.wants_more for r in sched.running()):
@@ -332,6 +355,34 @@ class Engine:
         # committed like the arrays the programs return: one jit cache entry, not two
         self._cache = self._cache.replace(page_table=replicate(jnp.asarray(self._table), self.spec.tp))
 
+    def _padded_pages(self, pages: list[int]) -> jax.Array:
+        out = np.zeros(self.max_pages_per_seq, np.int32)  # padding: the scratch page
+        out[: len(pages)] = pages
+        return jnp.asarray(out)
+
+    def _swap_out(self, req: Request) -> None:
+        """Copies a just-preempted request's cache state to host memory (dispatched before anything
+        that could reuse its pages or row)."""
+        saved = self._save(self._cache, jnp.int32(req.last_slot), self._padded_pages(req.last_pages))
+        req.swapped = jax.device_get(saved)
+
+    def _set_slot(self, req: Request) -> None:
+        """The slot's sampling key and knobs: the request's."""
+        self._key_data[req.slot] = req.key_data
+        sp = req.sampling
+        self._knobs[0][req.slot], self._knobs[1][req.slot], self._knobs[2][req.slot] = \
+            sp.temperature, sp.top_k, sp.top_p
+
+    def _dispatch_restore(self, resumed: list[Request]) -> None:
+        """Writes swapped-out requests back into their (new) slots and pages: the state they left."""
+        for req in resumed:
+            self._set_slot(req)
+            self._cache = self._restore(self._cache, jnp.int32(req.slot), self._padded_pages(req.pages),
+                                        req.swapped)
+            # its next decode input: the last token it sampled (read before the swap)
+            self._next_tokens = self._next_tokens.at[req.slot].set(req.output_ids[-1])
+            req.swapped = None
+
     def _dispatch_prefill(self, admitted: list[Request]) -> None:
         page = self.spec.sparse.page_size
         t = length_bucket(max(len(r.tokens) for r in admitted), page, self.max_pages_per_seq * page)
@@ -345,10 +396,7 @@ class Engine:
         for i, req in enumerate(padded):
             tokens[i, : len(req.tokens)] = req.tokens
             lengths[i] = len(req.tokens)
-            self._key_data[req.slot] = req.key_data
-            sp = req.sampling
-            self._knobs[0][req.slot], self._knobs[1][req.slot], self._knobs[2][req.slot] = \
-                sp.temperature, sp.top_k, sp.top_p
+            self._set_slot(req)
         rows_a = np.asarray(rows, np.int32)
         knobs = tuple(k[rows_a] for k in self._knobs)
         run = self._prefill

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="sampling seed (default: random when --temperature > 0, printed on stderr)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS, up to --max-new-tokens")
+    add_engine_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stats line")
+    return p
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """The engine's options (cache, dtype, tp, LServe's knobs); shared with `lserve_jax.serve`."""
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
@@ -55,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selector-interval", type=int, default=4, help="decode steps between page re-selections")
     s.add_argument("--selection-mode", choices=("query_head", "kv_head"), default="query_head")
     s.add_argument("--dense-decode", action="store_true", help="retrieval heads read every page")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or stats line")
-    return p
 
 
 def read_prompts(args, stdin=None) -> list[str]:
@@ -82,31 +87,38 @@ def read_prompts(args, stdin=None) -> list[str]:
 def settings(args) -> tuple[SparseConfig, SamplingParams]:
     """(SparseConfig, SamplingParams) from the options; ValueError names a bad value. Checked
     before the model loads, so every usage error fails at once with exit status 2."""
-    from .config import SparseConfig
     from .sampling import SamplingParams, random_seed
 
     if args.whole_file and not args.prompt_file:
         raise ValueError("--whole-file needs --prompt-file")
     if args.system is not None and not args.chat:
         raise ValueError("--system needs --chat (the system message goes into the chat template)")
-    if args.tp < 1:
-        raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
-    if args.max_seq_len is not None and args.max_seq_len < 1:
-        raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")
-    if args.num_pages is not None and args.num_pages < 2:
-        raise ValueError(f"--num-pages must be at least 2 pages (one is scratch), got {args.num_pages}")
-    sparse = SparseConfig(
-        static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
-        decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,
-        logical_page_size=args.logical_page_size, token_budget=args.token_budget,
-        selector_interval=args.selector_interval, selection_mode=args.selection_mode,
-        sparse_decode=not args.dense_decode)
+    sparse = engine_settings(args)
     seed = args.seed
     if seed is None:  # greedy ignores the seed; sampling gets a fresh one (main prints it)
         seed = random_seed() if args.temperature > 0 else 0
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     return sparse, sampling
+
+
+def engine_settings(args) -> SparseConfig:
+    """The SparseConfig of `add_engine_options`' options, after checking tp, max-seq-len and
+    num-pages; ValueError names a bad value."""
+    from .config import SparseConfig
+
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")
+    if args.num_pages is not None and args.num_pages < 2:
+        raise ValueError(f"--num-pages must be at least 2 pages (one is scratch), got {args.num_pages}")
+    return SparseConfig(
+        static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
+        decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,
+        logical_page_size=args.logical_page_size, token_budget=args.token_budget,
+        selector_interval=args.selector_interval, selection_mode=args.selection_mode,
+        sparse_decode=not args.dense_decode)
 
 
 def main(argv: list[str] | None = None) -> int:

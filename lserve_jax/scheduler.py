@@ -50,6 +50,10 @@ class Request:
     epoch: int = 0  # bumped at every admission: results of work dispatched before are stale
     preemptions: int = 0
     key_data: object = None  # the engine's: uint32 [2] sampling key of its seed
+    swapped: object = None  # the engine's: its cache state in host memory while preempted (swap mode)
+    last_slot: int | None = None  # slot and pages at its last preemption (what a swap saves)
+    last_pages: list[int] = dataclasses.field(default_factory=list)
+    resume_cached: int = 0  # `cached` when it was swapped out
 
     @property
     def tokens(self) -> list[int]:
@@ -114,14 +118,15 @@ class Scheduler:
         out = []
         while self.waiting and None in self.slots:
             req = self.waiting[0]
-            need = self.pages_for(len(req.tokens))
+            need = len(req.last_pages) if req.swapped is not None else self.pages_for(len(req.tokens))
             # one spare page, so that admitting does not force a preemption at the next step
             if need + (1 if self.running() or out else 0) > self.allocator.free_pages:
                 break
             self.waiting.popleft()
             req.slot = self.slots.index(None)
             req.pages = self.allocator.alloc(need)
-            req.status, req.cached, req.dispatched = "running", len(req.tokens), len(req.output_ids)
+            req.status, req.dispatched = "running", len(req.output_ids)
+            req.cached = req.resume_cached if req.swapped is not None else len(req.tokens)
             req.epoch += 1
             self.slots[req.slot] = req
             out.append(req)
@@ -145,7 +150,13 @@ class Scheduler:
                         break
         return preempted
 
+    def pages_short(self) -> int:
+        """Pages `grow` would need beyond the free ones (> 0: it would preempt)."""
+        need = sum(1 for r in self.running() if r.wants_more and len(r.pages) * self.page_size <= r.cached)
+        return need - self.allocator.free_pages
+
     def preempt(self, req: Request) -> None:
+        req.last_slot, req.last_pages, req.resume_cached = req.slot, list(req.pages), req.cached
         self._release(req)
         req.status = "waiting"
         req.preemptions += 1

@@ -84,25 +84,26 @@ def test_busy_batch_equals_each_request_alone(model):
     assert eng.scheduler.allocator.free_pages == eng.scheduler.allocator.num_pages - 1
 
 
-def test_preemption_recomputes_exactly_with_dense_attention(model):
+@pytest.mark.parametrize("preemption", ["auto", "recompute", "swap"])
+def test_preempted_requests_give_their_tokens_alone(model, preemption):
     """The same requests with a pool of 9 pages (each request needs up to 6): requests get
-    preempted and recomputed. Dense attention gives the tokens of each request alone. With
-    sparse heads a recomputed cache follows prefill's masks (dense retrieval heads, the prefill
-    window for streaming heads) where the first run decoded with selected pages and the decode
-    ring, so a preempted request's later tokens may differ: there every request still finishes
-    with its full length and every page comes back."""
+    preempted. Swapped out and back, a request's cache is what it left, so its tokens are its
+    tokens alone; recomputed, that holds for dense attention, while with streaming heads and
+    page selection a recomputed cache follows prefill's masks (dense retrieval heads, the
+    prefill window) where the first run decoded with selected pages and the decode ring, so
+    later tokens may differ ("auto" swaps sparse layouts). Every page comes back."""
     params, layout, sparse = model
     reqs = make_requests(10, seed=1)
     arrivals = list(np.random.default_rng(2).integers(0, 30, len(reqs)))
-    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, num_pages=10)
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, num_pages=10, preemption=preemption)
     got = run_all(eng, reqs, arrivals)
     assert eng.scheduler.preempted_total > 0, "the pool should force preemptions"
     ref = alone(model, reqs)
-    if layout.is_dense:
+    if layout.is_dense or eng.preemption == "swap":
         assert got == ref
     else:
         assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in ref.items()}
-    assert eng.scheduler.allocator.free_pages == 9  # every page came back
+    assert eng.scheduler.allocator.free_pages == 9
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model):
