@@ -355,8 +355,11 @@ class Engine:
         # committed like the arrays the programs return: one jit cache entry, not two
         self._cache = self._cache.replace(page_table=replicate(jnp.asarray(self._table), self.spec.tp))
 
-    def _padded_pages(self, pages: list[int]) -> jax.Array:
-        out = np.zeros(self.max_pages_per_seq, np.int32)  # padding: the scratch page
+    def _padded_pages(self, pages: list[int], n: int | None = None) -> jax.Array:
+        """pages int32 [n] (default: the next power of two, so that a swap moves about what the
+        request holds and compiles one program per size class), padded with the scratch page."""
+        n = n or 1 << max(len(pages) - 1, 0).bit_length()
+        out = np.zeros(n, np.int32)
         out[: len(pages)] = pages
         return jnp.asarray(out)
 
@@ -377,7 +380,8 @@ class Engine:
         """Writes swapped-out requests back into their (new) slots and pages: the state they left."""
         for req in resumed:
             self._set_slot(req)
-            self._cache = self._restore(self._cache, jnp.int32(req.slot), self._padded_pages(req.pages),
+            n = req.swapped["layers"][0]["k_pages"].shape[1]  # pages saved, padding included
+            self._cache = self._restore(self._cache, jnp.int32(req.slot), self._padded_pages(req.pages, n),
                                         req.swapped)
             # its next decode input: the last token it sampled (read before the swap)
             self._next_tokens = self._next_tokens.at[req.slot].set(req.output_ids[-1])
