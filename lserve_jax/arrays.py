@@ -1,4 +1,4 @@
-"""`Arrays`: a pytree of named arrays with attribute access, built from declarations.
+"""`Arrays`: a pytree of named arrays with attribute access, filled from declarations.
 
 Layer parameters and layer caches are `Arrays` whose names come from their declarations
 (`lserve_jax.decl`), so adding a parameter or a cache field is one declaration, not an edit of
@@ -8,12 +8,10 @@ as the flax dataclasses they replace, so orbax checkpoints and shardings see ide
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
-import jax.numpy as jnp
 
-from .decl import ArrayDecl
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -49,9 +47,6 @@ class Arrays:
     def items(self):
         return self._items.items()
 
-    def keys(self):
-        return self._items.keys()
-
     def replace(self, **kw) -> "Arrays":
         unknown = set(kw) - set(self._items)
         if unknown:
@@ -69,16 +64,3 @@ class Arrays:
     @classmethod
     def tree_unflatten(cls, names, children):
         return cls(dict(zip(names, children)))
-
-
-def build(decls: Mapping[str, ArrayDecl], make: Callable[[str, ArrayDecl], Any]) -> Arrays:
-    """Arrays with `make(name, decl)` for every declaration, in declaration order."""
-    return Arrays({name: make(name, d) for name, d in decls.items()})
-
-
-def zeros(decls: Mapping[str, ArrayDecl], dtype) -> Arrays:
-    return build(decls, lambda _, d: jnp.zeros(d.shape, d.dtype or dtype))
-
-
-def abstract(decls: Mapping[str, ArrayDecl], dtype) -> Arrays:
-    return build(decls, lambda _, d: jax.ShapeDtypeStruct(d.shape, d.dtype or dtype))

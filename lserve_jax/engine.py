@@ -126,6 +126,7 @@ class Engine:
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
         self.tokenizer = tokenizer
+        self._eos = frozenset(config.eos_token_ids) | frozenset(getattr(tokenizer, "eos_token_ids", ()))
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, Kernels.from_names(prefill=prefill_impl, decode=decode_impl), tp)
         self.preemption = ("recompute" if layout.is_dense else "swap") if preemption == "auto" else preemption
@@ -190,6 +191,8 @@ class Engine:
         self.scheduler = Scheduler(slots, pages, self.spec.sparse.page_size, limit)
         self._slots = slots
         self._table = np.zeros((slots, self.max_pages_per_seq), np.int32)
+        self._table_in_cache = self._table.copy()  # what the cache's page_table holds
+        self._uploaded: dict[str, tuple[np.ndarray, jax.Array]] = {}
         self._key_data = np.zeros((slots, 2), np.uint32)
         self._knobs = (np.zeros(slots, np.float32), np.zeros(slots, np.int32), np.ones(slots, np.float32))
         self._pending: list[_Pending] = []
@@ -352,8 +355,19 @@ class Engine:
         self._table[:] = 0
         for req in self.scheduler.running():
             self._table[req.slot, : len(req.pages)] = req.pages
+        if np.array_equal(self._table, self._table_in_cache):
+            return  # the programs leave the page table as they got it: no upload on most steps
+        self._table_in_cache = self._table.copy()
         # committed like the arrays the programs return: one jit cache entry, not two
         self._cache = self._cache.replace(page_table=replicate(jnp.asarray(self._table), self.spec.tp))
+
+    def _on_device(self, name: str, host: np.ndarray) -> jax.Array:
+        """`host` as a device array, uploaded again only when it changed (slot knobs change at
+        admissions and finishes, not every step)."""
+        prev = self._uploaded.get(name)
+        if prev is None or not np.array_equal(prev[0], host):
+            self._uploaded[name] = prev = (host.copy(), jnp.asarray(host))
+        return prev[1]
 
     def _padded_pages(self, pages: list[int], n: int | None = None) -> jax.Array:
         """pages int32 [n] (default: the next power of two, so that a swap moves about what the
@@ -430,8 +444,9 @@ class Engine:
             req.cached += 1
         self._sync_table()
         t0 = time.perf_counter()
-        sampled, self._cache = self._step(self.params, self._cache, self._next_tokens, jnp.asarray(active),
-                                          jnp.asarray(self._key_data), *(jnp.asarray(k) for k in self._knobs))
+        knobs = (self._on_device(f"knob{i}", k) for i, k in enumerate(self._knobs))
+        sampled, self._cache = self._step(self.params, self._cache, self._next_tokens, self._on_device("active", active),
+                                          self._on_device("key_data", self._key_data), *knobs)
         self._next_tokens = sampled
         self._pending.append(_Pending(sampled, rows, "decode", t0))
 
@@ -442,7 +457,7 @@ class Engine:
             self._bar = None
         if self._on_collect is not None:
             self._on_collect(p)
-        eos = set(self.config.eos_token_ids) | set(getattr(self.tokenizer, "eos_token_ids", ()))
+        eos = self._eos
         for i, req, epoch in p.rows:
             if req.status != "running" or req.epoch != epoch:
                 continue  # finished, aborted or preempted after this work was dispatched
