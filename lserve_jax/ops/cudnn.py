@@ -56,8 +56,10 @@ def _dense_causal(q, k, v, lengths, scale: float, engine: str):
 
 
 def _dense(engine: str):
-    def run(q, k, v, lengths, *, num_retrieval, sink, local, scale, options):
+    def run(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
         del options  # the dense engines take no tuning
+        if q_offset is not None:
+            raise Unsupported(f"{engine!r} causal attention has no offset (chunked) form")
         if not every_head_dense(q, k, num_retrieval=num_retrieval, sink=sink, local=local):
             raise Unsupported(
                 f"{engine!r} is dense causal attention and cannot express streaming heads "
@@ -69,7 +71,9 @@ def _dense(engine: str):
 
 
 def _hybrid(engine: str):
-    def run(q, k, v, lengths, *, num_retrieval, sink, local, scale, options):
+    def run(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
+        if q_offset is not None:
+            raise Unsupported(f"{engine!r}+triton has no offset (chunked) form")
         if every_head_dense(q, k, num_retrieval=num_retrieval, sink=sink, local=local):
             return _dense_causal(q, k, v, lengths, scale, engine)
         kw = dict(sink=sink, local=local, scale=scale, options=options)

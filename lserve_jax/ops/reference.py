@@ -18,10 +18,10 @@ ANY_PLATFORM = {"*": 0}  # lowest rank: tried after every kernel
 
 
 @register("prefill", "reference", priority=ANY_PLATFORM)
-def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, options):
+def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset, options):
     del options
     return prefill_attention_reference(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local,
-                                       scale=scale)
+                                       scale=scale, q_offset=q_offset)
 
 
 @register("decode", "reference", priority=ANY_PLATFORM)

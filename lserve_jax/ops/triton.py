@@ -66,8 +66,10 @@ def check_prefill(q, options: dict) -> None:
 
 
 @register("prefill", "triton", priority=GPU_FIRST)
-def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, options):
+def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
     check_prefill(q, options)
+    if q_offset is not None:
+        raise Unsupported("the Triton prefill kernel has no offset (chunked) form yet")
     return pallas_prefill.prefill_attention_pallas(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink,
                                                    local=local, scale=scale, **options)
 

@@ -9,6 +9,11 @@ Semantics (shared by the kernel and the reference):
 * The other KV heads are *streaming* heads: additionally ``j < sink`` or ``i - j < local``.
 * Output ``[B, T, Hq, D]`` in ``q.dtype``; rows ``i >= lengths[b]`` are zero; softmax scale
   defaults to ``1/sqrt(D)``; accumulation in float32.
+* Offset form (a chunk of a longer prompt, ``q_offset: int32[B]``): ``k, v`` are ``[B, Tk, Hkv,
+  D]`` with ``Tk >= T``; query row ``i`` sits at position ``q_offset[b] + i`` of the keys, so
+  key ``j`` is visible iff ``j <= q_offset[b] + i`` and ``j < q_offset[b] + lengths[b]``
+  (streaming heads: and ``j < sink`` or ``q_offset[b] + i - j < local``). Rows
+  ``i >= lengths[b]`` are zero. ``q_offset = 0`` with ``Tk = T`` is the plain form.
 
 Kernel layout: one program per (q block, KV-head slot, sequence). A program loads the
 ``block_q`` tokens x ``block_h`` query heads of one GQA group and folds them into the M
@@ -54,7 +59,7 @@ _LOG2E = math.log2(math.e)
 # --------------------------------------------------------------------------------------------
 
 
-def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int):
+def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int, q_offset=None):
     """Raise ValueError on inconsistent shapes / knobs. Called before any tracing."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, Hq, D], got {q.shape=}")
@@ -63,9 +68,16 @@ def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, lo
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {k.shape=} {v.shape=}")
     b, t, hq, d = q.shape
-    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
-        raise ValueError(
-            f"k/v must be [B, T, Hkv, D] with q's B, T, D; got {q.shape=} {k.shape=}")
+    if q_offset is None:
+        if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+            raise ValueError(
+                f"k/v must be [B, T, Hkv, D] with q's B, T, D; got {q.shape=} {k.shape=}")
+    else:
+        if k.shape[0] != b or k.shape[1] < t or k.shape[3] != d:
+            raise ValueError(
+                f"with q_offset, k/v must be [B, Tk >= T, Hkv, D] with q's B, D; got {q.shape=} {k.shape=}")
+        if getattr(q_offset, "shape", None) != (b,) or not jnp.issubdtype(q_offset.dtype, jnp.integer):
+            raise ValueError(f"q_offset must be an integer array [B]={b}, got {q_offset!r}")
     hkv = k.shape[2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"q heads must be a multiple of kv heads, got {q.shape=} {k.shape=}")
@@ -92,9 +104,12 @@ def validate_prefill_args(q, k, v, lengths, *, num_retrieval: int, sink: int, lo
 
 
 def prefill_attention_reference(q, k, v, lengths, *, num_retrieval: int, sink: int,
-                                local: int, scale: float | None = None) -> jax.Array:
-    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
+                                local: int, scale: float | None = None, q_offset=None) -> jax.Array:
+    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local,
+                          q_offset=q_offset)
     b, t, hq, d = q.shape
+    tk = k.shape[1]
+    off = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
     hkv = k.shape[2]
     g = hq // hkv
     if scale is None:
@@ -103,16 +118,16 @@ def prefill_attention_reference(q, k, v, lengths, *, num_retrieval: int, sink: i
     qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
     kf = k.astype(jnp.float32)
     vf = v.astype(jnp.float32)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * scale  # [B, Hkv, G, T, T]
-    i = jnp.arange(t)[:, None]
-    j = jnp.arange(t)[None, :]
-    causal = j <= i                                                     # [T, T]
-    in_len = j[None] < lengths.astype(jnp.int32)[:, None, None]         # [B, 1, T]
-    window = (j < sink) | (i - j < local)                               # [T, T]
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, kf, precision=hi) * scale  # [B, Hkv, G, T, Tk]
+    i = off[:, None, None] + jnp.arange(t)[None, :, None]               # [B, T, 1] positions
+    j = jnp.arange(tk)[None, None, :]                                   # [1, 1, Tk]
+    causal = j <= i                                                     # [B, T, Tk]
+    in_len = j < (off + lengths.astype(jnp.int32))[:, None, None]       # [B, 1, Tk]
+    window = (j < sink) | (i - j < local)                               # [B, T, Tk]
     is_ret = jnp.arange(hkv) < num_retrieval                            # [Hkv]
-    head_ok = is_ret[:, None, None] | window[None]                      # [Hkv, T, T]
-    mask = (causal[None, None] & in_len[:, None] & head_ok[None])       # [B, Hkv, T, T]
-    mask = mask[:, :, None]                                             # [B, Hkv, 1, T, T]
+    head_ok = is_ret[None, :, None, None] | window[:, None]             # [B, Hkv, T, Tk]
+    mask = (causal & in_len)[:, None] & head_ok                         # [B, Hkv, T, Tk]
+    mask = mask[:, :, None]                                             # [B, Hkv, 1, T, Tk]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
