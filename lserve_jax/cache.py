@@ -7,11 +7,16 @@ Per layer (R retrieval KV heads, S streaming KV heads, after the load-time permu
   decode-time page selector);
 * streaming heads keep a constant-size ring `ring_k, ring_v [S, B, W, D]`, W = sink + local:
   token t < sink sits in slot t, token t >= sink in slot sink + (t - sink) % local;
+* streaming heads also have a small paged pool `sk_pages, sv_pages [S, Ps, page, D]`, mapped by
+  `stream_table`: chunked prefill writes each chunk there, and the next chunk reads the sink and
+  the previous `prefill_local` tokens from it (the engine maps only those pages, and frees the
+  rest as the prompt advances); the prefix cache keeps them so a continuation can start there;
 * the page selection `sel_pages [B, Hsel, K]`, `sel_count [B, Hsel]` (logical page indices) is
   reused between refreshes.
 
 Shared by all layers: `page_table [B, max_pages_per_seq]` (logical page -> physical page; physical
-page 0 is a scratch page that unused entries point at), `lengths [B]` and the decode `step [B]`
+page 0 is a scratch page that unused entries point at), `stream_table` (the same for the streaming
+pool), `lengths [B]` and the decode `step [B]`
 (every row has its own selection-refresh clock, so admitting or finishing one row changes no
 other row's results).
 Keys are stored after RoPE. The engine allocates pages (host side); nothing here allocates.
@@ -43,12 +48,15 @@ LAYER_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "k_max": (("retrieval", "pages", "lpages", "head_dim"), None),  # [R, P, page // lp, D]
     "ring_k": (("streaming", "batch", "slots", "head_dim"), None),  # [S, B, W, D]
     "ring_v": (("streaming", "batch", "slots", "head_dim"), None),  # [S, B, W, D]
+    "sk_pages": (("streaming", "spages", "page", "head_dim"), None),  # [S, Ps, page, D]
+    "sv_pages": (("streaming", "spages", "page", "head_dim"), None),  # [S, Ps, page, D]
     "sel_pages": (("batch", "sel_heads", "sel"), jnp.int32),  # [B, Hsel, K] logical page ids chosen
     "sel_count": (("batch", "sel_heads"), jnp.int32),  # [B, Hsel]
 }
 # The fields shared by all layers (the KVCache dataclass below holds them).
 SHARED_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "page_table": (("batch", "table"), jnp.int32),  # [B, max_pages_per_seq]
+    "stream_table": (("batch", "table"), jnp.int32),  # [B, max_pages_per_seq] into the streaming pool
     "lengths": (("batch",), jnp.int32),  # [B]
     "step": (("batch",), jnp.int32),  # [B] decode steps since each row's prefill
 }
@@ -60,6 +68,7 @@ LayerCache = Arrays  # one layer's cache: the LAYER_FIELDS arrays
 class KVCache:
     layers: tuple[LayerCache, ...]
     page_table: jax.Array  # int32 [B, max_pages_per_seq]
+    stream_table: jax.Array  # int32 [B, max_pages_per_seq] logical page -> streaming-pool page
     lengths: jax.Array  # int32 [B] tokens in the cache per sequence
     step: jax.Array  # int32 [B] decode steps since each row's prefill (its selection refresh clock)
 
@@ -88,10 +97,11 @@ def selection_width(sparse: SparseConfig, max_pages_per_seq: int) -> int:
 
 
 def cache_sizes(cfg: ModelConfig, sparse: SparseConfig, *, num_retrieval: int, batch: int, num_pages: int,
-                max_pages_per_seq: int) -> dict[str, int]:
+                max_pages_per_seq: int, num_stream_pages: int = 1) -> dict[str, int]:
     """Sizes of the cache axes for one layer with `num_retrieval` retrieval heads."""
     return {
         "retrieval": num_retrieval, "streaming": cfg.num_kv_heads - num_retrieval, "pages": num_pages,
+        "spages": num_stream_pages,
         "page": sparse.page_size, "lpages": sparse.page_size // sparse.logical_page_size, "head_dim": cfg.head_dim,
         "batch": batch, "slots": sparse.ring_size, "sel_heads": selection_heads(cfg, sparse, num_retrieval),
         "sel": selection_width(sparse, max_pages_per_seq), "table": max_pages_per_seq,
@@ -108,23 +118,28 @@ def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, **sizes) -> dict[s
 
 
 def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, batch: int,
-               num_pages: int, max_pages_per_seq: int, dtype=jnp.bfloat16,
+               num_pages: int, max_pages_per_seq: int, dtype=jnp.bfloat16, num_stream_pages: int = 1,
                fill: Callable[[int, str, ArrayDecl, object], jax.Array] | None = None) -> KVCache:
-    """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page).
+    """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page),
+    `num_stream_pages` in the streaming heads' pool (its page 0 too: 1 = none besides it, enough
+    for one-shot prefill).
 
     fill(layer, name, decl, dtype), if given, makes each layer array instead of zeros (the
     benchmarks' random caches); the page table maps nothing (every entry the scratch page)."""
     if num_pages < 2:
         raise ValueError(f"the page pool needs at least 2 pages (one is scratch), got {num_pages=}")
+    if num_stream_pages < 1:
+        raise ValueError(f"the streaming pool needs at least its scratch page, got {num_stream_pages=}")
     make = fill or (lambda i, name, d, dt: jnp.zeros(d.shape, dt))
+    sizes = dict(batch=batch, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
+                 num_stream_pages=num_stream_pages)
     layers = []
     for i, r in enumerate(layout.num_retrieval):
-        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, batch=batch, num_pages=num_pages,
-                                  max_pages_per_seq=max_pages_per_seq)
+        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, **sizes)
         layers.append(Arrays({n: make(i, n, d, d.dtype or dtype) for n, d in decls.items()}))
-    shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, batch=batch, num_pages=num_pages,
-                                                max_pages_per_seq=max_pages_per_seq))
-    fills = {"page_table": NULL_PAGE}  # every table entry the scratch page until the engine maps pages
+    shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, **sizes))
+    # every table entry the scratch page until the engine maps pages
+    fills = {"page_table": NULL_PAGE, "stream_table": NULL_PAGE}
     return KVCache(layers=tuple(layers), **{n: jnp.full(d.shape, fills.get(n, 0), d.dtype) for n, d in shared.items()})
 
 
@@ -226,29 +241,40 @@ def _page_stats(k: jax.Array, valid: jax.Array, lp: int) -> tuple[jax.Array, jax
     return jnp.where(any_valid, kmin, 0.0), jnp.where(any_valid, kmax, 0.0)
 
 
-def write_prefill(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,
-                  lengths: jax.Array, sparse: SparseConfig) -> LayerCache:
-    """Writes a prompt's K/V (post-RoPE) into one layer's cache.
+def _chunk_page_ids(table: jax.Array, starts: jax.Array, n: int) -> jax.Array:
+    """Physical pages of logical pages [starts / page + i for i < n] per row: int32 [B, n]."""
+    first = starts[:, None] + jnp.arange(n)[None]
+    return jnp.take_along_axis(table, jnp.clip(first, 0, table.shape[1] - 1), axis=1)
 
-    k, v: [B, T, Hkv, D] with T a multiple of the page size; lengths [B] (<= T).
-    Retrieval heads [:R] go to pages (with key statistics), streaming heads [R:] to the ring.
+
+def _paged(x: jax.Array, page: int) -> jax.Array:
+    """[B, T, H, D] -> [H, B * T // page, page, D]: tokens as pages, one per row and page."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t // page, page, h, d).transpose(3, 0, 1, 2, 4).reshape(h, b * (t // page), page, d)
+
+
+def write_chunk(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array, stream_table: jax.Array,
+                starts: jax.Array, counts: jax.Array, sparse: SparseConfig) -> LayerCache:
+    """Writes a chunk of each row's prompt (K/V post-RoPE) into one layer's pools.
+
+    k, v: [B, C, Hkv, D], C a multiple of the page size; row b's tokens sit at positions
+    starts[b] + i (starts page-aligned), the first counts[b] of them real. Retrieval heads [:R]
+    go to their pages (with key statistics over the real tokens), streaming heads [R:] to the
+    streaming pool's pages (scratch where the engine mapped none). The decode ring is written by
+    `ring_from_window`.
     """
-    b, t, hkv, d = k.shape
+    b, c, hkv, d = k.shape
     page, lp = sparse.page_size, sparse.logical_page_size
     r = lc.k_pages.shape[0]
-    if t % page:
-        raise ValueError(f"prompt length must be padded to a multiple of the page size {page}: {k.shape=}")
-    n = t // page
-    if n > page_table.shape[1]:
-        raise ValueError(f"prompt needs {n} pages, the page table has {page_table.shape[1]}")
-    ids = page_table[:, :n].reshape(-1)  # [B * n]
+    if c % page:
+        raise ValueError(f"a prefill chunk must be a multiple of the page size {page}: {k.shape=}")
+    n = c // page
+    first = starts // page
     if r:
-        def paged(x):  # [B, T, R, D] -> [R, B * n, page, D]
-            return x[:, :, :r].reshape(b, n, page, r, d).transpose(3, 0, 1, 2, 4).reshape(r, b * n, page, d)
-
-        kp, vp = paged(k), paged(v)
-        pos = jnp.arange(t).reshape(n, page)
-        valid = (pos[None] < lengths[:, None, None]).reshape(1, b * n, page)
+        ids = _chunk_page_ids(page_table, first, n).reshape(-1)  # [B * n]
+        kp, vp = _paged(k[:, :, :r], page), _paged(v[:, :, :r], page)
+        pos = jnp.arange(c).reshape(n, page)
+        valid = (pos[None] < counts[:, None, None]).reshape(1, b * n, page)
         kmin, kmax = _page_stats(kp, jnp.broadcast_to(valid, kp.shape[:-1]), lp)
         lc = lc.replace(
             k_pages=lc.k_pages.at[:, ids].set(kp.astype(lc.k_pages.dtype)),
@@ -256,20 +282,67 @@ def write_prefill(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Ar
             k_min=lc.k_min.at[:, ids].set(kmin.astype(lc.k_min.dtype)),
             k_max=lc.k_max.at[:, ids].set(kmax.astype(lc.k_max.dtype)),
         )
-    if hkv - r:
-        sink, local = sparse.decode_sink, sparse.decode_local
-        slots = jnp.arange(sparse.ring_size)
-        # which token each slot holds after `length` tokens: the newest t < length with that slot
-        last = lengths[:, None] - 1 - sink  # [B, 1] offset of the newest token past the sink
-        off = last - jnp.mod(last - (slots[None] - sink), local)
-        tok = jnp.where(slots[None] < sink, slots[None], sink + off)  # [B, W]
-        tok = jnp.clip(tok, 0, t - 1)
-        take = lambda x: jnp.take_along_axis(x[:, :, r:], tok[:, :, None, None], axis=1)  # [B, W, S, D]
+    if hkv - r and lc.sk_pages.shape[1] > 1:  # a streaming pool beyond its scratch page
+        ids = _chunk_page_ids(stream_table, first, n).reshape(-1)
         lc = lc.replace(
-            ring_k=take(k).transpose(2, 0, 1, 3).astype(lc.ring_k.dtype),
-            ring_v=take(v).transpose(2, 0, 1, 3).astype(lc.ring_v.dtype),
+            sk_pages=lc.sk_pages.at[:, ids].set(_paged(k[:, :, r:], page).astype(lc.sk_pages.dtype)),
+            sv_pages=lc.sv_pages.at[:, ids].set(_paged(v[:, :, r:], page).astype(lc.sv_pages.dtype)),
         )
     return lc
+
+
+def gather_pages(pool: jax.Array, ids: jax.Array) -> jax.Array:
+    """pool [H, P, page, D], ids int32 [B, n] -> [B, n * page, H, D]: each row's pages in order."""
+    h, _, page, d = pool.shape
+    b, n = ids.shape
+    x = jnp.take(pool, ids.reshape(-1), axis=1)  # [H, B * n, page, D]
+    return x.reshape(h, b, n * page, d).transpose(1, 2, 0, 3)
+
+
+def window_geometry(sparse: SparseConfig) -> tuple[int, int]:
+    """(sink pages, window pages) a chunk's streaming heads read before it: every page holding a
+    token of the prefill sink or the previous prefill_local tokens, and of the decode ring (which
+    the chunk rewrites from them)."""
+    page = sparse.page_size
+    ns = -(-max(sparse.prefill_sink, sparse.decode_sink) // page)
+    nw = -(-max(sparse.prefill_local, sparse.decode_local) // page)
+    return ns, nw
+
+
+def window_pages(starts: jax.Array, sparse: SparseConfig, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """The streaming-pool pages a chunk at `starts` (page-aligned, int32 [B]) reads, in order.
+
+    Returns (logical pages int32 [B, ns + nw + chunk / page], delta int32 [B]): the sink pages
+    [0, ns), then the run from w0 = max(ns, starts / page - nw) through the chunk. Read as one
+    sequence it is the *virtual* sequence of the chunk: position u < ns * page is token u, u
+    beyond it token u + delta (delta = (w0 - ns) * page, the tokens skipped between sink and
+    window). The streaming mask is the same in virtual positions (every skipped token is out of
+    every query's window), so the chunk attends with q_offset = starts - delta.
+    """
+    ns, nw = window_geometry(sparse)
+    w0 = jnp.maximum(ns, starts // sparse.page_size - nw)  # [B]
+    n_run = nw + chunk // sparse.page_size
+    pages = jnp.concatenate([jnp.broadcast_to(jnp.arange(ns), (starts.shape[0], ns)),
+                             w0[:, None] + jnp.arange(n_run)[None]], axis=1)
+    return pages.astype(jnp.int32), ((w0 - ns) * sparse.page_size).astype(jnp.int32)
+
+
+def ring_from_window(lc: LayerCache, wk: jax.Array, wv: jax.Array, delta: jax.Array, ends: jax.Array,
+                     sparse: SparseConfig) -> LayerCache:
+    """The decode ring after `ends` tokens (int32 [B]), taken from a virtual sequence (`window_pages`)
+    wk, wv [B, U, S, D] that holds every token the ring keeps (delta: its skipped tokens)."""
+    sink, local = sparse.decode_sink, sparse.decode_local
+    slots = jnp.arange(sparse.ring_size)
+    # which token each slot holds after `ends` tokens: the newest t < ends with that slot
+    last = ends[:, None] - 1 - sink  # [B, 1] offset of the newest token past the sink
+    off = last - jnp.mod(last - (slots[None] - sink), local)
+    tok = jnp.where(slots[None] < sink, slots[None], sink + off)  # [B, W] token positions
+    ns, _ = window_geometry(sparse)
+    u = jnp.where(tok < ns * sparse.page_size, tok, tok - delta[:, None])  # virtual positions
+    u = jnp.clip(u, 0, wk.shape[1] - 1)  # empty slots (tok < 0 or >= ends) hold any token: unread
+    take = lambda x: jnp.take_along_axis(x, u[:, :, None, None], axis=1)  # [B, W, S, D]
+    return lc.replace(ring_k=take(wk).transpose(2, 0, 1, 3).astype(lc.ring_k.dtype),
+                      ring_v=take(wv).transpose(2, 0, 1, 3).astype(lc.ring_v.dtype))
 
 
 def append(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,

@@ -36,17 +36,21 @@ import numpy as np
 from . import cache as kvc
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
-from .model import ModelSpec, decode_step, prefill
+from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
-from .scheduler import Request, RequestTooLarge, Scheduler  # noqa: F401  (RequestTooLarge: importable from here)
+from .scheduler import Chunk, Request, RequestTooLarge, Scheduler  # noqa: F401  (RequestTooLarge: importable from here)
 from .sharding import replicate, shard_cache, shard_params
 
 
-PROGRESS_MIN_TOKENS = 4096  # prompts padded to at least this many tokens show a prefill progress bar
+PROGRESS_MIN_TOKENS = 4096  # prompts of at least this many tokens show a prefill progress bar
+# Prompt tokens prefilled per dispatch when the engine is not told (`prefill_chunk="auto"`): on
+# CPU small chunks keep the attention scores small; on GPU whole prompts until the offset form of
+# the prefill kernels has been measured there.
+DEFAULT_CHUNK = {"cpu": 512}
 
 
 class PromptTooLong(ValueError):
@@ -88,12 +92,15 @@ class Stats:
     first_step_s: float = 0.0  # the first decode step, compilation included on a new shape
     preemptions: int = 0
     decode_tokens: int = 0  # tokens produced by the steps timed in decode_s (every running sequence's)
+    prefix_hit_tokens: int = 0  # prompt tokens reused from the prefix cache, not prefilled
 
     def line(self) -> str:
         pf = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
         dec = (f"{self.decode_tokens / self.decode_s:.1f} tok/s ({self.decode_steps / self.decode_s:.1f} steps/s)"
                if self.decode_s else "n/a")
         pre = f" | {self.preemptions} preemptions" if self.preemptions else ""
+        if self.prefix_hit_tokens:
+            pre += f" | {self.prefix_hit_tokens} prompt tokens from the prefix cache"
         return (f"[stats] prompt tokens {self.prompt_tokens} | ttft {self.ttft_s * 1e3:.0f} ms | "
                 f"prefill {pf:.1f} tok/s | decode {dec} (first step {self.first_step_s * 1e3:.0f} ms) | "
                 f"{self.generated_tokens} tokens generated{pre}")
@@ -105,15 +112,18 @@ class _Pending:
 
     tokens: jax.Array  # int32 [rows]
     rows: list[tuple[int, Request, int]]  # (index into tokens, request, its epoch at dispatch)
-    kind: str  # "prefill" | "decode"
+    kind: str  # "prefill" (a chunk; rows: those whose prompt it ends) | "decode"
     t0: float
+    prompt_tokens: int = 0  # prompt tokens the chunk prefilled (the progress bar's)
 
 
 class Engine:
     def __init__(self, params: Params, config: ModelConfig, *, tokenizer=None, layout: HeadLayout | None = None,
                  sparse: SparseConfig = SparseConfig(), max_seq_len: int | None = None,
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-                 cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto"):
+                 cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto",
+                 prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
+                 num_stream_pages: int | None = None):
         """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
         its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
         (default: enough for every slot at max_seq_len, plus the scratch page). preemption: what
@@ -121,7 +131,11 @@ class Engine:
         go to host memory and come back unchanged), "recompute" (freed; prefilled again with its
         generated tokens: exact for dense attention, while with streaming heads and page
         selection a recomputed cache follows prefill's masks, not decode's), "auto" (recompute
-        for dense layouts, swap for sparse ones: both exact)."""
+        for dense layouts, swap for sparse ones: both exact). prefill_chunk: prompt tokens prefilled
+        per dispatch, a multiple of the page size (None: whole prompts; "auto": `DEFAULT_CHUNK`
+        for the platform); decode steps of running requests go on between a long prompt's chunks.
+        prefix_cache: reuse the pages of prompts prefilled before (same leading tokens). num_stream_pages:
+        the streaming heads' prefill pool (default: four chunked prefills' windows)."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -138,6 +152,26 @@ class Engine:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.max_pages_per_seq = -(-self.max_seq_len // sparse.page_size)
         self.num_pages = num_pages
+        if prefill_chunk == "auto":
+            prefill_chunk = DEFAULT_CHUNK.get(jax.default_backend())
+        if prefill_chunk is not None:
+            prefill_chunk = int(prefill_chunk)
+            if prefill_chunk < sparse.page_size or prefill_chunk % sparse.page_size:
+                raise ValueError(f"prefill_chunk must be a positive multiple of the page size {sparse.page_size}, "
+                                 f"got {prefill_chunk}")
+            prefill_chunk = min(prefill_chunk, self.max_pages_per_seq * sparse.page_size)
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = bool(prefix_cache)
+        streaming = any(r < config.num_kv_heads for r in layout.num_retrieval)
+        self._window = kvc.window_geometry(sparse) if streaming else None
+        if num_stream_pages is None:
+            if self._window is None or (prefill_chunk is None and not prefix_cache):
+                num_stream_pages = 1
+            else:
+                per = sum(self._window) + -(-(prefill_chunk or self.max_pages_per_seq * sparse.page_size)
+                                            // sparse.page_size)
+                num_stream_pages = 4 * per + 1
+        self.num_stream_pages = int(num_stream_pages)
         self.max_slots = max_slots
         self.cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
         self._bar = None
@@ -146,11 +180,9 @@ class Engine:
         # generate's hooks: per collected dispatch (timing) and per token (streaming)
         self._on_collect: Callable[[_Pending], None] | None = None
         self._on_token: Callable[[Request, int], None] | None = None
-        # two prefill programs: long prompts report each finished layer to a progress bar (a host
-        # callback per layer), short ones skip the callbacks
-        self._prefill = jax.jit(self._prefill_rows, donate_argnames=("cache",))
-        self._prefill_progress = jax.jit(functools.partial(self._prefill_rows, on_layer=self._on_layer),
-                                         donate_argnames=("cache",))
+        # the prefill program: one chunk of some rows (context_pages: None when every row starts
+        # its prompt, else the page-table entries read; one compiled program per value)
+        self._prefill = jax.jit(self._prefill_rows, donate_argnames=("cache",), static_argnames=("context_pages",))
         # one decode program: whether a row refreshes its page selection is decided on the device
         # (a lax.cond that XLA runs as a CUDA-graph conditional node; measured faster on the H200
         # than switching between two static programs, bench/results/profile_decode-*.json)
@@ -163,24 +195,25 @@ class Engine:
 
     # -- programs ---------------------------------------------------------------------------
 
-    def _prefill_rows(self, params, cache, tokens, lengths, rows, next_tokens, key_data, knobs, on_layer=None):
-        """Prefills tokens [b, T] (lengths [b]) into cache rows `rows` [b]; samples each row's first
-        token. Returns (sampled [b], cache, next_tokens with the sampled tokens in those rows)."""
+    def _prefill_rows(self, params, cache, tokens, starts, counts, rows, next_tokens, key_data, knobs,
+                      context_pages=None):
+        """Prefills a chunk tokens [b, C] (row i: positions starts[i] + j, counts[i] real) into cache
+        rows `rows` [b]; samples each row's next token (kept for rows whose prompt this chunk ends).
+        Returns (sampled [b], cache, next_tokens with the sampled tokens in those rows)."""
         sub = kvc.take_rows(cache, rows)
-        logits, sub = prefill(params, sub, tokens, lengths, self.spec, on_layer=on_layer)
-        sampled = sample_rows(logits, key_data, lengths, *knobs)
+        logits, sub = prefill_chunk(params, sub, tokens, starts, counts, self.spec, context_pages=context_pages)
+        sampled = sample_rows(logits, key_data, starts + counts, *knobs)
         return sampled, kvc.put_rows(cache, sub, rows), next_tokens.at[rows].set(sampled)
 
     def _decode_and_sample(self, params, cache, tokens, active, key_data, temperature, top_k, top_p):
-        """One decode step of every row; rows not `active` (free slots) restart at position 0,
-        which their page-table row (all scratch) absorbs."""
-        cache = cache.replace(lengths=jnp.where(active, cache.lengths, 0))
+        """One decode step of every row; rows not `active` (free slots, prompts still in prefill)
+        run at position 0 over an all-scratch page table (their writes land on the scratch page;
+        a prompt's next chunk rewrites its ring and length, its first decode step its selection)."""
+        table = cache.page_table
+        cache = cache.replace(lengths=jnp.where(active, cache.lengths, 0),
+                              page_table=jnp.where(active[:, None], table, kvc.NULL_PAGE))
         logits, cache = decode_step(params, cache, tokens, self.spec)
-        return sample_rows(logits, key_data, cache.lengths, temperature, top_k, top_p), cache
-
-    def _on_layer(self, layer) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
+        return sample_rows(logits, key_data, cache.lengths, temperature, top_k, top_p), cache.replace(page_table=table)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -188,10 +221,12 @@ class Engine:
         """Fresh scheduler and device state for `slots` decode slots (drops every request)."""
         pages = slots * self.max_pages_per_seq + 1 if self.num_pages is None else self.num_pages
         limit = min(self.max_seq_len, self.config.max_position_embeddings)
-        self.scheduler = Scheduler(slots, pages, self.spec.sparse.page_size, limit)
+        self.scheduler = Scheduler(slots, pages, self.spec.sparse.page_size, limit, chunk=self.prefill_chunk,
+                                   num_stream_pages=self.num_stream_pages, window=self._window,
+                                   prefix_cache=self.prefix_cache)
         self._slots = slots
-        self._table = np.zeros((slots, self.max_pages_per_seq), np.int32)
-        self._table_in_cache = self._table.copy()  # what the cache's page_table holds
+        self._table = np.zeros((2, slots, self.max_pages_per_seq), np.int32)  # page table, stream table
+        self._table_in_cache = self._table.copy()  # what the cache's tables hold
         self._uploaded: dict[str, tuple[np.ndarray, jax.Array]] = {}
         self._key_data = np.zeros((slots, 2), np.uint32)
         self._knobs = (np.zeros(slots, np.float32), np.zeros(slots, np.int32), np.ones(slots, np.float32))
@@ -204,7 +239,8 @@ class Engine:
     def _build_cache(self) -> None:
         cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=self._slots,
                                num_pages=self.scheduler.allocator.num_pages,
-                               max_pages_per_seq=self.max_pages_per_seq, dtype=self.cache_dtype)
+                               max_pages_per_seq=self.max_pages_per_seq, dtype=self.cache_dtype,
+                               num_stream_pages=self.scheduler.stream.num_pages)
         # commit it to the device like the caches prefill/decode return: otherwise the first
         # call's (uncommitted) cache is another jit cache key and prefill compiles twice
         self._cache = shard_cache(cache, self.spec.tp)
@@ -215,32 +251,46 @@ class Engine:
         return self._slots
 
     def warmup(self, max_prompt_tokens: int | None = None) -> None:
-        """Compiles ahead of the first request: the decode step and prefill for every admission
-        batch size (powers of two up to the slots) and prompt bucket up to `max_prompt_tokens`
-        (default: the cache capacity). Runs on scratch pages only; the engine must be idle."""
+        """Compiles ahead of the first request: the decode step and the prefill programs a prompt
+        of up to `max_prompt_tokens` (default: the cache capacity) can use: whole prompts in every
+        bucket and batch size (powers of two up to the slots and the chunk), and a long prompt's
+        later chunks for every context size. Runs on scratch pages only; the engine must be idle."""
         if self.has_unfinished():
             raise RuntimeError("warmup() needs an idle engine")
         if self._cache is None:
             self._build_cache()
         page = self.spec.sparse.page_size
         cap = self.max_pages_per_seq * page
-        top = length_bucket(max_prompt_tokens or cap, page, cap)
-        buckets = sorted({length_bucket(n, page, cap) for n in [page] + [1 << k for k in range(top.bit_length())]
-                          if n <= top})
-        sizes = [1 << k for k in range(self._slots.bit_length()) if 1 << k <= self._slots]
+        top = min(max_prompt_tokens or cap, cap)
+        whole = self.prefill_chunk or top
+        buckets = sorted({length_bucket(n, page, whole) for n in [page] + [1 << k for k in range(whole.bit_length() + 1)]
+                          if n <= max(whole, page)})
         self._sync_table()  # no request: every row maps the scratch page only
-        for b in sizes:
-            rows = jnp.zeros((b,), jnp.int32)
+
+        def run(b, t, context_pages=None):
+            knobs = (np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32))
+            z = jnp.zeros((b,), jnp.int32)
+            _, self._cache, self._next_tokens = self._prefill(
+                self.params, self._cache, jnp.zeros((b, t), jnp.int32), z, z, z, self._next_tokens,
+                jnp.zeros((b, 2), jnp.uint32), knobs, context_pages=context_pages)
+
+        for b in [1 << k for k in range(self._slots.bit_length()) if 1 << k <= self._slots]:
             for t in buckets:
-                knobs = (np.zeros(b, np.float32), np.zeros(b, np.int32), np.ones(b, np.float32))
-                _, self._cache, self._next_tokens = self._prefill(
-                    self.params, self._cache, jnp.zeros((b, t), jnp.int32), jnp.zeros((b,), jnp.int32), rows,
-                    self._next_tokens, jnp.zeros((b, 2), jnp.uint32), knobs)
+                if self.prefill_chunk is None or b * t <= max(self.prefill_chunk, t):
+                    run(b, t)
+        if self.prefill_chunk is not None and top > self.prefill_chunk:
+            for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, top, page)}):
+                run(1, self.prefill_chunk, n)
         sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
-                                          jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data),
-                                          *(jnp.asarray(k) for k in self._knobs))
+                                          jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data.copy()),
+                                          *(jnp.asarray(k.copy()) for k in self._knobs))
         self._next_tokens = sampled
         jax.block_until_ready(sampled)
+
+    def _context_pages(self, start: int) -> int:
+        """Page-table entries a chunk at `start` reads: a power of two (few programs), at most the table."""
+        need = -(-(start + self.prefill_chunk) // self.spec.sparse.page_size)
+        return min(1 << (need - 1).bit_length(), self.max_pages_per_seq)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -317,11 +367,11 @@ class Engine:
         sched = self.scheduler
         admitted = sched.admit()
         resumed = [r for r in admitted if r.swapped is not None]
-        fresh = [r for r in admitted if r.swapped is None]
         if resumed:
             self._dispatch_restore(resumed)
-        if fresh:
-            self._dispatch_prefill(fresh)
+        chunk = sched.next_prefill()
+        if chunk:
+            self._dispatch_prefill(chunk)
         swap = self.preemption == "swap"
         if swap and sched.pages_short() > 0:
             # a swap saves what the device holds: read every dispatched token first, so that the
@@ -350,23 +400,29 @@ class Engine:
         return outs
 
     def _sync_table(self) -> None:
-        """The page table of every slot from the scheduler's ownership (free slots: all scratch),
-        put into the cache before a dispatch."""
+        """The page and stream tables of every slot from the scheduler's ownership (free slots:
+        all scratch), put into the cache before a dispatch."""
         self._table[:] = 0
         for req in self.scheduler.running():
-            self._table[req.slot, : len(req.pages)] = req.pages
+            self._table[0, req.slot, : len(req.pages)] = req.pages
+            for i, p in req.spages.items():
+                self._table[1, req.slot, i] = p
         if np.array_equal(self._table, self._table_in_cache):
-            return  # the programs leave the page table as they got it: no upload on most steps
+            return  # the programs leave the tables as they got them: no upload on most steps
         self._table_in_cache = self._table.copy()
-        # committed like the arrays the programs return: one jit cache entry, not two
-        self._cache = self._cache.replace(page_table=replicate(jnp.asarray(self._table), self.spec.tp))
+        # committed like the arrays the programs return: one jit cache entry, not two. From a copy
+        # that is never written: on CPU a device array may alias the numpy buffer it was made from
+        page_table, stream_table = self._table_in_cache
+        self._cache = self._cache.replace(page_table=replicate(jnp.asarray(page_table), self.spec.tp),
+                                          stream_table=replicate(jnp.asarray(stream_table), self.spec.tp))
 
     def _on_device(self, name: str, host: np.ndarray) -> jax.Array:
         """`host` as a device array, uploaded again only when it changed (slot knobs change at
         admissions and finishes, not every step)."""
         prev = self._uploaded.get(name)
         if prev is None or not np.array_equal(prev[0], host):
-            self._uploaded[name] = prev = (host.copy(), jnp.asarray(host))
+            copy = host.copy()  # never written (a CPU device array may alias it)
+            self._uploaded[name] = prev = (copy, jnp.asarray(copy))
         return prev[1]
 
     def _padded_pages(self, pages: list[int], n: int | None = None) -> jax.Array:
@@ -401,42 +457,58 @@ class Engine:
             self._next_tokens = self._next_tokens.at[req.slot].set(req.output_ids[-1])
             req.swapped = None
 
-    def _dispatch_prefill(self, admitted: list[Request]) -> None:
+    def _dispatch_prefill(self, chunk: list[Chunk]) -> None:
+        """One prefill dispatch: a long prompt's next chunk, or short prompts whole (padded to a
+        power-of-two batch with copies of the last row, whose duplicate writes are identical)."""
         page = self.spec.sparse.page_size
-        t = length_bucket(max(len(r.tokens) for r in admitted), page, self.max_pages_per_seq * page)
-        # power-of-two batches (few programs): padded with copies of the last request, whose
-        # duplicate writes are identical
-        b = len(admitted)
-        padded = admitted + [admitted[-1]] * ((1 << (b - 1).bit_length()) - b)
-        rows = [r.slot for r in padded]
-        tokens = np.zeros((len(rows), t), np.int32)
-        lengths = np.zeros((len(rows),), np.int32)
-        for i, req in enumerate(padded):
-            tokens[i, : len(req.tokens)] = req.tokens
-            lengths[i] = len(req.tokens)
-            self._set_slot(req)
-        rows_a = np.asarray(rows, np.int32)
+        context = any(c.start for c in chunk)
+        if context or not chunk[0].last:
+            t = self.prefill_chunk
+        else:
+            t = length_bucket(max(c.count for c in chunk), page, self.prefill_chunk or self.max_pages_per_seq * page)
+        b = len(chunk)
+        padded = chunk + [chunk[-1]] * ((1 << (b - 1).bit_length()) - b)
+        tokens = np.zeros((len(padded), t), np.int32)
+        starts = np.zeros((len(padded),), np.int32)
+        counts = np.zeros((len(padded),), np.int32)
+        for i, c in enumerate(padded):
+            tokens[i, : c.count] = c.request.tokens[c.start: c.start + c.count]
+            starts[i], counts[i] = c.start, c.count
+        for c in chunk:
+            self._set_slot(c.request)
+        rows_a = np.asarray([c.request.slot for c in padded], np.int32)
         knobs = tuple(k[rows_a] for k in self._knobs)
-        run = self._prefill
-        if self._progress and t >= PROGRESS_MIN_TOKENS:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.config.num_layers, desc="prefill", unit="layer", file=sys.stderr, leave=False)
-            run = self._prefill_progress
+        self._start_bar(chunk)
         t0 = time.perf_counter()
         self._sync_table()
-        sampled, self._cache, self._next_tokens = run(
-            self.params, self._cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(rows_a),
-            self._next_tokens, jnp.asarray(self._key_data[rows_a]), knobs)
-        for req in admitted:
-            req.dispatched += 1
-        self._pending.append(_Pending(sampled, [(i, r, r.epoch) for i, r in enumerate(admitted)], "prefill", t0))
+        sampled, self._cache, self._next_tokens = self._prefill(
+            self.params, self._cache, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(counts),
+            jnp.asarray(rows_a), self._next_tokens, jnp.asarray(self._key_data[rows_a]), knobs,
+            context_pages=self._context_pages(max(c.start for c in chunk)) if context else None)
+        done = []
+        for i, c in enumerate(chunk):
+            self.scheduler.chunk_dispatched(c)
+            if c.last:
+                c.request.dispatched += 1
+                done.append((i, c.request, c.request.epoch))
+        self._pending.append(_Pending(sampled, done, "prefill", t0, sum(c.count for c in chunk)))
+
+    def _start_bar(self, chunk: list[Chunk]) -> None:
+        """A progress bar over a long prompt's tokens (when `generate` asked for progress)."""
+        req = chunk[0].request
+        if self._progress and self._bar is None and len(req.tokens) >= PROGRESS_MIN_TOKENS and not chunk[0].last:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=len(req.tokens), initial=chunk[0].start, desc="prefill", unit="tok",
+                             file=sys.stderr, leave=False)
 
     def _dispatch_decode(self) -> None:
         sched = self.scheduler
         active = np.zeros(self._slots, bool)
         rows = []
         for req in sched.running():
+            if not req.prefill_done:
+                continue  # its prompt is still being prefilled
             active[req.slot] = True
             if req.wants_more:
                 rows.append((req.slot, req, req.epoch))
@@ -453,8 +525,10 @@ class Engine:
     def _collect(self, p: _Pending) -> None:
         host = np.asarray(p.tokens)
         if self._bar is not None and p.kind == "prefill":
-            self._bar.close()
-            self._bar = None
+            self._bar.update(p.prompt_tokens)
+            if p.rows:  # the prompt's last chunk
+                self._bar.close()
+                self._bar = None
         if self._on_collect is not None:
             self._on_collect(p)
         eos = self._eos
@@ -515,6 +589,7 @@ class Engine:
                 raise PoolExhausted(f"page pool exhausted: prompt {i} needs {need} pages of {page} tokens, the pool "
                                     f"has {usable} (raise num_pages or lower the length)")
         stats = Stats(prompt_tokens=sum(map(len, ids)))
+        hit0 = self.scheduler.prefix_hit_total
         start = time.perf_counter()
         index = {}
         marks = {"first": None, "decode_start": None, "steps": 0}
@@ -555,6 +630,7 @@ class Engine:
         if marks["decode_start"] is not None and marks["steps"]:
             stats.decode_s, stats.decode_steps = end - marks["decode_start"], marks["steps"]
         stats.preemptions = self.scheduler.preempted_total
+        stats.prefix_hit_tokens = self.scheduler.prefix_hit_total - hit0
         gens = [None] * n
         for rid, i in index.items():
             toks, reason = results[rid]

@@ -68,41 +68,84 @@ def pad_rows(x: jax.Array) -> tuple[jax.Array, int]:
 
 
 def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.Array, spec: ModelSpec,
-            on_layer: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, kvc.KVCache]:
-    """Runs a right-padded batch of prompts and fills the cache.
+            on_layer: Callable[[int], None] | None = None) -> tuple[jax.Array, kvc.KVCache]:
+    """Runs a right-padded batch of whole prompts and fills the cache (`prefill_chunk` from 0).
 
     tokens: int32 [B, T] (T a multiple of the page size); lengths: int32 [B].
     The cache's page_table must already map the pages these prompts need.
     Returns the logits of each prompt's last token, float32 [B, vocab].
     `on_layer(l)`, if given, is called from the device once layer l has run (a progress bar).
     """
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x = params.embed[tokens]  # [B, T, hidden]
+    return prefill_chunk(params, cache, tokens, jnp.zeros_like(lengths), lengths, spec, on_layer=on_layer)
+
+
+def prefill_chunk(params: Params, cache: kvc.KVCache, tokens: jax.Array, starts: jax.Array, counts: jax.Array,
+                  spec: ModelSpec, *, context_pages: int | None = None,
+                  on_layer: Callable[[int], None] | None = None) -> tuple[jax.Array, kvc.KVCache]:
+    """Runs one chunk of each row's prompt over what the cache already holds of it.
+
+    tokens: int32 [B, C] (C a multiple of the page size): row b's tokens at positions
+    starts[b] + i (starts page-aligned), the first counts[b] real. Retrieval heads attend to every
+    earlier token (read from their pages) and the chunk; streaming heads to the prefill sink and
+    the previous prefill_local tokens (read from the streaming pool, `cache.window_pages`) and the
+    chunk. context_pages (static): None when every row starts at 0 (the chunk is the whole
+    context: one attention call over all heads, no reads); else the page-table entries the
+    retrieval heads read (at least ceil((starts + C) / page) for every row).
+    The page table (and, with context, the stream table) must map the chunk's pages and the
+    context's. Returns the logits of each row's last real token, float32 [B, vocab], and the
+    cache with lengths = starts + counts and a fresh selection clock.
+    """
+    b, c = tokens.shape
+    positions = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
+    x = params.embed[tokens]  # [B, C, hidden]
     layers = []
     for i, (lp, lc) in enumerate(zip(params.layers, cache.layers)):
         with jax.named_scope(f"layer{i}"):
-            attn = functools.partial(_prefill_attention, r=spec.local_retrieval(i), spec=spec)
+            attn = functools.partial(_chunk_attention, r=spec.local_retrieval(i), spec=spec,
+                                     context_pages=context_pages)
 
             def attend(q, k, v, attn=attn, lc=lc):
-                return tensor_parallel(attn, spec.tp, PREFILL_SPECS)(q, k, v, lc, cache.page_table, lengths)
+                return tensor_parallel(attn, spec.tp, PREFILL_SPECS)(
+                    q, k, v, lc, cache.page_table, cache.stream_table, starts, counts)
 
             x, lc = decoder_layer(lp, x, positions, spec.model, attend)
             layers.append(lc)
             if on_layer is not None:  # after the layer: its argument depends on the layer's output
                 jax.debug.callback(lambda done, i=i: on_layer(i), x[0, 0, 0])
-    last = x[jnp.arange(b), jnp.maximum(lengths - 1, 0)]  # [B, hidden]: logits only where needed
-    new_cache = cache.replace(layers=tuple(layers), lengths=lengths.astype(jnp.int32),
+    last = x[jnp.arange(b), jnp.maximum(counts - 1, 0)]  # [B, hidden]: logits only where needed
+    new_cache = cache.replace(layers=tuple(layers), lengths=(starts + counts).astype(jnp.int32),
                               step=jnp.zeros((b,), jnp.int32))
     return logits(params, last, spec.model), new_cache
 
 
-def _prefill_attention(q, k, v, lc: kvc.LayerCache, page_table, lengths, *, r: int, spec: ModelSpec):
-    """One layer's attention and cache write, over the KV heads this device holds."""
-    sp = spec.sparse
-    o = prefill_attention(q, k, v, lengths, num_retrieval=r, sink=sp.prefill_sink, local=sp.prefill_local,
-                          choice=spec.kernels.prefill)
-    return o, kvc.write_prefill(lc, k, v, page_table, lengths, sp)
+def _chunk_attention(q, k, v, lc: kvc.LayerCache, page_table, stream_table, starts, counts, *, r: int,
+                     spec: ModelSpec, context_pages: int | None):
+    """One layer's chunk: cache writes and attention over the KV heads this device holds."""
+    sp, g = spec.sparse, spec.model.group_size
+    hkv = k.shape[2]
+    lc = kvc.write_chunk(lc, k, v, page_table, stream_table, starts, counts, sp)
+    attn = functools.partial(prefill_attention, sink=sp.prefill_sink, local=sp.prefill_local,
+                             choice=spec.kernels.prefill)
+    if context_pages is None:  # the chunk is the whole context
+        o = attn(q, k, v, counts, num_retrieval=r)
+        if hkv - r:
+            lc = kvc.ring_from_window(lc, k[:, :, r:], v[:, :, r:], jnp.zeros_like(starts), counts, sp)
+        return o, lc
+    outs = []
+    if r:
+        ids = page_table[:, :context_pages]
+        kc, vc = kvc.gather_pages(lc.k_pages, ids), kvc.gather_pages(lc.v_pages, ids)  # [B, Tk, R, D]
+        outs.append(attn(q[:, :, : r * g], kc.astype(q.dtype), vc.astype(q.dtype), counts, num_retrieval=r,
+                         q_offset=starts))
+    if hkv - r:
+        pages, delta = kvc.window_pages(starts, sp, k.shape[1])
+        ids = jnp.take_along_axis(stream_table, jnp.clip(pages, 0, stream_table.shape[1] - 1), axis=1)
+        # the chunk's own pages were just written: the virtual sequence ends with them
+        wk = kvc.gather_pages(lc.sk_pages, ids).astype(q.dtype)
+        wv = kvc.gather_pages(lc.sv_pages, ids).astype(q.dtype)
+        outs.append(attn(q[:, :, r * g:], wk, wv, counts, num_retrieval=0, q_offset=starts - delta))
+        lc = kvc.ring_from_window(lc, wk, wv, delta, starts + counts, sp)
+    return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0], lc
 
 
 def _selects(sp: SparseConfig, r: int, k_sel: int, max_pages_per_seq: int) -> bool:

@@ -1,8 +1,11 @@
 """The host-side page allocator: which physical KV-cache pages each sequence owns.
 
 Page 0 is the scratch page (unmapped page-table entries point at it) and is never handed out;
-pages 1..num_pages-1 are each either free or owned. Every call checks its whole argument
-before it changes anything, so a call that raises leaves the allocator as it was.
+pages 1..num_pages-1 are each either free or owned. An owned page has a reference count: `alloc`
+gives it one owner, `share` adds one (the prefix cache and the requests that reuse a cached page
+hold it together), `free` drops one and the page is free again when none is left. Every call
+checks its whole argument before it changes anything, so a call that raises leaves the
+allocator as it was.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class PageAllocator:
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))  # a stack: pop() hands out the lowest page first
         self._owned: set[int] = set()
+        self._refs: dict[int, int] = {}  # owned page -> owners beyond the first (shared pages only)
 
     @property
     def free_pages(self) -> int:
@@ -47,10 +51,24 @@ class PageAllocator:
         self._owned.update(out)
         return out
 
+    def refcount(self, page: int) -> int:
+        """Owners of `page` (0: free)."""
+        return 1 + self._refs.get(page, 0) if page in self._owned else 0
+
+    def share(self, pages: Iterable[int]) -> None:
+        """One more owner for each of `pages` (each must be owned; a page may be listed more than once)."""
+        pages = [_page_number(p, "a page") for p in pages]
+        bad = [p for p in pages if p not in self._owned]
+        if bad:
+            raise ValueError(f"cannot share page {bad[0]}: it is not allocated; nothing was shared")
+        for p in pages:
+            self._refs[p] = self._refs.get(p, 0) + 1
+
     def free(self, pages: Iterable[int]) -> None:
-        """Returns pages handed out by `alloc`. A page that is not currently owned (freed twice,
-        listed twice, the scratch page, outside the pool) raises ValueError naming it, and no page
-        of the call is freed."""
+        """Drops one owner of each page (handed out by `alloc`, or `share`d); a page with no owner
+        left is free again. A page that is not currently owned (freed twice, listed twice, the
+        scratch page, outside the pool) raises ValueError naming it, and no page of the call is
+        freed."""
         pages = [_page_number(p, "a page") for p in pages]
         seen: set[int] = set()
         for p in pages:
@@ -66,8 +84,17 @@ class PageAllocator:
             else:
                 why = "is not allocated (freed twice?)"
             raise ValueError(f"cannot free page {p}: it {why}; nothing was freed")
-        self._owned.difference_update(pages)
-        self._free.extend(reversed(pages))
+        released = []
+        for p in pages:
+            extra = self._refs.get(p, 0)
+            if extra:
+                self._refs[p] = extra - 1
+                if extra == 1:
+                    del self._refs[p]
+            else:
+                released.append(p)
+        self._owned.difference_update(released)
+        self._free.extend(reversed(released))
 
 
 def _page_number(x, what: str) -> int:

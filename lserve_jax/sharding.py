@@ -107,8 +107,8 @@ def spec_of(axes) -> P:
 _LAYER_SPECS = Arrays({n: spec_of(axes) for n, (axes, _) in LAYER_FIELDS.items()})
 _HEADS4 = P(None, None, AXIS, None)  # [B, T, heads, D]
 _HEADS3 = P(None, AXIS, None)  # [B, heads, D]
-# (in_specs, out_specs) of model._prefill_attention / model._decode_attention
-PREFILL_SPECS = ((_HEADS4, _HEADS4, _HEADS4, _LAYER_SPECS, P(), P()), (_HEADS4, _LAYER_SPECS))
+# (in_specs, out_specs) of model._chunk_attention / model._decode_attention
+PREFILL_SPECS = ((_HEADS4, _HEADS4, _HEADS4, _LAYER_SPECS, P(), P(), P(), P()), (_HEADS4, _LAYER_SPECS))
 DECODE_SPECS = ((_HEADS3, _HEADS3, _HEADS3, _LAYER_SPECS, P(), P(), P()), (_HEADS3, _LAYER_SPECS))
 
 

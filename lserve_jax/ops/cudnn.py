@@ -13,6 +13,9 @@ Triton kernel at every T in 8K..256K (e.g. 153 vs 179 ms at 128K), and cuDNN bea
 on dense causal attention (~550 vs ~445 TFLOP/s). cuDNN needs a GPU and half precision; its
 own trace-time rules (head dim, architecture, library present) are turned into Unsupported
 around that one call, so the dispatcher falls through to the Triton kernel.
+
+Neither engine has the offset (chunked) form: with `q_offset` every implementation here raises
+Unsupported, and the dispatcher runs the chunk through the Triton kernel's offset form.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ interpret mode, but only when a choice names "triton" (the reference is faster t
 
 Each implementation checks what the kernel needs before it traces anything and raises
 `Unsupported` otherwise: a GPU (or CPU in interpret mode), a float dtype, and the Triton shape
-rules (power-of-2 loads and dot dims >= 16; the prefill kernel pads D to a power of 2 itself).
+rules (power-of-2 loads and dot dims >= 16; the prefill kernel pads D to a power of 2 itself, the
+decode kernel reads a D such as 96 in power-of-2 pieces, so it takes any multiple of 16). The
+prefill kernel has the offset (chunked) form (`q_offset`); the cuDNN engines refuse it, so a
+chunk of a longer prompt comes here in the GPU default order.
 Options are the kernels' keyword arguments; an unknown name is a ValueError, not a silent
 fall-through. `interpret` (bool) is accepted by every op.
 """
@@ -68,10 +71,8 @@ def check_prefill(q, options: dict) -> None:
 @register("prefill", "triton", priority=GPU_FIRST)
 def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
     check_prefill(q, options)
-    if q_offset is not None:
-        raise Unsupported("the Triton prefill kernel has no offset (chunked) form yet")
     return pallas_prefill.prefill_attention_pallas(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink,
-                                                   local=local, scale=scale, **options)
+                                                   local=local, scale=scale, q_offset=q_offset, **options)
 
 
 @register("decode", "triton", priority=GPU_FIRST)
@@ -83,9 +84,10 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
     r, s = k_pages.shape[0], ring_k.shape[0]
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the Triton decode kernel takes float32/bfloat16/float16, got {q.dtype=}")
-    if not _pow2(d) or d < 16 or (r and not _pow2(k_pages.shape[2])):
-        raise Unsupported(f"the Triton decode kernel needs a power-of-2 head_dim >= 16 and page size: "
-                          f"{q.shape=} {k_pages.shape=}")
+    if not pallas_decode.head_dim_supported(d) or (r and not _pow2(k_pages.shape[2])):
+        # head dims that are not a power of 2 (96, 80) are read in power-of-2 pieces in the kernel
+        raise Unsupported(f"the Triton decode kernel needs a head_dim multiple of 16 and a power-of-2 page "
+                          f"size: {q.shape=} {k_pages.shape=}")
     if s and pallas_decode.ring_page(ring_k.shape[2]) < 16:
         # ring blocks too small for the fused kernel's dots: two launches of paged_decode, whose
         # ring programs take several small blocks per dot

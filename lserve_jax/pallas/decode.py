@@ -18,6 +18,13 @@ gathers those pages of K and V (one `ref[ids]` load each, [ppb, page, D] -> [ppb
 masks by slot and position, and runs an online softmax with exp2. With one split the kernel
 writes the normalised output; with several it writes (o, m, l) per split and a small jnp
 combine merges them (split-K, as LServe above 2048 tokens).
+
+Head dims: Triton loads and dots need power-of-2 tensors, so a head_dim D that is not a power of
+2 (96, 80, ...) is split into its binary pieces (96 = 64 + 32), each >= 16: q, K and V are read
+piece by piece straight from the pools (static, in-bounds slices of the last axis; nothing is
+padded or copied), the logits are the sum of the pieces' dots and the output accumulates per
+piece. A power-of-2 D is one piece and traces exactly as a plain [.., D] load. Any D that is a
+multiple of 16 works (`head_dim_supported`).
 """
 
 from __future__ import annotations
@@ -45,6 +52,31 @@ def _pow2(n: int) -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _d_pieces(d: int) -> tuple[tuple[int, int], ...]:
+    """(start, width) of the power-of-2 pieces of the head dim, widest first: 96 -> (0, 64), (64, 32)."""
+    pieces, start = [], 0
+    for bit in reversed(range(d.bit_length())):
+        if d >> bit & 1:
+            pieces.append((start, 1 << bit))
+            start += 1 << bit
+    return tuple(pieces)
+
+
+def head_dim_supported(d: int) -> bool:
+    """The kernels take any head_dim whose power-of-2 pieces are all >= 16 (the dots' minimum):
+    a multiple of 16 (16, 32, 48, 64, 80, 96, 128, ...)."""
+    return d >= 16 and d % 16 == 0
+
+
+def _load(ref, lead: tuple, pieces):
+    """ref[*lead, piece] for each head-dim piece (ref's last axis is the head dim); one piece:
+    the plain whole-row load."""
+    if len(pieces) == 1:
+        return (ref[lead] if lead else ref[...],)
+    mid = (slice(None),) * (ref.ndim - len(lead) - 1)
+    return tuple(ref[(*lead, *mid, pl.ds(s, w))] for s, w in pieces)
 
 
 def validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, head_offset=0):
@@ -99,70 +131,87 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
     return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0).astype(q.dtype)
 
 
-def _repeat_rows(q):
-    """Dots need >= 16 rows: M < 16 query rows are repeated (identical results), not padded."""
-    m_rows, d = q.shape
+def _repeat_rows(qs):
+    """Dots need >= 16 rows: M < 16 query rows are repeated (identical results), not padded.
+    qs: the head-dim pieces of q, each [M, w]."""
+    m_rows = qs[0].shape[0]
     rep = max(1, 16 // m_rows)
     if rep > 1:
-        q = jnp.broadcast_to(q[None], (rep, m_rows, d)).reshape(rep * m_rows, d)
-    return q, rep
+        qs = tuple(jnp.broadcast_to(q[None], (rep, *q.shape)).reshape(rep * m_rows, q.shape[1]) for q in qs)
+    return qs, rep
 
 
-def _init_carry(rows: int, d: int):
-    return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), _M_INIT, jnp.float32),
+def _init_carry(qs):
+    rows = qs[0].shape[0]
+    return (tuple(jnp.zeros(q.shape, jnp.float32) for q in qs), jnp.full((rows,), _M_INIT, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
 
 
-def _online_step(q, carry, k, v, visible, qk_scale):
-    """One block of online softmax: q [rows, D], k/v [bk, D], visible bool broadcastable to
-    [rows, bk]; carry (o f32[rows, D], m f32[rows] in log2 units, l f32[rows])."""
-    o, m, l = carry
-    x = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE) * qk_scale  # log2 units
+def _online_step(qs, carry, ks, vs, visible, qk_scale):
+    """One block of online softmax over head-dim pieces: qs [rows, w], ks/vs [bk, w] per piece,
+    visible bool broadcastable to [rows, bk]; carry (o pieces f32[rows, w], m f32[rows] in log2
+    units, l f32[rows])."""
+    os_, m, l = carry
+    x = None
+    for q, k in zip(qs, ks):  # logits: the sum of the pieces' dots
+        dot = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE)
+        x = dot if x is None else x + dot
+    x = x * qk_scale  # log2 units
     x = jnp.where(visible, x, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(x - m_new[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_IEEE)
-    return o, m_new, l
+    os_ = tuple(alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                                             precision=_IEEE) for o, v in zip(os_, vs))
+    return os_, m_new, l
 
 
-def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length):
-    """K/V of slots [start, start + ppb) gathered from the pool, and which keys are visible: the
-    slot is in use (< n) and its token position (logical page * page + offset) < length."""
-    d = k_ref.shape[-1]
+def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length, pieces):
+    """K/V pieces of slots [start, start + ppb) gathered from the pool, and which keys are
+    visible: the slot is in use (< n) and its token position (logical page * page + offset) <
+    length."""
     ids = ids_ref[pl.ds(start, ppb)]
     lg = lg_ref[pl.ds(start, ppb)]
-    k = k_ref[ids].reshape(ppb * page, d)  # gather of ppb pages
-    v = v_ref[ids].reshape(ppb * page, d)
+    k = tuple(x.reshape(ppb * page, x.shape[-1]) for x in _load(k_ref, (ids,), pieces))  # gather of ppb pages
+    v = tuple(x.reshape(ppb * page, x.shape[-1]) for x in _load(v_ref, (ids,), pieces))
     slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
     pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
     pos = jnp.where(slot < n, pos, length).reshape(1, ppb * page)  # unused slot -> invisible
     return k, v, pos < length
 
 
-def _write_out(carry, rep, out_refs, split):
+def _store(ref, pieces, values):
+    """ref[:, piece] = value for each head-dim piece (ref [M, D]); one piece: a whole store."""
+    if len(pieces) == 1:
+        ref[...] = values[0]
+    else:
+        for (s, w), x in zip(pieces, values):
+            ref[:, pl.ds(s, w)] = x
+
+
+def _write_out(carry, rep, out_refs, split, pieces):
     """Normalised output (one split) or the (o, m, l) partials (split-K) of M = rows / rep."""
-    o, m, l = carry
-    rows, d = o.shape
+    os_, m, l = carry
+    rows = m.shape[0]
     m_rows = rows // rep
     if rep > 1:  # the replicas are bitwise equal: any reduction recovers the M rows
-        o = jnp.max(o.reshape(rep, m_rows, d), axis=0)
+        os_ = tuple(jnp.max(o.reshape(rep, m_rows, o.shape[1]), axis=0) for o in os_)
         m = jnp.max(m.reshape(rep, m_rows), axis=0)
         l = jnp.max(l.reshape(rep, m_rows), axis=0)
     if not split:
         (o_ref,) = out_refs
         safe = jnp.where(l > 0, l, 1.0)
-        o_ref[...] = jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype)
+        _store(o_ref, pieces, [jnp.where(l[:, None] > 0, o / safe[:, None], 0.0).astype(o_ref.dtype) for o in os_])
     else:
         o_ref, m_ref, l_ref = out_refs
-        o_ref[...] = o
+        _store(o_ref, pieces, os_)
         m_ref[...] = m
         l_ref[...] = l
 
 
 def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
-            page, ppb, pps, qk_scale, split):
+            page, ppb, pps, qk_scale, split, pieces):
     # cnt_ref: int32[B, H] (whole); len_ref: int32[B] (whole)
     # ids_ref, lg_ref: int32[pps] this split's slots; q_ref: [M, D] (M a power of 2)
     # k_ref, v_ref: [P, page, D] this program's kv head
@@ -170,15 +219,16 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
     h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
     n = jnp.clip(cnt_ref[b, h] - s * pps, 0, pps)  # slots of this split in use
-    q, rep = _repeat_rows(q_ref[...])
+    q, rep = _repeat_rows(_load(q_ref, (), pieces))
 
     def body(i, carry):
         start = pl.multiple_of(i * ppb, ppb)
-        k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n, length=length)
+        k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n, length=length,
+                                    pieces=pieces)
         return _online_step(q, carry, k, v, visible, qk_scale)
 
-    carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, _init_carry(*q.shape))
-    _write_out(carry, rep, out_refs, split)
+    carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, _init_carry(q))
+    _write_out(carry, rep, out_refs, split, pieces)
 
 
 def _plan(n: int, programs: int, page: int, *, block_tokens: int, pages_per_block, pages_per_split,
@@ -269,8 +319,9 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     h = page_ids.shape[1]
     hk, p, page, _ = k_pages.shape
     n = page_ids.shape[-1]
-    if not (_pow2(d) and _pow2(page)):
-        raise ValueError(f"paged_decode needs power-of-2 head_dim and page size: {k_pages.shape=}")
+    if not (head_dim_supported(d) and _pow2(page)):
+        raise ValueError(f"paged_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
+                         f"{k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
     ppb, pps, splits = _plan(n, b * h, page, block_tokens=256, pages_per_block=pages_per_block,
                              pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
@@ -283,7 +334,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     group = h // hk
     off = head_offset
     kernel = functools.partial(_kernel, page=page, ppb=ppb, pps=pps, qk_scale=scale * _LOG2E,
-                               split=splits > 1)
+                               split=splits > 1, pieces=_d_pieces(d))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     in_specs = [
         whole((b, h)),  # counts
@@ -342,15 +393,14 @@ def sparse_decode_reference(q, k_pages, v_pages, ring_k, ring_v, page_ids, logic
 
 
 def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_ref, rv_ref, *out_refs,
-                   page, ppb, pps, h_ret, nw, pb, width, ring_split, qk_scale, split):
+                   page, ppb, pps, h_ret, nw, pb, width, ring_split, qk_scale, split, pieces):
     # program h < h_ret: retrieval (ids/lg this split's slots, k/v_ref its kv head's pool)
     # program h >= h_ret: ring (rk/rv_ref [B*nw, pb, D] its kv head's ring), `ring_split`
     # blocks of pb tokens per split
     h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
-    q, rep = _repeat_rows(q_ref[...])
-    d = q.shape[1]
-    carry = _init_carry(*q.shape)
+    q, rep = _repeat_rows(_load(q_ref, (), pieces))
+    carry = _init_carry(q)
     if h_ret:
         count = jnp.where(h < h_ret, cnt_ref[b, jnp.minimum(h, h_ret - 1)], 0)
         n = jnp.clip(count - s * pps, 0, pps)  # slots of this split in use
@@ -358,7 +408,7 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
         def body(i, c):
             start = pl.multiple_of(i * ppb, ppb)
             k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n,
-                                        length=length)
+                                        length=length, pieces=pieces)
             return _online_step(q, c, k, v, visible, qk_scale)
 
         carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, carry)
@@ -368,13 +418,14 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
         n_ring = jnp.where(h >= h_ret, jnp.clip(pl.cdiv(ring_len, pb) - first, 0, ring_split), 0)
 
         def ring_body(i, c):
-            k = rk_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)  # contiguous: no gather
-            v = rv_ref[pl.ds(b * nw + first + i, 1)].reshape(pb, d)
+            blk = (pl.ds(b * nw + first + i, 1),)  # contiguous: no gather
+            k = tuple(x.reshape(pb, x.shape[-1]) for x in _load(rk_ref, blk, pieces))
+            v = tuple(x.reshape(pb, x.shape[-1]) for x in _load(rv_ref, blk, pieces))
             slot = ((first + i) * pb + jax.lax.broadcasted_iota(jnp.int32, (1, pb), 1))
             return _online_step(q, c, k, v, slot < ring_len, qk_scale)
 
         carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
-    _write_out(carry, rep, out_refs, split)
+    _write_out(carry, rep, out_refs, split, pieces)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -408,8 +459,9 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
     if s and (ring_k.shape != ring_v.shape or ring_k.shape[1] != b or ring_k.shape[-1] != d):
         raise ValueError(f"ring k/v must be [S, B, W, D]: {ring_k.shape=} {ring_v.shape=} {q.shape=}")
-    if not _pow2(d) or (r and not _pow2(k_pages.shape[2])):
-        raise ValueError(f"sparse_decode needs power-of-2 head_dim and page size: {k_pages.shape=} {q.shape=}")
+    if not head_dim_supported(d) or (r and not _pow2(k_pages.shape[2])):
+        raise ValueError(f"sparse_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
+                         f"{k_pages.shape=} {q.shape=}")
     scale = d ** -0.5 if scale is None else scale
     lengths = lengths.astype(jnp.int32)
     if r:
@@ -446,7 +498,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     ret_head = lambda i: jnp.minimum(i, hr - 1)
     kernel = functools.partial(_sparse_kernel, page=page, ppb=ppb, pps=pps, h_ret=h_ret, nw=nw, pb=pb, width=w,
                                ring_split=pl.cdiv(nw, splits) if nw else 0, qk_scale=scale * _LOG2E,
-                               split=splits > 1)
+                               split=splits > 1, pieces=_d_pieces(d))
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
     in_specs = [
         whole(cnt.shape),  # counts

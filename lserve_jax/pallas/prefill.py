@@ -28,6 +28,14 @@ of those heads. It walks only the KV blocks it needs, computed in the kernel fro
 
 No mask tensor is materialised; the trip counts are dynamic (``lax.fori_loop`` with traced
 bounds lowers to ``scf.for`` on Triton).
+
+Offset form in the kernel: ``q_offset`` is a traced int32[B] input like ``lengths``; every block
+list above is computed in key positions (a q block's rows sit at ``q_offset[b] + row``, keys
+``[0, q_offset[b] + lengths[b])`` exist), queries and keys are padded each to their own block.
+Without ``q_offset`` the kernel is traced exactly as the plain form (no offset input).
+
+Masking: masked logits are ``-inf`` and the running max starts at a finite ``-1e30``, so a row
+with no visible key in a block (sink 0: the window's leading edge) contributes exactly nothing.
 """
 
 from __future__ import annotations
@@ -50,7 +58,6 @@ __all__ = [
     "default_block_config",
 ]
 
-DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.dtype("float32")).max)
 _LOG2E = math.log2(math.e)
 
 
@@ -150,13 +157,15 @@ def _cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
+# Running-max start, in the scaled (log2) domain: finite, far below any real scaled logit. Masked
+# logits are -inf, so a row with no visible key in a block gets p = exp2(-inf) = 0 and alpha =
+# exp2(0) = 1, never inf or NaN (a finite mask value is not safe: see `_prefill_kernel`).
+_M_INIT = -1e30
+
+
 def _prefill_kernel(
     lengths_ref,  # [B] int32 (whole array; one scalar read)
-    q_ref,        # [block_q, block_h, D]   tokens x heads of one GQA group
-    k_ref,        # [T_pad, D]              one sequence, one KV head
-    v_ref,        # [T_pad, D]
-    o_ref,        # [block_q, block_h, D]
-    *,
+    *refs,        # (offsets_ref [B] int32 if has_offset), q_ref, k_ref, v_ref, o_ref
     sm_scale: float,
     block_k: int,
     num_q_blocks: int,
@@ -165,31 +174,47 @@ def _prefill_kernel(
     num_kv_heads: int,
     sink: int,
     local: int,
+    has_offset: bool,
+    num_keys: int,
 ):
+    # q_ref: [block_q, block_h, D] tokens x heads of one GQA group; k_ref, v_ref: [Tk_pad, D] one
+    # sequence, one KV head; o_ref like q_ref.
+    if has_offset:
+        offsets_ref, q_ref, k_ref, v_ref, o_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref = refs
     block_q, block_h, head_dim = q_ref.shape
     rows = block_q * block_h
     qi = num_q_blocks - 1 - pl.program_id(0)  # heaviest q blocks are launched first
     kv_head = pl.program_id(1) // head_splits
     length = lengths_ref[pl.program_id(2)]
 
-    q0 = qi * block_q
+    q0 = qi * block_q  # first query row of the block
     q = q_ref[...].reshape(rows, head_dim)
-    # Token position of every row of the folded [tokens x heads] M dimension.
-    qpos = q0 + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), block_h)
-
+    # Query row of every row of the folded [tokens x heads] M dimension.
+    qrow = q0 + lax.div(lax.broadcasted_iota(jnp.int32, (rows,), 0), block_h)
     row_end = jnp.minimum(q0 + block_q, length)          # exclusive end of the valid rows
-    kv_end = jnp.where(q0 < length, row_end, 0)          # keys [0, kv_end) may be visible
+    if has_offset:
+        # Key positions: query row i sits at offset + i; keys [0, key_end) exist.
+        off = offsets_ref[pl.program_id(2)]
+        key_end = jnp.minimum(off + length, num_keys)
+        p0, qpos, pos_end = off + q0, off + qrow, off + row_end
+    else:
+        key_end, p0, qpos, pos_end = length, q0, qrow, row_end
+
+    # keys [0, kv_end) may be visible (an offset past the keys reads none of them)
+    kv_end = jnp.where(q0 < length, jnp.minimum(pos_end, key_end) if has_offset else pos_end, 0)
     n_end = _cdiv(kv_end, block_k)
     # Blocks whose every key is visible to every row (causal and length-wise).
-    n_full = jnp.minimum(lax.div(jnp.minimum(q0 + 1, length), block_k), n_end)
+    n_full = jnp.minimum(lax.div(jnp.minimum(p0 + 1, key_end), block_k), n_end)
 
     any_streaming = num_retrieval < num_kv_heads
     all_streaming = num_retrieval == 0
     if any_streaming:
         ns = _cdiv(jnp.minimum(kv_end, sink), block_k)     # sink blocks [0, ns)
-        ls = lax.div(jnp.maximum(q0 - local + 1, 0), block_k)
+        ls = lax.div(jnp.maximum(p0 - local + 1, 0), block_k)
         lo = jnp.minimum(jnp.maximum(ns, ls), n_end)       # local blocks [lo, n_end)
-        r1 = row_end - 1
+        r1 = pos_end - 1                                   # position of the last valid row
         a = _cdiv(jnp.maximum(r1 - local + 1, 0), block_k)  # first block inside every row's window
         a = jnp.minimum(jnp.maximum(a, lo), n_end)
         b = jnp.minimum(jnp.maximum(n_full, a), n_end)
@@ -206,8 +231,6 @@ def _prefill_kernel(
         is_ret = None
 
     qk_scale = sm_scale * _LOG2E
-    # Masked logits stay finite after scaling (no inf - inf in fully masked rows).
-    mask_value = DEFAULT_MASK_VALUE / max(qk_scale, 1.0)
     # f32 inputs: IEEE dots (the Triton lowering's DEFAULT precision is TF32).
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
@@ -219,13 +242,18 @@ def _prefill_kernel(
                             preferred_element_type=jnp.float32)  # [rows, block_k], unscaled
         if masked:
             kpos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-            mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < length)
+            mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] < key_end)
             if any_streaming:
                 window = (kpos[None, :] < sink) | (qpos[:, None] - kpos[None, :] < local)
                 if is_ret is not None:
                     window = window | is_ret
                 mask = mask & window
-            s = jnp.where(mask, s, mask_value)
+            # -inf, not a large finite value: with a finite mask value v, a row with no visible
+            # key has m_new = round(v * qk_scale) and the fused s * qk_scale - m_new (one FMA on
+            # the GPU, and on XLA:CPU) is the rounding error of that product, ~1e30 in magnitude;
+            # when positive, exp2 gives inf and a later block's alpha = 0 turns it into NaN
+            # (sink 0 at head dim 96 and 128, whose sign of that error happens to be positive).
+            s = jnp.where(mask, s, -jnp.inf)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=1) * qk_scale)
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s * qk_scale - m_new[:, None])  # one FMA per logit
@@ -241,7 +269,7 @@ def _prefill_kernel(
 
     carry = (
         jnp.zeros((rows, head_dim), jnp.float32),
-        jnp.full((rows,), DEFAULT_MASK_VALUE, jnp.float32),  # below any scaled logit
+        jnp.full((rows,), _M_INIT, jnp.float32),  # finite: m_i - m_new is never -inf - -inf
         jnp.zeros((rows,), jnp.float32),
     )
     if any_streaming:
@@ -256,7 +284,7 @@ def _prefill_kernel(
 
     l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    out = jnp.where((qpos < length)[:, None], out, 0.0)
+    out = jnp.where((qrow < length)[:, None], out, 0.0)
     o_ref[...] = out.astype(o_ref.dtype).reshape(block_q, block_h, head_dim)
 
 
@@ -291,14 +319,15 @@ def default_block_config(head_dim: int, group: int, streaming_only: bool = False
 
 def prefill_attention_pallas(
     q: jax.Array,        # [B, T, Hq, D]
-    k: jax.Array,        # [B, T, Hkv, D]
-    v: jax.Array,        # [B, T, Hkv, D]
+    k: jax.Array,        # [B, T, Hkv, D] ([B, Tk >= T, Hkv, D] with q_offset)
+    v: jax.Array,        # like k
     lengths: jax.Array,  # int32[B]
     *,
     num_retrieval: int,
     sink: int,
     local: int,
     scale: float | None = None,
+    q_offset: jax.Array | None = None,  # int32[B]
     block_m: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -310,14 +339,16 @@ def prefill_attention_pallas(
 
     ``block_m`` is the M dimension of the dots: ``block_q`` tokens x ``block_h`` query heads of
     one GQA group (``block_h`` = the largest power of two dividing G, at most ``block_m``).
+    ``q_offset``: the offset form (module docstring); the keys are padded to their own length.
     ``interpret=None`` interprets on CPU and compiles on GPU.
     """
-    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local)
+    validate_prefill_args(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local,
+                          q_offset=q_offset)
     _, _, hq, d = q.shape
-    hkv = k.shape[2]
+    tk, hkv = k.shape[1], k.shape[2]
     if d < 16:
         raise ValueError(f"head_dim must be >= 16 for the Triton dots, got {q.shape=}")
-    streaming_only = num_retrieval == 0 and sink < q.shape[1] and local < q.shape[1]
+    streaming_only = num_retrieval == 0 and sink < tk and local < tk
     cfg = default_block_config(d, hq // hkv, streaming_only)
     block_m = cfg["block_m"] if block_m is None else block_m
     block_k = cfg["block_k"] if block_k is None else block_k
@@ -332,6 +363,7 @@ def prefill_attention_pallas(
         raise ValueError(f"scale must be > 0, got {scale=}")
     return _prefill_pallas_jit(
         q, k, v, lengths.astype(jnp.int32),
+        None if q_offset is None else q_offset.astype(jnp.int32),
         num_retrieval=int(num_retrieval), sink=int(sink), local=int(local),
         scale=float(scale), block_m=int(block_m), block_k=int(block_k),
         num_warps=int(num_warps), num_stages=int(num_stages),
@@ -342,14 +374,17 @@ def prefill_attention_pallas(
     jax.jit,
     static_argnames=("num_retrieval", "sink", "local", "scale", "block_m", "block_k",
                      "num_warps", "num_stages", "interpret", "debug"))
-def _prefill_pallas_jit(q, k, v, lengths, *, num_retrieval, sink, local, scale, block_m,
+def _prefill_pallas_jit(q, k, v, lengths, q_offset, *, num_retrieval, sink, local, scale, block_m,
                         block_k, num_warps, num_stages, interpret, debug):
+    # q_offset None (a static pytree leaf-free argument): the plain form, traced exactly as
+    # before the offset form existed (no offset input, positions = rows, one shared padding).
+    has_offset = q_offset is not None
     bsz, t, hq, d = q.shape
-    hkv = k.shape[2]
+    tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
 
-    # A token window that covers the whole sequence is plain causal attention.
-    if sink >= t or local >= t:
+    # A token window that covers every key is plain causal attention.
+    if sink >= tk or local >= tk:
         num_retrieval = hkv
 
     block_h = min(_pow2_divisor(g), block_m)
@@ -357,18 +392,24 @@ def _prefill_pallas_jit(q, k, v, lengths, *, num_retrieval, sink, local, scale, 
     block_q = block_m // block_h
     # Small T: shrink the blocks, keeping every dot dimension >= 16.
     block_q = max(min(block_q, _next_pow2(t)), max(1, 16 // block_h))
-    block_k = max(16, min(block_k, _next_pow2(t)))
-    t_pad = -(-t // max(block_q, block_k)) * max(block_q, block_k)
+    block_k = max(16, min(block_k, _next_pow2(tk)))
+    if has_offset:  # queries and keys padded each to their own block
+        t_pad = -(-t // block_q) * block_q
+        tk_pad = -(-tk // block_k) * block_k
+    else:
+        t_pad = tk_pad = -(-t // max(block_q, block_k)) * max(block_q, block_k)
     d_pad = _next_pow2(d)
     if t_pad != t or d_pad != d:
-        pad = ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d))
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        q = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, d_pad - d)))
+    if tk_pad != tk or d_pad != d:
+        pad = ((0, 0), (0, tk_pad - tk), (0, 0), (0, d_pad - d))
+        k, v = (jnp.pad(x, pad) for x in (k, v))
     num_q_blocks = t_pad // block_q
 
     kernel = functools.partial(
         _prefill_kernel, sm_scale=scale, block_k=block_k, num_q_blocks=num_q_blocks,
         head_splits=head_splits, num_retrieval=num_retrieval, num_kv_heads=hkv,
-        sink=sink, local=local)
+        sink=sink, local=local, has_offset=has_offset, num_keys=tk)
     grid = (num_q_blocks, hkv * head_splits, bsz)
 
     def q_map(i, h, b):
@@ -378,22 +419,24 @@ def _prefill_pallas_jit(q, k, v, lengths, *, num_retrieval, sink, local, scale, 
         del i
         return (b, 0, h // head_splits, 0)
 
+    scalars = pl.BlockSpec((bsz,), lambda i, h, b: (0,))
+    in_specs = [scalars] * (2 if has_offset else 1) + [
+        pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
+        pl.BlockSpec((None, tk_pad, None, d_pad), kv_map),
+        pl.BlockSpec((None, tk_pad, None, d_pad), kv_map),
+    ]
+    args = (lengths, q_offset, q, k, v) if has_offset else (lengths, q, k, v)
     out = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[
-            pl.BlockSpec((bsz,), lambda i, h, b: (0,)),
-            pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
-            pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
-            pl.BlockSpec((None, t_pad, None, d_pad), kv_map),
-        ],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, block_q, block_h, d_pad), q_map),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=compat.triton_params(num_warps, num_stages),
         interpret=interpret,
         debug=debug,
         name="lserve_prefill",
-    )(lengths, q, k, v)
+    )(*args)
     if t_pad != t or d_pad != d:
         out = out[:, :t, :, :d]
     return out
