@@ -330,6 +330,11 @@ class Scheduler:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def reclaimable_pages(self) -> int:
+        """Pages free or held by the prefix cache alone (all of the pool once every request is done)."""
+        cached = 0 if self.cache is None else sum(1 for p in self.cache.owned()[0] if self.allocator.refcount(p) == 1)
+        return self.allocator.free_pages + cached
+
     def owned_pages(self) -> Iterable[int]:
         for r in self.running():
             yield from r.pages

@@ -20,6 +20,9 @@ from lserve_jax.pallas.prefill import (
 from .kernel_base import INTERPRET, RUNNERS, gpu_only, kernel_cases
 from .kernel_base import rel_err as _rel
 
+# the reference jitted: one compile per shape instead of op-by-op dispatch (seconds per case on CPU)
+_reference = jax.jit(prefill_attention_reference, static_argnames=("num_retrieval", "sink", "local", "scale"))
+
 
 def _inputs(seed, b, t, hq, hkv, d, dtype, lengths=None):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -102,6 +105,15 @@ _CASES = [
     (2, 128, 8, 1, 128, 0, 16, 40, [128, 100], 128, 32, _BF16),  # GQA 8, D 128
     (1, 300, 8, 2, 64, 1, 13, 70, None, 64, 32, _BF16),          # GQA 4 mixed
     (1, 1061, 4, 1, 128, 1, 128, 1061, [1061], 128, 64, _BF16),  # all retrieval causal, T 1061
+    # sink 0 (issue: NaN at head dims 96 and 128, fine at 64 and 80): rows that see no key in the
+    # window's first block. Before the fix (finite mask value) the fused s * scale - m gave
+    # exp2(+5e29) = inf there, then NaN; each of the D 96 / 128 cases below had NaN rows in
+    # interpret mode too (XLA:CPU fuses the same FMA at these tile sizes).
+    (1, 200, 2, 2, 64, 1, 0, 1, [200], 128, 32, _F32),           # local 1: self only
+    (1, 200, 2, 2, 80, 1, 0, 1, [200], 128, 32, _F32),
+    (1, 200, 2, 2, 96, 1, 0, 1, [200], 128, 32, _F32),
+    (1, 200, 2, 2, 128, 1, 0, 1, [200], 128, 32, _F32),
+    (1, 320, 4, 2, 128, 1, 0, 64, [320], None, None, _BF16),     # the issue's case, default tiles
 ]
 # llama3-8b heads (Hq 32, Hkv 8) at the GPU's shapes: default tiles, head dims 64..128 (80 and 96
 # padded to 128 in the kernel), T up to 4K
@@ -116,11 +128,22 @@ _GPU_CASES = [
     (1, 1024, 32, 8, 96, 4, 64, 256, [1000], None, None, _BF16),
     (1, 1024, 32, 8, 128, 4, 64, 256, [1000], None, None, _F32),
     (2, 300, 8, 1, 64, 0, 17, 45, [300, 123], None, None, _F32),  # G 8 streaming, default tiles
+    # the sink-0 issue at its shape (q [1, 1000, 4, D], one retrieval head, local 256) and local 1
+    (1, 1000, 4, 2, 64, 1, 0, 256, [1000], None, None, _BF16),
+    (1, 1000, 4, 2, 80, 1, 0, 256, [1000], None, None, _BF16),
+    (1, 1000, 4, 2, 96, 1, 0, 256, [1000], None, None, _BF16),
+    (1, 1000, 4, 2, 128, 1, 0, 256, [1000], None, None, _BF16),
+    (1, 1000, 4, 2, 128, 1, 0, 256, [999], None, None, _F32),
+    (1, 1000, 4, 2, 96, 0, 0, 1, [1000], None, None, _F32),
+    (1, 200, 4, 2, 96, 1, 0, 32, [190], 128, 64, _F32),
+    (1, 320, 4, 2, 96, 0, 0, 64, [300], None, None, _F32),
+    (2, 1024, 32, 8, 128, 4, 0, 1, [1024, 700], None, None, _BF16),
+    (2, 1024, 32, 8, 96, 0, 0, 200, [1024, 700], 64, 32, _BF16),
 ]
 
 
 def _case_id(c):
-    return f"T{c[1]}-G{c[2] // c[3]}-D{c[4]}-nr{c[5]}-{jnp.dtype(c[11]).name}"
+    return f"T{c[1]}-G{c[2] // c[3]}-D{c[4]}-nr{c[5]}-s{c[6]}l{c[7]}-{jnp.dtype(c[11]).name}"
 
 
 @pytest.mark.parametrize("runner,case", kernel_cases(_CASES, _GPU_CASES, ids=_case_id))
@@ -129,8 +152,9 @@ def test_kernel_matches_reference(runner, case):
     q, k, v, lens = _inputs(t + 31 * nr + local, b, t, hq, hkv, d, dtype, lengths)
     kw = dict(num_retrieval=nr, sink=sink, local=local)
     out = prefill_attention_pallas(q, k, v, lens, block_m=bm, block_k=bk, **runner.kw, **kw)
-    ref = prefill_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), lens, **kw)
+    ref = _reference(*(x.astype(jnp.float32) for x in (q, k, v)), lens, **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
     assert _rel(out, ref) <= runner.tol(dtype)
     lens_np = np.asarray(lens)
     for bi in range(b):
@@ -142,7 +166,7 @@ def test_kernel_default_blocks_and_scale(runner):
     q, k, v, lens = _inputs(3, 1, 200, 4, 2, 64, jnp.float32, [190])
     kw = dict(num_retrieval=1, sink=4, local=50, scale=0.05)
     out = prefill_attention_pallas(q, k, v, lens, **runner.kw, **kw)
-    ref = prefill_attention_reference(q, k, v, lens, **kw)
+    ref = _reference(q, k, v, lens, **kw)
     assert _rel(out, ref) <= runner.tol(jnp.float32)
 
 
@@ -152,8 +176,116 @@ def test_kernel_non_pow2_group_and_head_dim(runner):
     q, k, v, lens = _inputs(4, 1, 40, 6, 2, 48, jnp.float32, [33])
     kw = dict(num_retrieval=1, sink=2, local=9)
     out = prefill_attention_pallas(q, k, v, lens, block_m=32, block_k=16, **runner.kw, **kw)
-    ref = prefill_attention_reference(q, k, v, lens, **kw)
+    ref = _reference(q, k, v, lens, **kw)
     assert _rel(out, ref) <= runner.tol(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Offset (chunked) form: q [B, T], k/v [B, Tk >= T], query row i at key position q_offset[b] + i.
+# ------------------------------------------------------------------------------------------
+
+def _offset_inputs(seed, b, t, tk, hq, hkv, d, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, tk, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, tk, hkv, d), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _offset_sweep():
+    """T in {16, 40, 64} x Tk in {T, T + 24, 3T} x (retrieval-only, streaming-only, mixed), the
+    GQA group, head dim, sink / local window and tiles cycling over the cases. Three rows per
+    case with their own offsets (q_offset + T <= Tk, 0 included) and lengths (full, shorter, 0),
+    rotated so that every row position gets each."""
+    windows = [(0, 1), (3, 5), (0, 17), (3, 1), (0, 5), (3, 17), (3, 10 ** 6), (0, None), (3, None)]
+    tiles = [(16, 16), (32, 16), (64, 32), (32, 32), (16, 32)]
+    cases, i, j = [], 0, 0  # i: case, j: (T, Tk) pair
+    for t in (16, 40, 64):
+        for tk in (t, t + 24, 3 * t):
+            for h, heads in enumerate(("retrieval", "streaming", "mixed")):
+                g = (1, 2, 4)[(j + h) % 3]
+                hkv = 1 if heads != "mixed" and (i + j) % 2 else 2
+                nr = {"retrieval": hkv, "streaming": 0, "mixed": hkv // 2}[heads]
+                sink, local = windows[(2 * j + h) % len(windows)]
+                local = 2 * t if local is None else local  # None: a window wider than the chunk
+                d = (32, 64, 48)[(j + 2 * h) % 3]
+                bm, bk = tiles[i % len(tiles)]
+                span = tk - t
+                offs = [span, span // 3, min(7, span)]
+                lens = [t, max(1, t - 7 - i % 5), 0]
+                ro, rl = i % 3, (i + j) % 3
+                offs, lens = offs[ro:] + offs[:ro], lens[rl:] + lens[:rl]
+                cases.append((t, tk, hkv * g, hkv, d, nr, sink, local, offs, lens, bm, bk))
+                i += 1
+            j += 1
+    return cases
+
+
+_OFFSET_CASES = _offset_sweep()
+# the GPU's shapes: llama3-8b heads, a chunk late in a long prompt, bf16; D 96 padded; G 1
+_OFFSET_GPU_CASES = [
+    (1024, 4096, 32, 8, 128, 4, 128, 1000, [3072], [1024], None, None, _BF16),
+    (1024, 4096, 32, 8, 128, 0, 128, 1024, [3072], [1000], None, None, _BF16),
+    (1024, 4096, 32, 8, 128, 8, 128, 1024, [3072], [1024], None, None, _BF16),
+    (2048, 8192, 32, 8, 128, 4, 0, 256, [6144, 100], [2048, 2000], None, None, _BF16),
+    (512, 3000, 8, 2, 96, 1, 0, 300, [2488, 1000], [512, 300], None, None, _BF16),
+    (512, 1500, 4, 4, 64, 2, 64, 256, [988], [500], None, None, _F32),
+    (333, 1333, 32, 8, 80, 4, 16, 200, [1000, 0], [333, 1], None, None, _F32),
+]
+
+
+def _offset_case_id(c):
+    t, tk, hq, hkv, d, nr, sink, local = c[:8]
+    kind = "ret" if nr == hkv else "str" if nr == 0 else "mix"
+    dtype = jnp.dtype(c[12] if len(c) > 12 else _F32).name
+    return f"T{t}-Tk{tk}-{kind}-G{hq // hkv}-D{d}-s{sink}l{local}-{dtype}"
+
+
+@pytest.mark.parametrize("runner,case", kernel_cases(_OFFSET_CASES, [c for c in _OFFSET_GPU_CASES],
+                                                     ids=_offset_case_id))
+def test_offset_kernel_matches_reference(runner, case):
+    t, tk, hq, hkv, d, nr, sink, local, offs, lens, bm, bk = case[:12]
+    dtype = case[12] if len(case) > 12 else _F32
+    b = len(lens)
+    q, k, v = _offset_inputs(t + tk + 7 * nr + sink, b, t, tk, hq, hkv, d, dtype)
+    lens, offs = jnp.asarray(lens, jnp.int32), jnp.asarray(offs, jnp.int32)
+    kw = dict(num_retrieval=nr, sink=sink, local=local, q_offset=offs)
+    out = prefill_attention_pallas(q, k, v, lens, block_m=bm, block_k=bk, **runner.kw, **kw)
+    ref = _reference(*(x.astype(jnp.float32) for x in (q, k, v)), lens, **kw)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out_np = np.asarray(out, np.float32)
+    assert np.all(np.isfinite(out_np))
+    assert _rel(out, ref) <= runner.tol(dtype)
+    for bi, n in enumerate(np.asarray(lens)):
+        assert np.all(out_np[bi, n:] == 0)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_chunked_prefill_equals_one_shot(runner):
+    """A prompt prefilled in chunks through the ops API (offset form: each chunk's queries over
+    the prompt's keys, those past the chunk masked by q_offset + length) equals the one-shot plain
+    form. The choice puts the cuDNN hybrid first: it refuses the offset form,
+    so the dispatcher falls through to the Triton kernel (as the GPU default order does)."""
+    b, t, hq, hkv, d = 2, 96, 4, 2, 32
+    q, k, v = _offset_inputs(21, b, t, t, hq, hkv, d, jnp.float32)
+    lengths = np.asarray([96, 61], np.int32)
+    kw = dict(num_retrieval=1, sink=3, local=17)
+    tiles = dict(block_m=32, block_k=16)
+    whole = prefill_attention(q, k, v, jnp.asarray(lengths), choice=runner.choice("triton", **tiles), **kw)
+    ref = _reference(q, k, v, jnp.asarray(lengths), **kw)
+    assert _rel(whole, ref) <= runner.tol(jnp.float32)
+    choice = OpChoice.from_options({"interpret": runner.interpret, **tiles}, impls=("cudnn+triton", "triton"))
+    chunks = []
+    for s in (0, 32, 64):  # chunks of 32 over every key of the prompt: one compile for all three
+        n = jnp.asarray(np.clip(lengths - s, 0, 32), jnp.int32)
+        chunks.append(prefill_attention(q[:, s:s + 32], k, v, n, q_offset=jnp.full((b,), s, jnp.int32),
+                                        choice=choice, **kw))
+    chunked = jnp.concatenate(chunks, axis=1)
+    assert _rel(chunked, whole) <= runner.tol(jnp.float32)
+    assert np.all(np.asarray(chunked)[1, 61:] == 0)
+    with pytest.raises(Unsupported, match="offset"):
+        prefill_attention(q[:, :40], k, v, jnp.asarray([40, 40], jnp.int32), q_offset=jnp.zeros((b,), jnp.int32),
+                          choice=OpChoice(("xla+triton",)), **kw)
 
 
 # ------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def idle_and_all_pages_free(engine, timeout=10.0) -> bool:
     alloc = engine.scheduler.allocator
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if alloc.free_pages == alloc.num_pages - 1 and not engine.scheduler.requests:
+        if engine.scheduler.reclaimable_pages() == alloc.num_pages - 1 and not engine.scheduler.requests:
             return True
         time.sleep(0.05)
     return False

@@ -66,8 +66,9 @@ def model(request):
 
 
 def alone(model, requests):
+    """Each request on an engine of its own: one slot, whole-prompt prefill, no prefix cache."""
     params, layout, sparse = model
-    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=1)
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=1, prefill_chunk=None, prefix_cache=False)
     return {rid: run_all(eng, [(rid, p, sp)])[rid] for rid, p, sp in requests}
 
 
@@ -81,7 +82,7 @@ def test_busy_batch_equals_each_request_alone(model):
     got = run_all(eng, reqs, arrivals)
     assert eng.scheduler.preempted_total == 0
     assert got == alone(model, reqs)
-    assert eng.scheduler.allocator.free_pages == eng.scheduler.allocator.num_pages - 1
+    assert eng.scheduler.reclaimable_pages() == eng.scheduler.allocator.num_pages - 1
 
 
 @pytest.mark.parametrize("preemption", ["auto", "recompute", "swap"])
@@ -103,7 +104,7 @@ def test_preempted_requests_give_their_tokens_alone(model, preemption):
         assert got == ref
     else:
         assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in ref.items()}
-    assert eng.scheduler.allocator.free_pages == 9
+    assert eng.scheduler.reclaimable_pages() == 9
 
 
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model):
@@ -143,7 +144,7 @@ def test_abort_frees_slot_and_pages_at_once():
         eng.scheduler.check()
     assert outs[c].finished and outs[c].finish_reason == "length" and len(outs[c].token_ids) == 3
     assert outs[b].finished and len(outs[b].token_ids) == 30
-    assert eng.scheduler.allocator.free_pages == 8
+    assert eng.scheduler.reclaimable_pages() == 8
 
 
 def test_requests_that_can_never_fit_are_rejected_and_the_rest_run():
@@ -188,6 +189,13 @@ def test_no_recompilation_in_steady_state():
     assert eng._step._cache_size() == 1
 
 
+def prefill_all(s: Scheduler) -> None:
+    """What the engine does after admitting: dispatch every prompt's chunks."""
+    while chunk := s.next_prefill():
+        for c in chunk:
+            s.chunk_dispatched(c)
+
+
 def test_scheduler_preempts_the_youngest_and_requeues_it_first():
     s = Scheduler(num_slots=3, num_pages=4, page_size=4, max_tokens=64)  # 3 usable pages
     a = s.add("a", [1] * 4, SamplingParams(max_new_tokens=8))
@@ -195,6 +203,7 @@ def test_scheduler_preempts_the_youngest_and_requeues_it_first():
     c = s.add("c", [1] * 2, SamplingParams(max_new_tokens=8))
     assert s.admit() == [a, b]  # c waits: admitting it would leave no spare page
     s.check()
+    prefill_all(s)
     assert s.grow() == [] and len(a.pages) == 2  # a's next token (position 4) opens its 2nd page
     b.cached += 1  # b's next token (position 4) needs a page too: none is free
     assert s.grow() == [b] and b.status == "waiting" and b.preemptions == 1

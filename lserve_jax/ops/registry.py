@@ -11,11 +11,13 @@ An empty `OpChoice.impls` means the platform's default order: the implementation
 | platform | prefill                               | decode, append, page_scores |
 |----------|---------------------------------------|-----------------------------|
 | gpu      | cudnn+triton, triton, reference       | triton, reference           |
-| cpu      | reference                             | reference                   |
+| cpu      | cpu, reference                        | decode: cpu, reference; append, page_scores: reference |
 
 (the GPU prefill order is the fastest correct one measured on the H200, bench/prefill_attn.py:
 cudnn+triton runs retrieval heads through cuDNN and streaming heads through the Triton kernel;
-it refuses float32 (cuDNN flash attention takes half precision), so float32 goes to triton.)
+it refuses float32 (cuDNN flash attention takes half precision), so float32 goes to triton.
+On CPU, `ops/cpu.py`: block-sparse flash-style prefill and a decode that reads only the used
+slots; bench/peer_hf.py measures them against Hugging Face transformers.)
 
 Backends are modules of this package named in `BACKENDS`, imported on first use (so importing
 the API imports no kernel). A backend must import on every platform and jax version the project
@@ -33,7 +35,7 @@ __all__ = ["BACKENDS", "OPS", "Kernels", "OpChoice", "REGISTRY", "Registry", "Un
 
 OPS = ("prefill", "decode", "append", "page_scores")
 # Backend modules of lserve_jax.ops, imported lazily; adding a backend = one file + one entry here.
-BACKENDS = ("reference", "triton", "cudnn")
+BACKENDS = ("reference", "triton", "cudnn", "cpu")
 # Legacy spellings (the Pallas Triton lowering was called "pallas" before Mosaic GPU kernels).
 ALIASES = {"pallas": "triton", "cudnn+pallas": "cudnn+triton", "xla+pallas": "xla+triton"}
 

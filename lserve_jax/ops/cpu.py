@@ -1,0 +1,295 @@
+"""CPU backend: XLA-friendly implementations of prefill and decode attention.
+
+First in the CPU default order (rank 10, above the reference's 0); each equals the reference
+(`tests/test_cpu_path.py`, float32 to 1e-5) and refuses, with `Unsupported`, what it does not
+handle, so the reference runs instead. They compile on any platform (plain jnp and lax), but
+only the CPU ranks them: on a GPU they run only when a choice names "cpu".
+
+prefill ("cpu"): block-sparse attention, flash style. Queries in blocks of `block_q` tokens x
+the G heads of a GQA group (one [G * block_q, D] operand per KV head, so each key block loaded
+serves the whole group), keys in blocks of `block_k`, an online softmax in float32. Per query
+block, `lax.fori_loop`s with traced bounds walk only the key blocks the LServe mask can reach:
+retrieval heads the blocks up to the diagonal (those wholly below it without a mask), streaming
+heads the sink blocks and the local window's blocks (the Λ). Nothing [T, Tk] is materialised,
+and the offset form (`q_offset`, a chunk of a longer prompt) runs the same loops with its
+shifted positions. A streaming window that covers every key makes those heads retrieval heads
+(dense), as in the Triton kernel. Options: block_q (default 128), block_k (default 512).
+
+decode ("cpu"): the reference reads every slot of the selection (every page of the page table
+in a dense layer: 8192 tokens of the default model's cache however short the sequence). Here
+the retrieval heads read only the slots in use, rounded up to a power of two (a `lax.switch`
+over the static sizes; the branch is picked from the largest `sel_count` of the batch), and
+when every selection head's used slots are exactly its sequence's valid pages (any sequence no
+longer than the token budget, and every dense layer), the pages are read once per KV head
+through the page table, shared by the G query heads, rather than once per query head.
+Streaming heads attend straight over the ring (contiguous, no gather). Options: none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .registry import Unsupported, register
+
+CPU_FIRST = {"cpu": 10}  # above the reference (0); other platforms only when named
+
+PREFILL_OPTIONS = frozenset({"block_q", "block_k"})
+DECODE_OPTIONS = frozenset()
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_HI = lax.Precision.HIGHEST  # the reference's precision: float32 dots stay IEEE on every platform
+_LOG2E = math.log2(math.e)
+_M_INIT = -1e30  # running max start: finite, so exp2(m - m_new) of an empty row stays finite
+
+
+def _check_options(op: str, options: dict, allowed: frozenset) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for the CPU {op}; it takes {sorted(allowed)}")
+
+
+def _cdiv(a, b: int):
+    return (a + (b - 1)) // b
+
+
+# --------------------------------------------------------------------------------------------
+# prefill
+# --------------------------------------------------------------------------------------------
+
+
+@register("prefill", "cpu", priority=CPU_FIRST)
+def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
+    _check_options("prefill", options, PREFILL_OPTIONS)
+    if q.dtype not in _FLOATS:
+        raise Unsupported(f"the CPU prefill takes float32/bfloat16/float16, got {q.dtype=}")
+    block_q = int(options.get("block_q", 128))
+    block_k = int(options.get("block_k", 512))
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be >= 1, got {block_q=} {block_k=}")
+    return blocked_prefill(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local, scale=scale,
+                           q_offset=q_offset, block_q=block_q, block_k=block_k)
+
+
+def blocked_prefill(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int, scale: float,
+                    q_offset=None, block_q: int = 128, block_k: int = 512):
+    """The LServe prefill mask (see `ops.prefill`) by blocks; shapes already validated."""
+    b, t, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    if sink >= tk or local >= tk:  # the window covers every key: plain causal attention
+        num_retrieval = hkv
+    bq = min(block_q, t)
+    bk = min(block_k, tk)
+    t_pad, tk_pad = _cdiv(t, bq) * bq, _cdiv(tk, bk) * bk
+    off = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
+    lengths = lengths.astype(jnp.int32)
+    # float32 math as the reference's: [B, Hkv, T, G, D] queries with the softmax scale (log2
+    # units) folded in; keys and values [B, Hkv, Tk, D]
+    qs = q.astype(jnp.float32) * (scale * _LOG2E)
+    qs = jnp.pad(qs, ((0, 0), (0, t_pad - t), (0, 0), (0, 0))).reshape(b, t_pad, hkv, g, d).transpose(0, 2, 1, 3, 4)
+    ks = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    vs = jnp.pad(v.astype(jnp.float32), ((0, 0), (0, tk_pad - tk), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    outs = []
+    r = num_retrieval
+    for lo, hi, streaming in ((0, r, False), (r, hkv, True)):
+        if hi > lo:
+            outs.append(_prefill_group(qs[:, lo:hi], ks[:, lo:hi], vs[:, lo:hi], off, lengths, streaming=streaming,
+                                       sink=sink, local=local, bq=bq, bk=bk, t=t, tk=tk))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # [B, Hkv, T_pad, G, D]
+    o = o.transpose(0, 2, 1, 3, 4)[:, :t].reshape(b, t, hq, d)
+    row_ok = jnp.arange(t)[None, :] < lengths[:, None]
+    return jnp.where(row_ok[:, :, None, None], o, 0).astype(q.dtype)
+
+
+def _prefill_group(qs, ks, vs, off, lengths, *, streaming: bool, sink: int, local: int, bq: int, bk: int, t: int,
+                   tk: int):
+    """One kind of heads. qs [B, H, T_pad, G, D] float32 (scaled, log2 units), ks/vs float32
+    [B, H, Tk_pad, D] (keys [tk, Tk_pad) padding); off, lengths int32 [B]. Returns float32
+    [B, H, T_pad, G, D] (rows past a length: any value, the caller zeroes them)."""
+    b, h, t_pad, g, d = qs.shape
+    n_kb = ks.shape[2] // bk
+    m_rows = bq * g
+    # rows of a query block: token-major, the G heads of a token adjacent
+    row_tok = jnp.arange(m_rows, dtype=jnp.int32) // g  # [M]
+
+    def q_block(qi, out):
+        q0 = qi * bq
+        qb = lax.dynamic_slice_in_dim(qs, q0, bq, axis=2).reshape(b, h, m_rows, d)
+        pos = off[:, None] + q0 + row_tok[None, :]  # [B, M] key position of each row
+        # rows that matter: those < length (the others are zeroed by the caller)
+        last = off + jnp.minimum(q0 + bq, lengths) - 1  # [B] last valid row's position
+        first = off + q0  # [B]
+        any_row = jnp.max(jnp.minimum(q0 + bq, lengths) - q0) > 0
+
+        def body(kb, carry, masked: bool):
+            acc, m, l = carry
+            k0 = kb * bk
+            kblk = lax.dynamic_slice_in_dim(ks, k0, bk, axis=2)
+            vblk = lax.dynamic_slice_in_dim(vs, k0, bk, axis=2)
+            s = jnp.einsum("bhmd,bhkd->bhmk", qb, kblk, precision=_HI, preferred_element_type=jnp.float32)
+            if masked:
+                j = k0 + jnp.arange(bk, dtype=jnp.int32)  # [bk]
+                i = pos[:, None, :, None]  # [B, 1, M, 1]
+                ok = j[None, None, None, :] <= i
+                if ks.shape[2] != tk:  # padded keys (reachable only when off + length > Tk)
+                    ok = ok & (j < tk)[None, None, None, :]
+                if streaming:
+                    ok = ok & ((j[None, None, None, :] < sink) | (i - j[None, None, None, :] < local))
+                s = jnp.where(ok, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp2(s - m_new[..., None])
+            alpha = jnp.exp2(m - m_new)
+            l = l * alpha + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bhmk,bhkd->bhmd", p, vblk, precision=_HI, preferred_element_type=jnp.float32)
+            acc = acc * alpha[..., None] + pv
+            return acc, m_new, l
+
+        carry = (jnp.zeros((b, h, m_rows, d), jnp.float32), jnp.full((b, h, m_rows), _M_INIT, jnp.float32),
+                 jnp.zeros((b, h, m_rows), jnp.float32))
+        masked = lambda kb, c: body(kb, c, True)
+        plain = lambda kb, c: body(kb, c, False)
+        # key blocks [0, n_end) can be visible to some valid row (causal); [0, n_full) to every row
+        n_end = jnp.where(any_row, _cdiv(jnp.max(last) + 1, bk), 0)
+        n_end = jnp.clip(n_end, 0, n_kb)
+        n_full = jnp.clip(jnp.minimum(jnp.min(first) + 1, tk) // bk, 0, n_end)
+        if not streaming:
+            carry = lax.fori_loop(0, n_full, plain, carry)
+            carry = lax.fori_loop(n_full, n_end, masked, carry)
+        else:
+            # sink blocks [0, ns); the window's blocks [lo, n_end), wholly inside every row's
+            # window (and below the diagonal) in [a, n_full2)
+            ns = jnp.minimum(_cdiv(jnp.full((), sink, jnp.int32), bk), n_end)
+            lo = jnp.clip(jnp.min(first - local + 1) // bk, ns, n_end)
+            a = jnp.clip(_cdiv(jnp.max(last) - local + 1, bk), lo, n_end)
+            full = jnp.clip(n_full, a, n_end)
+            carry = lax.fori_loop(0, ns, masked, carry)
+            carry = lax.fori_loop(lo, a, masked, carry)
+            carry = lax.fori_loop(a, full, plain, carry)
+            carry = lax.fori_loop(full, n_end, masked, carry)
+        acc, _, l = carry
+        o = acc / jnp.where(l == 0, 1.0, l)[..., None]
+        return lax.dynamic_update_slice_in_dim(out, o.reshape(b, h, bq, g, d), q0, axis=2)
+
+    out = jnp.zeros((b, h, t_pad, g, d), jnp.float32)
+    return lax.fori_loop(0, _cdiv(t, bq), q_block, out)
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------
+
+
+def _sizes(k: int) -> tuple[int, ...]:
+    """Slot counts of the decode branches: powers of two below k, then k."""
+    out, n = [], 1
+    while n < k:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (k,)
+
+
+def _attend(q, keys, vals, ok, scale):
+    """q [B, H, M, D]; keys, vals [B, H, T, D]; ok bool [B, H, T] -> [B, H, M, D] float32 (rows
+    with no visible key: 0), the reference's math."""
+    s = jnp.einsum("bhmd,bhtd->bhmt", q, keys, preferred_element_type=jnp.float32, precision=_HI) * scale
+    s = jnp.where(ok[:, :, None, :], s, -jnp.inf)
+    mx = jnp.max(s, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.exp(s - mx)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.einsum("bhmt,bhtd->bhmd", e, vals.astype(jnp.float32), preferred_element_type=jnp.float32,
+                   precision=_HI)
+    return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _gather(pages, kv, phys):
+    """pages [Hk, P, page, D], kv int32 [H] (the KV head of each program head), phys int32
+    [B, H, m] -> [B, H, m * page, D]."""
+    b, h, m = phys.shape
+    page, d = pages.shape[2:]
+    return pages[kv[None, :, None], phys].reshape(b, h, m * page, d)
+
+
+@register("decode", "cpu", priority=CPU_FIRST)
+def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, *, mode, scale,
+           options):
+    _check_options("decode", options, DECODE_OPTIONS)
+    if q.dtype not in _FLOATS:
+        raise Unsupported(f"the CPU decode takes float32/bfloat16/float16, got {q.dtype=}")
+    b, hq, d = q.shape
+    r, s = k_pages.shape[0], ring_k.shape[0]
+    g = hq // (r + s)
+    lengths = lengths.astype(jnp.int32)
+    outs = []
+    if r:
+        outs.append(_retrieval_decode(q[:, : r * g], k_pages, v_pages, page_table, lengths, sel_pages,
+                                      sel_count.astype(jnp.int32), mode=mode, scale=scale, g=g))
+    if s:
+        outs.append(_ring_decode(q[:, r * g:], ring_k, ring_v, lengths, scale=scale, g=g))
+    o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return o.astype(q.dtype)
+
+
+def _ring_decode(q, ring_k, ring_v, lengths, *, scale, g):
+    """Streaming heads over their ring: q [B, S*G, D]; ring [S, B, W, D]; slots [0, min(len, W))."""
+    s, b, w, d = ring_k.shape
+    qh = q.reshape(b, s, g, d)
+    kk, vv = ring_k.transpose(1, 0, 2, 3), ring_v.transpose(1, 0, 2, 3)  # [B, S, W, D]
+    ok = jnp.arange(w)[None, :] < jnp.minimum(lengths, w)[:, None]  # [B, W]
+    o = _attend(qh, kk, vv, jnp.broadcast_to(ok[:, None], (b, s, w)), scale)
+    return o.reshape(b, s * g, d)
+
+
+def _retrieval_decode(q, k_pages, v_pages, page_table, lengths, sel_pages, sel_count, *, mode, scale, g):
+    """Retrieval heads: q [B, R*G, D]; the selection's used slots only (see the module doc)."""
+    b, hr, d = q.shape
+    r, p, page, _ = k_pages.shape
+    n = page_table.shape[1]
+    hsel, kslots = sel_pages.shape[1:]
+    count = jnp.clip(sel_count, 0, kslots)  # [B, Hsel]
+    lg_all = jnp.clip(sel_pages, 0, n - 1)  # the reference's clipping
+    n_valid = (lengths + page - 1) // page  # [B] pages holding some position < length
+    qm = q.reshape(b, r, g, d) if mode == "kv_head" else q.reshape(b, hr, 1, d)
+    kv_sel = jnp.arange(hsel) // (hsel // r)  # kv head of each selection head
+
+    def selected(m):
+        def run(_):
+            lg = lg_all[..., :m]
+            phys = jnp.take_along_axis(page_table, lg.reshape(b, -1), axis=1).reshape(b, hsel, m)
+            phys = jnp.clip(phys, 0, p - 1)
+            pos = (lg[..., None] * page + jnp.arange(page)).reshape(b, hsel, m * page)
+            used = jnp.repeat(jnp.arange(m)[None, None, :] < count[..., None], page, axis=-1)
+            ok = used & (pos < lengths[:, None, None])
+            o = _attend(qm, _gather(k_pages, kv_sel, phys), _gather(v_pages, kv_sel, phys), ok, scale)
+            return o.reshape(b, hr, d)
+        return run
+
+    def shared(m):
+        # every selection head reads exactly its sequence's valid pages: read them once per KV
+        # head, in table order, for the G query heads of the group
+        def run(_):
+            phys = jnp.clip(jnp.broadcast_to(page_table[:, None, :m], (b, r, m)), 0, p - 1)
+            pos = jnp.arange(m * page)[None, :]
+            ok = jnp.broadcast_to((pos < lengths[:, None])[:, None], (b, r, m * page))
+            kv = jnp.arange(r)
+            o = _attend(q.reshape(b, r, g, d), _gather(k_pages, kv, phys), _gather(v_pages, kv, phys), ok, scale)
+            return o.reshape(b, hr, d)
+        return run
+
+    sel_sizes = _sizes(kslots)
+    tab_sizes = _sizes(n)
+    need = jnp.max(count)  # slots in use, batch-wide
+    branch_sel = jnp.searchsorted(jnp.asarray(sel_sizes), need)
+    branches = [selected(m) for m in sel_sizes]
+    # whether every selection head's used slots name each valid page exactly once
+    used = jnp.arange(kslots)[None, None, :] < count[..., None]  # [B, Hsel, K]
+    hits = jnp.sum((lg_all[..., None] == jnp.arange(n)) & used[..., None], axis=2)  # [B, Hsel, N]
+    valid_col = jnp.arange(n)[None, None, :] < n_valid[:, None, None]
+    is_all = jnp.all(jnp.where(valid_col, hits == 1, True))
+    branch_tab = jnp.searchsorted(jnp.asarray(tab_sizes), jnp.max(n_valid))
+    branches += [shared(m) for m in tab_sizes]
+    index = jnp.where(is_all, len(sel_sizes) + branch_tab, branch_sel)
+    return lax.switch(jnp.clip(index, 0, len(branches) - 1), branches, None)
