@@ -26,7 +26,8 @@ from .tokenizer import Tokenizer
 def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathLike | None = "auto",
          sparse: SparseConfig | None = None, dtype: str | None = None, max_seq_len: int | None = None,
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
-         progress: bool = True, tp: int = 1, max_slots: int | None = None) -> Engine:
+         progress: bool = True, tp: int = 1, max_slots: int | None = None,
+         prefill_chunk: int | str | None = "auto", prefix_cache: bool = True) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -76,7 +77,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,
-                  max_slots=max_slots)
+                  max_slots=max_slots, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
 
 
 NO_JIT_CACHE_ENV = "LSERVE_JAX_NO_JIT_CACHE"

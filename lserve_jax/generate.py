@@ -42,12 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def engine_options(args) -> dict:
+    """The Engine keywords of --prefill-chunk and --no-prefix-cache (ValueError on a bad chunk)."""
+    chunk = args.prefill_chunk
+    if chunk not in ("auto", "none"):
+        try:
+            chunk = int(chunk)
+        except ValueError:
+            raise ValueError(f"--prefill-chunk must be a number of tokens, 'auto' or 'none', got {chunk!r}") from None
+        if chunk < 1:
+            raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
+    return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache)
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """The engine's options (cache, dtype, tp, LServe's knobs); shared with `lserve_jax.serve`."""
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
+    p.add_argument("--prefill-chunk", default="auto",
+                   help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "
+                        "decoding between a long prompt's chunks ('auto': 512 on CPU, whole prompts on GPU; "
+                        "'none': whole prompts)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the cache pages of prompts that start like one prefilled before")
     s = p.add_argument_group("sparse attention (LServe)")
     s.add_argument("--pattern", default="auto",
                    help="head pattern: 'auto' (stored with the checkpoint, else dense), 'none' (dense), or a TSV/.npy path")
@@ -153,7 +172,7 @@ def _main(args) -> int:
     try:
         engine = load(args.checkpoint, pattern=None if args.pattern == "none" else args.pattern, sparse=sparse,
                       dtype=args.dtype, max_seq_len=args.max_seq_len, num_pages=args.num_pages,
-                      progress=not args.quiet, tp=args.tp)
+                      progress=not args.quiet, tp=args.tp, **engine_options(args))
         if engine.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json; text generation needs one")
         streamer = _Streamer(engine.tokenizer, len(prompts), sampling.stop)

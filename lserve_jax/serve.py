@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .generate import add_engine_options, engine_settings
+from .generate import add_engine_options, engine_options, engine_settings
 
 DESCRIPTION = """\
 Serve a converted checkpoint (default: the default model) over OpenAI's HTTP API:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine = load(args.checkpoint, pattern=None if args.pattern == "none" else args.pattern, sparse=sparse,
                       dtype=args.dtype, max_seq_len=args.max_seq_len, num_pages=args.num_pages, tp=args.tp,
-                      max_slots=args.max_slots)
+                      max_slots=args.max_slots, **engine_options(args))
         if engine.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json; the server needs one")
         if args.warmup:
