@@ -231,7 +231,8 @@ class Scheduler:
                 if r.prefilled or r.prefill_len > limit:
                     continue
                 n = len(rows) + 1
-                bucket = _pow2_at_least(max([r.prefill_len] + [c.count for c in rows]))
+                # the engine pads every row to this (a power of two, at least one page)
+                bucket = max(self.page_size, _pow2_at_least(max([r.prefill_len] + [c.count for c in rows])))
                 over_budget = self.chunk is not None and _pow2_at_least(n) * bucket > max(self.chunk, bucket)
                 if rows and ((max_rows and n > max_rows) or over_budget):
                     break

@@ -87,8 +87,8 @@ def test_key_statistics_equal_recomputation_after_appends(impl):
     rng = np.random.default_rng(7)
     lengths = np.array([13, 30], np.int32)
     keys = rng.standard_normal((b, n * 16, 2, 16)).astype(np.float32)
-    lc = kvc.write_prefill(cache.layers[0], jnp.asarray(keys[:, :32]), jnp.asarray(keys[:, :32]), table,
-                           jnp.asarray(lengths), sp)
+    lc = kvc.write_chunk(cache.layers[0], jnp.asarray(keys[:, :32]), jnp.asarray(keys[:, :32]), table,
+                         jnp.zeros_like(table), jnp.zeros((b,), jnp.int32), jnp.asarray(lengths), sp)
     for step in range(22):  # row 0: 13 -> 35 (pages 0..2), row 1: 30 -> 52 (pages 1..3)
         pos = lengths + step
         k = jnp.asarray(keys[np.arange(b), pos])

@@ -155,3 +155,18 @@ def test_long_prompt_chunks_interleave_with_decode_steps():
                 long_first = got_short
         steps += 1
     assert long_first is not None and long_first >= 8  # 357 tokens in 32-token chunks: 12 chunks
+
+
+def test_no_recompilation_with_chunks_after_warmup():
+    """Prompts up to 60 tokens in 16-token chunks, the prefix cache on: after `warmup`, 50 requests
+    arriving at random compile no new prefill or decode program."""
+    eng = Engine(tiny_params(CFG), CFG, sparse=SparseConfig(page_size=16, logical_page_size=4), max_slots=4,
+                 prefill_chunk=16)
+    eng.warmup(max_prompt_tokens=64)
+    sizes = (eng._prefill._cache_size(), eng._step._cache_size())
+    assert sizes == (3, 1)  # a 16-token chunk from 0, and later chunks reading 2 or 4 pages
+    reqs = [(f"b{i}", p, sp) for i, (_, p, sp) in enumerate(make_requests(50, seed=6))]
+    reqs[25:] = [(rid, reqs[3][1] + p[:4], sp) for rid, p, sp in reqs[25:]]  # prefix hits too
+    run_all(eng, reqs, arrivals=list(np.random.default_rng(7).integers(0, 40, 50)), check=False)
+    assert eng.scheduler.prefix_hit_total > 0
+    assert (eng._prefill._cache_size(), eng._step._cache_size()) == sizes

@@ -24,11 +24,16 @@ from .kernel_base import rel_err as _rel
 _reference = jax.jit(prefill_attention_reference, static_argnames=("num_retrieval", "sink", "local", "scale"))
 
 
+def _normal(rng, shape, dtype):
+    # numpy, not jax.random: an eager jax.random draw compiles per shape (about a second a case)
+    return jnp.asarray(rng.standard_normal(shape, np.float32).astype(jnp.dtype(dtype)))
+
+
 def _inputs(seed, b, t, hq, hkv, d, dtype, lengths=None):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, t, hkv, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, t, hkv, d), jnp.float32).astype(dtype)
+    rng = np.random.default_rng(seed)
+    q = _normal(rng, (b, t, hq, d), dtype)
+    k = _normal(rng, (b, t, hkv, d), dtype)
+    v = _normal(rng, (b, t, hkv, d), dtype)
     if lengths is None:
         lengths = [t] * b
     return q, k, v, jnp.asarray(lengths, jnp.int32)
@@ -185,11 +190,8 @@ def test_kernel_non_pow2_group_and_head_dim(runner):
 # ------------------------------------------------------------------------------------------
 
 def _offset_inputs(seed, b, t, tk, hq, hkv, d, dtype):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
-    q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(dtype)
-    k = jax.random.normal(ks[1], (b, tk, hkv, d), jnp.float32).astype(dtype)
-    v = jax.random.normal(ks[2], (b, tk, hkv, d), jnp.float32).astype(dtype)
-    return q, k, v
+    rng = np.random.default_rng(seed)
+    return _normal(rng, (b, t, hq, d), dtype), _normal(rng, (b, tk, hkv, d), dtype), _normal(rng, (b, tk, hkv, d), dtype)
 
 
 def _offset_sweep():

@@ -1,0 +1,213 @@
+"""Serving benchmark: the sparse engine against the dense engine on the same request lists.
+
+    python bench/serve.py                                   # H200: llama3-8b shape, random bf16 weights
+    python bench/serve.py --shape tiny --scale 0.01         # CPU smoke run (what the tests run)
+
+Workloads (fixed seeds, greedy, ignore EOS; prompt lengths scaled by --scale):
+  doc     document QA, prefill-heavy: prompts from {8K, 16K, 32K, 64K, 128K}, 256 output tokens
+  gen     long generation, decode-heavy: prompts from {16K, 32K, 64K}, 1,024 output tokens
+  prefix  8 questions about one 64K document (run with and without the prefix cache)
+Each runs all at once (offline) and with Poisson arrivals at each --rates (requests/s). Per run:
+output and total tokens/s, TTFT and TPOT p50/p99, peak pages in use, peak running sequences,
+prefix-cache hit tokens. Both engines get the same page pool (--num-pages) and slots.
+
+JSON: <out>/serve-<date>.json with a `summary` (serve_doc_throughput_speedup_vs_dense,
+serve_gen_throughput_speedup_vs_dense, serve_gen_tpot_p50_speedup_vs_dense,
+prefix_cache_ttft_speedup); a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import (SHAPES, environment, log, model_config, sparse_layout, write_json)  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lserve_jax.config import ModelConfig, SparseConfig  # noqa: E402
+from lserve_jax.engine import Engine  # noqa: E402
+from lserve_jax.heads import HeadLayout  # noqa: E402
+from lserve_jax.params import init_params  # noqa: E402
+from lserve_jax.sampling import SamplingParams  # noqa: E402
+
+TINY = dict(architecture="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+            num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1 << 20, eos_token_ids=())
+
+WORKLOADS = {  # name: (prompt lengths drawn from, output tokens, requests)
+    "doc": ((8192, 16384, 32768, 65536, 131072), 256, 32),
+    "gen": ((16384, 32768, 65536), 1024, 32),
+}
+PREFIX_DOC, PREFIX_QUESTIONS, PREFIX_Q_TOKENS, PREFIX_OUT = 65536, 8, 64, 64
+
+
+def requests_for(name: str, scale: float, vocab: int, n: int | None, page: int, seed: int = 0):
+    """[(prompt ids, max_new_tokens)] of a workload, prompt lengths scaled (at least two pages)."""
+    rng = np.random.default_rng(seed)
+    if name == "prefix":
+        doc = rng.integers(1, vocab, max(2 * page, int(PREFIX_DOC * scale))).tolist()
+        out = max(2, int(PREFIX_OUT * max(scale, 1 / 16)))
+        return [(doc + rng.integers(1, vocab, PREFIX_Q_TOKENS).tolist(), out) for _ in range(n or PREFIX_QUESTIONS)]
+    lengths, out, count = WORKLOADS[name]
+    out = max(2, int(out * max(scale, 1 / 64)))
+    return [(rng.integers(1, vocab, max(2 * page, int(rng.choice(lengths) * scale))).tolist(), out)
+            for _ in range(n or count)]
+
+
+def percentile(xs, q):
+    return float(np.percentile(xs, q)) if xs else None
+
+
+def run(engine: Engine, reqs, rate: float | None, seed: int = 1) -> dict:
+    """Serves `reqs` (all at t=0 when rate is None, else Poisson arrivals) to the end."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.zeros(len(reqs)) if rate is None else np.cumsum(rng.exponential(1 / rate, len(reqs)))
+    sched = engine.scheduler
+    hits0 = sched.prefix_hit_total
+    first, last, count, added = {}, {}, {}, {}
+    peak_pages = peak_running = 0
+    t0 = time.perf_counter()
+    i = 0
+    while i < len(reqs) or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while i < len(reqs) and arrivals[i] <= now:
+            ids, out = reqs[i]
+            rid = engine.add_request(ids, SamplingParams(max_new_tokens=out, ignore_eos=True), request_id=f"r{i}")
+            added[rid] = time.perf_counter()
+            i += 1
+        if not engine.has_unfinished():
+            time.sleep(min(0.01, max(0.0, arrivals[i] - now)))
+            continue
+        outs = engine.step()
+        t = time.perf_counter()
+        for o in outs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, t)
+                last[o.request_id] = t
+                count[o.request_id] = len(o.token_ids)
+        alloc = sched.allocator
+        peak_pages = max(peak_pages, alloc.num_pages - 1 - sched.reclaimable_pages())
+        peak_running = max(peak_running, sum(1 for r in sched.running() if r.prefill_done))
+    wall = time.perf_counter() - t0
+    ttft = [first[r] - added[r] for r in added]
+    tpot = [(last[r] - first[r]) / (count[r] - 1) for r in added if count.get(r, 0) > 1]
+    out_tokens = sum(count.values())
+    prompt_tokens = sum(len(ids) for ids, _ in reqs)
+    return {"requests": len(reqs), "rate": rate, "wall_s": wall, "output_tokens": out_tokens,
+            "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + prompt_tokens) / wall,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
+            "peak_pages": peak_pages, "peak_running": peak_running,
+            "prefix_hit_tokens": sched.prefix_hit_total - hits0}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES) + ["tiny"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="static sparsity of the head pattern")
+    p.add_argument("--scale", type=float, default=1.0, help="prompt (and output) lengths times this")
+    p.add_argument("--workloads", default="doc,gen,prefix")
+    p.add_argument("--requests", type=int, help="requests per workload (default: the workload's)")
+    p.add_argument("--rates", default="0.5,2", help="Poisson arrival rates in requests/s ('' for offline only)")
+    p.add_argument("--max-slots", type=int, default=16)
+    p.add_argument("--num-pages", type=int, help="page pool of each engine (default: 4 max-length sequences)")
+    p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
+    p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
+    args = p.parse_args(argv)
+
+    cfg = ModelConfig(**TINY) if args.shape == "tiny" else model_config(args.shape)
+    env = environment()
+    log("env", env)
+    dtype = jnp.float32 if args.shape == "tiny" else jnp.bfloat16
+    params = init_params(cfg, jax.random.key(0), dtype)
+    sparse = SparseConfig()
+    if args.shape == "tiny":
+        sparse = SparseConfig(page_size=16, logical_page_size=4, prefill_sink=16, prefill_local=64,
+                              decode_sink=16, decode_local=32, token_budget=128)
+        layout = HeadLayout(2, (1, 1))
+    else:
+        layout = sparse_layout(args.shape, cfg, args.sparsity, 1)
+    dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    workloads = [w for w in args.workloads.split(",") if w]
+    reqs = {w: requests_for(w, args.scale, cfg.vocab_size, args.requests, sparse.page_size) for w in workloads}
+    longest = max(len(ids) + out for rs in reqs.values() for ids, out in rs)
+    max_seq = -(-longest // sparse.page_size) * sparse.page_size
+    pages = args.num_pages or 4 * (max_seq // sparse.page_size) + 1
+    chunk = None if args.prefill_chunk == "none" else (args.prefill_chunk if args.prefill_chunk == "auto"
+                                                       else int(args.prefill_chunk))
+    rates = [None] + [float(r) for r in args.rates.split(",") if r]
+    results = {"env": env, "shape": args.shape, "scale": args.scale, "num_pages": pages, "max_slots": args.max_slots,
+               "max_seq_len": max_seq, "runs": []}
+    out_file = os.path.join(args.out, f"serve-{env['date'][:10]}.json")
+    for name, lay in (("sparse", layout), ("dense", dense_layout)):
+        for cache_on in ((True, False) if "prefix" in workloads else (True,)):
+            eng = Engine(params, cfg, layout=lay, sparse=sparse, max_seq_len=max_seq, num_pages=pages,
+                         max_slots=args.max_slots, prefill_chunk=chunk, prefix_cache=cache_on)
+            log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}): warm-up ...")
+            eng.warmup(max_prompt_tokens=max(len(ids) for rs in reqs.values() for ids, _ in rs))
+            for w in workloads:
+                if (w == "prefix") != (not cache_on) and w != "prefix" and not cache_on:
+                    continue  # the cache-off engine runs the prefix workload only
+                for rate in ([None] if w == "prefix" else rates):
+                    eng.scheduler.cache and eng.scheduler.cache.clear()
+                    r = run(eng, reqs[w], rate)
+                    r.update(engine=name, workload=w, prefix_cache=cache_on)
+                    results["runs"].append(r)
+                    log(f"{name:6} {w:6} rate={rate} cache={cache_on}: out {r['output_tok_s']:.1f} tok/s, "
+                        f"ttft p50 {r['ttft_p50_s']:.3f}s, tpot p50 {r['tpot_p50_s'] or 0:.4f}s, "
+                        f"peak running {r['peak_running']}, hits {r['prefix_hit_tokens']}")
+                    write_json(out_file, results)
+            del eng
+    results["summary"] = summarize(results["runs"])
+    write_json(out_file, results)
+    print_table(results)
+    return results
+
+
+def _find(runs, **kw):
+    for r in runs:
+        if all(r.get(k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def summarize(runs) -> dict:
+    s = {}
+    sd, dd = _find(runs, engine="sparse", workload="doc", rate=None, prefix_cache=True), \
+        _find(runs, engine="dense", workload="doc", rate=None, prefix_cache=True)
+    if sd and dd:
+        s["serve_doc_throughput_speedup_vs_dense"] = _ratio(sd["total_tok_s"], dd["total_tok_s"])
+        s["serve_doc_ttft_p50_speedup_vs_dense"] = _ratio(dd["ttft_p50_s"], sd["ttft_p50_s"])
+    sg, dg = _find(runs, engine="sparse", workload="gen", rate=None, prefix_cache=True), \
+        _find(runs, engine="dense", workload="gen", rate=None, prefix_cache=True)
+    if sg and dg:
+        s["serve_gen_throughput_speedup_vs_dense"] = _ratio(sg["output_tok_s"], dg["output_tok_s"])
+        s["serve_gen_tpot_p50_speedup_vs_dense"] = _ratio(dg["tpot_p50_s"], sg["tpot_p50_s"])
+        s["serve_gen_peak_running"] = {"sparse": sg["peak_running"], "dense": dg["peak_running"]}
+    on, off = _find(runs, engine="sparse", workload="prefix", prefix_cache=True), \
+        _find(runs, engine="sparse", workload="prefix", prefix_cache=False)
+    if on and off:
+        s["prefix_cache_ttft_speedup"] = _ratio(off["ttft_p50_s"], on["ttft_p50_s"])
+        s["prefix_cache_hit_tokens"] = on["prefix_hit_tokens"]
+    return s
+
+
+def print_table(results) -> None:
+    print(f"{'engine':7} {'workload':8} {'rate':>5} {'cache':5} {'out tok/s':>10} {'tot tok/s':>10} "
+          f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'peak run':>8} {'hits':>8}")
+    for r in results["runs"]:
+        print(f"{r['engine']:7} {r['workload']:8} {str(r['rate'] or '-'):>5} {str(r['prefix_cache']):5} "
+              f"{r['output_tok_s']:10.1f} {r['total_tok_s']:10.1f} {r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} "
+              f"{(r['tpot_p50_s'] or 0):9.4f} {r['peak_running']:8d} {r['prefix_hit_tokens']:8d}")
+    print("summary", results["summary"])
+
+
+if __name__ == "__main__":
+    main()
