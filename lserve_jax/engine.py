@@ -621,16 +621,21 @@ class Engine:
                     if out.finished:
                         results[out.request_id] = [out.token_ids, out.finish_reason]
         except BaseException:
-            self._reset(self._slots, build=False)  # buffers may have been donated mid-run
+            # Ctrl-C (or an error): the stats of what ran, then a fresh state (buffers may have
+            # been donated mid-run); the engine stays usable
+            finished = sum(len(r[0]) for r in results.values())
+            self._finish_stats(stats, marks, hit0)
+            stats.generated_tokens = finished + sum(len(r.output_ids) for r in self.scheduler.requests.values())
+            self.last_stats = stats
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            self._reset(self._slots, build=False)
             raise
         finally:
             self._on_collect = self._on_token = None
             self._progress = False
-        end = time.perf_counter()
-        if marks["decode_start"] is not None and marks["steps"]:
-            stats.decode_s, stats.decode_steps = end - marks["decode_start"], marks["steps"]
-        stats.preemptions = self.scheduler.preempted_total
-        stats.prefix_hit_tokens = self.scheduler.prefix_hit_total - hit0
+        self._finish_stats(stats, marks, hit0)
         gens = [None] * n
         for rid, i in index.items():
             toks, reason = results[rid]
@@ -641,6 +646,13 @@ class Engine:
         stats.generated_tokens = sum(len(g.token_ids) for g in gens)
         self.last_stats = stats
         return gens
+
+    def _finish_stats(self, stats: Stats, marks: dict, hit0: int) -> None:
+        end = time.perf_counter()
+        if marks["decode_start"] is not None and marks["steps"]:
+            stats.decode_s, stats.decode_steps = end - marks["decode_start"], marks["steps"]
+        stats.preemptions = self.scheduler.preempted_total
+        stats.prefix_hit_tokens = self.scheduler.prefix_hit_total - hit0
 
     def _hit_stop(self, toks: list[int], stops: tuple[str, ...]) -> bool:
         if self.tokenizer is None:

@@ -185,6 +185,9 @@ def _main(args) -> int:
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
+        stats = getattr(locals().get("engine"), "last_stats", None)
+        if stats is not None and not args.quiet and (stats.generated_tokens or stats.prefill_s):
+            print(stats.line(), file=sys.stderr)
         return 130
     if not args.quiet:
         print(engine.last_stats.line(), file=sys.stderr)

@@ -170,3 +170,31 @@ def test_no_recompilation_with_chunks_after_warmup():
     run_all(eng, reqs, arrivals=list(np.random.default_rng(7).integers(0, 40, 50)), check=False)
     assert eng.scheduler.prefix_hit_total > 0
     assert (eng._prefill._cache_size(), eng._step._cache_size()) == sizes
+
+
+def test_interrupt_mid_prefill_leaves_the_engine_usable_with_stats():
+    """Ctrl-C between a long prompt's chunks (here: raised from the progress hook of the first
+    collected chunk) stops generate at once; the stats say what ran; the next call works."""
+    params = tiny_params(LONG)
+    eng = Engine(params, LONG, sparse=WINDOWS, max_slots=2, max_seq_len=512, prefill_chunk=32)
+    want = eng.generate([[3, 4, 5]], SamplingParams(max_new_tokens=4))[0].token_ids
+    chunks = []
+
+    def interrupt(p):
+        chunks.append(p.kind)
+        raise KeyboardInterrupt
+
+    eng_collect = eng._collect
+
+    def collect(p):
+        eng._on_collect = interrupt
+        eng_collect(p)
+
+    eng._collect = collect
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate([list(range(1, 120)) * 3], SamplingParams(max_new_tokens=4))
+    del eng._collect
+    assert chunks == ["prefill"]  # stopped after the first of 12 chunks
+    assert eng.last_stats.prompt_tokens == 357 and eng.last_stats.generated_tokens == 0
+    assert not eng.has_unfinished()
+    assert eng.generate([[3, 4, 5]], SamplingParams(max_new_tokens=4))[0].token_ids == want
