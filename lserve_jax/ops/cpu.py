@@ -234,13 +234,23 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
 
 
 def _ring_decode(q, ring_k, ring_v, lengths, *, scale, g):
-    """Streaming heads over their ring: q [B, S*G, D]; ring [S, B, W, D]; slots [0, min(len, W))."""
+    """Streaming heads over their ring: q [B, S*G, D]; ring [S, B, W, D]; slots [0, min(len, W)).
+
+    Products and sums rather than dots, so that the ring is read in its own layout: a dot wants
+    its batch axes leading, and XLA would then copy the ring (duplicating the decode step's
+    in-place append into it for the second layout)."""
     s, b, w, d = ring_k.shape
-    qh = q.reshape(b, s, g, d)
-    kk, vv = ring_k.transpose(1, 0, 2, 3), ring_v.transpose(1, 0, 2, 3)  # [B, S, W, D]
+    qh = q.reshape(b, s, g, d).transpose(1, 0, 2, 3).astype(jnp.float32)  # [S, B, G, D]
+    x = jnp.sum(qh[:, :, :, None, :] * ring_k[:, :, None, :, :].astype(jnp.float32), axis=-1) * scale  # [S, B, G, W]
     ok = jnp.arange(w)[None, :] < jnp.minimum(lengths, w)[:, None]  # [B, W]
-    o = _attend(qh, kk, vv, jnp.broadcast_to(ok[:, None], (b, s, w)), scale)
-    return o.reshape(b, s * g, d)
+    x = jnp.where(ok[None, :, None, :], x, -jnp.inf)
+    mx = jnp.max(x, axis=-1, keepdims=True)
+    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+    e = jnp.exp(x - mx)
+    den = jnp.sum(e, axis=-1, keepdims=True)
+    o = jnp.sum(e[..., None] * ring_v[:, :, None, :, :].astype(jnp.float32), axis=-2)  # [S, B, G, D]
+    o = jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0)
+    return o.transpose(1, 0, 2, 3).reshape(b, s * g, d)
 
 
 def _retrieval_decode(q, k_pages, v_pages, page_table, lengths, sel_pages, sel_count, *, mode, scale, g):
