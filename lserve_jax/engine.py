@@ -51,6 +51,7 @@ PROGRESS_MIN_TOKENS = 4096  # prompts of at least this many tokens show a prefil
 # CPU small chunks keep the attention scores small; on GPU whole prompts until the offset form of
 # the prefill kernels has been measured there.
 DEFAULT_CHUNK = {"cpu": 512}
+TABLE_PAGES_MIN = 16  # the narrowest page table a decode step reads (see Engine._table_pages)
 
 
 class PromptTooLong(ValueError):
@@ -186,7 +187,9 @@ class Engine:
         # one decode program: whether a row refreshes its page selection is decided on the device
         # (a lax.cond that XLA runs as a CUDA-graph conditional node; measured faster on the H200
         # than switching between two static programs, bench/results/profile_decode-*.json)
-        self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",))
+        # (one per page-table width read: powers of two up to the table, so that a short context
+        # decodes at a short context's cost whatever the cache's capacity)
+        self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",), static_argnames=("table_pages",))
         self._save = jax.jit(kvc.save_sequence)
         self._restore = jax.jit(kvc.restore_sequence, donate_argnames=("cache",))
         self.scheduler: Scheduler | None = None
@@ -205,14 +208,15 @@ class Engine:
         sampled = sample_rows(logits, key_data, starts + counts, *knobs)
         return sampled, kvc.put_rows(cache, sub, rows), next_tokens.at[rows].set(sampled)
 
-    def _decode_and_sample(self, params, cache, tokens, active, key_data, temperature, top_k, top_p):
+    def _decode_and_sample(self, params, cache, tokens, active, key_data, temperature, top_k, top_p,
+                           table_pages=None):
         """One decode step of every row; rows not `active` (free slots, prompts still in prefill)
         run at position 0 over an all-scratch page table (their writes land on the scratch page;
         a prompt's next chunk rewrites its ring and length, its first decode step its selection)."""
         table = cache.page_table
         cache = cache.replace(lengths=jnp.where(active, cache.lengths, 0),
                               page_table=jnp.where(active[:, None], table, kvc.NULL_PAGE))
-        logits, cache = decode_step(params, cache, tokens, self.spec)
+        logits, cache = decode_step(params, cache, tokens, self.spec, table_pages=table_pages)
         return sample_rows(logits, key_data, cache.lengths, temperature, top_k, top_p), cache.replace(page_table=table)
 
     # -- state ------------------------------------------------------------------------------
@@ -281,11 +285,21 @@ class Engine:
         if self.prefill_chunk is not None and top > self.prefill_chunk:
             for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, top, page)}):
                 run(1, self.prefill_chunk, n)
-        sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
-                                          jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data.copy()),
-                                          *(jnp.asarray(k.copy()) for k in self._knobs))
-        self._next_tokens = sampled
+        for width in sorted({self._table_pages(n) for n in range(1, self.max_pages_per_seq + 1)}):
+            sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
+                                              jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data.copy()),
+                                              *(jnp.asarray(k.copy()) for k in self._knobs), table_pages=width)
+            self._next_tokens = sampled
         jax.block_until_ready(sampled)
+
+    def _table_pages(self, pages: int) -> int:
+        """Page-table entries a decode step reads when the longest row holds `pages` pages: 16,
+        then times 4 (few programs to compile; page scoring and dense reads cost at most 4x the
+        tokens in the cache), at most the whole table."""
+        width = TABLE_PAGES_MIN
+        while width < pages:
+            width *= 4
+        return min(width, self.max_pages_per_seq)
 
     def _context_pages(self, start: int) -> int:
         """Page-table entries a chunk at `start` reads: a power of two (few programs), at most the table."""
@@ -517,8 +531,9 @@ class Engine:
         self._sync_table()
         t0 = time.perf_counter()
         knobs = (self._on_device(f"knob{i}", k) for i, k in enumerate(self._knobs))
+        width = self._table_pages(max(len(r.pages) for r in sched.running()))
         sampled, self._cache = self._step(self.params, self._cache, self._next_tokens, self._on_device("active", active),
-                                          self._on_device("key_data", self._key_data), *knobs)
+                                          self._on_device("key_data", self._key_data), *knobs, table_pages=width)
         self._next_tokens = sampled
         self._pending.append(_Pending(sampled, rows, "decode", t0))
 

@@ -196,13 +196,13 @@ def _selection(lc: kvc.LayerCache, q_r: jax.Array, page_table: jax.Array, step: 
 
 
 def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, *, r: int, spec: ModelSpec,
-                      refresh: bool | None = None):
+                      refresh: bool | None = None, full_width: int | None = None):
     """One layer's cache append, page selection and attention, over this device's KV heads."""
     sp, g = spec.sparse, spec.model.group_size
     b = q.shape[0]
     new_len = positions + 1
     lc = kvc.append(lc, k, v, page_table, positions, sp, choice=spec.kernels.append)
-    if _selects(sp, r, lc.sel_pages.shape[-1], page_table.shape[1]):
+    if _selects(sp, r, lc.sel_pages.shape[-1], full_width or page_table.shape[1]):
         sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh, spec.kernels)
         lc = lc.replace(sel_pages=sel, sel_count=count)
         mode = sp.selection_mode
@@ -217,7 +217,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
 
 
 def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, spec: ModelSpec,
-                refresh: bool | None = None) -> tuple[jax.Array, kvc.KVCache]:
+                refresh: bool | None = None, table_pages: int | None = None) -> tuple[jax.Array, kvc.KVCache]:
     """One token per sequence: tokens int32 [B] -> logits float32 [B, vocab] and the new cache.
 
     refresh (static): whether this step recomputes the page selection. None (the engine's
@@ -225,10 +225,18 @@ def decode_step(params: Params, cache: kvc.KVCache, tokens: jax.Array, spec: Mod
     layer that XLA runs as a CUDA-graph conditional; True / False fix it when tracing, so a
     caller that counts steps (`refresh_due`) can alternate two programs instead. Both give the
     same results; one program measured faster on the H200 (bench/results/profile_decode-*).
+    table_pages (static): read only the first entries of the page table (every row's pages must
+    be among them): the work of dense reads and page scoring then follows the longest sequence,
+    not the cache's capacity. Whether a layer selects pages still follows the whole table, so
+    the results are the same for every table_pages that covers the rows.
     """
+    full = cache.max_pages_per_seq
+    table = cache.page_table if table_pages is None else cache.page_table[:, :table_pages]
+
     def attend(i, q, k, v):
-        attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh)
-        return tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, cache.layers[i], cache.page_table,
+        attn = functools.partial(_decode_attention, r=spec.local_retrieval(i), spec=spec, refresh=refresh,
+                                 full_width=full)
+        return tensor_parallel(attn, spec.tp, DECODE_SPECS)(q, k, v, cache.layers[i], table,
                                                              cache.lengths, cache.step)
 
     out, layers = decode_forward(params, tokens, cache.lengths, spec.model, attend)

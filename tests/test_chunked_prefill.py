@@ -198,3 +198,30 @@ def test_interrupt_mid_prefill_leaves_the_engine_usable_with_stats():
     assert eng.last_stats.prompt_tokens == 357 and eng.last_stats.generated_tokens == 0
     assert not eng.has_unfinished()
     assert eng.generate([[3, 4, 5]], SamplingParams(max_new_tokens=4))[0].token_ids == want
+
+
+@pytest.mark.parametrize("sparse_layout", [False, True], ids=["dense", "sparse"])
+def test_decode_reads_a_table_as_wide_as_the_longest_row(sparse_layout):
+    """Decode reads 16, 64, ... page-table entries (the longest row's pages, rounded up), not
+    the whole table; the tokens are those of reading every entry, also when a row crosses from
+    one width to the next mid-generation."""
+    sp = SparseConfig(page_size=4, logical_page_size=2, token_budget=32, prefill_sink=4, prefill_local=16,
+                      decode_sink=4, decode_local=8)
+    layout = HeadLayout(2, (1, 1)) if sparse_layout else None
+    params = tiny_params(LONG)
+    prompts = [list(range(1, 61)), [7, 8, 9]]
+    sampling = SamplingParams(max_new_tokens=40)  # 60 + 40 tokens: 25 pages, past the first width
+    eng = Engine(params, LONG, layout=layout, sparse=sp, max_seq_len=512, prefill_chunk=None)
+    widths = []
+    step = eng._step
+
+    def spy(*a, table_pages=None, **kw):
+        widths.append(table_pages)
+        return step(*a, table_pages=table_pages, **kw)
+
+    eng._step = spy
+    got = [g.token_ids for g in eng.generate(prompts, sampling)]
+    assert set(widths) == {16, 64} and eng.max_pages_per_seq == 128
+    full = Engine(params, LONG, layout=layout, sparse=sp, max_seq_len=512, prefill_chunk=None)
+    full._table_pages = lambda n: full.max_pages_per_seq
+    assert got == [g.token_ids for g in full.generate(prompts, sampling)]
