@@ -1,0 +1,31 @@
+"""bench/serve.py runs end to end on a tiny model (the H200 run is the same code at full size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_serve_benchmark_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve  # bench/serve.py
+
+    res = serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "3", "--rates", "50",
+                      "--max-slots", "2", "--prefill-chunk", "32", "--out", str(tmp_path)])
+    runs = {(r["engine"], r["workload"], r["rate"], r["prefix_cache"]) for r in res["runs"]}
+    assert ("sparse", "doc", None, True) in runs and ("dense", "gen", 50.0, True) in runs
+    assert ("sparse", "prefix", None, False) in runs
+    for r in res["runs"]:
+        assert r["output_tokens"] > 0 and r["ttft_p50_s"] > 0 and r["peak_running"] >= 1
+    on = [r for r in res["runs"] if r["workload"] == "prefix" and r["prefix_cache"]]
+    assert all(r["prefix_hit_tokens"] > 0 for r in on)
+    s = res["summary"]
+    for key in ("serve_doc_throughput_speedup_vs_dense", "serve_gen_throughput_speedup_vs_dense",
+                "serve_gen_tpot_p50_speedup_vs_dense", "prefix_cache_ttft_speedup"):
+        assert s[key] > 0
+    (f,) = list(tmp_path.glob("serve-*.json"))
+    assert json.loads(f.read_text())["summary"] == s
+    sys.modules.pop("serve", None)
