@@ -80,6 +80,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "eos" | "stop" | "length" | "abort" once finished
     token_ids: list[int]  # every token generated so far
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied (not prefilled)
 
 
 @dataclasses.dataclass
@@ -567,7 +568,8 @@ class Engine:
     def _output(self, req: Request) -> RequestOutput:
         out = self._outputs.get(req.request_id)
         if out is None:
-            out = self._outputs[req.request_id] = RequestOutput(req.request_id, [], False, None, req.output_ids)
+            out = self._outputs[req.request_id] = RequestOutput(req.request_id, [], False, None, req.output_ids,
+                                                                 req.prefix_hit)
         return out
 
     def _finish(self, req: Request, reason: str) -> None:

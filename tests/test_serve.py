@@ -95,7 +95,8 @@ def test_concurrent_requests_match_offline_generate(tiny_server, word_tokenizer)
         assert g["choices"][0]["text"] == e.text, i
         assert g["choices"][0]["finish_reason"] == "length"  # the tiny model has no EOS
         assert g["usage"] == {"prompt_tokens": len(cases[i][0]), "completion_tokens": len(e.token_ids),
-                              "total_tokens": len(cases[i][0]) + len(e.token_ids)}
+                              "total_tokens": len(cases[i][0]) + len(e.token_ids),
+                              "prompt_tokens_details": {"cached_tokens": 0}}  # no full page shared
     assert idle_and_all_pages_free(tiny_server.engine)
 
 
@@ -186,6 +187,25 @@ def test_health_models_and_metrics(tiny_server):
                  "lserve_kv_pages_total", "lserve_time_to_first_token_seconds_bucket",
                  "lserve_time_per_output_token_seconds_bucket", "lserve_generation_tokens_total"):
         assert f"\n{name}" in text, name
+
+
+def test_prefix_cache_in_usage_and_metrics(tiny_server):
+    """The same 40-token prompt twice: the second reuses its 2 full 16-token pages (usage's
+    cached_tokens, the hit counter in /metrics) and gives the same text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def hits():
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{tiny_server.url}/metrics").text)}
+        return sum(s.value for s in fams["lserve_prefix_cache_hit_tokens"].samples if s.name.endswith("_total"))
+
+    before = hits()
+    body = {"prompt": words(list(range(60, 100))), "max_tokens": 5, "temperature": 0}
+    first = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60).json()
+    second = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60).json()
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert hits() - before == 32
 
 
 def test_queue_full(word_tokenizer):

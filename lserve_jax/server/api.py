@@ -272,7 +272,7 @@ def create_app(engine: Engine, *, model_name: str = "lserve_jax", max_queue: int
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         done = False
         try:
-            text, reason, count = "", None, 0
+            text, reason, count, cached = "", None, 0, 0
             while True:
                 try:
                     ev = await asyncio.wait_for(sub.events.get(), DISCONNECT_POLL_S)
@@ -284,6 +284,7 @@ def create_app(engine: Engine, *, model_name: str = "lserve_jax", max_queue: int
                     done = True
                     raise APIError(ev.status, ev.error)
                 count += len(ev.token_ids)
+                cached = ev.cached_tokens
                 text += detok.push(ev.token_ids)
                 if ev.kind == "finished":
                     done = True
@@ -293,7 +294,7 @@ def create_app(engine: Engine, *, model_name: str = "lserve_jax", max_queue: int
         finally:
             if not done:
                 loop.abort(rid)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
+        usage = _usage(len(ids), count, cached)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": reason}
@@ -336,8 +337,7 @@ def create_app(engine: Engine, *, model_name: str = "lserve_jax", max_queue: int
                         yield chunk(delta)
                     yield chunk(None, FINISH_REASONS.get(ev.finish_reason, ev.finish_reason))
                     if include_usage:
-                        n = len(sub.prompt_ids)
-                        usage = {"prompt_tokens": n, "completion_tokens": count, "total_tokens": n + count}
+                        usage = _usage(len(sub.prompt_ids), count, ev.cached_tokens)
                         yield f"data: {json.dumps({**common, 'object': obj, 'choices': [], 'usage': usage})}\n\n"
                     break
                 if delta:
@@ -359,3 +359,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: what the prefix cache supplied."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}

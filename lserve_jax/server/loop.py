@@ -43,6 +43,7 @@ class Event:
     finish_reason: str | None = None  # engine's: eos | stop | length | abort
     error: str | None = None  # "error": the message
     status: int = 400  # "error": the HTTP status it maps to
+    cached_tokens: int = 0  # "tokens", "finished": prompt tokens the prefix cache supplied
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,6 +77,10 @@ class Metrics:
         self.running = Gauge("lserve_requests_running", "requests holding a decode slot", registry=r)
         self.waiting = Gauge("lserve_requests_waiting", "requests queued for a decode slot", registry=r)
         self.pages_used = Gauge("lserve_kv_pages_used", "KV-cache pages owned by requests", registry=r)
+        self.pages_cached = Gauge("lserve_prefix_cache_pages", "KV-cache pages held only by the prefix cache",
+                                  registry=r)
+        self.prefix_hits = Counter("lserve_prefix_cache_hit_tokens", "prompt tokens reused from the prefix cache",
+                                   registry=r)
         self.pages_total = Gauge("lserve_kv_pages_total", "KV-cache pages in the pool (scratch page excluded)",
                                  registry=r)
         self.ttft = Histogram("lserve_time_to_first_token_seconds", "arrival to first token", registry=r,
@@ -214,6 +219,7 @@ class EngineLoop:
                 if sub.first_token is None:
                     sub.first_token = now
                     self.metrics.ttft.observe(now - sub.arrival)
+                    self.metrics.prefix_hits.inc(out.cached_tokens)
                 sub.generated += len(out.new_token_ids)
                 self.metrics.generated.inc(len(out.new_token_ids))
             if out.finished:
@@ -221,14 +227,17 @@ class EngineLoop:
                 self.metrics.finished.labels(out.finish_reason).inc()
                 if sub.generated > 1:
                     self.metrics.tpot.observe((now - sub.first_token) / (sub.generated - 1))
-                sub.post(Event("finished", list(out.new_token_ids), out.finish_reason))
+                sub.post(Event("finished", list(out.new_token_ids), out.finish_reason,
+                               cached_tokens=out.cached_tokens))
             elif out.new_token_ids:
-                sub.post(Event("tokens", list(out.new_token_ids)))
+                sub.post(Event("tokens", list(out.new_token_ids), cached_tokens=out.cached_tokens))
 
     def _update_gauges(self) -> None:
         sched = self.engine.scheduler
         alloc = sched.allocator
         self.metrics.running.set(len(sched.running()))
         self.metrics.waiting.set(len(sched.waiting) + len(self._inbox))
-        self.metrics.pages_used.set(alloc.num_pages - 1 - alloc.free_pages)
+        free_or_cached = sched.reclaimable_pages()
+        self.metrics.pages_used.set(alloc.num_pages - 1 - free_or_cached)
+        self.metrics.pages_cached.set(free_or_cached - alloc.free_pages)
         self.metrics.pages_total.set(alloc.num_pages - 1)
