@@ -166,7 +166,7 @@ def test_no_recompilation_with_chunks_after_warmup():
     sizes = (eng._prefill._cache_size(), eng._step._cache_size())
     assert sizes == (3, 1)  # a 16-token chunk from 0, and later chunks reading 2 or 4 pages
     reqs = [(f"b{i}", p, sp) for i, (_, p, sp) in enumerate(make_requests(50, seed=6))]
-    reqs[25:] = [(rid, reqs[3][1] + p[:4], sp) for rid, p, sp in reqs[25:]]  # prefix hits too
+    reqs[25:] = [(rid, list(range(1, 41)) + p[:4], sp) for rid, p, sp in reqs[25:]]  # prefix hits too
     run_all(eng, reqs, arrivals=list(np.random.default_rng(7).integers(0, 40, 50)), check=False)
     assert eng.scheduler.prefix_hit_total > 0
     assert (eng._prefill._cache_size(), eng._step._cache_size()) == sizes

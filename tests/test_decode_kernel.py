@@ -225,8 +225,9 @@ def test_validation_errors():
     sel, cnt = random_selection(rng, odd["lengths"], hsel=1, k=2, page=16)
     with pytest.raises(Unsupported, match="head_dim multiple of 16"):
         run_attention(odd, sel, cnt, mode="kv_head", choice=INTERPRET.choice("triton"), dtype=jnp.float32)
+    # the default order still runs it (on CPU the CPU backend, equal to the reference to rounding)
     assert rel_err(run_attention(odd, sel, cnt, mode="kv_head", choice=OpChoice(), dtype=jnp.float32),
-                   run_attention(odd, sel, cnt, mode="kv_head", choice=REFERENCE, dtype=jnp.float32)) == 0
+                   run_attention(odd, sel, cnt, mode="kv_head", choice=REFERENCE, dtype=jnp.float32)) < 1e-5
 
 
 def test_head_dim_pieces():
