@@ -7,7 +7,9 @@ Workloads (fixed seeds, greedy, ignore EOS; prompt lengths scaled by --scale):
   doc     document QA, prefill-heavy: prompts from {8K, 16K, 32K, 64K, 128K}, 256 output tokens
   gen     long generation, decode-heavy: prompts from {16K, 32K, 64K}, 1,024 output tokens
   prefix  8 questions about one 64K document (run with and without the prefix cache)
-Each runs all at once (offline) and with Poisson arrivals at each --rates (requests/s). Per run:
+Each runs all at once (offline) and with Poisson arrivals at each --rates (requests/s); with
+--http the requests go through the OpenAI-compatible server (`lserve_jax.serve`, in this process
+on a thread) as streaming /v1/completions calls, and the times are the client's. Per run:
 output and total tokens/s, TTFT and TPOT p50/p99, peak pages in use, peak running sequences,
 prefix-cache hit tokens. Both engines get the same page pool (--num-pages) and slots.
 
@@ -19,6 +21,7 @@ prefix_cache_ttft_speedup); a table on stdout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -104,6 +107,99 @@ def run(engine: Engine, reqs, rate: float | None, seed: int = 1) -> dict:
             "prefix_hit_tokens": sched.prefix_hit_total - hits0}
 
 
+def word_tokenizer(vocab: int, folder: str):
+    """A word-level tokenizer over the vocabulary (id i <-> "wi"): every token has text, so the
+    server streams one delta per token of a random-weight model."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    from lserve_jax.tokenizer import Tokenizer
+
+    tok = HFTokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, vocab)}}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = os.path.join(folder, "bench-tokenizer.json")
+    tok.save(path)
+    return Tokenizer(path)
+
+
+def run_http(engine: Engine, reqs, rate: float | None, seed: int = 1) -> dict:
+    """`run` through the HTTP server: one streaming /v1/completions call per request, at its
+    arrival time, on a thread of its own; TTFT and TPOT from the client's clock."""
+    import socket
+    import threading
+
+    import httpx
+
+    from lserve_jax.serve import build_server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = build_server(engine, host="127.0.0.1", port=port, log_level="warning", max_queue=1 << 16)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    rng = np.random.default_rng(seed)
+    arrivals = np.zeros(len(reqs)) if rate is None else np.cumsum(rng.exponential(1 / rate, len(reqs)))
+    sched = engine.scheduler
+    hits0 = sched.prefix_hit_total
+    res: dict[int, dict] = {}
+    peak = {"pages": 0, "running": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak["pages"] = max(peak["pages"], sched.allocator.num_pages - 1 - sched.reclaimable_pages())
+            peak["running"] = max(peak["running"], sum(1 for r in sched.running() if r.prefill_done))
+            time.sleep(0.01)
+
+    def call(i, ids, out):
+        body = {"prompt": ids, "max_tokens": out, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        t0 = time.perf_counter()
+        first = last = None
+        n = 0
+        with httpx.stream("POST", url, json=body, timeout=None) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+                elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+        res[i] = {"ttft": first - t0, "tpot": (last - first) / (n - 1) if n > 1 else None, "tokens": n}
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    calls = []
+    for i, (ids, out) in enumerate(reqs):
+        time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+        calls.append(threading.Thread(target=call, args=(i, ids, out)))
+        calls[-1].start()
+    for c in calls:
+        c.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    server.should_exit = True
+    thread.join(30)
+    ttft = [r["ttft"] for r in res.values()]
+    tpot = [r["tpot"] for r in res.values() if r["tpot"] is not None]
+    out_tokens = sum(r["tokens"] for r in res.values())
+    prompt_tokens = sum(len(ids) for ids, _ in reqs)
+    return {"requests": len(reqs), "rate": rate, "wall_s": wall, "output_tokens": out_tokens,
+            "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + prompt_tokens) / wall,
+            "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+            "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
+            "peak_pages": peak["pages"], "peak_running": peak["running"],
+            "prefix_hit_tokens": sched.prefix_hit_total - hits0, "http": True}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES) + ["tiny"])
@@ -115,6 +211,7 @@ def main(argv=None):
     p.add_argument("--max-slots", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="page pool of each engine (default: 4 max-length sequences)")
     p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
+    p.add_argument("--http", action="store_true", help="through the OpenAI-compatible server (streaming calls)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
     args = p.parse_args(argv)
 
@@ -139,13 +236,15 @@ def main(argv=None):
     chunk = None if args.prefill_chunk == "none" else (args.prefill_chunk if args.prefill_chunk == "auto"
                                                        else int(args.prefill_chunk))
     rates = [None] + [float(r) for r in args.rates.split(",") if r]
-    results = {"env": env, "shape": args.shape, "scale": args.scale, "num_pages": pages, "max_slots": args.max_slots,
+    results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "num_pages": pages,
+               "max_slots": args.max_slots,
                "max_seq_len": max_seq, "runs": []}
-    out_file = os.path.join(args.out, f"serve-{env['date'][:10]}.json")
+    out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}.json")
     for name, lay in (("sparse", layout), ("dense", dense_layout)):
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             eng = Engine(params, cfg, layout=lay, sparse=sparse, max_seq_len=max_seq, num_pages=pages,
-                         max_slots=args.max_slots, prefill_chunk=chunk, prefix_cache=cache_on)
+                         max_slots=args.max_slots, prefill_chunk=chunk, prefix_cache=cache_on,
+                         tokenizer=word_tokenizer(cfg.vocab_size, args.out) if args.http else None)
             log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}): warm-up ...")
             eng.warmup(max_prompt_tokens=max(len(ids) for rs in reqs.values() for ids, _ in rs))
             for w in workloads:
@@ -153,7 +252,7 @@ def main(argv=None):
                     continue  # the cache-off engine runs the prefix workload only
                 for rate in ([None] if w == "prefix" else rates):
                     eng.scheduler.cache and eng.scheduler.cache.clear()
-                    r = run(eng, reqs[w], rate)
+                    r = (run_http if args.http else run)(eng, reqs[w], rate)
                     r.update(engine=name, workload=w, prefix_cache=cache_on)
                     results["runs"].append(r)
                     log(f"{name:6} {w:6} rate={rate} cache={cache_on}: out {r['output_tok_s']:.1f} tok/s, "

@@ -29,3 +29,17 @@ def test_serve_benchmark_smoke(tmp_path, monkeypatch):
     (f,) = list(tmp_path.glob("serve-*.json"))
     assert json.loads(f.read_text())["summary"] == s
     sys.modules.pop("serve", None)
+
+
+def test_serve_benchmark_through_http(tmp_path, monkeypatch):
+    """--http: the same requests as streaming /v1/completions calls to the server on a thread."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve
+
+    res = serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
+                      "--max-slots", "2", "--prefill-chunk", "32", "--http", "--out", str(tmp_path)])
+    assert res["http"] and len(res["runs"]) == 2
+    for r in res["runs"]:
+        assert r["http"] and r["output_tokens"] == 2 * 4 and r["ttft_p50_s"] > 0 and r["tpot_p50_s"] > 0
+    assert list(tmp_path.glob("serve-http-*.json"))
+    sys.modules.pop("serve", None)
