@@ -3,26 +3,31 @@
 First in the CPU default order (rank 10, above the reference's 0); each equals the reference
 (`tests/test_cpu_path.py`, float32 to 1e-5) and refuses, with `Unsupported`, what it does not
 handle, so the reference runs instead. They compile on any platform (plain jnp and lax), but
-only the CPU ranks them: on a GPU they run only when a choice names "cpu".
+only the CPU ranks them: on a GPU they run only when a choice names "cpu". Measured against
+Hugging Face transformers by bench/peer_hf.py.
 
-prefill ("cpu"): block-sparse attention, flash style. Queries in blocks of `block_q` tokens x
-the G heads of a GQA group (one [G * block_q, D] operand per KV head, so each key block loaded
-serves the whole group), keys in blocks of `block_k`, an online softmax in float32. Per query
-block, `lax.fori_loop`s with traced bounds walk only the key blocks the LServe mask can reach:
-retrieval heads the blocks up to the diagonal (those wholly below it without a mask), streaming
-heads the sink blocks and the local window's blocks (the Λ). Nothing [T, Tk] is materialised,
-and the offset form (`q_offset`, a chunk of a longer prompt) runs the same loops with its
-shifted positions. A streaming window that covers every key makes those heads retrieval heads
-(dense), as in the Triton kernel. Options: block_q (default 128), block_k (default 512).
+prefill ("cpu"): block-sparse attention, flash style; the plain and the offset (`q_offset`,
+chunked prefill) forms. Queries in blocks of `block_q` tokens x the G heads of a GQA group (one
+[G * block_q, D] operand per KV head, so each key block serves the whole group), an online
+softmax in float32 over key blocks. Per query block, `lax.fori_loop`s with traced bounds walk
+only the keys the LServe mask can reach, in runs: keys every row of the block sees go in
+unmasked blocks of `block_k`, the edges (the diagonal, a window's edges, the sink) in masked
+blocks of `block_k_edge`. Retrieval heads: everything up to the diagonal; streaming heads: the
+sink and the local window (the Λ), the keys between them skipped. Nothing [T, Tk] is
+materialised. A window that covers every key makes streaming heads retrieval heads (dense), as
+in the Triton kernel. Options: block_q (default 256), block_k (512), block_k_edge (128; it must
+divide block_k); the defaults measured best for SmolLM2's heads (D 64, G 3) on 512-token chunks.
 
-decode ("cpu"): the reference reads every slot of the selection (every page of the page table
-in a dense layer: 8192 tokens of the default model's cache however short the sequence). Here
-the retrieval heads read only the slots in use, rounded up to a power of two (a `lax.switch`
-over the static sizes; the branch is picked from the largest `sel_count` of the batch), and
-when every selection head's used slots are exactly its sequence's valid pages (any sequence no
-longer than the token budget, and every dense layer), the pages are read once per KV head
-through the page table, shared by the G query heads, rather than once per query head.
-Streaming heads attend straight over the ring (contiguous, no gather). Options: none.
+decode ("cpu"): the reference reads every slot of the selection (in a dense layer every page of
+the page table, however short the sequence). Here the retrieval heads read only the slots in
+use, rounded up to a power of two (a `lax.switch` over the static sizes, picked by the largest
+`sel_count` of the batch); in query_head mode, when every selection head's used slots are
+exactly its sequence's valid pages (any sequence within the token budget), the pages are read
+once per KV head through the page table for the G query heads of the group, not once per query
+head. Streaming heads attend over the ring in place. Options: none.
+
+append ("cpu", unranked): the reference's scatters under this backend's name (a choice naming
+"cpu" for decode names it for append too: `Kernels.from_names`).
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..pallas.append import append_reference
 from .registry import Unsupported, register
 
 CPU_FIRST = {"cpu": 10}  # above the reference (0); other platforms only when named
 
-PREFILL_OPTIONS = frozenset({"block_q", "block_k"})
+PREFILL_OPTIONS = frozenset({"block_q", "block_k", "block_k_edge"})
 DECODE_OPTIONS = frozenset()
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HI = lax.Precision.HIGHEST  # the reference's precision: float32 dots stay IEEE on every platform
@@ -65,16 +71,18 @@ def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=Non
     _check_options("prefill", options, PREFILL_OPTIONS)
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the CPU prefill takes float32/bfloat16/float16, got {q.dtype=}")
-    block_q = int(options.get("block_q", 128))
+    block_q = int(options.get("block_q", 256))
     block_k = int(options.get("block_k", 512))
-    if block_q < 1 or block_k < 1:
-        raise ValueError(f"block_q and block_k must be >= 1, got {block_q=} {block_k=}")
+    block_k_edge = int(options.get("block_k_edge", min(128, block_k)))
+    if block_q < 1 or block_k < 1 or block_k_edge < 1 or block_k % block_k_edge:
+        raise ValueError(f"block_q, block_k, block_k_edge must be >= 1 and block_k_edge must divide block_k, "
+                         f"got {block_q=} {block_k=} {block_k_edge=}")
     return blocked_prefill(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local, scale=scale,
-                           q_offset=q_offset, block_q=block_q, block_k=block_k)
+                           q_offset=q_offset, block_q=block_q, block_k=block_k, block_k_edge=block_k_edge)
 
 
 def blocked_prefill(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int, scale: float,
-                    q_offset=None, block_q: int = 128, block_k: int = 512):
+                    q_offset=None, block_q: int = 256, block_k: int = 512, block_k_edge: int = 128):
     """The LServe prefill mask (see `ops.prefill`) by blocks; shapes already validated."""
     b, t, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -82,8 +90,9 @@ def blocked_prefill(q, k, v, lengths, *, num_retrieval: int, sink: int, local: i
     if sink >= tk or local >= tk:  # the window covers every key: plain causal attention
         num_retrieval = hkv
     bq = min(block_q, t)
-    bk = min(block_k, tk)
-    t_pad, tk_pad = _cdiv(t, bq) * bq, _cdiv(tk, bk) * bk
+    bke = min(block_k_edge, tk)
+    bk = min(block_k, _cdiv(tk, bke) * bke)  # a multiple of bke
+    t_pad, tk_pad = _cdiv(t, bq) * bq, _cdiv(tk, bke) * bke  # every run ends by tk_pad
     off = jnp.zeros((b,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
     lengths = lengths.astype(jnp.int32)
     # float32 math as the reference's: [B, Hkv, T, G, D] queries with the softmax scale (log2
@@ -97,20 +106,25 @@ def blocked_prefill(q, k, v, lengths, *, num_retrieval: int, sink: int, local: i
     for lo, hi, streaming in ((0, r, False), (r, hkv, True)):
         if hi > lo:
             outs.append(_prefill_group(qs[:, lo:hi], ks[:, lo:hi], vs[:, lo:hi], off, lengths, streaming=streaming,
-                                       sink=sink, local=local, bq=bq, bk=bk, t=t, tk=tk))
+                                       sink=sink, local=local, bq=bq, bk=bk, bke=bke, t=t, tk=tk))
     o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # [B, Hkv, T_pad, G, D]
     o = o.transpose(0, 2, 1, 3, 4)[:, :t].reshape(b, t, hq, d)
     row_ok = jnp.arange(t)[None, :] < lengths[:, None]
     return jnp.where(row_ok[:, :, None, None], o, 0).astype(q.dtype)
 
 
-def _prefill_group(qs, ks, vs, off, lengths, *, streaming: bool, sink: int, local: int, bq: int, bk: int, t: int,
-                   tk: int):
+def _prefill_group(qs, ks, vs, off, lengths, *, streaming: bool, sink: int, local: int, bq: int, bk: int,
+                   bke: int, t: int, tk: int):
     """One kind of heads. qs [B, H, T_pad, G, D] float32 (scaled, log2 units), ks/vs float32
     [B, H, Tk_pad, D] (keys [tk, Tk_pad) padding); off, lengths int32 [B]. Returns float32
-    [B, H, T_pad, G, D] (rows past a length: any value, the caller zeroes them)."""
+    [B, H, T_pad, G, D] (rows past a length: any value, the caller zeroes them).
+
+    Per query block the visible keys are walked in runs (key offsets, multiples of bke): keys
+    visible to every row of the block go in unmasked blocks of bk, the others (the diagonal, a
+    window's edges, the sink) in masked blocks of bke, so the mask's waste is at most bke keys a
+    row at each edge."""
     b, h, t_pad, g, d = qs.shape
-    n_kb = ks.shape[2] // bk
+    tk_pad = vs.shape[2]
     m_rows = bq * g
     # rows of a query block: token-major, the G heads of a token adjacent
     row_tok = jnp.arange(m_rows, dtype=jnp.int32) // g  # [M]
@@ -120,55 +134,57 @@ def _prefill_group(qs, ks, vs, off, lengths, *, streaming: bool, sink: int, loca
         qb = lax.dynamic_slice_in_dim(qs, q0, bq, axis=2).reshape(b, h, m_rows, d)
         pos = off[:, None] + q0 + row_tok[None, :]  # [B, M] key position of each row
         # rows that matter: those < length (the others are zeroed by the caller)
-        last = off + jnp.minimum(q0 + bq, lengths) - 1  # [B] last valid row's position
-        first = off + q0  # [B]
+        last = jnp.max(off + jnp.minimum(q0 + bq, lengths) - 1)  # the last valid row's position
+        first = jnp.min(off + q0)  # the first row's position
         any_row = jnp.max(jnp.minimum(q0 + bq, lengths) - q0) > 0
 
-        def body(kb, carry, masked: bool):
+        def body(i, carry, base, size: int, masked: bool):
             acc, m, l = carry
-            k0 = kb * bk
-            kblk = lax.dynamic_slice_in_dim(ks, k0, bk, axis=2)
-            vblk = lax.dynamic_slice_in_dim(vs, k0, bk, axis=2)
+            k0 = base + i * size
+            kblk = lax.dynamic_slice_in_dim(ks, k0, size, axis=2)
+            vblk = lax.dynamic_slice_in_dim(vs, k0, size, axis=2)
             s = jnp.einsum("bhmd,bhkd->bhmk", qb, kblk, precision=_HI, preferred_element_type=jnp.float32)
             if masked:
-                j = k0 + jnp.arange(bk, dtype=jnp.int32)  # [bk]
-                i = pos[:, None, :, None]  # [B, 1, M, 1]
-                ok = j[None, None, None, :] <= i
-                if ks.shape[2] != tk:  # padded keys (reachable only when off + length > Tk)
-                    ok = ok & (j < tk)[None, None, None, :]
+                j = (k0 + jnp.arange(size, dtype=jnp.int32))[None, None, None, :]
+                i_pos = pos[:, None, :, None]  # [B, 1, M, 1]
+                ok = j <= i_pos
+                if tk_pad != tk:  # padded keys (reachable only when off + length > Tk)
+                    ok = ok & (j < tk)
                 if streaming:
-                    ok = ok & ((j[None, None, None, :] < sink) | (i - j[None, None, None, :] < local))
+                    ok = ok & ((j < sink) | (i_pos - j < local))
                 s = jnp.where(ok, s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp2(s - m_new[..., None])
             alpha = jnp.exp2(m - m_new)
             l = l * alpha + jnp.sum(p, axis=-1)
             pv = jnp.einsum("bhmk,bhkd->bhmd", p, vblk, precision=_HI, preferred_element_type=jnp.float32)
-            acc = acc * alpha[..., None] + pv
-            return acc, m_new, l
+            return acc * alpha[..., None] + pv, m_new, l
+
+        def run(carry, start, stop, size, masked):
+            """Keys [start, stop) (multiples of `size` apart) in blocks of `size`."""
+            n = jnp.maximum(stop - start, 0) // size
+            return lax.fori_loop(0, n, lambda i, c: body(i, c, start, size, masked), carry)
 
         carry = (jnp.zeros((b, h, m_rows, d), jnp.float32), jnp.full((b, h, m_rows), _M_INIT, jnp.float32),
                  jnp.zeros((b, h, m_rows), jnp.float32))
-        masked = lambda kb, c: body(kb, c, True)
-        plain = lambda kb, c: body(kb, c, False)
-        # key blocks [0, n_end) can be visible to some valid row (causal); [0, n_full) to every row
-        n_end = jnp.where(any_row, _cdiv(jnp.max(last) + 1, bk), 0)
-        n_end = jnp.clip(n_end, 0, n_kb)
-        n_full = jnp.clip(jnp.minimum(jnp.min(first) + 1, tk) // bk, 0, n_end)
+        # keys [0, end) can be visible to some valid row (causal); [0, full) to every row
+        end = jnp.where(any_row, jnp.minimum(_cdiv(last + 1, bke) * bke, tk_pad), 0)
+        full = jnp.clip(jnp.minimum(first + 1, tk) // bke * bke, 0, end)
         if not streaming:
-            carry = lax.fori_loop(0, n_full, plain, carry)
-            carry = lax.fori_loop(n_full, n_end, masked, carry)
+            f_big = full // bk * bk
+            carry = run(carry, 0, f_big, bk, False)
+            carry = run(carry, f_big, end, bke, True)
         else:
-            # sink blocks [0, ns); the window's blocks [lo, n_end), wholly inside every row's
-            # window (and below the diagonal) in [a, n_full2)
-            ns = jnp.minimum(_cdiv(jnp.full((), sink, jnp.int32), bk), n_end)
-            lo = jnp.clip(jnp.min(first - local + 1) // bk, ns, n_end)
-            a = jnp.clip(_cdiv(jnp.max(last) - local + 1, bk), lo, n_end)
-            full = jnp.clip(n_full, a, n_end)
-            carry = lax.fori_loop(0, ns, masked, carry)
-            carry = lax.fori_loop(lo, a, masked, carry)
-            carry = lax.fori_loop(a, full, plain, carry)
-            carry = lax.fori_loop(full, n_end, masked, carry)
+            # the sink [0, s_end); the window's leading edge [lead, a); keys inside every row's
+            # window and below the diagonal [a, a_end) unmasked; the diagonal edge [a_end, end)
+            s_end = jnp.minimum(_cdiv(sink, bke) * bke, end)
+            lead = jnp.clip(jnp.floor_divide(first - local + 1, bke) * bke, s_end, end)
+            a = jnp.clip(_cdiv(last - local + 1, bke) * bke, lead, end)
+            a_end = a + jnp.maximum(jnp.clip(full, a, end) - a, 0) // bk * bk
+            carry = run(carry, 0, s_end, bke, True)
+            carry = run(carry, lead, a, bke, True)
+            carry = run(carry, a, a_end, bk, False)
+            carry = run(carry, a_end, end, bke, True)
         acc, _, l = carry
         o = acc / jnp.where(l == 0, 1.0, l)[..., None]
         return lax.dynamic_update_slice_in_dim(out, o.reshape(b, h, bq, g, d), q0, axis=2)
@@ -191,10 +207,17 @@ def _sizes(k: int) -> tuple[int, ...]:
     return tuple(out) + (k,)
 
 
+def _bucket(n, sizes: tuple[int, ...]):
+    """The index of the first of `sizes` (increasing) that is >= n (the last if none is)."""
+    return jnp.minimum(sum((n > m).astype(jnp.int32) for m in sizes[:-1]), len(sizes) - 1)
+
+
 def _attend(q, keys, vals, ok, scale):
     """q [B, H, M, D]; keys, vals [B, H, T, D]; ok bool [B, H, T] -> [B, H, M, D] float32 (rows
-    with no visible key: 0), the reference's math."""
-    s = jnp.einsum("bhmd,bhtd->bhmt", q, keys, preferred_element_type=jnp.float32, precision=_HI) * scale
+    with no visible key: 0), the reference's math. The scores are computed as keys x q (a plain
+    [T, D] x [D, M] product: with M a handful of rows, q x keys^T measured slower) and
+    transposed (small)."""
+    s = jnp.einsum("bhtd,bhmd->bhmt", keys, q, preferred_element_type=jnp.float32, precision=_HI) * scale
     s = jnp.where(ok[:, :, None, :], s, -jnp.inf)
     mx = jnp.max(s, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
@@ -236,14 +259,14 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
 def _ring_decode(q, ring_k, ring_v, lengths, *, scale, g):
     """Streaming heads over their ring: q [B, S*G, D]; ring [S, B, W, D]; slots [0, min(len, W)).
 
-    Products and sums rather than dots, so that the ring is read in its own layout: a dot wants
-    its batch axes leading, and XLA would then copy the ring (duplicating the decode step's
-    in-place append into it for the second layout)."""
+    Products and sums rather than dots, so the ring is read in its own layout: a dot over it
+    makes XLA copy the ring (the decode step's in-place append into the ring is duplicated for
+    the dot's layout), and the ring is small (W = sink + local slots)."""
     s, b, w, d = ring_k.shape
     qh = q.reshape(b, s, g, d).transpose(1, 0, 2, 3).astype(jnp.float32)  # [S, B, G, D]
-    x = jnp.sum(qh[:, :, :, None, :] * ring_k[:, :, None, :, :].astype(jnp.float32), axis=-1) * scale  # [S, B, G, W]
     ok = jnp.arange(w)[None, :] < jnp.minimum(lengths, w)[:, None]  # [B, W]
-    x = jnp.where(ok[None, :, None, :], x, -jnp.inf)
+    x = jnp.sum(qh[:, :, :, None, :] * ring_k[:, :, None, :, :].astype(jnp.float32), axis=-1) * scale
+    x = jnp.where(ok[None, :, None, :], x, -jnp.inf)  # [S, B, G, W]
     mx = jnp.max(x, axis=-1, keepdims=True)
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
     e = jnp.exp(x - mx)
@@ -290,16 +313,31 @@ def _retrieval_decode(q, k_pages, v_pages, page_table, lengths, sel_pages, sel_c
         return run
 
     sel_sizes = _sizes(kslots)
-    tab_sizes = _sizes(n)
-    need = jnp.max(count)  # slots in use, batch-wide
-    branch_sel = jnp.searchsorted(jnp.asarray(sel_sizes), need)
     branches = [selected(m) for m in sel_sizes]
-    # whether every selection head's used slots name each valid page exactly once
-    used = jnp.arange(kslots)[None, None, :] < count[..., None]  # [B, Hsel, K]
-    hits = jnp.sum((lg_all[..., None] == jnp.arange(n)) & used[..., None], axis=2)  # [B, Hsel, N]
-    valid_col = jnp.arange(n)[None, None, :] < n_valid[:, None, None]
-    is_all = jnp.all(jnp.where(valid_col, hits == 1, True))
-    branch_tab = jnp.searchsorted(jnp.asarray(tab_sizes), jnp.max(n_valid))
-    branches += [shared(m) for m in tab_sizes]
-    index = jnp.where(is_all, len(sel_sizes) + branch_tab, branch_sel)
-    return lax.switch(jnp.clip(index, 0, len(branches) - 1), branches, None)
+    index = _bucket(jnp.max(count), sel_sizes)  # slots in use, batch-wide
+    if mode == "query_head":  # (in kv_head mode the selection is already read once per KV head)
+        # whether every selection head's used slots name each valid page exactly once
+        tab_sizes = _sizes(n)
+        used = jnp.arange(kslots)[None, None, :] < count[..., None]  # [B, Hsel, K]
+        hits = jnp.sum((lg_all[..., None] == jnp.arange(n)) & used[..., None], axis=2)  # [B, Hsel, N]
+        valid_col = jnp.arange(n)[None, None, :] < n_valid[:, None, None]
+        is_all = jnp.all(jnp.where(valid_col, hits == 1, True))
+        index = jnp.where(is_all, len(branches) + _bucket(jnp.max(n_valid), tab_sizes), index)
+        branches += [shared(m) for m in tab_sizes]
+    return lax.switch(index, branches, None)
+
+
+# --------------------------------------------------------------------------------------------
+# append
+# --------------------------------------------------------------------------------------------
+
+
+@register("append", "cpu")  # no rank: the reference's scatters are what XLA runs best on CPU
+def append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v, *, page, lp, sink, local,
+           options):
+    """The reference's scatters under this backend's name, so that a model naming "cpu" for
+    decode (whose append follows it: `Kernels.from_names`) runs. In-place per-row
+    dynamic-update-slices measured no faster in the decode step."""
+    _check_options("append", options, frozenset())
+    return append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v,
+                            page=page, lp=lp, sink=sink, local=local)
