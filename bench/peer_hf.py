@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="lserve_jax cache capacity (default: the engine's; --random-weights: the prompt + new tokens)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF side (lserve_jax only)")
+    p.add_argument("--impl", default="auto",
+                   help="lserve_jax prefill and decode implementations (lserve_jax.ops; e.g. reference: the baseline)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON")
     p.add_argument("--tag", default=None, help="JSON name: peer_hf-<tag>.json (default: <cpu|gpu>-<date>)")
     return p.parse_args(argv)
@@ -243,7 +245,8 @@ def run_real(args) -> dict:
             raise SystemExit(f"unknown variant {v!r}; choose from dense, sparse")
         # no prefix cache: a repeated prompt would reuse its pages and skip most of the prefill
         engines[v] = lserve_jax.load(pattern=None if v == "dense" else "auto", dtype=dtype,
-                                     max_seq_len=args.max_seq_len, progress=False, prefix_cache=False)
+                                     max_seq_len=args.max_seq_len, progress=False, prefix_cache=False,
+                                     prefill_impl=args.impl, decode_impl=args.impl)
     tokenizer = next(iter(engines.values())).tokenizer
     prompts = real_prompts(tokenizer, [p for p in args.prompts.split(",") if p], args.long_tokens)
     hf = None
@@ -384,7 +387,7 @@ def run_random(args) -> dict:
             try:
                 # no prefix cache: a repeated prompt would reuse its pages and skip the prefill
                 eng = Engine(params, cfg, layout=layout, max_seq_len=args.max_seq_len or n + args.new_tokens + 64,
-                             max_slots=b, prefix_cache=False)
+                             max_slots=b, prefix_cache=False, prefill_impl=args.impl, decode_impl=args.impl)
                 res, toks = measure(lambda x, k, eng=eng: lserve_run(eng, x, k), [prompts[n]] * b,
                                     args.new_tokens, args.repeats, f"{n}x{b} {key}")
                 res.update(agreement(toks, hf_tokens.get((n, b)), args.agree))

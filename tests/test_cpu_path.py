@@ -147,7 +147,7 @@ def _decode(*args, choice, mode):
 
 # (B, R, S, G, page, N table columns, K slots, W ring, lengths, mode, selection)
 DECODE_CASES = [
-    (2, 2, 1, 2, 4, 4, 4, 6, [14, 7], "query_head", "all"),    # shared path, lengths < capacity
+    (2, 2, 1, 2, 4, 8, 8, 6, [30, 7], "query_head", "all"),    # shared path, a short row
     (2, 2, 0, 2, 4, 8, 4, 6, [30, 17], "query_head", "some"),  # a budget below the pages, no ring
     (1, 1, 2, 4, 8, 4, 4, 12, [25], "kv_head", "dense"),       # dense layer form, GQA 4, ring full
     (2, 1, 1, 1, 4, 4, 2, 8, [16, 1], "kv_head", "some"),      # kv_head selection, GQA 1, length 1

@@ -3,7 +3,9 @@
 The token's K and V go into the retrieval heads' pages (with the min/max statistics of its
 logical page) and into the streaming heads' ring; `pallas.append` documents the semantics.
 Implementations: "triton" (`fused_append`, one launch for all six arrays, in place when they
-are donated) and "reference" (`append_reference`, jnp scatters).
+are donated), "reference" (`append_reference`, jnp scatters) and "cpu" (the reference's
+scatters, named only: it exists so that a model naming "cpu" for decode, which append follows,
+runs).
 """
 
 from __future__ import annotations

@@ -15,8 +15,10 @@ unmasked blocks of `block_k`, the edges (the diagonal, a window's edges, the sin
 blocks of `block_k_edge`. Retrieval heads: everything up to the diagonal; streaming heads: the
 sink and the local window (the Λ), the keys between them skipped. Nothing [T, Tk] is
 materialised. A window that covers every key makes streaming heads retrieval heads (dense), as
-in the Triton kernel. Options: block_q (default 256), block_k (512), block_k_edge (128; it must
-divide block_k); the defaults measured best for SmolLM2's heads (D 64, G 3) on 512-token chunks.
+in the Triton kernel. Options: block_q (default 512 tokens, at most MAX_ROWS // G), block_k
+(512), block_k_edge (default block_k; it must divide block_k). The defaults measured best for
+SmolLM2's heads (D 64, G 3) over the 512-token chunks of a 2K prompt on 2 cores (fewer, larger
+blocks beat smaller edge blocks that waste less of the masked diagonal).
 
 decode ("cpu"): the reference reads every slot of the selection (in a dense layer every page of
 the page table, however short the sequence). Here the retrieval heads read only the slots in
@@ -24,7 +26,10 @@ use, rounded up to a power of two (a `lax.switch` over the static sizes, picked 
 `sel_count` of the batch); in query_head mode, when every selection head's used slots are
 exactly its sequence's valid pages (any sequence within the token budget), the pages are read
 once per KV head through the page table for the G query heads of the group, not once per query
-head. Streaming heads attend over the ring in place. Options: none.
+head. Streaming heads attend over the ring in place. Options: none. (Measured on 2 cores: at 2K
+tokens decode attention is bound by memory traffic, the gathered copy of the pages included; a
+loop over 8-page blocks with an online softmax, to keep each gathered block in cache, was no
+faster.)
 
 append ("cpu", unranked): the reference's scatters under this backend's name (a choice naming
 "cpu" for decode names it for append too: `Kernels.from_names`).
@@ -44,6 +49,7 @@ from .registry import Unsupported, register
 CPU_FIRST = {"cpu": 10}  # above the reference (0); other platforms only when named
 
 PREFILL_OPTIONS = frozenset({"block_q", "block_k", "block_k_edge"})
+MAX_ROWS = 2048  # prefill query rows (tokens x GQA heads) per block: a [MAX_ROWS, 512] f32 tile is 4 MiB
 DECODE_OPTIONS = frozenset()
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 _HI = lax.Precision.HIGHEST  # the reference's precision: float32 dots stay IEEE on every platform
@@ -71,9 +77,9 @@ def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=Non
     _check_options("prefill", options, PREFILL_OPTIONS)
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the CPU prefill takes float32/bfloat16/float16, got {q.dtype=}")
-    block_q = int(options.get("block_q", 256))
+    block_q = int(options.get("block_q", 512))
     block_k = int(options.get("block_k", 512))
-    block_k_edge = int(options.get("block_k_edge", min(128, block_k)))
+    block_k_edge = int(options.get("block_k_edge", block_k))
     if block_q < 1 or block_k < 1 or block_k_edge < 1 or block_k % block_k_edge:
         raise ValueError(f"block_q, block_k, block_k_edge must be >= 1 and block_k_edge must divide block_k, "
                          f"got {block_q=} {block_k=} {block_k_edge=}")
@@ -82,14 +88,14 @@ def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=Non
 
 
 def blocked_prefill(q, k, v, lengths, *, num_retrieval: int, sink: int, local: int, scale: float,
-                    q_offset=None, block_q: int = 256, block_k: int = 512, block_k_edge: int = 128):
+                    q_offset=None, block_q: int = 512, block_k: int = 512, block_k_edge: int = 512):
     """The LServe prefill mask (see `ops.prefill`) by blocks; shapes already validated."""
     b, t, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     if sink >= tk or local >= tk:  # the window covers every key: plain causal attention
         num_retrieval = hkv
-    bq = min(block_q, t)
+    bq = min(block_q, t, max(1, MAX_ROWS // g))  # score tiles of at most MAX_ROWS x block_k
     bke = min(block_k_edge, tk)
     bk = min(block_k, _cdiv(tk, bke) * bke)  # a multiple of bke
     t_pad, tk_pad = _cdiv(t, bq) * bq, _cdiv(tk, bke) * bke  # every run ends by tk_pad

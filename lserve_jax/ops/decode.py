@@ -9,7 +9,9 @@
   (pb = the largest power of 2 dividing W, at most 128).
 
 Implementations: "triton" (both halves in one `pallas.decode.sparse_decode` launch; options are
-its tuning kwargs) and "reference" (each half through `paged_decode_reference`).
+its tuning kwargs), "cpu" (`ops/cpu.py`: only the slots in use, the group's pages read once when
+the selection is every page; first on CPU) and "reference" (each half through
+`paged_decode_reference`, every slot of the selection).
 `dense_decode_attention` is the dense baseline over a contiguous cache (cuDNN or XLA).
 """
 
