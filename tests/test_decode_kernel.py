@@ -165,8 +165,9 @@ def test_dense_paged_decode_equals_softmax_attention(runner, impl, g):
         cnt = np.broadcast_to((-(-lengths // page))[:, None], (3, hsel)).astype(np.int32)
         out = run_attention(layer, sel, cnt, mode=mode, choice=runner.choice(impl), dtype=jnp.float32)
         t = layer["kf"].shape[1]
-        dense = dense_decode_attention(jnp.asarray(layer["q"]), jnp.asarray(layer["kf"]),
-                                       jnp.asarray(layer["vf"]), jnp.asarray(lengths), implementation="xla")
+        with jax.default_matmul_precision("float32"):  # XLA's float32 dots on a GPU default to TF32
+            dense = dense_decode_attention(jnp.asarray(layer["q"]), jnp.asarray(layer["kf"]),
+                                           jnp.asarray(layer["vf"]), jnp.asarray(lengths), implementation="xla")
         # numpy softmax over the first `length` tokens
         want = np.zeros_like(layer["q"], np.float64)
         for b in range(3):

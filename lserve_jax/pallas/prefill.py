@@ -301,13 +301,19 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def default_block_config(head_dim: int, group: int, streaming_only: bool = False
+def default_block_config(head_dim: int, group: int, streaming_only: bool = False, itemsize: int = 2
                          ) -> dict[str, int]:
     """Block sizes / warps / stages; defaults tuned on the H200 (bench/prefill_attn.py).
 
     A caller that tunes passes its own values (through `OpChoice.options` in the ops API).
+    itemsize: bytes per element of q/k/v. float32 heads wider than 64 (padded to 128) get smaller
+    tiles and 2 stages: 128x128 tiles in 3 stages asked the H100 for 384 KiB of shared memory
+    (it has 227 KiB), failing every float32 model with head dim 80, 96 or 128.
     """
     del group, streaming_only  # the same tiles won both sweeps (below)
+    if itemsize >= 4 and _next_pow2(head_dim) > 64:
+        # q 64x128x4 (32 KiB) + 2 stages x k, v 64x128x4 (64 KiB) = 160 KiB
+        return dict(block_m=64, block_k=64, num_warps=4, num_stages=2)
     # H200, jax 0.11.2, bf16, llama3-8b heads (D=128, G=4): 128x128 tiles, 8 warps, 3 stages
     # won both the dense (T=16K) and the streaming-only (T=32K) sweeps
     # (bench/results/prefill_attn-2026-12-01{a,b}.json); 4 stages or 256-row / 256-key tiles
@@ -349,7 +355,7 @@ def prefill_attention_pallas(
     if d < 16:
         raise ValueError(f"head_dim must be >= 16 for the Triton dots, got {q.shape=}")
     streaming_only = num_retrieval == 0 and sink < tk and local < tk
-    cfg = default_block_config(d, hq // hkv, streaming_only)
+    cfg = default_block_config(d, hq // hkv, streaming_only, jnp.dtype(q.dtype).itemsize)
     block_m = cfg["block_m"] if block_m is None else block_m
     block_k = cfg["block_k"] if block_k is None else block_k
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
