@@ -19,6 +19,7 @@ from .config import SparseConfig
 from .engine import Engine
 from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
 from .params import permute_kv_heads
+from .quant import check_mode, quantize_params, weights_mode
 from .sharding import ShardingError
 from .tokenizer import Tokenizer
 
@@ -27,7 +28,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          sparse: SparseConfig | None = None, dtype: str | None = None, max_seq_len: int | None = None,
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
          progress: bool = True, tp: int = 1, max_slots: int | None = None,
-         prefill_chunk: int | str | None = "auto", prefix_cache: bool = True) -> Engine:
+         prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
+         weights: str | None = None) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -37,6 +39,9 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     tp: split the KV heads over this many local devices (lserve_jax.sharding); each layer's
     retrieval-head count is rounded up to a multiple of tp so every device gets the same share.
     max_slots: decode slots of the request loop (default: `generate` sizes them to its batch).
+    weights: "fp8" (W8A8: FP8 weights and per-token FP8 activations) or "fp8-weight-only"
+    (W8A16) quantises the layers' linear weights on load (`lserve_jax.quant`); None keeps the
+    checkpoint's (a checkpoint converted with --quantize fp8 is FP8 already).
     Compiled programs are kept on disk between runs (`enable_compilation_cache`).
     """
     if isinstance(tp, bool) or not isinstance(tp, Integral) or tp < 1:
@@ -50,6 +55,10 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg = ckpt.config
     sparse = sparse or SparseConfig()
+    if weights is not None:
+        check_mode(weights)
+        if tp > 1:
+            raise ValueError(f"FP8 weights run with tp=1 only, got tp={tp}")
     params = ckpt.load_params(dtype)
     alpha = None
     if pattern == "auto":
@@ -72,6 +81,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         layout, perms = layout_and_permutation(retrieval)
     if np.any(perms != np.arange(cfg.num_kv_heads)):
         params = permute_kv_heads(params, cfg, perms)
+    if weights is not None and weights_mode(params) != weights:
+        params = quantize_params(params, weights)  # after the permutation: scales travel with their channels
     tokenizer = None
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)

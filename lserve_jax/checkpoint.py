@@ -31,6 +31,7 @@ from .arrays import Arrays
 from .config import ConfigError, ModelConfig
 from .heads import load_pattern
 from .params import Params, abstract_params
+from .quant import MODES, abstract_quantized, cast_params
 
 FORMAT_VERSION = 2  # 2: layers hold only the weights their family declares (1: absent q/k/v biases as None)
 READABLE_FORMATS = (1, 2)
@@ -69,11 +70,18 @@ class Checkpoint:
         p = self.pattern_file
         return None if p is None else load_pattern(p)
 
+    @property
+    def weights(self) -> str | None:
+        """The FP8 form of the linear weights ("fp8", "fp8-weight-only"; `lserve_jax.quant`), or None."""
+        return self.meta.get("weights")
+
     def load_params(self, dtype: str | None = None) -> Params:
         """Restores the params (optionally cast to another dtype)."""
         import orbax.checkpoint as ocp
 
         target = abstract = abstract_params(self.config, DTYPES[self.dtype])
+        if self.weights is not None:
+            target = abstract = abstract_quantized(abstract, self.weights)
         legacy = self.meta.get("format") == 1
         if legacy:
             target = target.replace(layers=tuple(
@@ -91,7 +99,7 @@ class Checkpoint:
             params = params.replace(layers=tuple(  # declaration order, as abstract_params makes it
                 Arrays({n: lp.get(n) for n in want}) for lp, want in zip(params.layers, abstract.layers)))
         if dtype is not None and dtype != self.dtype:
-            params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+            params = cast_params(params, DTYPES[dtype])
         return params
 
 
@@ -116,6 +124,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"{READABLE_FORMATS}; convert the model again")
     if dtype not in DTYPES:
         raise CheckpointError(f"{meta_file}: unknown dtype {dtype!r}")
+    if meta.get("weights") is not None and meta["weights"] not in MODES:
+        raise CheckpointError(f"{meta_file}: unknown weights {meta['weights']!r} (this version reads {sorted(MODES)})")
     for part in ("params",):
         if not (path / part).exists():
             raise CheckpointError(f"checkpoint {path} is incomplete: {part} is missing")

@@ -40,6 +40,7 @@ from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
+from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
 from .scheduler import Chunk, Request, RequestTooLarge, Scheduler  # noqa: F401  (RequestTooLarge: importable from here)
@@ -146,6 +147,8 @@ class Engine:
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, Kernels.from_names(prefill=prefill_impl, decode=decode_impl), tp)
         self.preemption = ("recompute" if layout.is_dense else "swap") if preemption == "auto" else preemption
+        if tp > 1 and weights_mode(params) is not None:
+            raise ValueError(f"FP8 weights ({weights_mode(params)}) run with tp=1 only, got tp={tp}")
         self.params = shard_params(params, config, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:

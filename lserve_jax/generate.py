@@ -52,7 +52,8 @@ def engine_options(args) -> dict:
             raise ValueError(f"--prefill-chunk must be a number of tokens, 'auto' or 'none', got {chunk!r}") from None
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
-    return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache)
+    return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
+                weights=args.weights)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--weights", choices=("fp8", "fp8-weight-only"),
+                   help="quantise the linear weights on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 "
+                        "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16 (default: the checkpoint's weights)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     p.add_argument("--prefill-chunk", default="auto",
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "

@@ -21,6 +21,7 @@ from . import models
 from .arrays import Arrays
 from .config import ModelConfig
 from .decl import ArrayDecl, axis_sizes
+from .quant import FP8Linear
 
 LayerParams = Arrays  # one layer's weights: attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, ... as declared
 
@@ -116,6 +117,8 @@ def permute_kv_heads(params: Params, cfg: ModelConfig, perms: np.ndarray) -> Par
     decls = layer_decls(cfg)
 
     def move(w, axes, perm):
+        if isinstance(w, FP8Linear):  # stored [out, in] with per-output scales: both move
+            return w.replace(w=move(w.w.T, axes, perm).T, scale=move(w.scale, axes[1:], perm))
         for ax, name in enumerate(axes):
             if name in ("q_heads", "kv_heads"):
                 shape = w.shape

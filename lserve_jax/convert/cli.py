@@ -12,10 +12,12 @@ import numpy as np
 from ..checkpoint import atomic_directory, write_checkpoint
 from ..config import ModelConfig
 from ..heads import PatternError, check_shape, load_pattern
+from ..quant import MODES, quantize_params
 from .hf import (ConversionError, hf_tensors, is_hf_dir, map_tensors, one_line, read_hf_config,
                  tokenizer_files)
 
 DTYPE_CHOICES = ("bfloat16", "float32", "float16")
+QUANTIZE_CHOICES = tuple(MODES)
 MAX_MESSAGE = 2000  # characters of an error line; the converters' own lists are capped well below
 
 
@@ -59,8 +61,10 @@ def load_source(src: Path, dtype: str, *, progress: bool = True):
 
 
 def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force: bool = False,
-            pattern: str | Path | None = None, progress: bool = True) -> Path:
-    """Converts a checkpoint; returns the destination. Nothing is left at `dest` on failure."""
+            pattern: str | Path | None = None, progress: bool = True, quantize: str | None = None) -> Path:
+    """Converts a checkpoint; returns the destination. Nothing is left at `dest` on failure.
+    quantize: "fp8" / "fp8-weight-only" stores the layers' linear weights in FP8 with
+    per-output-channel scales (`lserve_jax.quant`); the rest stays in `dtype`."""
     import jax.numpy as jnp
 
     from ..params import from_flat
@@ -69,6 +73,8 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force
     src, dest = Path(src).expanduser().absolute(), Path(dest).expanduser().absolute()
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ConversionError(f"--quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if dest.exists() and not force:
         raise FileExistsError(f"{dest} already exists (use --force to overwrite)")
     cfg, arrays, tok_files, meta = load_source(src, dtype, progress=progress)
@@ -77,6 +83,9 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force
         alpha = load_pattern(pattern)
         check_shape(alpha, cfg.num_layers, cfg.num_kv_heads)
     params = from_flat(cfg, {k: jnp.asarray(v) for k, v in arrays.items()})
+    if quantize is not None:
+        params = quantize_params(params, quantize)
+        meta = {**meta, "weights": quantize}
     with atomic_directory(dest, force=force) as tmp:
         write_checkpoint(tmp, params, cfg, dtype, tokenizer_files=tok_files, pattern=alpha, extra_meta=meta)
     return dest
@@ -92,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="output checkpoint directory (must not exist unless --force)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="parameter dtype (default: bfloat16)")
     p.add_argument("--pattern", help="DuoAttention head pattern (full_attention_heads.tsv or .npy) to store with the checkpoint")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="store the layers' linear weights in FP8 (e4m3, per-output-channel scales): 'fp8' runs "
+                        "them as W8A8 (FP8 activations too), 'fp8-weight-only' as W8A16; embeddings, norms and "
+                        "the LM head stay in --dtype")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         dest = convert(args.src, args.dest, dtype=args.dtype, force=args.force, pattern=args.pattern,
-                       progress=not args.quiet)
+                       progress=not args.quiet, quantize=args.quantize)
     except (ConversionError, PatternError, FileExistsError, ValueError, OSError) as e:
         msg = one_line(e)
         if len(msg) > MAX_MESSAGE:
@@ -109,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
     cfg = json.loads((dest / "lserve.json").read_text())["model"]
-    print(f"wrote {dest} ({cfg['architecture']}, {cfg['num_layers']} layers, {args.dtype})", file=sys.stderr)
+    print(f"wrote {dest} ({cfg['architecture']}, {cfg['num_layers']} layers, {args.dtype}"
+          f"{', ' + args.quantize + ' linear weights' if args.quantize else ''})", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ from jax import lax
 
 from ..arrays import Arrays
 from ..config import ModelConfig
+from ..quant import FP8Linear, fp8_matmul
 from ..rope import apply_rope, attention_scaling, inv_frequencies
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -32,9 +33,14 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w * xf.astype(x.dtype)  # HF casts back before the weight
 
 
-def project(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype."""
-    y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
+def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype.
+    w may be an FP8 weight (`lserve_jax.quant.FP8Linear`): an FP8 GEMM (W8A8) or a product with
+    the weight converted (W8A16), scales applied to the float32 result."""
+    if isinstance(w, FP8Linear):
+        y = fp8_matmul(x, w)
+    else:
+        y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
