@@ -132,6 +132,8 @@ def engine_settings(args) -> SparseConfig:
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
+    if args.weights is not None and args.tp > 1:
+        raise ValueError(f"--weights {args.weights} runs with --tp 1 only, got --tp {args.tp}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")
     if args.num_pages is not None and args.num_pages < 2:

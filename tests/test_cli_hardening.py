@@ -134,6 +134,7 @@ def test_calibrate_with_relative_checkpoint_and_output(ckpt, monkeypatch):
     (["--system", "be brief"], "--system needs --chat"),
     (["--num-pages", "1"], "at least 2 pages"),
     (["--max-seq-len", "-4"], "--max-seq-len must be >= 1"),
+    (["--weights", "fp8", "--tp", "2"], "runs with --tp 1 only"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(capsys, args, message):
     """Checked before the checkpoint is even opened (it does not exist here)."""
@@ -178,6 +179,15 @@ def test_sampling_without_seed_prints_a_seed_that_repeats_the_run(ckpt, capsys):
     seed = int(lines[0].split()[1])
     rc, again, err = run_generate(capsys, *base, "--seed", seed)
     assert rc == 0 and again == out and "[seed]" not in err
+
+
+def test_fp8_weights_generate(ckpt, capsys):
+    rc, out, err = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, "--max-new-tokens", "4",
+                                "--weights", "fp8", "--quiet")
+    assert rc == 0 and len(out.split()) == 4, err
+    with pytest.raises(SystemExit) as e:  # argparse: an unknown choice is a usage error
+        generate_cli.main(["--checkpoint", str(ckpt), "--prompt", PROMPT, "--weights", "int8"])
+    assert e.value.code == 2
 
 
 def test_greedy_prints_no_seed(ckpt, capsys):

@@ -1,0 +1,84 @@
+"""Perplexity with FP8 linear weights (W8A8, W8A16) against the checkpoint's weights, dense and
+sparse, on real weights (issue #18's accuracy rows).
+
+The text and the sparse model are bench/accuracy.py's: the first half of the shipped public-domain
+text in full windows, the calibrated head pattern at 50% streaming heads with the prefill window
+scaled to the model (sink 64, local 256; every position past it sees less than dense). The
+weights are quantised as `lserve_jax.load(weights=...)` does (`lserve_jax.quant`); compute in
+float32, so the ratio isolates the quantisation.
+
+    python bench/fp8_accuracy.py [--checkpoint DIR] [--pattern TSV] [--length 4096] [--windows 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from accuracy import WINDOWS  # noqa: E402
+from common import environment, log, write_json  # noqa: E402
+
+from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
+from lserve_jax.evals import eval_ids  # noqa: E402
+from lserve_jax.evals.ppl import perplexity  # noqa: E402
+from lserve_jax.heads import binarize, load_pattern  # noqa: E402
+from lserve_jax.quant import MODES, quantize_params  # noqa: E402
+from lserve_jax.tokenizer import Tokenizer  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
+    ap.add_argument("--pattern", help="head pattern TSV (default: the checkpoint's, else the default model's)")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    from lserve_jax.api import DEFAULT_PATTERN, default_checkpoint
+
+    is_default = args.checkpoint is None
+    ckpt = open_checkpoint(default_checkpoint() if is_default else args.checkpoint)
+    cfg = ckpt.config
+    alpha = (load_pattern(args.pattern) if args.pattern else ckpt.head_pattern())
+    if alpha is None and is_default:
+        alpha = load_pattern(DEFAULT_PATTERN)
+    if alpha is None:
+        ap.error("no head pattern: pass --pattern")
+    tok = Tokenizer.from_checkpoint_dir(ckpt.path)
+    ids = eval_ids(lambda s: tok.encode(s, add_special_tokens=False))
+    base = ckpt.load_params("float32")
+    sink, local = WINDOWS["prefill"]
+    gates = binarize(alpha, args.sparsity).astype(np.float32)
+    rows = []
+    for weights in (None, *MODES):
+        params = base if weights is None else quantize_params(base, weights)
+        for layout, g in (("dense", None), (f"sparse-s{args.sparsity:g}", gates)):
+            t0 = time.perf_counter()
+            r = perplexity(params, cfg, ids, args.length, args.windows, g, sink, local)
+            rows.append(dict(weights=weights or ckpt.dtype, layout=layout, ppl=r["ppl"], window_ppl=r["window_ppl"]))
+            log(f"{weights or ckpt.dtype:16s} {layout:12s} ppl {r['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)")
+    ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype}
+    for r in rows:
+        r["ratio"] = r["ppl"] / ref[r["layout"]]
+    name = os.path.basename(str(ckpt.path)).replace("-lserve", "")
+    summary = {f"ppl_ratio_{w.replace('-', '_')}_over_{ckpt.dtype}": next(
+        r["ratio"] for r in rows if r["weights"] == w and r["layout"] == "dense") for w in MODES}
+    res = dict(env=environment(), checkpoint=name, length=args.length, windows=args.windows,
+               sparse_window=dict(sink=sink, local=local), rows=rows, summary=summary)
+    path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}.json")
+    write_json(path, res)
+    print(f"| weights | layout | ppl@{args.length} | ratio |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['weights']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

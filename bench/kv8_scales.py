@@ -1,0 +1,128 @@
+"""Which scales should FP8 (e4m3) KV pages carry? Perplexity with K and V fake-quantised the way
+each layout would store them, on real weights (the choice asked for in issue #18).
+
+Attention reads back exactly what a layout stores: K (after RoPE) and V go through e4m3 with
+  none            no quantisation (the reference),
+  cast            e4m3 with scale 1 (vLLM's default fp8 KV cache),
+  token           one scale per token and head (amax over the head's channels / 448),
+  page-channel    one scale per page (64 tokens), head and channel (amax over the page's tokens),
+  channel         one per head and channel over the whole window (not causal: a bound),
+  token-centred   keys minus their per-head channel mean (softmax-invariant), then per token
+                  (the mean over the whole window: not causal, a bound),
+and the perplexity ratio over the unquantised model is reported per combination.
+
+    python bench/kv8_scales.py [--checkpoint DIR] [--length 2048] [--windows 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import environment, log, write_json  # noqa: E402
+
+from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
+from lserve_jax.evals.corpus import eval_ids  # noqa: E402
+from lserve_jax.evals.nll import next_token_nll  # noqa: E402
+from lserve_jax.models.layer import causal_attention, decoder_layer, final_norm  # noqa: E402
+from lserve_jax.tokenizer import Tokenizer  # noqa: E402
+
+F8, F8_MAX, PAGE = jnp.float8_e4m3fn, 448.0, 64
+
+
+def _q(x, amax):
+    s = jnp.maximum(amax, 1e-12) / F8_MAX
+    return (x / s).astype(F8).astype(x.dtype) * s
+
+
+def none(x):
+    return x
+
+
+def cast(x):
+    return x.astype(F8).astype(x.dtype)
+
+
+def token(x):  # x [B, T, H, D]
+    return _q(x, jnp.max(jnp.abs(x), -1, keepdims=True))
+
+
+def page_channel(x):
+    b, t, h, d = x.shape
+    xr = x.reshape(b, t // PAGE, PAGE, h, d)
+    return _q(xr, jnp.max(jnp.abs(xr), 2, keepdims=True)).reshape(x.shape)
+
+
+def channel(x):
+    return _q(x, jnp.max(jnp.abs(x), 1, keepdims=True))
+
+
+def token_centred(x):
+    mu = jnp.mean(x, 1, keepdims=True)
+    return token(x - mu) + mu
+
+
+# (K layout, V layout)
+VARIANTS = {"none": (none, none), "cast": (cast, cast), "token": (token, token),
+            "K token, V none": (token, none), "K none, V token": (none, token),
+            "page-channel": (page_channel, page_channel), "K channel, V token": (channel, token),
+            "K token-centred, V token": (token_centred, token)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
+    ap.add_argument("--length", type=int, default=2048, help="tokens per window (a multiple of 64)")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    if args.length % PAGE:
+        ap.error(f"--length must be a multiple of {PAGE}")
+    if args.checkpoint is None:
+        from lserve_jax.api import default_checkpoint
+
+        args.checkpoint = default_checkpoint()
+    ckpt = open_checkpoint(args.checkpoint)
+    cfg, tok = ckpt.config, Tokenizer.from_checkpoint_dir(ckpt.path)
+    ids = eval_ids(lambda s: tok.encode(s, add_special_tokens=False))
+    toks = np.asarray(ids[: args.windows * args.length], np.int32).reshape(args.windows, args.length)
+    params = ckpt.load_params("float32")
+    positions = jnp.arange(args.length)[None]
+
+    def nll_fn(fk, fv):
+        @jax.jit
+        def nll(params, t):
+            x = params.embed[t]
+            for lp in params.layers:
+                x, _ = decoder_layer(lp, x, positions, cfg, lambda q, k, v: (causal_attention(q, fk(k), fv(v)), None))
+            return next_token_nll(params, final_norm(params, x, cfg), t)
+        return nll
+
+    rows, base = [], None
+    for name, (fk, fv) in VARIANTS.items():
+        t0, fn = time.perf_counter(), nll_fn(fk, fv)
+        nll = np.concatenate([np.asarray(fn(params, jnp.asarray(toks[i:i + 1]))) for i in range(args.windows)])
+        ppl = float(np.exp(nll.mean()))
+        base = base or ppl
+        rows.append(dict(variant=name, ppl=ppl, ratio=ppl / base))
+        log(f"{name:26s} ppl {ppl:.4f}  x{ppl / base:.5f}  ({time.perf_counter() - t0:.0f} s)")
+    res = dict(env=environment(), checkpoint=str(ckpt.path), model=ckpt.meta.get("source"),
+               length=args.length, windows=args.windows, rows=rows)
+    path = os.path.join(args.out, f"kv8_scales-{cfg.num_layers}L-{res['env']['date'][:10]}.json")
+    write_json(path, res)
+    print("| K, V layout | ppl | ratio |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
