@@ -284,7 +284,7 @@ class Engine:
 
         for b in [1 << k for k in range(self._slots.bit_length()) if 1 << k <= self._slots]:
             for t in buckets:
-                if self.prefill_chunk is None or b * t <= max(self.prefill_chunk, t):
+                if b * t <= max(self.scheduler.batch_tokens, t):  # the batches `next_prefill` makes
                     run(b, t)
         if self.prefill_chunk is not None and top > self.prefill_chunk:
             for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, top, page)}):

@@ -101,10 +101,12 @@ class Scheduler:
 
     def __init__(self, num_slots: int, num_pages: int, page_size: int, max_tokens: int, *,
                  chunk: int | None = None, num_stream_pages: int = 1, window: tuple[int, int] | None = None,
-                 prefix_cache: bool = False):
+                 prefix_cache: bool = False, batch_tokens: int = 8192):
         """chunk: most prompt tokens prefilled per dispatch (None: whole prompts). window: (sink
         pages, window pages) of the streaming heads' prefill window, None without streaming
-        heads. num_stream_pages: their pool (page 0 scratch)."""
+        heads. num_stream_pages: their pool (page 0 scratch). batch_tokens: without chunks, the
+        padded tokens of one dispatch of several whole prompts (a prompt longer goes alone), so
+        sixteen 128K prompts never become one 2M-token prefill."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if chunk is not None and (chunk < page_size or chunk % page_size):
@@ -113,6 +115,7 @@ class Scheduler:
         self.page_size = page_size
         self.max_tokens = max_tokens  # per sequence: min(model context, cache capacity)
         self.chunk = chunk
+        self.batch_tokens = chunk or int(batch_tokens)
         self.window = window
         self.allocator = PageAllocator(num_pages)
         self.stream = PageAllocator(max(num_stream_pages, 1))
@@ -217,7 +220,7 @@ class Scheduler:
         """The prefill rows of the next dispatch: the oldest unfinished prompt's next chunk when it
         is long or already started (one row, reading what the cache holds), else the prompts that
         fit one chunk whole, oldest first (at most `max_rows`, their padded tokens within a chunk's
-        budget). Streaming pages are mapped for each row that needs them. [] if none waits."""
+        budget, or `batch_tokens` without chunks). Streaming pages are mapped for each row that needs them. [] if none waits."""
         todo = sorted((r for r in self.running() if not r.prefill_done), key=lambda r: r.order)
         if not todo:
             return []
@@ -233,7 +236,7 @@ class Scheduler:
                 n = len(rows) + 1
                 # the engine pads every row to this (a power of two, at least one page)
                 bucket = max(self.page_size, _pow2_at_least(max([r.prefill_len] + [c.count for c in rows])))
-                over_budget = self.chunk is not None and _pow2_at_least(n) * bucket > max(self.chunk, bucket)
+                over_budget = _pow2_at_least(n) * bucket > max(self.batch_tokens, bucket)
                 if rows and ((max_rows and n > max_rows) or over_budget):
                     break
                 rows.append(Chunk(r, 0, r.prefill_len))

@@ -196,6 +196,21 @@ def prefill_all(s: Scheduler) -> None:
             s.chunk_dispatched(c)
 
 
+def test_whole_prompt_batches_stay_within_the_token_budget():
+    """Without chunks, whole prompts are batched only while their padded tokens fit
+    `batch_tokens`; a prompt longer than the budget goes alone (never 16 x 128K in one prefill)."""
+    s = Scheduler(num_slots=8, num_pages=200, page_size=4, max_tokens=256, batch_tokens=64)
+    reqs = [s.add(f"r{i}", [1] * n, SamplingParams(max_new_tokens=1)) for i, n in enumerate([30, 30, 30, 100, 9])]
+    assert s.admit() == reqs
+    plan = []
+    while rows := s.next_prefill():
+        plan.append([(c.request.request_id, c.count) for c in rows])
+        for c in rows:
+            s.chunk_dispatched(c)
+    assert plan == [[("r0", 30), ("r1", 30)], [("r2", 30)], [("r3", 100)], [("r4", 9)]]
+    s.check()
+
+
 def test_scheduler_preempts_the_youngest_and_requeues_it_first():
     s = Scheduler(num_slots=3, num_pages=4, page_size=4, max_tokens=64)  # 3 usable pages
     a = s.add("a", [1] * 4, SamplingParams(max_new_tokens=8))
