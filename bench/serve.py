@@ -211,9 +211,17 @@ def main(argv=None):
     p.add_argument("--max-slots", type=int, default=16)
     p.add_argument("--num-pages", type=int, help="page pool of each engine (default: 4 max-length sequences)")
     p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
+    p.add_argument("--engines", default="sparse,dense",
+                   help="which engines run (one call can take one engine; --tag keeps the JSONs apart)")
+    p.add_argument("--tag", default="", help="suffix of the JSON name: serve-<date><tag>.json")
     p.add_argument("--http", action="store_true", help="through the OpenAI-compatible server (streaming calls)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="no run: combine the runs of these result files (e.g. one per engine) into one "
+                        "JSON with the summary, written to --out")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.tag)
 
     cfg = ModelConfig(**TINY) if args.shape == "tiny" else model_config(args.shape)
     env = environment()
@@ -239,8 +247,13 @@ def main(argv=None):
     results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "num_pages": pages,
                "max_slots": args.max_slots,
                "max_seq_len": max_seq, "runs": []}
-    out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}.json")
+    out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}{args.tag}.json")
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - {"sparse", "dense"}:
+        p.error(f"--engines takes sparse and/or dense, got {args.engines!r}")
     for name, lay in (("sparse", layout), ("dense", dense_layout)):
+        if name not in engines:
+            continue
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             eng = Engine(params, cfg, layout=lay, sparse=sparse, max_seq_len=max_seq, num_pages=pages,
                          max_slots=args.max_slots, prefill_chunk=chunk, prefix_cache=cache_on,
@@ -262,6 +275,26 @@ def main(argv=None):
             del eng
     results["summary"] = summarize(results["runs"])
     write_json(out_file, results)
+    print_table(results)
+    return results
+
+
+def merge(paths, out, tag="") -> dict:
+    """One result file from several (same shape and scale; runs concatenated, summary recomputed)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    keys = ("shape", "scale", "http", "num_pages", "max_slots", "max_seq_len")
+    for p in parts[1:]:
+        diff = [k for k in keys if p.get(k) != parts[0].get(k)]
+        if diff:
+            raise SystemExit(f"cannot merge runs that differ in {diff}")
+    results = {**parts[0], "merged_from": [os.path.basename(x) for x in paths],
+               "runs": [r for p in parts for r in p["runs"]]}
+    results["summary"] = summarize(results["runs"])
+    name = f"serve{'-http' if results['http'] else ''}-{results['env']['date'][:10]}{tag or '-merged'}.json"
+    write_json(os.path.join(out, name), results)
     print_table(results)
     return results
 

@@ -31,6 +31,22 @@ def test_serve_benchmark_smoke(tmp_path, monkeypatch):
     sys.modules.pop("serve", None)
 
 
+def test_serve_benchmark_one_engine_per_call_then_merge(tmp_path, monkeypatch):
+    """A GPU run too long for one call runs each engine in its own and merges the files."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve  # bench/serve.py
+
+    common = ["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
+              "--max-slots", "2", "--out", str(tmp_path)]
+    parts = [serve.main(common + ["--engines", e, f"--tag=-{e}"]) for e in ("sparse", "dense")]
+    assert [{r["engine"] for r in p["runs"]} for p in parts] == [{"sparse"}, {"dense"}]
+    assert "serve_doc_throughput_speedup_vs_dense" not in parts[0]["summary"]
+    merged = serve.main(["--merge", *sorted(map(str, tmp_path.glob("serve-*-*e.json"))), "--out", str(tmp_path)])
+    assert merged["summary"]["serve_doc_throughput_speedup_vs_dense"] > 0
+    assert len(list(tmp_path.glob("serve-*-merged.json"))) == 1
+    sys.modules.pop("serve", None)
+
+
 def test_serve_benchmark_through_http(tmp_path, monkeypatch):
     """--http: the same requests as streaming /v1/completions calls to the server on a thread."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
