@@ -8,8 +8,11 @@
 * `nll`: next-token NLL (`next_token_nll`, over the LM head `lm_logits` of `models.layer`), and
   the all-position forward through `prefill_attention` (`forward_hidden`, `token_nll`).
 * `ppl`: pooled-window `perplexity` of a head pattern, and the `random_pattern` control.
+* `ruler`: RULER-style long-context tasks (needles, variable tracking, common words) in natural
+  text, token-exact (`make_samples`, `RulerSample`), their exact scorer and 95% intervals
+  (`wilson`, `bootstrap_ci`); run through engines by `bench/long_context.py`.
 
-Names are imported lazily, as in `lserve_jax/__init__.py`: `corpus` and `passkey` stay free of
+Names are imported lazily, as in `lserve_jax/__init__.py`: `corpus`, `passkey` and `ruler` stay free of
 jax, and `grid` and `ppl` (which use `calibrate.gated`, while calibration uses `passkey`,
 `corpus` and `nll`) are loaded only when asked for.
 """
@@ -23,6 +26,8 @@ _EXPORTS = {
     **dict.fromkeys(("GRID_LENGTHS", "GRID_DEPTHS", "grid_prompts", "run_grid", "passkey_proxy"), "grid"),
     **dict.fromkeys(("next_token_nll", "forward_hidden", "token_nll", "lm_logits"), "nll"),
     **dict.fromkeys(("perplexity", "random_pattern"), "ppl"),
+    **dict.fromkeys(("RULER_TASKS", "RulerSample", "Haystack", "Frame", "make_sample", "make_samples", "wilson",
+                     "bootstrap_ci"), "ruler"),
 }
 __all__ = sorted(_EXPORTS)
 
