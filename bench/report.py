@@ -259,6 +259,103 @@ def calibration_sweep() -> list[str]:
     return lines + [""] + notes + ([""] if notes else [])
 
 
+def offset_prefill() -> list[str]:
+    """The chunked (offset) form of the prefill kernel vs its plain form (bench/kernel_check.sh)."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "kernel_check-*", "prefill_offset.json"))):
+        with open(path) as f:
+            d = json.load(f)
+        m, sh = d["meta"], d["meta"]["shapes"]
+        lines += [f"## Prefill kernel, chunked (offset) form ({m['device']}, jax {m['jax']})", "",
+                  f"`bash bench/kernel_check.sh` (`{os.path.relpath(path, ROOT)}`): a {sh['t']}-token chunk whose "
+                  f"queries sit at `offset` after the keys already cached (Tk = offset + chunk); Hq {sh['hq']}, "
+                  f"Hkv {sh['hkv']}, D {sh['d']}, {sh['dtype']}; streaming heads sink {sh['sink']} / local {sh['local']}.",
+                  "", "| heads | form | offset | Tk | ms (median) | TFLOP/s | finite |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['heads']} | {r['form']} | {r['offset']} | {r['tk']} | {r['ms_median']:.2f} | "
+                  f"{r['tflops']:.1f} | {r['finite']} |" for r in d["rows"]]
+        lines.append("")
+    return lines
+
+
+def fp8_weights_accuracy() -> list[str]:
+    """Perplexity with FP8 linear weights (bench/fp8_accuracy.py), newest run per model."""
+    runs = {}
+    for name, d in _load("fp8_accuracy-*.json"):
+        runs[d["checkpoint"]] = (name, d)
+    if not runs:
+        return []
+    lines = ["## FP8 weights: perplexity (real weights, CPU)", "",
+             "`python bench/fp8_accuracy.py`: W8A8 (`--weights fp8`) and W8A16 (`--weights fp8-weight-only`) "
+             "against the checkpoint's weights, compute in float32; sparse = the calibrated pattern at 50% "
+             "streaming heads with the prefill window scaled to the model (as bench/accuracy.py).", ""]
+    for model, (name, d) in sorted(runs.items()):
+        lines += [f"{model}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):", "",
+                  "| weights | layout | ppl | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['weights']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |" for r in d["rows"]]
+        lines.append("")
+    return lines
+
+
+def kv8_scales() -> list[str]:
+    """Which scales FP8 KV pages need (bench/kv8_scales.py), every run."""
+    runs = _load("kv8_scales-*.json")
+    if not runs:
+        return []
+    lines = ["## FP8 KV pages: which scales (real weights, CPU)", "",
+             "`python bench/kv8_scales.py`: dense attention reading K (after RoPE) and V through e4m3 the way "
+             "each layout would store them; perplexity ratio over the unquantised model. `lserve_jax.kv8` "
+             "stores one scale per token and head (`token`).", ""]
+    for name, d in runs:
+        lines += [f"{os.path.basename(str(d['checkpoint']))}, {d['windows']} window(s) of {d['length']} tokens "
+                  f"(`{name}`):", "", "| K, V layout | ppl | ratio |", "|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['ppl']:.4f} | {r['ratio']:.4f} |" for r in d["rows"]]
+        lines.append("")
+    return lines
+
+
+def peer_hf() -> list[str]:
+    """Hugging Face transformers vs lserve_jax on the same model and prompts (bench/peer_hf.py)."""
+    runs = _load("peer_hf-*.json")
+    if not runs:
+        return []
+    lines = ["## Against Hugging Face transformers, same machine (bench/peer_hf.py)", "",
+             "Same weights, prompts and greedy decoding in one process; TTFT and decode tokens/s are medians "
+             "of the repeats; `agree`: greedy tokens equal HF's.", ""]
+    for name, d in runs:
+        lines += [f"`{name}`: {d.get('model', '?')}, {d.get('dtype', '?')}, {d.get('device', '?')}", "",
+                  "| prompt | tokens | engine | TTFT | decode tok/s | TTFT vs HF | decode vs HF | agree |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in d.get("results", []):
+            hf = r.get("hf") or {}
+            for k, v in r.items():
+                if not isinstance(v, dict) or "ttft_median_s" not in v:
+                    continue
+                ttft, tok = v["ttft_median_s"], v["decode_tok_s_median"]
+                rel_t = _x(ttft, hf.get("ttft_median_s")) if k != "hf" else "1x"
+                rel_d = _x(tok, hf.get("decode_tok_s_median")) if k != "hf" else "1x"
+                lines.append(f"| {r['prompt']} | {r['prompt_tokens']} | {k} | {ttft * 1e3:,.0f} ms | {tok:.1f} | "
+                             f"{rel_t} | {rel_d} | {v.get('agree', '–')} |")
+        lines.append("")
+    return lines
+
+
+def long_context() -> list[str]:
+    """RULER-style long-context accuracy (bench/long_context.py): each run's own table."""
+    runs = _load("long_context-*.json")
+    if not runs:
+        return []
+    lines = ["## Long-context accuracy, RULER-style tasks (bench/long_context.py)", "",
+             "Exact-match accuracy (fraction of expected answers, whole words) per task, length and variant, "
+             "with 95% Wilson intervals in each JSON; the sparse variants use the knobs listed per run.", ""]
+    for name, d in runs:
+        lines += [f"### `{name}`: {d.get('model', '?')} on {d.get('device', '?')}, {d.get('samples')} samples a cell", ""]
+        if d.get("table_md"):
+            lines += [d["table_md"].rstrip(), ""]
+        if d.get("plot"):
+            lines += [f"![accuracy vs length]({d['plot']})", ""]
+    return lines
+
+
 def prefill_summary() -> dict:
     """The issue's prefill summary, from the latest attention run and every whole-model run."""
     summary, sources = {}, []
@@ -296,7 +393,8 @@ def main() -> None:
              "Every number below comes from a script in `bench/` and a JSON file in `bench/results/`; this "
              "page is regenerated by `python bench/report.py`. GPU: one NVIDIA H200 (jax 0.11.2, CUDA 13).", ""]
     for section in (whole_model_prefill, attention_prefill, whole_model_decode, decode_profile, attention_decode,
-                    accuracy, second_model, calibration_sweep):
+                    offset_prefill, accuracy, second_model, calibration_sweep, fp8_weights_accuracy, kv8_scales,
+                    peer_hf, long_context):
         parts += section()
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(parts))
