@@ -34,6 +34,7 @@ from .arrays import Arrays
 from .config import ModelConfig, SparseConfig
 from .decl import ArrayDecl
 from .heads import HeadLayout
+from .kv8 import SCALES, is_fp8, load, store, unviews, views
 
 NULL_PAGE = 0  # scratch page: never handed out, absorbs writes of padding rows
 
@@ -53,6 +54,18 @@ LAYER_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "sel_pages": (("batch", "sel_heads", "sel"), jnp.int32),  # [B, Hsel, K] logical page ids chosen
     "sel_count": (("batch", "sel_heads"), jnp.int32),  # [B, Hsel]
 }
+# With FP8 KV (`init_cache(kv_dtype=FP8)`, `lserve_jax.kv8`) each K/V array above is e4m3 and
+# has one float32 scale per token and head in these fields (absent otherwise).
+SCALE_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
+    "k_scale": (("retrieval", "pages", "page"), jnp.float32),  # [R, P, page]
+    "v_scale": (("retrieval", "pages", "page"), jnp.float32),
+    "ring_ks": (("streaming", "batch", "slots"), jnp.float32),  # [S, B, W]
+    "ring_vs": (("streaming", "batch", "slots"), jnp.float32),
+    "sk_scale": (("streaming", "spages", "page"), jnp.float32),  # [S, Ps, page]
+    "sv_scale": (("streaming", "spages", "page"), jnp.float32),
+}
+KV_FIELDS = tuple(SCALES)  # the K/V arrays stored in the KV dtype (FP8 or the compute dtype)
+_ALL_LAYER_FIELDS = {**LAYER_FIELDS, **SCALE_FIELDS}
 # The fields shared by all layers (the KVCache dataclass below holds them).
 SHARED_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "page_table": (("batch", "table"), jnp.int32),  # [B, max_pages_per_seq]
@@ -112,17 +125,18 @@ def _decls(fields, sizes) -> dict[str, ArrayDecl]:
     return {n: ArrayDecl(axes, tuple(sizes[a] for a in axes), dtype, init="zeros") for n, (axes, dtype) in fields.items()}
 
 
-def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, **sizes) -> dict[str, ArrayDecl]:
-    """One layer's arrays (keyword arguments: those of `cache_sizes`)."""
-    return _decls(LAYER_FIELDS, cache_sizes(cfg, sparse, **sizes))
+def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, *, fp8: bool = False, **sizes) -> dict[str, ArrayDecl]:
+    """One layer's arrays (keyword arguments: those of `cache_sizes`); fp8: with the scale fields."""
+    return _decls(_ALL_LAYER_FIELDS if fp8 else LAYER_FIELDS, cache_sizes(cfg, sparse, **sizes))
 
 
 def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, batch: int,
                num_pages: int, max_pages_per_seq: int, dtype=jnp.bfloat16, num_stream_pages: int = 1,
-               fill: Callable[[int, str, ArrayDecl, object], jax.Array] | None = None) -> KVCache:
+               fill: Callable[[int, str, ArrayDecl, object], jax.Array] | None = None, kv_dtype=None) -> KVCache:
     """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page),
     `num_stream_pages` in the streaming heads' pool (its page 0 too: 1 = none besides it, enough
-    for one-shot prefill).
+    for one-shot prefill). kv_dtype: the K/V arrays' dtype (default `dtype`, which the key
+    statistics keep); float8_e4m3fn adds the per-token scales (`lserve_jax.kv8`).
 
     fill(layer, name, decl, dtype), if given, makes each layer array instead of zeros (the
     benchmarks' random caches); the page table maps nothing (every entry the scratch page)."""
@@ -133,10 +147,12 @@ def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, ba
     make = fill or (lambda i, name, d, dt: jnp.zeros(d.shape, dt))
     sizes = dict(batch=batch, num_pages=num_pages, max_pages_per_seq=max_pages_per_seq,
                  num_stream_pages=num_stream_pages)
+    kv_dtype = dtype if kv_dtype is None else kv_dtype
     layers = []
     for i, r in enumerate(layout.num_retrieval):
-        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, **sizes)
-        layers.append(Arrays({n: make(i, n, d, d.dtype or dtype) for n, d in decls.items()}))
+        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, fp8=is_fp8(kv_dtype), **sizes)
+        layers.append(Arrays({n: make(i, n, d, d.dtype or (kv_dtype if n in KV_FIELDS else dtype))
+                              for n, d in decls.items()}))
     shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, **sizes))
     # every table entry the scratch page until the engine maps pages
     fills = {"page_table": NULL_PAGE, "stream_table": NULL_PAGE}
@@ -155,7 +171,7 @@ def take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
         ax = _batch_axis(fields, name)
         return x if ax is None else jnp.take(x, rows, axis=ax)
 
-    layers = tuple(Arrays({n: take(LAYER_FIELDS, n, x) for n, x in lc.items()}) for lc in cache.layers)
+    layers = tuple(Arrays({n: take(_ALL_LAYER_FIELDS, n, x) for n, x in lc.items()}) for lc in cache.layers)
     return KVCache(layers=layers, **{n: take(SHARED_FIELDS, n, getattr(cache, n)) for n in SHARED_FIELDS})
 
 
@@ -169,7 +185,7 @@ def put_rows(cache: KVCache, sub: KVCache, rows: jax.Array) -> KVCache:
         idx = (slice(None),) * ax + (rows,)
         return x.at[idx].set(y)
 
-    layers = tuple(Arrays({n: put(LAYER_FIELDS, n, x, sl[n]) for n, x in lc.items()})
+    layers = tuple(Arrays({n: put(_ALL_LAYER_FIELDS, n, x, sl[n]) for n, x in lc.items()})
                    for lc, sl in zip(cache.layers, sub.layers))
     return KVCache(layers=layers, **{n: put(SHARED_FIELDS, n, getattr(cache, n), getattr(sub, n))
                                      for n in SHARED_FIELDS})
@@ -186,7 +202,7 @@ def save_sequence(cache: KVCache, row: jax.Array, pages: jax.Array) -> dict:
     for lc in cache.layers:
         saved = {}
         for n, x in lc.items():
-            axes = LAYER_FIELDS[n][0]
+            axes = _ALL_LAYER_FIELDS[n][0]
             if "pages" in axes:
                 saved[n] = take(x, axes, pages, "pages")
             elif "batch" in axes:
@@ -206,7 +222,7 @@ def restore_sequence(cache: KVCache, row: jax.Array, pages: jax.Array, saved: di
     for lc, sv in zip(cache.layers, saved["layers"]):
         new = {}
         for n, x in lc.items():
-            axes = LAYER_FIELDS[n][0]
+            axes = _ALL_LAYER_FIELDS[n][0]
             if "pages" in axes:
                 new[n] = put(x, axes, pages, "pages", sv[n])
             elif "batch" in axes:
@@ -270,32 +286,29 @@ def write_chunk(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Arra
         raise ValueError(f"a prefill chunk must be a multiple of the page size {page}: {k.shape=}")
     n = c // page
     first = starts // page
+    kpool, vpool, skpool, svpool = views(lc, "k_pages", "v_pages", "sk_pages", "sv_pages")
     if r:
         ids = _chunk_page_ids(page_table, first, n).reshape(-1)  # [B * n]
         kp, vp = _paged(k[:, :, :r], page), _paged(v[:, :, :r], page)
         pos = jnp.arange(c).reshape(n, page)
         valid = (pos[None] < counts[:, None, None]).reshape(1, b * n, page)
         kmin, kmax = _page_stats(kp, jnp.broadcast_to(valid, kp.shape[:-1]), lp)
-        lc = lc.replace(
-            k_pages=lc.k_pages.at[:, ids].set(kp.astype(lc.k_pages.dtype)),
-            v_pages=lc.v_pages.at[:, ids].set(vp.astype(lc.v_pages.dtype)),
-            k_min=lc.k_min.at[:, ids].set(kmin.astype(lc.k_min.dtype)),
-            k_max=lc.k_max.at[:, ids].set(kmax.astype(lc.k_max.dtype)),
-        )
+        lc = unviews(lc, k_pages=store(kpool, (slice(None), ids), kp), v_pages=store(vpool, (slice(None), ids), vp),
+                     k_min=lc.k_min.at[:, ids].set(kmin.astype(lc.k_min.dtype)),
+                     k_max=lc.k_max.at[:, ids].set(kmax.astype(lc.k_max.dtype)))
     if hkv - r and lc.sk_pages.shape[1] > 1:  # a streaming pool beyond its scratch page
         ids = _chunk_page_ids(stream_table, first, n).reshape(-1)
-        lc = lc.replace(
-            sk_pages=lc.sk_pages.at[:, ids].set(_paged(k[:, :, r:], page).astype(lc.sk_pages.dtype)),
-            sv_pages=lc.sv_pages.at[:, ids].set(_paged(v[:, :, r:], page).astype(lc.sv_pages.dtype)),
-        )
+        lc = unviews(lc, sk_pages=store(skpool, (slice(None), ids), _paged(k[:, :, r:], page)),
+                     sv_pages=store(svpool, (slice(None), ids), _paged(v[:, :, r:], page)))
     return lc
 
 
-def gather_pages(pool: jax.Array, ids: jax.Array) -> jax.Array:
-    """pool [H, P, page, D], ids int32 [B, n] -> [B, n * page, H, D]: each row's pages in order."""
+def gather_pages(pool, ids: jax.Array, dtype) -> jax.Array:
+    """pool [H, P, page, D] (an array or `kv8.KV8`), ids int32 [B, n] -> [B, n * page, H, D] in
+    `dtype`: each row's pages in order."""
     h, _, page, d = pool.shape
     b, n = ids.shape
-    x = jnp.take(pool, ids.reshape(-1), axis=1)  # [H, B * n, page, D]
+    x = load(pool[:, ids.reshape(-1)], dtype)  # [H, B * n, page, D]
     return x.reshape(h, b, n * page, d).transpose(1, 2, 0, 3)
 
 
@@ -341,8 +354,9 @@ def ring_from_window(lc: LayerCache, wk: jax.Array, wv: jax.Array, delta: jax.Ar
     u = jnp.where(tok < ns * sparse.page_size, tok, tok - delta[:, None])  # virtual positions
     u = jnp.clip(u, 0, wk.shape[1] - 1)  # empty slots (tok < 0 or >= ends) hold any token: unread
     take = lambda x: jnp.take_along_axis(x, u[:, :, None, None], axis=1)  # [B, W, S, D]
-    return lc.replace(ring_k=take(wk).transpose(2, 0, 1, 3).astype(lc.ring_k.dtype),
-                      ring_v=take(wv).transpose(2, 0, 1, 3).astype(lc.ring_v.dtype))
+    rk, rv = views(lc, "ring_k", "ring_v")
+    return unviews(lc, ring_k=store(rk, Ellipsis, take(wk).transpose(2, 0, 1, 3)),
+                   ring_v=store(rv, Ellipsis, take(wv).transpose(2, 0, 1, 3)))
 
 
 def append(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,
@@ -358,8 +372,9 @@ def append(lc: LayerCache, k: jax.Array, v: jax.Array, page_table: jax.Array,
 
     choice = OpChoice() if choice is None else choice
     REGISTRY.resolve("append", choice)  # an unknown implementation name fails before any work
+    k_pages, v_pages, ring_k, ring_v = views(lc, "k_pages", "v_pages", "ring_k", "ring_v")
     kp, vp, kmin, kmax, rk, rv = append_token(
-        k, v, positions, page_table, lc.k_pages, lc.v_pages, lc.k_min, lc.k_max, lc.ring_k, lc.ring_v,
+        k, v, positions, page_table, k_pages, v_pages, lc.k_min, lc.k_max, ring_k, ring_v,
         page=sparse.page_size, lp=sparse.logical_page_size, sink=sparse.decode_sink, local=sparse.decode_local,
         choice=choice)
-    return lc.replace(k_pages=kp, v_pages=vp, k_min=kmin, k_max=kmax, ring_k=rk, ring_v=rv)
+    return unviews(lc, k_pages=kp, v_pages=vp, k_min=kmin, k_max=kmax, ring_k=rk, ring_v=rv)

@@ -40,6 +40,7 @@ from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
+from .kv8 import KV_DTYPES, is_fp8
 from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
@@ -126,7 +127,7 @@ class Engine:
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
                  cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto",
                  prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-                 num_stream_pages: int | None = None):
+                 num_stream_pages: int | None = None, kv_dtype: str = "auto"):
         """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
         its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
         (default: enough for every slot at max_seq_len, plus the scratch page). preemption: what
@@ -138,7 +139,10 @@ class Engine:
         per dispatch, a multiple of the page size (None: whole prompts; "auto": `DEFAULT_CHUNK`
         for the platform); decode steps of running requests go on between a long prompt's chunks.
         prefix_cache: reuse the pages of prompts prefilled before (same leading tokens). num_stream_pages:
-        the streaming heads' prefill pool (default: four chunked prefills' windows)."""
+        the streaming heads' prefill pool (default: four chunked prefills' windows). kv_dtype: how
+        K and V are stored: "auto" (the cache dtype), "bfloat16", "float16", "float32" or
+        "fp8_e4m3" (e4m3 with a scale per token and head, `lserve_jax.kv8`: half the bytes of
+        bf16; the Triton and CPU decode kernels do not read it yet, so decode runs the reference)."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -147,6 +151,11 @@ class Engine:
         layout = layout or HeadLayout.dense(config.num_layers, config.num_kv_heads)
         self.spec = ModelSpec(config, layout, sparse, Kernels.from_names(prefill=prefill_impl, decode=decode_impl), tp)
         self.preemption = ("recompute" if layout.is_dense else "swap") if preemption == "auto" else preemption
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+        self.kv_dtype = KV_DTYPES[kv_dtype]
+        if tp > 1 and is_fp8(self.kv_dtype):
+            raise ValueError(f"FP8 KV pages run with tp=1 only, got tp={tp}")
         if tp > 1 and weights_mode(params) is not None:
             raise ValueError(f"FP8 weights ({weights_mode(params)}) run with tp=1 only, got tp={tp}")
         self.params = shard_params(params, config, tp)
@@ -248,7 +257,7 @@ class Engine:
         cache = kvc.init_cache(self.config, self.spec.layout, self.spec.sparse, batch=self._slots,
                                num_pages=self.scheduler.allocator.num_pages,
                                max_pages_per_seq=self.max_pages_per_seq, dtype=self.cache_dtype,
-                               num_stream_pages=self.scheduler.stream.num_pages)
+                               num_stream_pages=self.scheduler.stream.num_pages, kv_dtype=self.kv_dtype)
         # commit it to the device like the caches prefill/decode return: otherwise the first
         # call's (uncommitted) cache is another jit cache key and prefill compiles twice
         self._cache = shard_cache(cache, self.spec.tp)

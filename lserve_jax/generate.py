@@ -53,7 +53,7 @@ def engine_options(args) -> dict:
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
-                weights=args.weights)
+                weights=args.weights, kv_dtype=args.kv_dtype)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -64,6 +64,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("fp8", "fp8-weight-only"),
                    help="quantise the linear weights on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 "
                         "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16 (default: the checkpoint's weights)")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3"),
+                   help="how K and V are stored: 'auto' = the compute dtype; 'fp8_e4m3' = e4m3 with a scale per "
+                        "token and head (half of bf16's bytes; decode then runs the jnp reference, no kernel yet)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     p.add_argument("--prefill-chunk", default="auto",
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "
@@ -132,6 +135,8 @@ def engine_settings(args) -> SparseConfig:
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
+    if args.kv_dtype == "fp8_e4m3" and args.tp > 1:
+        raise ValueError(f"--kv-dtype fp8_e4m3 runs with --tp 1 only, got --tp {args.tp}")
     if args.weights is not None and args.tp > 1:
         raise ValueError(f"--weights {args.weights} runs with --tp 1 only, got --tp {args.tp}")
     if args.max_seq_len is not None and args.max_seq_len < 1:

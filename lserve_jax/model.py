@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import cache as kvc
+from . import kv8
 from .ops import Kernels, decode_attention, prefill_attention
 from .config import ModelConfig, SparseConfig
 from .heads import HeadLayout
@@ -56,15 +57,22 @@ class ModelSpec:
 # Decode projections run on at least this many rows (the batch padded with zero rows, sliced off
 # before attention and logits): on the H200, XLA's kernels for a [1, hidden] x [hidden, out]
 # product stream the weights slower than its [4, hidden] ones (bench/results/profile_decode-*).
+# Not on CPU: there a product costs in proportion to its rows (SmolLM2-135M's 30 layers, 2 cores:
+# 20 ms at 1 row, 34 ms at 4), so the batch is not padded (`min_rows`).
 DECODE_MIN_ROWS = 4
 
 
+def min_rows() -> int:
+    """The decode projections' row floor on the platform being traced for."""
+    return 1 if jax.default_backend() == "cpu" else DECODE_MIN_ROWS
+
+
 def pad_rows(x: jax.Array) -> tuple[jax.Array, int]:
-    """x [B, ...] padded with zero rows to DECODE_MIN_ROWS; returns it and the real B."""
-    b = x.shape[0]
-    if b >= DECODE_MIN_ROWS:
+    """x [B, ...] padded with zero rows to `min_rows()`; returns it and the real B."""
+    b, rows = x.shape[0], min_rows()
+    if b >= rows:
         return x, b
-    return jnp.pad(x, ((0, DECODE_MIN_ROWS - b),) + ((0, 0),) * (x.ndim - 1)), b
+    return jnp.pad(x, ((0, rows - b),) + ((0, 0),) * (x.ndim - 1)), b
 
 
 def prefill(params: Params, cache: kvc.KVCache, tokens: jax.Array, lengths: jax.Array, spec: ModelSpec,
@@ -134,15 +142,15 @@ def _chunk_attention(q, k, v, lc: kvc.LayerCache, page_table, stream_table, star
     outs = []
     if r:
         ids = page_table[:, :context_pages]
-        kc, vc = kvc.gather_pages(lc.k_pages, ids), kvc.gather_pages(lc.v_pages, ids)  # [B, Tk, R, D]
-        outs.append(attn(q[:, :, : r * g], kc.astype(q.dtype), vc.astype(q.dtype), counts, num_retrieval=r,
-                         q_offset=starts))
+        kpool, vpool = kv8.views(lc, "k_pages", "v_pages")
+        kc, vc = kvc.gather_pages(kpool, ids, q.dtype), kvc.gather_pages(vpool, ids, q.dtype)  # [B, Tk, R, D]
+        outs.append(attn(q[:, :, : r * g], kc, vc, counts, num_retrieval=r, q_offset=starts))
     if hkv - r:
         pages, delta = kvc.window_pages(starts, sp, k.shape[1])
         ids = jnp.take_along_axis(stream_table, jnp.clip(pages, 0, stream_table.shape[1] - 1), axis=1)
         # the chunk's own pages were just written: the virtual sequence ends with them
-        wk = kvc.gather_pages(lc.sk_pages, ids).astype(q.dtype)
-        wv = kvc.gather_pages(lc.sv_pages, ids).astype(q.dtype)
+        skpool, svpool = kv8.views(lc, "sk_pages", "sv_pages")
+        wk, wv = kvc.gather_pages(skpool, ids, q.dtype), kvc.gather_pages(svpool, ids, q.dtype)
         outs.append(attn(q[:, :, r * g:], wk, wv, counts, num_retrieval=0, q_offset=starts - delta))
         lc = kvc.ring_from_window(lc, wk, wv, delta, starts + counts, sp)
     return jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0], lc
@@ -211,7 +219,7 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
         sel = jnp.broadcast_to(jnp.arange(n_pages, dtype=jnp.int32), (b, r, n_pages))
         count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
         mode = "kv_head"
-    o = decode_attention(q, lc.k_pages, lc.v_pages, lc.ring_k, lc.ring_v, page_table, new_len,
+    o = decode_attention(q, *kv8.views(lc, "k_pages", "v_pages", "ring_k", "ring_v"), page_table, new_len,
                          sel, count, mode=mode, choice=spec.kernels.decode)
     return o, lc
 
@@ -249,10 +257,10 @@ def decode_forward(params: Params, tokens: jax.Array, positions: jax.Array, cfg:
     """The decode skeleton shared by `decode_step` and the benchmarks' baselines: one token per
     sequence through every layer, attention by `attend(layer, q [B, Hq, D], k, v [B, Hkv, D])
     -> (o [B, Hq, D], aux)`. tokens, positions int32 [B]. Returns (logits float32 [B, vocab],
-    every layer's aux). Projections run on >= DECODE_MIN_ROWS rows (zero rows appended),
+    every layer's aux). Projections run on >= min_rows() rows (zero rows appended),
     attention on the real B only."""
     b = tokens.shape[0]
-    x, _ = pad_rows(params.embed[tokens][:, None])  # [max(B, DECODE_MIN_ROWS), 1, hidden]
+    x, _ = pad_rows(params.embed[tokens][:, None])  # [max(B, min_rows()), 1, hidden]
     pos_rows, _ = pad_rows(positions[:, None])
     auxes = []
     for i, lp in enumerate(params.layers):

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..pallas.append import append_reference
+from ..kv8 import KV8
 from .registry import Unsupported, register
 
 CPU_FIRST = {"cpu": 10}  # above the reference (0); other platforms only when named
@@ -248,6 +249,8 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
     _check_options("decode", options, DECODE_OPTIONS)
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the CPU decode takes float32/bfloat16/float16, got {q.dtype=}")
+    if isinstance(k_pages, KV8) or isinstance(ring_k, KV8):
+        raise Unsupported("the CPU decode reads no FP8 KV pages yet (the reference does)")
     b, hq, d = q.shape
     r, s = k_pages.shape[0], ring_k.shape[0]
     g = hq // (r + s)

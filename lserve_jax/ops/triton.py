@@ -20,6 +20,7 @@ import functools
 
 import jax.numpy as jnp
 
+from ..kv8 import KV8
 from ..pallas import append as pallas_append
 from ..pallas import compat
 from ..pallas import decode as pallas_decode
@@ -68,6 +69,13 @@ def check_prefill(q, options: dict) -> None:
         raise Unsupported(f"the Triton dots need head_dim >= 16: {q.shape=}")
 
 
+def check_not_fp8(op: str, *arrays) -> None:
+    """The Triton decode and append kernels read and write bf16/float32 pages; FP8 pages
+    (`kv8.KV8`) fall through to the next implementation."""
+    if any(isinstance(a, KV8) for a in arrays):
+        raise Unsupported(f"the Triton {op} kernel has no FP8 KV pages yet")
+
+
 @register("prefill", "triton", priority=GPU_FIRST)
 def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
     check_prefill(q, options)
@@ -80,6 +88,7 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
            options):
     check_options("decode", options, DECODE_OPTIONS)
     check_device(options)
+    check_not_fp8("decode", k_pages, ring_k)
     b, hq, d = q.shape
     r, s = k_pages.shape[0], ring_k.shape[0]
     if q.dtype not in _FLOATS:
@@ -106,6 +115,7 @@ def append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, 
            options):
     check_options("append", options, APPEND_OPTIONS)
     check_device(options)
+    check_not_fp8("append", k_pages, ring_k)
     if not pallas_append.supported(k_pages, ring_k):
         raise Unsupported(f"the fused append kernel needs a power-of-2 head_dim: {k.shape=}")
     return pallas_append.fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ..kv8 import store
 from .compat import resolve_interpret, triton_params
 
 
@@ -40,17 +41,17 @@ def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max
         fresh = (off % lp == 0)[None, :, None]
         old_min = k_min[:, phys, lpage]  # [R, B, D]
         old_max = k_max[:, phys, lpage]
-        kc = kr.astype(k_min.dtype)
-        k_pages = k_pages.at[:, phys, off].set(kr.astype(k_pages.dtype))
-        v_pages = v_pages.at[:, phys, off].set(vr.astype(v_pages.dtype))
+        kc = kr.astype(k_min.dtype)  # statistics from the unquantised keys
+        k_pages = store(k_pages, (slice(None), phys, off), kr)  # FP8 pages (kv8.KV8): quantised here
+        v_pages = store(v_pages, (slice(None), phys, off), vr)
         k_min = k_min.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.minimum(old_min, kc)))
         k_max = k_max.at[:, phys, lpage].set(jnp.where(fresh, kc, jnp.maximum(old_max, kc)))
     if hkv - r:
         slot = jnp.where(positions < sink, positions, sink + (positions - sink) % local)  # [B]
         ks = jnp.swapaxes(k[:, r:], 0, 1)  # [S, B, D]
         vs = jnp.swapaxes(v[:, r:], 0, 1)
-        ring_k = ring_k.at[:, rows, slot].set(ks.astype(ring_k.dtype))
-        ring_v = ring_v.at[:, rows, slot].set(vs.astype(ring_v.dtype))
+        ring_k = store(ring_k, (slice(None), rows, slot), ks)
+        ring_v = store(ring_v, (slice(None), rows, slot), vs)
     return k_pages, v_pages, k_min, k_max, ring_k, ring_v
 
 

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ..kv8 import load
 from .compat import resolve_interpret, triton_params
 
 # f32 inputs: IEEE dots (the Triton lowering's DEFAULT is TF32); no effect on bf16 inputs
@@ -116,8 +117,9 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
     scale = d ** -0.5 if scale is None else scale
     kv = jnp.arange(h) // (h // hk)  # [H] kv head of each program head
     ids = jnp.clip(page_ids, 0, p - 1)
-    k = k_pages[kv[None, :, None], ids].reshape(b, h, n * page, d)  # [B, H, N*page, D]
-    v = v_pages[kv[None, :, None], ids].reshape(b, h, n * page, d)
+    # (FP8 pages, kv8.KV8: the gathered slots dequantised)
+    k = load(k_pages[kv[None, :, None], ids].reshape(b, h, n * page, d), q.dtype)  # [B, H, N*page, D]
+    v = load(v_pages[kv[None, :, None], ids].reshape(b, h, n * page, d), jnp.float32)
     pos = (logical_ids[..., None] * page + jnp.arange(page)).reshape(b, h, n * page)
     used = (jnp.arange(n)[None, None, :] < counts[..., None])
     ok = jnp.repeat(used, page, axis=-1) & (pos < lengths[:, None, None])  # [B, H, N*page]
@@ -127,7 +129,7 @@ def paged_decode_reference(q, k_pages, v_pages, page_ids, logical_ids, counts, l
     mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
     e = jnp.exp(s - mx)
     den = jnp.sum(e, axis=-1, keepdims=True)
-    o = jnp.einsum("bhmt,bhtd->bhmd", e, v.astype(jnp.float32), preferred_element_type=jnp.float32, precision=_IEEE)
+    o = jnp.einsum("bhmt,bhtd->bhmd", e, v, preferred_element_type=jnp.float32, precision=_IEEE)
     return jnp.where(den > 0, o / jnp.where(den > 0, den, 1.0), 0.0).astype(q.dtype)
 
 

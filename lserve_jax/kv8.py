@@ -1,0 +1,107 @@
+"""FP8 KV pages: K and V stored as e4m3 with one float32 scale per token and head.
+
+    pages = KV8(values, scale)               # values e4m3 [..., D], scale float32 [...]
+    pages = store(pages, (heads, ids, off), x)  # x [..., D] quantised on the way in
+    k = load(pages[heads, ids], jnp.bfloat16)   # gathered, then dequantised
+
+Why per token and head (amax of the head's D channels / 448): every writer (a prefill chunk,
+the one-token append, the decode ring) quantises what it writes without reading or rewriting
+anything already stored, and on SmolLM2-135M at 2K tokens it lost least of the layouts a writer
+can keep (perplexity 1.0077x: scale 1 as vLLM's default, 1.018x; per page, head and channel,
+1.013x; per channel over the whole window, 1.019x; `bench/kv8_scales.py`, BENCHMARKS.md). The
+selector's page min/max stay in the compute dtype, taken from the unquantised keys.
+
+`KV8` indexes and reshapes its leading (token) axes like the array it stands for, so code that
+gathers pages (`x[heads, ids]`, `x.reshape(...)`) works on either; `store` and `load` are the
+only places that tell them apart.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)
+# --kv-dtype names -> storage dtype (None: the compute dtype)
+KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32, "fp8_e4m3": FP8}
+_TINY = 1e-12
+
+
+def is_fp8(dtype) -> bool:
+    return dtype is not None and jnp.dtype(dtype) == jnp.dtype(FP8)
+
+
+def quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (e4m3 [..., D], float32 [...]): each vector scaled by its own amax."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), _TINY) / FP8_MAX
+    return jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+@struct.dataclass
+class KV8:
+    """A KV array in FP8: values [..., D] e4m3, scale [...] float32 (value ~= values * scale)."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    def __getitem__(self, idx) -> "KV8":
+        """Indexes the leading axes (never the last, D)."""
+        return KV8(self.values[idx], self.scale[idx])
+
+    def reshape(self, *shape) -> "KV8":
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        if shape[-1] != self.values.shape[-1]:
+            raise ValueError(f"KV8.reshape keeps the last axis ({self.values.shape[-1]}), got {shape}")
+        return KV8(self.values.reshape(shape), self.scale.reshape(shape[:-1]))
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return (self.values.astype(jnp.float32) * self.scale[..., None]).astype(dtype)
+
+
+def store(dest, idx, x: jax.Array):
+    """dest.at[idx].set(x) for an array (cast to its dtype) or a KV8 (x quantised per vector)."""
+    if isinstance(dest, KV8):
+        q, s = quantize_tokens(x)
+        return KV8(dest.values.at[idx].set(q), dest.scale.at[idx].set(s))
+    return dest.at[idx].set(x.astype(dest.dtype))
+
+
+def load(x, dtype) -> jax.Array:
+    """The values of an array or a KV8 in `dtype`."""
+    return x.dequantize(dtype) if isinstance(x, KV8) else x.astype(dtype)
+
+
+# cache field -> its scale field (present in a layer cache only when its KV is FP8)
+SCALES = {"k_pages": "k_scale", "v_pages": "v_scale", "ring_k": "ring_ks", "ring_v": "ring_vs",
+          "sk_pages": "sk_scale", "sv_pages": "sv_scale"}
+
+
+def views(lc, *names: str):
+    """The named fields of a layer cache, as KV8 where the cache holds FP8 (else the arrays)."""
+    return tuple(KV8(lc[n], lc[SCALES[n]]) if SCALES[n] in lc else lc[n] for n in names)
+
+
+def unviews(lc, **fields):
+    """`lc` with these fields replaced (a KV8 writes its values and its scale field)."""
+    out = {}
+    for n, x in fields.items():
+        if isinstance(x, KV8):
+            out[n], out[SCALES[n]] = x.values, x.scale
+        else:
+            out[n] = x
+    return lc.replace(**out)
