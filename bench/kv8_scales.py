@@ -9,6 +9,8 @@ Attention reads back exactly what a layout stores: K (after RoPE) and V go throu
   channel         one per head and channel over the whole window (not causal: a bound),
   token-centred   keys minus their per-head channel mean (softmax-invariant), then per token
                   (the mean over the whole window: not causal, a bound),
+  token-centred-page0  the same with the mean of the sequence's first page only (causal: what a
+                  cache can store per sequence after its first 64 tokens),
 and the perplexity ratio over the unquantised model is reported per combination.
 
     python bench/kv8_scales.py [--checkpoint DIR] [--length 2048] [--windows 2] [--out DIR]
@@ -70,11 +72,17 @@ def token_centred(x):
     return token(x - mu) + mu
 
 
+def token_centred_page0(x):
+    mu = jnp.mean(x[:, :PAGE], 1, keepdims=True)
+    return token(x - mu) + mu
+
+
 # (K layout, V layout)
 VARIANTS = {"none": (none, none), "cast": (cast, cast), "token": (token, token),
             "K token, V none": (token, none), "K none, V token": (none, token),
             "page-channel": (page_channel, page_channel), "K channel, V token": (channel, token),
-            "K token-centred, V token": (token_centred, token)}
+            "K token-centred, V token": (token_centred, token),
+            "K token-centred-page0, V token": (token_centred_page0, token)}
 
 
 def main(argv=None):
@@ -82,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--checkpoint", help="converted checkpoint (default: the default model)")
     ap.add_argument("--length", type=int, default=2048, help="tokens per window (a multiple of 64)")
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--variants", help="subset of the variants, separated by ';' (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if args.length % PAGE:
@@ -106,8 +116,13 @@ def main(argv=None):
             return next_token_nll(params, final_norm(params, x, cfg), t)
         return nll
 
+    chosen = list(VARIANTS) if not args.variants else ["none"] + [v.strip() for v in args.variants.split(";") if v.strip() not in ("", "none")]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     rows, base = [], None
-    for name, (fk, fv) in VARIANTS.items():
+    for name in chosen:
+        fk, fv = VARIANTS[name]
         t0, fn = time.perf_counter(), nll_fn(fk, fv)
         nll = np.concatenate([np.asarray(fn(params, jnp.asarray(toks[i:i + 1]))) for i in range(args.windows)])
         ppl = float(np.exp(nll.mean()))
@@ -116,7 +131,7 @@ def main(argv=None):
         log(f"{name:26s} ppl {ppl:.4f}  x{ppl / base:.5f}  ({time.perf_counter() - t0:.0f} s)")
     res = dict(env=environment(), checkpoint=str(ckpt.path), model=ckpt.meta.get("source"),
                length=args.length, windows=args.windows, rows=rows)
-    path = os.path.join(args.out, f"kv8_scales-{cfg.num_layers}L-{res['env']['date'][:10]}.json")
+    path = os.path.join(args.out, f"kv8_scales-{cfg.num_layers}L-{res['env']['date'][:10]}{args.tag}.json")
     write_json(path, res)
     print("| K, V layout | ppl | ratio |\n|---|---|---|")
     for r in rows:
