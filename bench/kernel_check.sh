@@ -20,7 +20,10 @@ echo "== pytest -m gpu ($(date -u +%FT%TZ))"
 # bounded, so that the timing below always runs inside the budget
 # (compiling dominates: 8 workers share the GPU, each allocating as it goes; one run took 360 s
 # for 76 of the 169 tests on one worker)
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${PYTEST_LIMIT:-360} "$PY" -m pytest -m gpu -n ${WORKERS:-8} \
+# (each failure's reason goes to $OUT/pytest-gpu-failures.txt at once: a run cut by its limit
+# prints no summary)
+XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=bench FAILURES_FILE="$OUT/pytest-gpu-failures.txt" \
+  timeout ${PYTEST_LIMIT:-360} "$PY" -m pytest -p pytest_failures -m gpu -n ${WORKERS:-8} \
   tests/test_append_kernel.py tests/test_decode_kernel.py tests/test_ops_registry.py \
   tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py -q -rfE -p no:cacheprovider \
   --tb=short --durations=15 2>&1 | tee "$OUT/pytest-gpu.log"
