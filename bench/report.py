@@ -259,6 +259,12 @@ def calibration_sweep() -> list[str]:
     return lines + [""] + notes + ([""] if notes else [])
 
 
+def _table(caption: str, header: list[str], rows: list[list]) -> list[str]:
+    """A captioned markdown table, then a blank line."""
+    return [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(map(str, r)) + " |" for r in rows] + [""]
+
+
 def offset_prefill() -> list[str]:
     """The chunked (offset) form of the prefill kernel vs its plain form (bench/kernel_check.sh)."""
     lines = []
@@ -266,14 +272,14 @@ def offset_prefill() -> list[str]:
         with open(path) as f:
             d = json.load(f)
         m, sh = d["meta"], d["meta"]["shapes"]
-        lines += [f"## Prefill kernel, chunked (offset) form ({m['device']}, jax {m['jax']})", "",
-                  f"`bash bench/kernel_check.sh` (`{os.path.relpath(path, ROOT)}`): a {sh['t']}-token chunk whose "
-                  f"queries sit at `offset` after the keys already cached (Tk = offset + chunk); Hq {sh['hq']}, "
-                  f"Hkv {sh['hkv']}, D {sh['d']}, {sh['dtype']}; streaming heads sink {sh['sink']} / local {sh['local']}.",
-                  "", "| heads | form | offset | Tk | ms (median) | TFLOP/s | finite |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['heads']} | {r['form']} | {r['offset']} | {r['tk']} | {r['ms_median']:.2f} | "
-                  f"{r['tflops']:.1f} | {r['finite']} |" for r in d["rows"]]
-        lines.append("")
+        lines += [f"## Prefill kernel, chunked (offset) form ({m['device']}, jax {m['jax']})", ""]
+        lines += _table(f"`bash bench/kernel_check.sh` (`{os.path.relpath(path, ROOT)}`): a {sh['t']}-token chunk "
+                        f"whose queries sit at `offset` after the keys already cached (Tk = offset + chunk); "
+                        f"Hq {sh['hq']}, Hkv {sh['hkv']}, D {sh['d']}, {sh['dtype']}; streaming heads sink "
+                        f"{sh['sink']} / local {sh['local']}.",
+                        ["heads", "form", "offset", "Tk", "ms (median)", "TFLOP/s", "finite"],
+                        [[r["heads"], r["form"], r["offset"], r["tk"], f"{r['ms_median']:.2f}", f"{r['tflops']:.1f}",
+                          r["finite"]] for r in d["rows"]])
     return lines
 
 
@@ -289,10 +295,9 @@ def fp8_weights_accuracy() -> list[str]:
              "against the checkpoint's weights, compute in float32; sparse = the calibrated pattern at 50% "
              "streaming heads with the prefill window scaled to the model (as bench/accuracy.py).", ""]
     for model, (name, d) in sorted(runs.items()):
-        lines += [f"{model}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):", "",
-                  "| weights | layout | ppl | ratio |", "|---|---|---|---|"]
-        lines += [f"| {r['weights']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |" for r in d["rows"]]
-        lines.append("")
+        lines += _table(f"{model}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):",
+                        ["weights", "layout", "ppl", "ratio"],
+                        [[r["weights"], r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"] for r in d["rows"]])
     return lines
 
 
@@ -306,10 +311,9 @@ def kv8_scales() -> list[str]:
              "each layout would store them; perplexity ratio over the unquantised model. `lserve_jax.kv8` "
              "stores one scale per token and head (`token`).", ""]
     for name, d in runs:
-        lines += [f"{os.path.basename(str(d['checkpoint']))}, {d['windows']} window(s) of {d['length']} tokens "
-                  f"(`{name}`):", "", "| K, V layout | ppl | ratio |", "|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['ppl']:.4f} | {r['ratio']:.4f} |" for r in d["rows"]]
-        lines.append("")
+        lines += _table(f"{os.path.basename(str(d['checkpoint']))}, {d['windows']} window(s) of {d['length']} "
+                        f"tokens (`{name}`):", ["K, V layout", "ppl", "ratio"],
+                        [[r["variant"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"] for r in d["rows"]])
     return lines
 
 

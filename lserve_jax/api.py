@@ -57,9 +57,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     cfg = ckpt.config
     sparse = sparse or SparseConfig()
     if weights is not None:
-        check_mode(weights)
-        if tp > 1:
-            raise ValueError(f"FP8 weights run with tp=1 only, got tp={tp}")
+        check_mode(weights)  # before the restore (tp > 1 is refused by the Engine)
     params = ckpt.load_params(dtype)
     alpha = None
     if pattern == "auto":

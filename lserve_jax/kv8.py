@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = float(jnp.finfo(FP8).max)
+from .quant import FP8, quantize_rows
+
 # --kv-dtype names -> storage dtype (None: the compute dtype)
 KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32, "fp8_e4m3": FP8}
-_TINY = 1e-12
 
 
 def is_fp8(dtype) -> bool:
@@ -35,9 +34,8 @@ def is_fp8(dtype) -> bool:
 
 def quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., D] -> (e4m3 [..., D], float32 [...]): each vector scaled by its own amax."""
-    xf = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), _TINY) / FP8_MAX
-    return jnp.clip(xf / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8), scale
+    q, scale = quantize_rows(x)
+    return q, scale[..., 0]
 
 
 @struct.dataclass

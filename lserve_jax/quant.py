@@ -50,13 +50,19 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def quantize_amax(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """x -> (e4m3, float32 scales with `axis` kept at size 1): each slice along `axis` scaled
+    so its largest magnitude maps to e4m3's largest finite value. The one quantiser of weights,
+    activations and KV pages (`lserve_jax.kv8`)."""
+    xf = jnp.asarray(x, jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True), _TINY) / FP8_MAX
+    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
 def quantize_weight(w: jax.Array, *, quantize_activations: bool = True) -> FP8Linear:
     """w [in, out] (any float dtype) -> FP8Linear, scales from each output channel's amax."""
-    wf = jnp.asarray(w, jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=0)  # [out]
-    scale = jnp.maximum(amax, _TINY) / FP8_MAX
-    q = jnp.clip(wf / scale, -FP8_MAX, FP8_MAX).T.astype(FP8)
-    return FP8Linear(q, scale, quantize_activations)
+    q, scale = quantize_amax(w, 0)  # [in, out], [1, out]
+    return FP8Linear(q.T, scale[0], quantize_activations)
 
 
 def dequantize_weight(qw: FP8Linear, dtype=jnp.float32) -> jax.Array:
@@ -66,9 +72,7 @@ def dequantize_weight(qw: FP8Linear, dtype=jnp.float32) -> jax.Array:
 
 def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [..., in] -> (e4m3 [..., in], float32 [..., 1]): each row scaled by its own amax."""
-    xf = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), _TINY) / FP8_MAX
-    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+    return quantize_amax(x, -1)
 
 
 def fp8_matmul(x: jax.Array, qw: FP8Linear) -> jax.Array:
