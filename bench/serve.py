@@ -2,6 +2,7 @@
 
     python bench/serve.py                                   # H200: llama3-8b shape, random bf16 weights
     python bench/serve.py --shape tiny --scale 0.01         # CPU smoke run (what the tests run)
+    python bench/serve.py --long 1048576 --engines sparse   # one 1M-token prompt: TTFT, peak memory
 
 Workloads (fixed seeds, greedy, ignore EOS; prompt lengths scaled by --scale):
   doc     document QA, prefill-heavy: prompts from {8K, 16K, 32K, 64K, 128K}, 256 output tokens
@@ -11,7 +12,14 @@ Each runs all at once (offline) and with Poisson arrivals at each --rates (reque
 --http the requests go through the OpenAI-compatible server (`lserve_jax.serve`, in this process
 on a thread) as streaming /v1/completions calls, and the times are the client's. Per run:
 output and total tokens/s, TTFT and TPOT p50/p99, peak pages in use, peak running sequences,
-prefix-cache hit tokens. Both engines get the same page pool (--num-pages) and slots.
+prefix-cache hit tokens. Both engines get the same memory for their KV pages (--pool-gib; the
+sparse engine's pages hold only its retrieval heads, so the same bytes are more pages: the
+streaming heads' small pool is counted in its share) and the same slots. Warm-up compiles the
+programs the request lists use (persistent compilation cache: --compile-cache), outside the times.
+
+--long N: one request of an N-token prompt (16 output tokens) per engine, chunked prefill, the
+engine sized for it alone: TTFT and the device's peak memory (run one engine per process for a
+clean peak: it is the process's). The result says so when it does not fit.
 
 JSON: <out>/serve-<date>.json with a `summary` (serve_doc_throughput_speedup_vs_dense,
 serve_gen_throughput_speedup_vs_dense, serve_gen_tpot_p50_speedup_vs_dense,
@@ -25,12 +33,13 @@ import json
 import os
 import time
 
-from common import (SHAPES, environment, log, model_config, sparse_layout, write_json)  # noqa: E402
+from common import (SHAPES, environment, log, model_config, param_bytes, sparse_layout, write_json)  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lserve_jax.cache import init_cache  # noqa: E402
 from lserve_jax.config import ModelConfig, SparseConfig  # noqa: E402
 from lserve_jax.engine import Engine  # noqa: E402
 from lserve_jax.heads import HeadLayout  # noqa: E402
@@ -58,6 +67,39 @@ def requests_for(name: str, scale: float, vocab: int, n: int | None, page: int, 
     out = max(2, int(out * max(scale, 1 / 64)))
     return [(rng.integers(1, vocab, max(2 * page, int(rng.choice(lengths) * scale))).tolist(), out)
             for _ in range(n or count)]
+
+
+def cache_bytes(cfg, layout, sparse, dtype, num_pages: int, num_stream_pages: int = 1) -> int:
+    """Bytes of a one-row cache with these pools (shapes only: nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: init_cache(cfg, layout, sparse, batch=1, num_pages=num_pages,
+                                               max_pages_per_seq=1, dtype=dtype, num_stream_pages=num_stream_pages))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def pages_for_bytes(cfg, layout, sparse, dtype, pool_bytes: int, num_stream_pages: int) -> int:
+    """The page count (scratch page included) whose pool, with the streaming pool beside it,
+    takes `pool_bytes`: the same memory buys a sparse layout more pages."""
+    base = cache_bytes(cfg, layout, sparse, dtype, 2, 1)
+    page = cache_bytes(cfg, layout, sparse, dtype, 3, 1) - base
+    stream = cache_bytes(cfg, layout, sparse, dtype, 2, num_stream_pages) - base
+    return max(2, int((pool_bytes - stream) // page) + 1)
+
+
+def default_pool_bytes(cfg, sparse, dtype, max_seq: int, params) -> int:
+    """Four max-length sequences of the dense layout, at most 55% of what the device has left
+    after the weights (the rest: activations, the streaming pool, compiled programs)."""
+    dense = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    page = cache_bytes(cfg, dense, sparse, dtype, 3) - cache_bytes(cfg, dense, sparse, dtype, 2)
+    want = 4 * (max_seq // sparse.page_size) * page
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        want = min(want, int(0.55 * (stats["bytes_limit"] - param_bytes(params))))
+    return want
+
+
+def peak_memory() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 def percentile(xs, q):
@@ -208,8 +250,14 @@ def main(argv=None):
     p.add_argument("--workloads", default="doc,gen,prefix")
     p.add_argument("--requests", type=int, help="requests per workload (default: the workload's)")
     p.add_argument("--rates", default="0.5,2", help="Poisson arrival rates in requests/s ('' for offline only)")
-    p.add_argument("--max-slots", type=int, default=16)
-    p.add_argument("--num-pages", type=int, help="page pool of each engine (default: 4 max-length sequences)")
+    p.add_argument("--max-slots", type=int, default=32)
+    p.add_argument("--pool-gib", type=float,
+                   help="GiB of KV pages per engine (default: 4 max-length dense sequences, at most 55%% of "
+                        "the device memory the weights leave)")
+    p.add_argument("--long", type=int, metavar="N", help="instead of the workloads: one N-token prompt per engine")
+    p.add_argument("--compile-cache", default=os.path.join("/tmp", "lserve-jax-compile-cache"),
+                   help="persistent compilation cache folder ('' for none): engines of the same shapes "
+                        "compile once")
     p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
     p.add_argument("--engines", default="sparse,dense",
                    help="which engines run (one call can take one engine; --tag keeps the JSONs apart)")
@@ -223,6 +271,13 @@ def main(argv=None):
     if args.merge:
         return merge(args.merge, args.out, args.tag)
 
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - {"sparse", "dense"}:
+        p.error(f"--engines takes sparse and/or dense, got {args.engines!r}")
     cfg = ModelConfig(**TINY) if args.shape == "tiny" else model_config(args.shape)
     env = environment()
     log("env", env)
@@ -235,38 +290,43 @@ def main(argv=None):
         layout = HeadLayout(2, (1, 1))
     else:
         layout = sparse_layout(args.shape, cfg, args.sparsity, 1)
-    dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+    layouts = {"sparse": layout, "dense": HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)}
+    chunk = None if args.prefill_chunk == "none" else (args.prefill_chunk if args.prefill_chunk == "auto"
+                                                       else int(args.prefill_chunk))
+    if args.long:
+        return run_long(args, cfg, params, sparse, layouts, engines, chunk, env, dtype)
     workloads = [w for w in args.workloads.split(",") if w]
     reqs = {w: requests_for(w, args.scale, cfg.vocab_size, args.requests, sparse.page_size) for w in workloads}
     longest = max(len(ids) + out for rs in reqs.values() for ids, out in rs)
     max_seq = -(-longest // sparse.page_size) * sparse.page_size
-    pages = args.num_pages or 4 * (max_seq // sparse.page_size) + 1
-    chunk = None if args.prefill_chunk == "none" else (args.prefill_chunk if args.prefill_chunk == "auto"
-                                                       else int(args.prefill_chunk))
+    pool = int(args.pool_gib * (1 << 30)) if args.pool_gib else default_pool_bytes(cfg, sparse, dtype, max_seq, params)
     rates = [None] + [float(r) for r in args.rates.split(",") if r]
-    results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "num_pages": pages,
-               "max_slots": args.max_slots,
-               "max_seq_len": max_seq, "runs": []}
+    results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "pool_bytes": pool,
+               "max_slots": args.max_slots, "max_seq_len": max_seq, "num_pages": {}, "runs": []}
     out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}{args.tag}.json")
-    engines = [e for e in args.engines.split(",") if e]
-    if not engines or set(engines) - {"sparse", "dense"}:
-        p.error(f"--engines takes sparse and/or dense, got {args.engines!r}")
-    for name, lay in (("sparse", layout), ("dense", dense_layout)):
-        if name not in engines:
-            continue
+    lengths = sorted({len(ids) for rs in reqs.values() for ids, _ in rs})
+    for name in engines:
+        lay = layouts[name]
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
-            eng = Engine(params, cfg, layout=lay, sparse=sparse, max_seq_len=max_seq, num_pages=pages,
-                         max_slots=args.max_slots, prefill_chunk=chunk, prefix_cache=cache_on,
+            kw = dict(layout=lay, sparse=sparse, max_seq_len=max_seq, max_slots=args.max_slots, prefill_chunk=chunk,
+                      prefix_cache=cache_on)
+            stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
+            pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages)
+            results["num_pages"][name] = pages
+            eng = Engine(params, cfg, num_pages=pages, **kw,
                          tokenizer=word_tokenizer(cfg.vocab_size, args.out) if args.http else None)
-            log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}): warm-up ...")
-            eng.warmup(max_prompt_tokens=max(len(ids) for rs in reqs.values() for ids, _ in rs))
+            log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}, {pages} pages, "
+                f"chunk {eng.prefill_chunk}): warm-up ...")
+            t = time.perf_counter()
+            eng.warmup(prompt_lengths=lengths)
+            log(f"warm-up {time.perf_counter() - t:.1f}s")
             for w in workloads:
                 if (w == "prefix") != (not cache_on) and w != "prefix" and not cache_on:
                     continue  # the cache-off engine runs the prefix workload only
                 for rate in ([None] if w == "prefix" else rates):
                     eng.scheduler.cache and eng.scheduler.cache.clear()
                     r = (run_http if args.http else run)(eng, reqs[w], rate)
-                    r.update(engine=name, workload=w, prefix_cache=cache_on)
+                    r.update(engine=name, workload=w, prefix_cache=cache_on, num_pages=pages)
                     results["runs"].append(r)
                     log(f"{name:6} {w:6} rate={rate} cache={cache_on}: out {r['output_tok_s']:.1f} tok/s, "
                         f"ttft p50 {r['ttft_p50_s']:.3f}s, tpot p50 {r['tpot_p50_s'] or 0:.4f}s, "
@@ -279,18 +339,61 @@ def main(argv=None):
     return results
 
 
+LONG_OUT = 16
+
+
+def run_long(args, cfg, params, sparse, layouts, engines, chunk, env, dtype) -> dict:
+    """One prompt of `args.long` tokens per engine (alone, chunked prefill): TTFT, the device's
+    peak memory, or the error when it does not fit."""
+    n = int(args.long)
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, n).tolist()
+    max_seq = -(-(n + LONG_OUT) // sparse.page_size) * sparse.page_size
+    out_file = os.path.join(args.out, f"serve-long-{env['date'][:10]}{args.tag}.json")
+    results = {"env": env, "shape": args.shape, "prompt_tokens": n, "runs": []}
+    for name in engines:
+        row = {"engine": name, "prompt_tokens": n}
+        try:
+            eng = Engine(params, cfg, layout=layouts[name], sparse=sparse, max_seq_len=max_seq, max_slots=1,
+                         prefill_chunk=chunk, prefix_cache=False)
+            row["prefill_chunk"] = eng.prefill_chunk
+            log(f"{name}: {n}-token prompt in chunks of {eng.prefill_chunk}: warm-up ...")
+            t = time.perf_counter()
+            eng.warmup(prompt_lengths=[n])
+            row["warmup_s"] = time.perf_counter() - t
+            r = run(eng, [(ids, LONG_OUT)], None)
+            row.update(ttft_s=r["ttft_p50_s"], tpot_s=r["tpot_p50_s"], output_tokens=r["output_tokens"],
+                       wall_s=r["wall_s"], served=r["output_tokens"] == LONG_OUT)
+            del eng
+        except Exception as e:  # noqa: BLE001  (out of memory, most often: the result says so)
+            row.update(served=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+        row["peak_bytes"] = peak_memory()
+        results["runs"].append(row)
+        log(name, {k: v for k, v in row.items() if k != "error"}, row.get("error", ""))
+        write_json(out_file, results)
+    served = [r["prompt_tokens"] for r in results["runs"] if r["served"] and r["engine"] == "sparse"]
+    results["summary"] = {"max_prompt_tokens_served": max(served)} if served else {}
+    write_json(out_file, results)
+    print(f"{'engine':7} {'prompt':>8} {'TTFT s':>8} {'TPOT ms':>8} {'peak GiB':>9} served")
+    for r in results["runs"]:
+        peak = f"{r['peak_bytes'] / (1 << 30):9.1f}" if r.get("peak_bytes") else f"{'-':>9}"
+        print(f"{r['engine']:7} {r['prompt_tokens']:8d} {r.get('ttft_s') or 0:8.2f} {1e3 * (r.get('tpot_s') or 0):8.2f} "
+              f"{peak} {r['served']}")
+    return results
+
+
 def merge(paths, out, tag="") -> dict:
     """One result file from several (same shape and scale; runs concatenated, summary recomputed)."""
     parts = []
     for path in paths:
         with open(path) as f:
             parts.append(json.load(f))
-    keys = ("shape", "scale", "http", "num_pages", "max_slots", "max_seq_len")
+    keys = ("shape", "scale", "http", "pool_bytes", "max_slots", "max_seq_len")
     for p in parts[1:]:
         diff = [k for k in keys if p.get(k) != parts[0].get(k)]
         if diff:
             raise SystemExit(f"cannot merge runs that differ in {diff}")
     results = {**parts[0], "merged_from": [os.path.basename(x) for x in paths],
+               "num_pages": {k: v for p in parts for k, v in p.get("num_pages", {}).items()},
                "runs": [r for p in parts for r in p["runs"]]}
     results["summary"] = summarize(results["runs"])
     name = f"serve{'-http' if results['http'] else ''}-{results['env']['date'][:10]}{tag or '-merged'}.json"

@@ -50,9 +50,10 @@ from .sharding import replicate, shard_cache, shard_params
 
 PROGRESS_MIN_TOKENS = 4096  # prompts of at least this many tokens show a prefill progress bar
 # Prompt tokens prefilled per dispatch when the engine is not told (`prefill_chunk="auto"`): on
-# CPU small chunks keep the attention scores small; on GPU whole prompts until the offset form of
-# the prefill kernels has been measured there.
-DEFAULT_CHUNK = {"cpu": 512}
+# CPU small chunks keep the attention scores small; on GPU 8192 (the offset prefill kernel runs
+# 4096-token chunks at 444 TFLOP/s at a 127K offset on an H100, bench/results/kernel_check-*;
+# a chunk's GEMMs of 8K rows are compute-bound, and a dispatch costs a weights read of ~5 ms).
+DEFAULT_CHUNK = {"cpu": 512, "gpu": 8192}
 TABLE_PAGES_MIN = 16  # the narrowest page table a decode step reads (see Engine._table_pages)
 
 
@@ -267,11 +268,13 @@ class Engine:
     def num_slots(self) -> int:
         return self._slots
 
-    def warmup(self, max_prompt_tokens: int | None = None) -> None:
+    def warmup(self, max_prompt_tokens: int | None = None, prompt_lengths: Sequence[int] | None = None) -> None:
         """Compiles ahead of the first request: the decode step and the prefill programs a prompt
         of up to `max_prompt_tokens` (default: the cache capacity) can use: whole prompts in every
         bucket and batch size (powers of two up to the slots and the chunk), and a long prompt's
-        later chunks for every context size. Runs on scratch pages only; the engine must be idle."""
+        later chunks for every context size. `prompt_lengths` instead: only the programs prompts
+        of these lengths use (a benchmark's request list; fewer programs to compile). Runs on
+        scratch pages only; the engine must be idle."""
         if self.has_unfinished():
             raise RuntimeError("warmup() needs an idle engine")
         if self._cache is None:
@@ -280,8 +283,16 @@ class Engine:
         cap = self.max_pages_per_seq * page
         top = min(max_prompt_tokens or cap, cap)
         whole = self.prefill_chunk or top
-        buckets = sorted({length_bucket(n, page, whole) for n in [page] + [1 << k for k in range(whole.bit_length() + 1)]
-                          if n <= max(whole, page)})
+        if prompt_lengths is None:
+            short = [page] + [1 << k for k in range(whole.bit_length() + 1)]
+            long_ = [top] if top > whole else []
+        else:
+            lengths = [min(int(n), cap) for n in prompt_lengths]
+            if not lengths or min(lengths) < 1:
+                raise ValueError(f"prompt_lengths must be positive lengths, got {prompt_lengths!r}")
+            short = [n for n in lengths if n <= whole]
+            long_ = [n for n in lengths if n > whole]
+        buckets = sorted({length_bucket(n, page, whole) for n in short if n <= max(whole, page)})
         self._sync_table()  # no request: every row maps the scratch page only
 
         def run(b, t, context_pages=None):
@@ -295,8 +306,10 @@ class Engine:
             for t in buckets:
                 if b * t <= max(self.scheduler.batch_tokens, t):  # the batches `next_prefill` makes
                     run(b, t)
-        if self.prefill_chunk is not None and top > self.prefill_chunk:
-            for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, top, page)}):
+        if self.prefill_chunk is not None and long_:
+            run(1, self.prefill_chunk)  # a long prompt's first chunk
+            # later chunks start at any page (after a prefix-cache hit), up to the longest prompt
+            for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, max(long_), page)}):
                 run(1, self.prefill_chunk, n)
         for width in sorted({self._table_pages(n) for n in range(1, self.max_pages_per_seq + 1)}):
             sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,

@@ -14,7 +14,7 @@ def test_serve_benchmark_smoke(tmp_path, monkeypatch):
     import serve  # bench/serve.py
 
     res = serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "3", "--rates", "50",
-                      "--max-slots", "2", "--prefill-chunk", "32", "--out", str(tmp_path)])
+                      "--max-slots", "2", "--prefill-chunk", "32", "--out", str(tmp_path), "--compile-cache", ""])
     runs = {(r["engine"], r["workload"], r["rate"], r["prefix_cache"]) for r in res["runs"]}
     assert ("sparse", "doc", None, True) in runs and ("dense", "gen", 50.0, True) in runs
     assert ("sparse", "prefix", None, False) in runs
@@ -28,6 +28,9 @@ def test_serve_benchmark_smoke(tmp_path, monkeypatch):
         assert s[key] > 0
     (f,) = list(tmp_path.glob("serve-*.json"))
     assert json.loads(f.read_text())["summary"] == s
+    # the same bytes of KV pages: the sparse engine's pages hold half the heads, so it gets more
+    pages = res["num_pages"]
+    assert pages["sparse"] > pages["dense"] and res["pool_bytes"] > 0
     sys.modules.pop("serve", None)
 
 
@@ -37,11 +40,11 @@ def test_serve_benchmark_one_engine_per_call_then_merge(tmp_path, monkeypatch):
     import serve  # bench/serve.py
 
     common = ["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
-              "--max-slots", "2", "--out", str(tmp_path)]
+              "--max-slots", "2", "--out", str(tmp_path), "--compile-cache", ""]
     parts = [serve.main(common + ["--engines", e, f"--tag=-{e}"]) for e in ("sparse", "dense")]
     assert [{r["engine"] for r in p["runs"]} for p in parts] == [{"sparse"}, {"dense"}]
     assert "serve_doc_throughput_speedup_vs_dense" not in parts[0]["summary"]
-    merged = serve.main(["--merge", *sorted(map(str, tmp_path.glob("serve-*-*e.json"))), "--out", str(tmp_path)])
+    merged = serve.main(["--merge", *sorted(map(str, tmp_path.glob("serve-*-*e.json"))), "--out", str(tmp_path), "--compile-cache", ""])
     assert merged["summary"]["serve_doc_throughput_speedup_vs_dense"] > 0
     assert len(list(tmp_path.glob("serve-*-merged.json"))) == 1
     sys.modules.pop("serve", None)
@@ -53,9 +56,38 @@ def test_serve_benchmark_through_http(tmp_path, monkeypatch):
     import serve
 
     res = serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
-                      "--max-slots", "2", "--prefill-chunk", "32", "--http", "--out", str(tmp_path)])
+                      "--max-slots", "2", "--prefill-chunk", "32", "--http", "--out", str(tmp_path), "--compile-cache", ""])
     assert res["http"] and len(res["runs"]) == 2
     for r in res["runs"]:
         assert r["http"] and r["output_tokens"] == 2 * 4 and r["ttft_p50_s"] > 0 and r["tpot_p50_s"] > 0
     assert list(tmp_path.glob("serve-http-*.json"))
+    sys.modules.pop("serve", None)
+
+
+def test_pool_of_equal_bytes_and_the_long_prompt_mode(tmp_path, monkeypatch):
+    """pages_for_bytes gives each layout the pages that fit the same memory (the sparse layout's
+    streaming pool counted in); --long serves one long prompt in chunks and reports its TTFT."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve
+    from lserve_jax.config import ModelConfig, SparseConfig
+    from lserve_jax.heads import HeadLayout
+
+    import jax.numpy as jnp
+
+    cfg = ModelConfig(**serve.TINY)
+    sp = SparseConfig(page_size=16, logical_page_size=4)
+    dense, half = HeadLayout.dense(2, 2), HeadLayout(2, (1, 1))
+    per_page = serve.cache_bytes(cfg, dense, sp, jnp.float32, 3) - serve.cache_bytes(cfg, dense, sp, jnp.float32, 2)
+    assert serve.pages_for_bytes(cfg, dense, sp, jnp.float32, 10 * per_page, 1) == 11
+    sparse_pages = serve.pages_for_bytes(cfg, half, sp, jnp.float32, 10 * per_page, 1)
+    assert 19 <= sparse_pages <= 21  # half the heads per page: about twice the pages
+    assert serve.pages_for_bytes(cfg, half, sp, jnp.float32, 10 * per_page, 9) < sparse_pages
+
+    res = serve.main(["--shape", "tiny", "--long", "300", "--prefill-chunk", "64", "--out", str(tmp_path),
+                      "--compile-cache", ""])
+    assert [r["engine"] for r in res["runs"]] == ["sparse", "dense"]
+    for r in res["runs"]:
+        assert r["served"] and r["ttft_s"] > 0 and r["output_tokens"] == serve.LONG_OUT and r["prefill_chunk"] == 64
+    assert res["summary"]["max_prompt_tokens_served"] == 300
+    assert list(tmp_path.glob("serve-long-*.json"))
     sys.modules.pop("serve", None)

@@ -172,6 +172,26 @@ def test_no_recompilation_with_chunks_after_warmup():
     assert (eng._prefill._cache_size(), eng._step._cache_size()) == sizes
 
 
+def test_warmup_for_given_prompt_lengths_compiles_only_what_they_use():
+    """warmup(prompt_lengths=...) (what the serving benchmark calls): prompts of 40 and 100
+    tokens in 16-token chunks need the first-chunk program and the later chunks' context sizes,
+    not every bucket; serving those prompts (a prefix hit included) then compiles nothing."""
+    eng = Engine(tiny_params(CFG), CFG, sparse=SparseConfig(page_size=16, logical_page_size=4), max_slots=4,
+                 prefill_chunk=16, max_seq_len=128)
+    eng.warmup(prompt_lengths=[40, 100])
+    sizes = (eng._prefill._cache_size(), eng._step._cache_size())
+    assert sizes[0] == 1 + len({eng._context_pages(s) for s in range(16, 100, 16)})
+    doc = list(range(1, 90))
+    reqs = [("a", doc + [5] * 11, SamplingParams(max_new_tokens=3)),
+            ("b", doc + [7] * 11, SamplingParams(max_new_tokens=3)),
+            ("c", list(range(3, 43)), SamplingParams(max_new_tokens=3))]
+    run_all(eng, reqs, arrivals=[0, 6, 6], check=False)
+    assert eng.scheduler.prefix_hit_total > 0
+    assert (eng._prefill._cache_size(), eng._step._cache_size()) == sizes
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        eng.warmup(prompt_lengths=[])
+
+
 def test_interrupt_mid_prefill_leaves_the_engine_usable_with_stats():
     """Ctrl-C between a long prompt's chunks (here: raised from the progress hook of the first
     collected chunk) stops generate at once; the stats say what ran; the next call works."""
