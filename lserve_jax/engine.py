@@ -273,7 +273,8 @@ class Engine:
         of up to `max_prompt_tokens` (default: the cache capacity) can use: whole prompts in every
         bucket and batch size (powers of two up to the slots and the chunk), and a long prompt's
         later chunks for every context size. `prompt_lengths` instead: only the programs prompts
-        of these lengths use (a benchmark's request list; fewer programs to compile). Runs on
+        of these lengths use (a benchmark's request list; fewer programs to compile), decode
+        steps from the shortest prompt's table width up. Runs on
         scratch pages only; the engine must be idle."""
         if self.has_unfinished():
             raise RuntimeError("warmup() needs an idle engine")
@@ -311,7 +312,9 @@ class Engine:
             # later chunks start at any page (after a prefix-cache hit), up to the longest prompt
             for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, max(long_), page)}):
                 run(1, self.prefill_chunk, n)
-        for width in sorted({self._table_pages(n) for n in range(1, self.max_pages_per_seq + 1)}):
+        # decode reads tables as wide as the longest row: from the shortest prompt to the capacity
+        first = 1 if prompt_lengths is None else -(-min(lengths) // page)
+        for width in sorted({self._table_pages(n) for n in range(first, self.max_pages_per_seq + 1)}):
             sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
                                               jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data.copy()),
                                               *(jnp.asarray(k.copy()) for k in self._knobs), table_pages=width)
@@ -420,7 +423,7 @@ class Engine:
                 self._collect(p)
             self._pending = []
         for req in sched.grow():  # a preempted request's row maps nothing until it is readmitted
-            if swap:
+            if swap and not req.preempted_in_prefill:  # (one mid-prefill is prefilled again)
                 self._swap_out(req)
         in_flight = self._pending
         self._pending = []

@@ -62,6 +62,7 @@ class Request:
     last_slot: int | None = None  # slot and pages at its last preemption (what a swap saves)
     last_pages: list[int] = dataclasses.field(default_factory=list)
     resume_cached: int = 0  # `cached` when it was swapped out
+    preempted_in_prefill: bool = False  # its last preemption came before its prefill was done
     prefill_len: int = 0  # len(tokens) at its admission: what its prefill covers
     prefilled: int = 0  # tokens of them in the cache (prefill is done when it reaches prefill_len)
     spages: dict = dataclasses.field(default_factory=dict)  # logical page -> streaming pool page held
@@ -307,7 +308,11 @@ class Scheduler:
         return need - self.allocator.free_pages
 
     def preempt(self, req: Request) -> None:
+        """Frees a running request's slot and pages and queues it first among younger waiting ones.
+        One caught in the middle of its prefill (`preempted_in_prefill`) has decoded nothing: it
+        is prefilled again from its start (a swap would save a half-written cache)."""
         req.last_slot, req.last_pages, req.resume_cached = req.slot, list(req.pages), req.cached
+        req.preempted_in_prefill = not req.prefill_done
         self._release(req)
         req.status = "waiting"
         req.preemptions += 1

@@ -104,6 +104,27 @@ def test_busy_batch_with_chunked_prefill_and_preemption_equals_alone(model, pree
     assert eng.scheduler.reclaimable_pages() == 11
 
 
+def test_preempting_a_prompt_in_the_middle_of_its_chunks(model):
+    """Two running requests need a page at once while a long prompt is halfway through its chunks:
+    the youngest (the long prompt) is preempted mid-prefill. It has nothing decoded, so it starts
+    its prefill again when readmitted (a swap would save a half-written cache); every request
+    still gets its tokens alone. (Found on the GPU: the swap path read its last sampled token.)"""
+    params, layout, sparse = model
+    rng = np.random.default_rng(3)
+    reqs = [("a1", rng.integers(1, CFG.vocab_size, 15).tolist(), SamplingParams(max_new_tokens=20)),
+            ("a2", rng.integers(1, CFG.vocab_size, 15).tolist(), SamplingParams(max_new_tokens=20)),
+            ("b", rng.integers(1, CFG.vocab_size, 96).tolist(), SamplingParams(max_new_tokens=5))]
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, num_pages=10, prefill_chunk=16,
+                 prefix_cache=False)
+    states = []
+    preempt = eng.scheduler.preempt
+    eng.scheduler.preempt = lambda r: (states.append((r.request_id, r.prefill_done)), preempt(r))[-1]
+    got = run_all(eng, reqs, arrivals=[0, 0, 1])
+    assert ("b", False) in states, states
+    assert got == alone(model, reqs)
+    assert eng.scheduler.reclaimable_pages() == 9
+
+
 def test_prefix_cache_reuses_pages_and_gives_the_same_tokens(model):
     params, layout, sparse = model
     rng = np.random.default_rng(5)
