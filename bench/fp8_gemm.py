@@ -67,6 +67,7 @@ def main(argv=None):
     shapes = {"w": (64, 48)} if args.small else SHAPES
     env = environment()
     rows_out = []
+    path = os.path.join(args.out, f"fp8_gemm-{env['date'][:10]}.json")
     key = jax.random.key(0)
     f = jax.jit(project)
     for name, (i, o) in shapes.items():
@@ -91,9 +92,9 @@ def main(argv=None):
                 row[v] = dict(ms=ms, rel_err=err, gemms=gemm_calls(f, x, wv),
                               tflops=2 * n * i * o / (ms * 1e-3) / 1e12)
             rows_out.append(row)
+            write_json(path, dict(env=env, rows=rows_out))  # what is done survives a time limit
             log(f"{name} {i}x{o} rows {n}: " + ", ".join(f"{v} {row[v]['ms']:.3f} ms" for v in variants))
     res = dict(env=env, rows=rows_out)
-    path = os.path.join(args.out, f"fp8_gemm-{env['date'][:10]}.json")
     write_json(path, res)
     print(f"{'weight':8s} {'rows':>5s} {'bf16 ms':>8s} {'w8a8 ms':>8s} {'w8a16 ms':>9s} {'w8a8 x':>7s}  w8a8 GEMM")
     for r in rows_out:
