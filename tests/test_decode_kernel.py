@@ -376,17 +376,3 @@ def test_gpu_dense_paged_equals_dense(engine, options):
     dense = jax.jit(functools.partial(dense_decode_attention, implementation=engine))(
         lay["q"], contiguous(lay["k_pages8"]), contiguous(lay["v_pages8"]), lay["lengths"])
     assert rel_err(out, dense) < COMPILED.tol(jnp.bfloat16)
-
-
-def test_block_tokens_keep_k_and_v_within_shared_memory():
-    """The tuned bf16 blocks stay; float32 at D 128 halves them (256 tokens asked the H100 for
-    264 KiB of shared memory, it has 227 KiB); never past the default."""
-    from lserve_jax.pallas.decode import BLOCK_KV_BYTES, block_tokens
-
-    assert block_tokens(256, 128, 2) == 256 and block_tokens(128, 128, 2) == 128
-    assert block_tokens(256, 128, 4) == 128 and block_tokens(256, 96, 4) == 128
-    assert block_tokens(256, 64, 4) == 256
-    for d in (64, 80, 96, 128, 256):
-        for itemsize in (2, 4):
-            n = block_tokens(256, d, itemsize)
-            assert 16 <= n <= 256 and (n * 2 * d * itemsize <= BLOCK_KV_BYTES or n == 16)

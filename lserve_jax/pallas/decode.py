@@ -298,16 +298,6 @@ def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
     return max(pps, ppb)
 
 
-# K and V of one block at most this many bytes: 256 bf16 tokens at D 128 (the tuned default).
-# 256 float32 tokens at D 128 asked the H100 for 264 KiB of shared memory (it has 227 KiB).
-BLOCK_KV_BYTES = 128 << 10
-
-
-def block_tokens(default: int, d: int, itemsize: int) -> int:
-    """Tokens per block: `default`, fewer when K and V of that many would pass BLOCK_KV_BYTES."""
-    return max(16, min(default, BLOCK_KV_BYTES // (2 * _next_pow2(d) * itemsize)))
-
-
 @functools.partial(jax.jit, static_argnames=(
     "scale", "head_offset", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs",
     "num_warps", "num_stages", "interpret"))
@@ -335,8 +325,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
         raise ValueError(f"paged_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
                          f"{k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
-    ppb, pps, splits = _plan(n, b * h, page, block_tokens=block_tokens(256, d, jnp.dtype(k_pages.dtype).itemsize),
-                             pages_per_block=pages_per_block,
+    ppb, pps, splits = _plan(n, b * h, page, block_tokens=256, pages_per_block=pages_per_block,
                              pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                              target_programs=target_programs)
     mrows = _next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
@@ -481,8 +470,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         _, p, page, _ = k_pages.shape
         n = page_ids.shape[-1]
         # 128-token blocks by default: measured best on the H200 (bench/decode.py --tune)
-        ppb, pps, splits = _plan(n, b * h_ret, page, block_tokens=block_tokens(128, d, jnp.dtype(k_pages.dtype).itemsize),
-                                 pages_per_block=pages_per_block,
+        ppb, pps, splits = _plan(n, b * h_ret, page, block_tokens=128, pages_per_block=pages_per_block,
                                  pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                                  target_programs=target_programs)
         ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
