@@ -376,3 +376,18 @@ def test_gpu_dense_paged_equals_dense(engine, options):
     dense = jax.jit(functools.partial(dense_decode_attention, implementation=engine))(
         lay["q"], contiguous(lay["k_pages8"]), contiguous(lay["v_pages8"]), lay["lengths"])
     assert rel_err(out, dense) < COMPILED.tol(jnp.bfloat16)
+
+
+def test_float32_blocks_fit_shared_memory_and_bf16_blocks_stay_tuned():
+    """float32 pages at D 128: 128-token blocks in 2 stages asked the GPU for 270368 bytes of
+    shared memory (227 KiB available), so float32 blocks shrink until num_stages blocks of K and V
+    fit; 16-bit pages keep the tuned sizes."""
+    from lserve_jax.pallas.decode import F32_STAGED_KV_BYTES, block_tokens
+
+    for default in (128, 256):
+        assert block_tokens(default, 128, 2, 2) == default and block_tokens(default, 128, 2, 3) == default
+    assert block_tokens(128, 128, 4, 2) == 64 and block_tokens(128, 64, 4, 2) == 128
+    for d in (64, 80, 96, 128, 256):
+        for stages in (1, 2, 3, 4):
+            t = block_tokens(256, d, 4, stages)
+            assert t >= 16 and (stages * 2 * t * (1 << (d - 1).bit_length()) * 4 <= F32_STAGED_KV_BYTES or t == 16)

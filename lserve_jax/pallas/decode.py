@@ -298,6 +298,22 @@ def choose_split(n_slots: int, programs: int, ppb: int, *, min_split_pages: int,
     return max(pps, ppb)
 
 
+# float32 K and V blocks, times the pipeline's stages, at most this many bytes of shared memory.
+# 128-token float32 blocks at D 128 in 2 stages asked the H100 and H200 for 270368 bytes
+# (2 x (K + V) 256 KiB + q 8 KiB; the card has 227 KiB): the D128 float32 dense engine test.
+F32_STAGED_KV_BYTES = 192 << 10
+
+
+def block_tokens(default: int, d: int, itemsize: int, num_stages: int) -> int:
+    """Tokens per block: the tuned `default` for 16-bit pages; float32 pages halve it until
+    num_stages blocks of K and V fit F32_STAGED_KV_BYTES (at least 16 tokens)."""
+    t = default
+    if itemsize >= 4:
+        while t > 16 and num_stages * 2 * t * _next_pow2(d) * itemsize > F32_STAGED_KV_BYTES:
+            t //= 2
+    return t
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "head_offset", "pages_per_block", "pages_per_split", "min_split_tokens", "target_programs",
     "num_warps", "num_stages", "interpret"))
@@ -325,7 +341,8 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
         raise ValueError(f"paged_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
                          f"{k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
-    ppb, pps, splits = _plan(n, b * h, page, block_tokens=256, pages_per_block=pages_per_block,
+    ppb, pps, splits = _plan(n, b * h, page, pages_per_block=pages_per_block,
+                             block_tokens=block_tokens(256, d, jnp.dtype(k_pages.dtype).itemsize, num_stages),
                              pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                              target_programs=target_programs)
     mrows = _next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
@@ -470,7 +487,8 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         _, p, page, _ = k_pages.shape
         n = page_ids.shape[-1]
         # 128-token blocks by default: measured best on the H200 (bench/decode.py --tune)
-        ppb, pps, splits = _plan(n, b * h_ret, page, block_tokens=128, pages_per_block=pages_per_block,
+        ppb, pps, splits = _plan(n, b * h_ret, page, pages_per_block=pages_per_block,
+                                 block_tokens=block_tokens(128, d, jnp.dtype(k_pages.dtype).itemsize, num_stages),
                                  pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                                  target_programs=target_programs)
         ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
@@ -482,7 +500,8 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         cnt = jnp.zeros((b, 1), jnp.int32)
     if s:
         w = ring_k.shape[2]
-        pb = ring_page(w)
+        # (both powers of 2: pb still divides the ring; float32 rings get shorter blocks)
+        pb = min(ring_page(w), block_tokens(128, d, jnp.dtype(ring_k.dtype).itemsize, num_stages))
         if pb < 16:
             raise ValueError(f"ring width {w} needs a power-of-2 factor >= 16 for the kernel")
         nw = w // pb
