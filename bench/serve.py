@@ -312,6 +312,10 @@ def main(argv=None):
                       prefix_cache=cache_on)
             stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
             pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages)
+            if pages - 1 < max_seq // sparse.page_size:
+                raise SystemExit(f"{pool / (1 << 30):.2f} GiB of KV pages give the {name} engine {pages - 1} pages "
+                                 f"(its streaming pool: {stream_pages}); the longest request needs "
+                                 f"{max_seq // sparse.page_size}: raise --pool-gib")
             results["num_pages"][name] = pages
             eng = Engine(params, cfg, num_pages=pages, **kw,
                          tokenizer=word_tokenizer(cfg.vocab_size, args.out) if args.http else None)

@@ -143,7 +143,7 @@ class Engine:
         the streaming heads' prefill pool (default: four chunked prefills' windows). kv_dtype: how
         K and V are stored: "auto" (the cache dtype), "bfloat16", "float16", "float32" or
         "fp8_e4m3" (e4m3 with a scale per token and head, `lserve_jax.kv8`: half the bytes of
-        bf16; the Triton and CPU decode kernels do not read it yet, so decode runs the reference)."""
+        bf16; the GPU's fused decode kernel reads it, appends and CPU decode run the references)."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -185,7 +185,8 @@ class Engine:
             else:
                 per = sum(self._window) + -(-(prefill_chunk or self.max_pages_per_seq * sparse.page_size)
                                             // sparse.page_size)
-                num_stream_pages = 4 * per + 1
+                # (a window longer than the sequences: no more pages than a sequence has)
+                num_stream_pages = 4 * min(per, self.max_pages_per_seq) + 1
         self.num_stream_pages = int(num_stream_pages)
         self.max_slots = max_slots
         self.cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype

@@ -66,7 +66,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16 (default: the checkpoint's weights)")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3"),
                    help="how K and V are stored: 'auto' = the compute dtype; 'fp8_e4m3' = e4m3 with a scale per "
-                        "token and head (half of bf16's bytes; decode then runs the jnp reference, no kernel yet)")
+                        "token and head (half of bf16's bytes; on a GPU the fused decode kernel reads it, appends and CPU "
+                        "decode run the jnp reference)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     p.add_argument("--prefill-chunk", default="auto",
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "

@@ -121,7 +121,8 @@ class Scheduler:
         self.allocator = PageAllocator(num_pages)
         self.stream = PageAllocator(max(num_stream_pages, 1))
         if window is not None and chunk is not None:
-            need = window[0] + window[1] + chunk // page_size
+            # (no more than a whole sequence: a window longer than max_tokens never fills)
+            need = min(window[0] + window[1] + chunk // page_size, -(-max_tokens // page_size))
             if self.stream.num_pages - 1 < need:
                 raise ValueError(f"the streaming pool has {self.stream.num_pages - 1} pages, a chunked prefill needs "
                                  f"{need} (sink, window and one chunk); raise num_stream_pages")

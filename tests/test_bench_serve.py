@@ -91,3 +91,14 @@ def test_pool_of_equal_bytes_and_the_long_prompt_mode(tmp_path, monkeypatch):
     assert res["summary"]["max_prompt_tokens_served"] == 300
     assert list(tmp_path.glob("serve-long-*.json"))
     sys.modules.pop("serve", None)
+
+
+def test_a_pool_too_small_for_the_longest_request_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import pytest
+    import serve
+
+    with pytest.raises(SystemExit, match="raise --pool-gib"):
+        serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
+                    "--pool-gib", "0.00001", "--out", str(tmp_path), "--compile-cache", ""])
+    sys.modules.pop("serve", None)

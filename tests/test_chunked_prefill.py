@@ -125,6 +125,14 @@ def test_preempting_a_prompt_in_the_middle_of_its_chunks(model):
     assert eng.scheduler.reclaimable_pages() == 9
 
 
+def test_streaming_pool_default_is_no_larger_than_the_sequences_need():
+    """A prefill window longer than max_seq_len (the default 8192-token window, 64-token
+    sequences) sizes the streaming pool by the sequences' pages, not by the window."""
+    eng = Engine(tiny_params(CFG), CFG, layout=HeadLayout(2, (1, 1)), sparse=SparseConfig(page_size=16,
+                 logical_page_size=4), max_seq_len=64, prefill_chunk=16)
+    assert eng.num_stream_pages == 4 * eng.max_pages_per_seq + 1
+
+
 def test_prefix_cache_reuses_pages_and_gives_the_same_tokens(model):
     params, layout, sparse = model
     rng = np.random.default_rng(5)

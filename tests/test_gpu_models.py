@@ -82,3 +82,15 @@ def test_default_kernels_equal_references(case):
     want = _generate(head_dim, layout, sparse, chunk=chunk, prefill_impl="reference", decode_impl="reference")
     assert all(len(t) == GREEDY.max_new_tokens for t in got)
     assert got == want
+
+
+@pytest.mark.parametrize("case", [(64, "sparse", SPARSE, 32), (128, "dense", DENSE, None)], ids=_case_id)
+def test_fp8_kv_default_kernels_equal_references(case):
+    """FP8 KV pages (kv_dtype="fp8_e4m3"): the fused Triton decode kernel reads e4m3 pages and rings
+    with their per-token scales, and gives the greedy tokens of the jnp references on the same cache."""
+    head_dim, layout, sparse, chunk = case
+    got = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype="fp8_e4m3")
+    want = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype="fp8_e4m3", prefill_impl="reference",
+                     decode_impl="reference")
+    assert all(len(t) == GREEDY.max_new_tokens for t in got)
+    assert got == want

@@ -19,6 +19,7 @@ from lserve_jax.ops import OpChoice, decode_attention
 from lserve_jax.ops.append import append_token
 from lserve_jax.sampling import SamplingParams
 
+from .kernel_base import RUNNERS
 from .test_chunked_prefill import LONG, WINDOWS
 from .tiny import TINY, TINY_SPARSE, tiny_params
 
@@ -89,6 +90,30 @@ def test_decode_on_fp8_pages_equals_decode_on_the_same_data_dequantised(impl):
     want = decode_attention(q, *deq, table, lengths, sel, cnt, mode="query_head",
                             choice=OpChoice.from_name("decode", "reference"))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("r, s, dtype, split", [(2, 1, "float32", 0), (2, 1, "bfloat16", 0), (2, 0, "float32", 0),
+                                                 (0, 2, "float32", 0), (2, 1, "float32", 16), (1, 1, "bfloat16", 16)],
+                         ids=["mixed-f32", "mixed-bf16", "retrieval-f32", "ring-f32", "mixed-f32-split",
+                              "mixed-bf16-split"])
+def test_triton_decode_reads_fp8_pages(runner, r, s, dtype, split):
+    """The fused Triton decode kernel on FP8 pages and rings (values e4m3, per-token scales on the
+    logits' and the probabilities' columns) equals the reference on the same FP8 data; split-K
+    too (min_split_tokens 16: several splits per program)."""
+    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs(seed=9, r=r, s=s, page=16, n=6, w=32)
+    lengths = jnp.asarray([90, 37], jnp.int32)
+    sel = jnp.asarray(np.broadcast_to(np.array([5, 0, 2, 3]), (2, r * 2, 4)), jnp.int32)
+    cnt = jnp.asarray([[4] * (r * 2), [3] * (r * 2)], jnp.int32)
+    q = q.astype(dtype)
+    opts = {"min_split_tokens": split} if split else {}
+    got = decode_attention(q, kp, vp, rk, rv, table, lengths, sel, cnt, mode="query_head",
+                           choice=runner.choice("triton", **opts))
+    want = decode_attention(q, kp, vp, rk, rv, table, lengths, sel, cnt, mode="query_head",
+                            choice=OpChoice.from_name("decode", "reference"))
+    g, w = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(g).all()
+    assert np.linalg.norm(g - w) / np.linalg.norm(w) < runner.tol(dtype)
 
 
 def test_append_to_fp8_pages_keeps_statistics_from_the_unquantised_keys():

@@ -70,8 +70,8 @@ def check_prefill(q, options: dict) -> None:
 
 
 def check_not_fp8(op: str, *arrays) -> None:
-    """The Triton decode and append kernels read and write bf16/float32 pages; FP8 pages
-    (`kv8.KV8`) fall through to the next implementation."""
+    """The Triton append kernel (and paged_decode) read and write bf16/float32 pages; FP8 pages
+    (`kv8.KV8`) fall through to the next implementation. The fused decode kernel reads FP8."""
     if any(isinstance(a, KV8) for a in arrays):
         raise Unsupported(f"the Triton {op} kernel has no FP8 KV pages yet")
 
@@ -88,7 +88,6 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
            options):
     check_options("decode", options, DECODE_OPTIONS)
     check_device(options)
-    check_not_fp8("decode", k_pages, ring_k)
     b, hq, d = q.shape
     r, s = k_pages.shape[0], ring_k.shape[0]
     if q.dtype not in _FLOATS:
@@ -99,7 +98,8 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
                           f"size: {q.shape=} {k_pages.shape=}")
     if s and pallas_decode.ring_page(ring_k.shape[2]) < 16:
         # ring blocks too small for the fused kernel's dots: two launches of paged_decode, whose
-        # ring programs take several small blocks per dot
+        # ring programs take several small blocks per dot (bf16/float32 pages only)
+        check_not_fp8("decode with a ring narrower than 16-token blocks", k_pages, ring_k)
         return two_launches(functools.partial(pallas_decode.paged_decode, **options), q, k_pages, v_pages, ring_k,
                             ring_v, page_table, lengths, sel_pages, sel_count, mode=mode, scale=scale)
     g = hq // (r + s)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..kv8 import load
+from ..kv8 import KV8, load
 from .compat import resolve_interpret, triton_params
 
 # f32 inputs: IEEE dots (the Triton lowering's DEFAULT is TF32); no effect on bf16 inputs
@@ -149,30 +149,39 @@ def _init_carry(qs):
             jnp.zeros((rows,), jnp.float32))
 
 
-def _online_step(qs, carry, ks, vs, visible, qk_scale):
+def _online_step(qs, carry, ks, vs, visible, qk_scale, kscale=None, vscale=None):
     """One block of online softmax over head-dim pieces: qs [rows, w], ks/vs [bk, w] per piece,
     visible bool broadcastable to [rows, bk]; carry (o pieces f32[rows, w], m f32[rows] in log2
-    units, l f32[rows])."""
+    units, l f32[rows]). FP8 pages: ks/vs are e4m3, converted to q's dtype (exact), and
+    kscale/vscale f32[1, bk] their per-token scales, applied to the logits' columns (K) and to
+    the probabilities' columns before the PV dot (V; the denominator takes the unscaled ones)."""
     os_, m, l = carry
+    if kscale is not None:
+        ks = tuple(k.astype(qs[0].dtype) for k in ks)
+        vs = tuple(v.astype(qs[0].dtype) for v in vs)
     x = None
     for q, k in zip(qs, ks):  # logits: the sum of the pieces' dots
         dot = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=_IEEE)
         x = dot if x is None else x + dot
     x = x * qk_scale  # log2 units
+    if kscale is not None:
+        x = x * kscale
     x = jnp.where(visible, x, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(x, axis=1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(x - m_new[:, None])
     l = alpha * l + jnp.sum(p, axis=1)
-    os_ = tuple(alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+    pv = p if vscale is None else p * vscale
+    os_ = tuple(alpha[:, None] * o + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32,
                                              precision=_IEEE) for o, v in zip(os_, vs))
     return os_, m_new, l
 
 
-def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length, pieces):
+def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length, pieces, ks_ref=None, vs_ref=None):
     """K/V pieces of slots [start, start + ppb) gathered from the pool, and which keys are
     visible: the slot is in use (< n) and its token position (logical page * page + offset) <
-    length."""
+    length. With FP8 pages (ks_ref/vs_ref: the pool's per-token scales [P, page]) also the
+    block's scales f32[1, ppb * page], else None."""
     ids = ids_ref[pl.ds(start, ppb)]
     lg = lg_ref[pl.ds(start, ppb)]
     k = tuple(x.reshape(ppb * page, x.shape[-1]) for x in _load(k_ref, (ids,), pieces))  # gather of ppb pages
@@ -180,7 +189,8 @@ def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length, p
     slot = start + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 0)
     pos = lg[:, None] * page + jax.lax.broadcasted_iota(jnp.int32, (ppb, page), 1)
     pos = jnp.where(slot < n, pos, length).reshape(1, ppb * page)  # unused slot -> invisible
-    return k, v, pos < length
+    scales = (None, None) if ks_ref is None else (ks_ref[ids].reshape(1, ppb * page), vs_ref[ids].reshape(1, ppb * page))
+    return k, v, pos < length, *scales
 
 
 def _store(ref, pieces, values):
@@ -225,8 +235,8 @@ def _kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, *out_refs,
 
     def body(i, carry):
         start = pl.multiple_of(i * ppb, ppb)
-        k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n, length=length,
-                                    pieces=pieces)
+        k, v, visible, _, _ = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n,
+                                          length=length, pieces=pieces)
         return _online_step(q, carry, k, v, visible, qk_scale)
 
     carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, _init_carry(q))
@@ -382,6 +392,11 @@ def _combine(o, m, l):
 # --- one launch for a whole layer: selected pages of the retrieval heads + the streaming ring ---
 
 
+def _fp8_parts(x):
+    """(values, per-token scales) of an FP8 pool (kv8.KV8); (x, None) for a plain array."""
+    return (x.values, x.scale) if isinstance(x, KV8) else (x, None)
+
+
 def ring_page(w: int) -> int:
     """Tokens per ring block: the largest power of 2 dividing the ring width, at most 128."""
     return min(w & -w, 128)
@@ -411,11 +426,14 @@ def sparse_decode_reference(q, k_pages, v_pages, ring_k, ring_v, page_ids, logic
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_ref, rv_ref, *out_refs,
-                   page, ppb, pps, h_ret, nw, pb, width, ring_split, qk_scale, split, pieces):
+def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_ref, rv_ref, *refs,
+                   page, ppb, pps, h_ret, nw, pb, width, ring_split, qk_scale, split, pieces, fp8):
     # program h < h_ret: retrieval (ids/lg this split's slots, k/v_ref its kv head's pool)
     # program h >= h_ret: ring (rk/rv_ref [B*nw, pb, D] its kv head's ring), `ring_split`
     # blocks of pb tokens per split
+    # fp8: refs start with the scales of the pool [P, page] (k, v) and of the ring [B*nw, pb] (k, v)
+    ks_ref, vs_ref, rks_ref, rvs_ref = refs[:4] if fp8 else (None,) * 4
+    out_refs = refs[4:] if fp8 else refs
     h, b, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length = len_ref[b]
     q, rep = _repeat_rows(_load(q_ref, (), pieces))
@@ -426,9 +444,10 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
 
         def body(i, c):
             start = pl.multiple_of(i * ppb, ppb)
-            k, v, visible = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page, n=n,
-                                        length=length, pieces=pieces)
-            return _online_step(q, c, k, v, visible, qk_scale)
+            k, v, visible, kscale, vscale = _page_block(ids_ref, lg_ref, k_ref, v_ref, start, ppb=ppb, page=page,
+                                                        n=n, length=length, pieces=pieces, ks_ref=ks_ref,
+                                                        vs_ref=vs_ref)
+            return _online_step(q, c, k, v, visible, qk_scale, kscale, vscale)
 
         carry = jax.lax.fori_loop(0, pl.cdiv(n, ppb), body, carry)
     if nw:
@@ -441,7 +460,8 @@ def _sparse_kernel(cnt_ref, len_ref, ids_ref, lg_ref, q_ref, k_ref, v_ref, rk_re
             k = tuple(x.reshape(pb, x.shape[-1]) for x in _load(rk_ref, blk, pieces))
             v = tuple(x.reshape(pb, x.shape[-1]) for x in _load(rv_ref, blk, pieces))
             slot = ((first + i) * pb + jax.lax.broadcasted_iota(jnp.int32, (1, pb), 1))
-            return _online_step(q, c, k, v, slot < ring_len, qk_scale)
+            scales = (None, None) if not fp8 else (rks_ref[blk].reshape(1, pb), rvs_ref[blk].reshape(1, pb))
+            return _online_step(q, c, k, v, slot < ring_len, qk_scale, *scales)
 
         carry = jax.lax.fori_loop(0, n_ring, ring_body, carry)
     _write_out(carry, rep, out_refs, split, pieces)
@@ -465,9 +485,13 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     Retrieval programs split their slots as `paged_decode`; ring programs spread their blocks of
     pb tokens over the same splits (so a short ring is not one long serial program).
     """
+    (k_pages, ks), (v_pages, vs), (ring_k, rks), (ring_v, rvs) = map(_fp8_parts, (k_pages, v_pages, ring_k, ring_v))
+    fp8 = any(x is not None for x in (ks, vs, rks, rvs))
     b, hp, m_in, d = q.shape
     h_ret = page_ids.shape[1]
     r, s = k_pages.shape[0], ring_k.shape[0]
+    if fp8 and ((r and (ks is None or vs is None)) or (s and (rks is None or rvs is None))):
+        raise ValueError("FP8 decode needs every pool it reads in FP8 (kv8.KV8): pages and ring alike")
     if (h_ret == 0) != (r == 0) or (hp - h_ret == 0) != (s == 0) or hp == 0:
         raise ValueError(f"program heads do not match the pools: {q.shape=} {page_ids.shape=} "
                          f"{k_pages.shape=} {ring_k.shape=}")
@@ -496,6 +520,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     else:  # ring only: dummy one-page pool and slot lists, never read
         page, ppb, pps, splits, p = 16, 1, 1, 1, 1
         k_pages = v_pages = jnp.zeros((1, 1, page, d), q.dtype)
+        ks = vs = jnp.ones((1, 1, page), jnp.float32)
         ids = lg = jnp.zeros((b, 1, 1), jnp.int32)
         cnt = jnp.zeros((b, 1), jnp.int32)
     if s:
@@ -507,9 +532,12 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         nw = w // pb
         rk = ring_k.reshape(s, b * nw, pb, d)
         rv = ring_v.reshape(s, b * nw, pb, d)
+        if fp8:
+            rks, rvs = rks.reshape(s, b * nw, pb), rvs.reshape(s, b * nw, pb)
     else:
         w, pb, nw = 0, 16, 0
         rk = rv = jnp.zeros((1, 1, 16, d), q.dtype)
+        rks = rvs = jnp.ones((1, 1, 16), jnp.float32)
     mrows = _next_pow2(m_in)
     if mrows != m_in:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
@@ -519,8 +547,9 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
     ret_head = lambda i: jnp.minimum(i, hr - 1)
     kernel = functools.partial(_sparse_kernel, page=page, ppb=ppb, pps=pps, h_ret=h_ret, nw=nw, pb=pb, width=w,
                                ring_split=pl.cdiv(nw, splits) if nw else 0, qk_scale=scale * _LOG2E,
-                               split=splits > 1, pieces=_d_pieces(d))
+                               split=splits > 1, pieces=_d_pieces(d), fp8=fp8)
     whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+    ring_head = lambda i: jnp.clip(i - h_ret, 0, g_ring * sr - 1) // g_ring
     in_specs = [
         whole(cnt.shape),  # counts
         whole((b,)),  # lengths
@@ -534,7 +563,12 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         pl.BlockSpec((None, rk.shape[1], pb, d),
                      lambda i, j, t: (jnp.clip(i - h_ret, 0, g_ring * sr - 1) // g_ring, 0, 0, 0)),  # ring v
     ]
-    return _launch(kernel, f"lserve_sparse_decode_ppb{ppb}_pps{pps}", in_specs,
-                   (cnt, lengths, ids, lg, q, k_pages, v_pages, rk, rv), h=hp, b=b, splits=splits, mrows=mrows,
+    args = [cnt, lengths, ids, lg, q, k_pages, v_pages, rk, rv]
+    if fp8:  # the per-token scales, blocked as the pools they scale
+        in_specs += [pl.BlockSpec((None, p, page), lambda i, j, t: (ret_head(i) // g_ret, 0, 0))] * 2
+        in_specs += [pl.BlockSpec((None, rks.shape[1], pb), lambda i, j, t: (ring_head(i), 0, 0))] * 2
+        args += [ks, vs, rks, rvs]
+    return _launch(kernel, f"lserve_sparse_decode{'_fp8' if fp8 else ''}_ppb{ppb}_pps{pps}", in_specs,
+                   tuple(args), h=hp, b=b, splits=splits, mrows=mrows,
                    m_in=m_in, d=d, dtype=q.dtype, num_warps=num_warps, num_stages=num_stages,
                    interpret=interpret)
