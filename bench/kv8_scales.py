@@ -11,6 +11,7 @@ Attention reads back exactly what a layout stores: K (after RoPE) and V go throu
                   (the mean over the whole window: not causal, a bound),
   token-centred-page0  the same with the mean of the sequence's first page only (causal: what a
                   cache can store per sequence after its first 64 tokens),
+  token, first 4 tokens exact  per token, the attention sinks (first 4 tokens) unquantised,
 and the perplexity ratio over the unquantised model is reported per combination.
 
     python bench/kv8_scales.py [--checkpoint DIR] [--length 2048] [--windows 2] [--out DIR]
@@ -77,12 +78,19 @@ def token_centred_page0(x):
     return token(x - mu) + mu
 
 
+def token_sink4(x):
+    """Per token, the sequence's first 4 tokens (the attention sinks) kept exact: what a cache
+    that stores the sink in the compute dtype would read."""
+    return token(x).at[:, :4].set(x[:, :4])
+
+
 # (K layout, V layout)
 VARIANTS = {"none": (none, none), "cast": (cast, cast), "token": (token, token),
             "K token, V none": (token, none), "K none, V token": (none, token),
             "page-channel": (page_channel, page_channel), "K channel, V token": (channel, token),
             "K token-centred, V token": (token_centred, token),
-            "K token-centred-page0, V token": (token_centred_page0, token)}
+            "K token-centred-page0, V token": (token_centred_page0, token),
+            "token, first 4 tokens exact": (token_sink4, token_sink4)}
 
 
 def main(argv=None):

@@ -399,6 +399,43 @@ def fp8_gemm() -> list[str]:
     return lines
 
 
+def serving() -> list[str]:
+    """The serving benchmark (bench/serve.py), every run file, in-process and through HTTP."""
+    lines = []
+    files = [f for f in _load("serve-*.json") if not f[0].startswith("serve-long")]
+    for name, d in files:
+        lines += [f"## Serving: {d['shape']} shape, {d['env']['device']} ({'HTTP' if d.get('http') else 'in process'})", ""]
+        pages = ", ".join(f"{k} {v}" for k, v in d.get("num_pages", {}).items())
+        lines += _table(f"`python bench/serve.py{' --http' if d.get('http') else ''}` (`{name}`): random weights, "
+                        f"prompt lengths x{d['scale']}, {d.get('pool_bytes', 0) / (1 << 30):.2f} GiB of KV pages per "
+                        f"engine ({pages} pages), {d['max_slots']} slots; greedy, EOS ignored.",
+                        ["engine", "workload", "rate", "prefix cache", "requests", "out tok/s", "total tok/s",
+                         "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms", "peak running", "hit tokens"],
+                        [[r["engine"], r["workload"], r["rate"] or "offline", r["prefix_cache"], r["requests"],
+                          f"{r['output_tok_s']:.2f}", f"{r['total_tok_s']:.1f}", f"{r['ttft_p50_s']:.2f}",
+                          f"{r['ttft_p99_s']:.2f}", _ms(r["tpot_p50_s"]), _ms(r["tpot_p99_s"]), r["peak_running"],
+                          r["prefix_hit_tokens"]] for r in d["runs"]])
+        if d.get("summary"):
+            lines += ["Summary: " + ", ".join(f"`{k}` {_fmt(v)}" for k, v in d["summary"].items()), ""]
+    pairs = {}
+    for name, d in files:
+        pairs.setdefault((d["shape"], d["scale"], d["env"]["device"], d["env"]["date"][:10]), {})[bool(d.get("http"))] = d
+    for (shape, scale, device, _), both in sorted(pairs.items()):
+        if len(both) != 2:
+            continue
+        rows = []
+        for ra in both[False]["runs"]:
+            rh = next((r for r in both[True]["runs"] if all(r[k] == ra[k] for k in ("engine", "workload", "rate",
+                                                                                      "prefix_cache"))), None)
+            if rh:
+                rows.append([ra["engine"], ra["workload"], ra["rate"] or "offline", f"{ra['total_tok_s']:.1f}",
+                             f"{rh['total_tok_s']:.1f}", f"{rh['total_tok_s'] / ra['total_tok_s']:.3f}"])
+        lines += _table(f"HTTP overhead ({shape} shape x{scale}, {device}): total tokens/s through the "
+                        "OpenAI-compatible server (streaming calls, the client's clock) over in process.",
+                        ["engine", "workload", "rate", "in process", "HTTP", "HTTP / in process"], rows)
+    return lines
+
+
 def prefill_summary() -> dict:
     """The issue's prefill summary, from the latest attention run and every whole-model run."""
     summary, sources = {}, []
@@ -438,7 +475,7 @@ def main() -> None:
              "a section names another card (an H100 was lent when the H200 was not).", ""]
     for section in (whole_model_prefill, attention_prefill, whole_model_decode, decode_profile, attention_decode,
                     offset_prefill, accuracy, second_model, calibration_sweep, fp8_weights_accuracy, kv8_scales,
-                    peer_hf, long_context, long_prompt, fp8_gemm):
+                    peer_hf, long_context, long_prompt, fp8_gemm, serving):
         parts += section()
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(parts))
