@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The kernels' GPU check in one call (H200, well under 8 minutes):
-#   1. `pytest -m gpu` over the kernel test files and the end-to-end tiny models
+#   1. `pytest -m gpu` over the kernel test files (FP8 pages too) and the end-to-end tiny models
 #      (log: $OUT/pytest-gpu.log);
 #   2. a short timing of the prefill kernel, plain vs offset (chunked) form: llama3-8b heads
 #      (Hq 32, Hkv 8, D 128, bf16), a 4096-token chunk at offset 0 (plain and offset form) and at
@@ -25,7 +25,7 @@ echo "== pytest -m gpu ($(date -u +%FT%TZ))"
 XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=bench FAILURES_FILE="$OUT/pytest-gpu-failures.txt" \
   timeout ${PYTEST_LIMIT:-360} "$PY" -m pytest -p pytest_failures -m gpu -n ${WORKERS:-8} \
   tests/test_append_kernel.py tests/test_decode_kernel.py tests/test_ops_registry.py \
-  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py -q -rfE -p no:cacheprovider \
+  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py tests/test_kv8.py -q -rfE -p no:cacheprovider \
   --tb=short --durations=15 2>&1 | tee "$OUT/pytest-gpu.log"
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" = 124 ] && echo "pytest stopped by its 360 s limit" | tee -a "$OUT/pytest-gpu.log"
