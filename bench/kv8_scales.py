@@ -12,6 +12,10 @@ Attention reads back exactly what a layout stores: K (after RoPE) and V go throu
   token-centred-page0  the same with the mean of the sequence's first page only (causal: what a
                   cache can store per sequence after its first 64 tokens),
   token, first 4 tokens exact  per token, the attention sinks (first 4 tokens) unquantised,
+  K token-centred-calibrated  keys minus a per-layer, per-head channel mean taken once from 1024
+                  tokens of calibration text (a model constant: causal, prefix sharing unchanged),
+  K smooth-sqrt / smooth-amax  SmoothAttention-style: key channels divided by a calibrated
+                  amax**0.5 / amax before the per-token scale (q would take the factor back),
 and the perplexity ratio over the unquantised model is reported per combination.
 
     python bench/kv8_scales.py [--checkpoint DIR] [--length 2048] [--windows 2] [--out DIR]
@@ -84,6 +88,36 @@ def token_sink4(x):
     return token(x).at[:, :4].set(x[:, :4])
 
 
+def per_layer(fn):
+    """Marks a layout that takes the layer index too: fn(x, layer)."""
+    fn.per_layer = True
+    return fn
+
+
+def calibrated(stats):
+    """Layouts from per-layer key statistics of a calibration window (model constants, the same
+    for every sequence: prefix sharing stays exact). stats[layer] = (mean [H, D] over tokens 4..,
+    amax [H, D])."""
+    @per_layer
+    def centred(x, i):  # keys minus a calibrated per-head channel mean (softmax-invariant)
+        mu = stats[i][0]
+        return token(x - mu) + mu
+
+    def smooth(power):
+        @per_layer
+        def f(x, i):  # SmoothAttention-style: channels divided by amax**power before the per-token scale
+            lam = jnp.maximum(stats[i][1], 1e-6) ** power
+            return token(x / lam) * lam
+        return f
+
+    return {"K token-centred-calibrated, V token": (centred, token),
+            "K smooth-sqrt, V token": (smooth(0.5), token),
+            "K smooth-amax, V token": (smooth(1.0), token)}
+
+
+CALIBRATED = ("K token-centred-calibrated, V token", "K smooth-sqrt, V token", "K smooth-amax, V token")
+CALIB_TOKENS = 1024
+
 # (K layout, V layout)
 VARIANTS = {"none": (none, none), "cast": (cast, cast), "token": (token, token),
             "K token, V none": (token, none), "K none, V token": (none, token),
@@ -116,21 +150,41 @@ def main(argv=None):
     positions = jnp.arange(args.length)[None]
 
     def nll_fn(fk, fv):
+        call = lambda f, x, i: f(x, i) if getattr(f, "per_layer", False) else f(x)
+
         @jax.jit
         def nll(params, t):
             x = params.embed[t]
-            for lp in params.layers:
-                x, _ = decoder_layer(lp, x, positions, cfg, lambda q, k, v: (causal_attention(q, fk(k), fv(v)), None))
+            for i, lp in enumerate(params.layers):
+                x, _ = decoder_layer(lp, x, positions, cfg,
+                                     lambda q, k, v, i=i: (causal_attention(q, call(fk, k, i), call(fv, v, i)), None))
             return next_token_nll(params, final_norm(params, x, cfg), t)
         return nll
 
-    chosen = list(VARIANTS) if not args.variants else ["none"] + [v.strip() for v in args.variants.split(";") if v.strip() not in ("", "none")]
-    unknown = set(chosen) - set(VARIANTS)
+    variants = dict(VARIANTS)
+    chosen = list(VARIANTS) + list(CALIBRATED) if not args.variants else \
+        ["none"] + [v.strip() for v in args.variants.split(";") if v.strip() not in ("", "none")]
+    if set(chosen) & set(CALIBRATED):
+        # key statistics per layer from the text after the evaluation windows
+        calib = np.asarray(ids[args.windows * args.length:][:CALIB_TOKENS], np.int32)[None]
+        if calib.shape[1] < CALIB_TOKENS:
+            ap.error(f"the corpus has no {CALIB_TOKENS} tokens left after the windows for calibration")
+        stats = []
+
+        def collect(q, k, v):
+            stats.append((jnp.mean(k[0, 4:], 0), jnp.max(jnp.abs(k[0]), 0)))
+            return causal_attention(q, k, v), None
+
+        x = params.embed[jnp.asarray(calib)]
+        for lp in params.layers:
+            x, _ = decoder_layer(lp, x, jnp.arange(calib.shape[1])[None], cfg, collect)
+        variants.update(calibrated(stats))
+    unknown = set(chosen) - set(variants)
     if unknown:
-        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS) + list(CALIBRATED)}")
     rows, base = [], None
     for name in chosen:
-        fk, fv = VARIANTS[name]
+        fk, fv = variants[name]
         t0, fn = time.perf_counter(), nll_fn(fk, fv)
         nll = np.concatenate([np.asarray(fn(params, jnp.asarray(toks[i:i + 1]))) for i in range(args.windows)])
         ppl = float(np.exp(nll.mean()))
