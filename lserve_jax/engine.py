@@ -44,7 +44,7 @@ from .kv8 import KV_DTYPES, is_fp8
 from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
-from .scheduler import Chunk, Request, RequestTooLarge, Scheduler  # noqa: F401  (RequestTooLarge: importable from here)
+from .scheduler import Chunk, Request, RequestTooLarge, Scheduler, stream_window_pages  # noqa: F401  (RequestTooLarge: importable from here)
 from .sharding import replicate, shard_cache, shard_params
 
 
@@ -183,10 +183,8 @@ class Engine:
             if self._window is None or (prefill_chunk is None and not prefix_cache):
                 num_stream_pages = 1
             else:
-                per = sum(self._window) + -(-(prefill_chunk or self.max_pages_per_seq * sparse.page_size)
-                                            // sparse.page_size)
-                # (a window longer than the sequences: no more pages than a sequence has)
-                num_stream_pages = 4 * min(per, self.max_pages_per_seq) + 1
+                cap = self.max_pages_per_seq * sparse.page_size
+                num_stream_pages = 4 * stream_window_pages(self._window, prefill_chunk or cap, sparse.page_size, cap) + 1
         self.num_stream_pages = int(num_stream_pages)
         self.max_slots = max_slots
         self.cache_dtype = cache_dtype or jax.tree.leaves(params)[0].dtype
@@ -294,6 +292,8 @@ class Engine:
                 raise ValueError(f"prompt_lengths must be positive lengths, got {prompt_lengths!r}")
             short = [n for n in lengths if n <= whole]
             long_ = [n for n in lengths if n > whole]
+        if long_:
+            short = short + [whole]  # a long prompt's first chunk: a whole chunk from position 0
         buckets = sorted({length_bucket(n, page, whole) for n in short if n <= max(whole, page)})
         self._sync_table()  # no request: every row maps the scratch page only
 
@@ -309,7 +309,6 @@ class Engine:
                 if b * t <= max(self.scheduler.batch_tokens, t):  # the batches `next_prefill` makes
                     run(b, t)
         if self.prefill_chunk is not None and long_:
-            run(1, self.prefill_chunk)  # a long prompt's first chunk
             # later chunks start at any page (after a prefix-cache hit), up to the longest prompt
             for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, max(long_), page)}):
                 run(1, self.prefill_chunk, n)

@@ -97,6 +97,12 @@ class Chunk:
         return self.start + self.count >= self.request.prefill_len
 
 
+def stream_window_pages(window: tuple[int, int], chunk_tokens: int, page_size: int, max_tokens: int) -> int:
+    """Streaming-pool pages one chunked prefill holds: the sink and window pages and the chunk's
+    own, no more than a whole sequence has (a window longer than max_tokens never fills)."""
+    return min(window[0] + window[1] + -(-chunk_tokens // page_size), -(-max_tokens // page_size))
+
+
 class Scheduler:
     """Decode slots and page ownership for continuous batching (see the module docstring)."""
 
@@ -121,8 +127,7 @@ class Scheduler:
         self.allocator = PageAllocator(num_pages)
         self.stream = PageAllocator(max(num_stream_pages, 1))
         if window is not None and chunk is not None:
-            # (no more than a whole sequence: a window longer than max_tokens never fills)
-            need = min(window[0] + window[1] + chunk // page_size, -(-max_tokens // page_size))
+            need = stream_window_pages(window, chunk, page_size, max_tokens)
             if self.stream.num_pages - 1 < need:
                 raise ValueError(f"the streaming pool has {self.stream.num_pages - 1} pages, a chunked prefill needs "
                                  f"{need} (sink, window and one chunk); raise num_stream_pages")
