@@ -270,6 +270,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out, args.tag)
+    if args.long is not None and args.long < 1:
+        p.error(f"--long takes a positive number of prompt tokens, got {args.long}")
+    if args.pool_gib is not None and not args.pool_gib > 0:
+        p.error(f"--pool-gib must be positive, got {args.pool_gib}")
 
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)

@@ -101,4 +101,8 @@ def test_a_pool_too_small_for_the_longest_request_is_a_clear_error(tmp_path, mon
     with pytest.raises(SystemExit, match="raise --pool-gib"):
         serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "doc",
                     "--pool-gib", "0.00001", "--out", str(tmp_path), "--compile-cache", ""])
+    for bad in (["--long", "-5"], ["--pool-gib", "0"]):  # usage errors (argparse exits 2), before any work
+        with pytest.raises(SystemExit) as e:
+            serve.main(["--shape", "tiny", *bad, "--out", str(tmp_path)])
+        assert e.value.code == 2
     sys.modules.pop("serve", None)
