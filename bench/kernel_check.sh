@@ -8,6 +8,8 @@
 #      (sink 128, local 8192); a table on stdout and $OUT/prefill_offset.json.
 #
 #   OUT=/some/dir bench/kernel_check.sh        # OUT defaults to bench/results/kernel_check
+#   KC_TESTS=tests/test_kv8.py KC_SELECT="f32" WORKERS=4 PYTEST_LIMIT=200 bench/kernel_check.sh
+#                                              # a subset: these files, tests matching -k KC_SELECT
 #
 # Exit status: pytest's if it failed, else the timing's.
 set -uo pipefail
@@ -22,13 +24,20 @@ echo "== pytest -m gpu ($(date -u +%FT%TZ))"
 # for 76 of the 169 tests on one worker)
 # (each failure's reason goes to $OUT/pytest-gpu-failures.txt at once: a run cut by its limit
 # prints no summary)
-XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=bench FAILURES_FILE="$OUT/pytest-gpu-failures.txt" \
-  timeout ${PYTEST_LIMIT:-360} "$PY" -m pytest -p pytest_failures -m gpu -n ${WORKERS:-8} \
-  tests/test_append_kernel.py tests/test_decode_kernel.py tests/test_ops_registry.py \
-  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py tests/test_kv8.py -q -rfE -p no:cacheprovider \
+# (each worker may take its share of the GPU's memory and no more: an inherited
+# XLA_PYTHON_CLIENT_MEM_FRACTION of 0.95 let 8 workers run each other out of memory, 42 failures
+# that were all allocation errors)
+WORKERS=${WORKERS:-8}
+FRACTION=$(python3 -c "print(round(0.9 / $WORKERS, 3))")
+TESTS=${KC_TESTS:-tests/test_append_kernel.py tests/test_decode_kernel.py tests/test_ops_registry.py \
+  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py tests/test_kv8.py}
+XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION PYTHONPATH=bench \
+  FAILURES_FILE="$OUT/pytest-gpu-failures.txt" \
+  timeout ${PYTEST_LIMIT:-360} "$PY" -m pytest -p pytest_failures -m gpu -n $WORKERS \
+  $TESTS ${KC_SELECT:+-k "$KC_SELECT"} -q -rfE -p no:cacheprovider \
   --tb=short --durations=15 2>&1 | tee "$OUT/pytest-gpu.log"
 test_rc=${PIPESTATUS[0]}
-[ "$test_rc" = 124 ] && echo "pytest stopped by its 360 s limit" | tee -a "$OUT/pytest-gpu.log"
+[ "$test_rc" = 124 ] && echo "pytest stopped by its ${PYTEST_LIMIT:-360} s limit" | tee -a "$OUT/pytest-gpu.log"
 
 echo "== prefill kernel: plain vs offset form ($(date -u +%FT%TZ))"
 timeout 100 "$PY" - "$OUT/prefill_offset.json" <<'EOF'
