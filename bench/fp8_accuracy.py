@@ -1,13 +1,22 @@
-"""Perplexity with FP8 linear weights (W8A8, W8A16) against the checkpoint's weights, dense and
-sparse, on real weights (issue #18's accuracy rows).
+"""Perplexity with FP8 linear weights (W8A8, W8A16) and 8-bit KV pages (e4m3 or int8, per-token
+scales: KV8, and W8A8+KV8) against the unquantised model, dense and sparse, on real weights
+(issue #18's accuracy rows).
 
 The text and the sparse model are bench/accuracy.py's: the first half of the shipped public-domain
 text in full windows, the calibrated head pattern at 50% streaming heads with the prefill window
 scaled to the model (sink 64, local 256; every position past it sees less than dense). The
-weights are quantised as `lserve_jax.load(weights=...)` does (`lserve_jax.quant`); compute in
-float32, so the ratio isolates the quantisation.
+weights are quantised as `lserve_jax.load(weights=...)` does (`lserve_jax.quant`); K (after
+RoPE) and V go through `lserve_jax.kv8`'s quantiser and back at every position, as decode reads
+them from the cache (`calibrate.gated_layer`); compute in float32, so the ratio isolates the
+quantisation.
 
     python bench/fp8_accuracy.py [--checkpoint DIR] [--pattern TSV] [--length 4096] [--windows 2]
+                                 [--kv fp8_e4m3,int8]
+
+Summary: ppl_ratio_<weights>_over_<dtype> (dense), ppl_ratio_kv8_<kv>_over_<dtype> and
+ppl_ratio_w8a8kv8_<kv>_over_<dtype> (dense and sparse), and the issue's ppl_ratio_kv8_over_bf16 /
+ppl_ratio_w8a8kv8_over_bf16 for int8 KV (the engine's accurate 8-bit choice), the worse of dense
+and sparse; the reference is the checkpoint's weights with an unquantised cache.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.evals import eval_ids  # noqa: E402
 from lserve_jax.evals.ppl import perplexity  # noqa: E402
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
+from lserve_jax.kv8 import KV_DTYPES, is_quantized  # noqa: E402
 from lserve_jax.quant import MODES, quantize_params  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -39,8 +49,13 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--kv", default="fp8_e4m3,int8", help="8-bit KV dtypes to evaluate ('' for none)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    kvs = [k for k in args.kv.split(",") if k]
+    bad = [k for k in kvs if not is_quantized(KV_DTYPES.get(k))]
+    if bad:
+        ap.error(f"--kv takes 8-bit KV dtypes (fp8_e4m3, int8), got {bad}")
     from lserve_jax.api import DEFAULT_PATTERN, default_checkpoint
 
     is_default = args.checkpoint is None
@@ -57,26 +72,44 @@ def main(argv=None):
     sink, local = WINDOWS["prefill"]
     gates = binarize(alpha, args.sparsity).astype(np.float32)
     rows = []
-    for weights in (None, *MODES):
-        params = base if weights is None else quantize_params(base, weights)
+    configs = [(w, None) for w in (None, *MODES)] + [(w, kv) for w in (None, "fp8") for kv in kvs]
+    quantized = {None: base}
+    for weights, kv in configs:
+        if weights not in quantized:
+            quantized[weights] = quantize_params(base, weights)
         for layout, g in (("dense", None), (f"sparse-s{args.sparsity:g}", gates)):
             t0 = time.perf_counter()
-            r = perplexity(params, cfg, ids, args.length, args.windows, g, sink, local)
-            rows.append(dict(weights=weights or ckpt.dtype, layout=layout, ppl=r["ppl"], window_ppl=r["window_ppl"]))
-            log(f"{weights or ckpt.dtype:16s} {layout:12s} ppl {r['ppl']:.4f} ({time.perf_counter() - t0:.0f} s)")
-    ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype}
+            r = perplexity(quantized[weights], cfg, ids, args.length, args.windows, g, sink, local,
+                           kv_dtype=KV_DTYPES[kv] if kv else None)
+            rows.append(dict(weights=weights or ckpt.dtype, kv=kv or ckpt.dtype, layout=layout, ppl=r["ppl"],
+                             window_ppl=r["window_ppl"]))
+            log(f"{weights or ckpt.dtype:16s} kv {kv or ckpt.dtype:9s} {layout:12s} ppl {r['ppl']:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+    ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype and r["kv"] == ckpt.dtype}
     for r in rows:
         r["ratio"] = r["ppl"] / ref[r["layout"]]
     name = os.path.basename(str(ckpt.path)).replace("-lserve", "")
-    summary = {f"ppl_ratio_{w.replace('-', '_')}_over_{ckpt.dtype}": next(
-        r["ratio"] for r in rows if r["weights"] == w and r["layout"] == "dense") for w in MODES}
+
+    def ratio(weights, kv, layout="dense"):
+        return next(r["ratio"] for r in rows if r["weights"] == weights and r["kv"] == kv and r["layout"] == layout)
+
+    layouts = ("dense", f"sparse-s{args.sparsity:g}")
+    summary = {f"ppl_ratio_{w.replace('-', '_')}_over_{ckpt.dtype}": ratio(w, ckpt.dtype) for w in MODES}
+    for kv in kvs:
+        for lay in layouts:
+            tag = "" if lay == "dense" else "_sparse"
+            summary[f"ppl_ratio_kv8_{kv}{tag}_over_{ckpt.dtype}"] = ratio(ckpt.dtype, kv, lay)
+            summary[f"ppl_ratio_w8a8kv8_{kv}{tag}_over_{ckpt.dtype}"] = ratio("fp8", kv, lay)
+    if "int8" in kvs:
+        summary["ppl_ratio_kv8_over_bf16"] = max(ratio(ckpt.dtype, "int8", lay) for lay in layouts)
+        summary["ppl_ratio_w8a8kv8_over_bf16"] = max(ratio("fp8", "int8", lay) for lay in layouts)
     res = dict(env=environment(), checkpoint=name, length=args.length, windows=args.windows,
                sparse_window=dict(sink=sink, local=local), rows=rows, summary=summary)
     path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}.json")
     write_json(path, res)
-    print(f"| weights | layout | ppl@{args.length} | ratio |\n|---|---|---|---|")
+    print(f"| weights | KV | layout | ppl@{args.length} | ratio |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
+        print(f"| {r['weights']} | {r['kv']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
     print("wrote", path)
 
 

@@ -14,6 +14,7 @@ Attention reads back exactly what a layout stores: K (after RoPE) and V go throu
   token, first 4 tokens exact  per token, the attention sinks (first 4 tokens) unquantised,
   K token-centred-calibrated  keys minus a per-layer, per-head channel mean taken once from 1024
                   tokens of calibration text (a model constant: causal, prefix sharing unchanged),
+  int8 token      INT8 instead of e4m3, one scale per token and head (amax / 127),
   K smooth-sqrt / smooth-amax  SmoothAttention-style: key channels divided by a calibrated
                   amax**0.5 / amax before the per-token scale (q would take the factor back),
 and the perplexity ratio over the unquantised model is reported per combination.
@@ -48,6 +49,13 @@ F8, F8_MAX, PAGE = jnp.float8_e4m3fn, 448.0, 64
 def _q(x, amax):
     s = jnp.maximum(amax, 1e-12) / F8_MAX
     return (x / s).astype(F8).astype(x.dtype) * s
+
+
+def int8_token(x):
+    """INT8 with one scale per token and head (amax / 127, round to nearest): LServe's own KV8
+    (QServe stores 8-bit integer KV with per-head scales and zero points)."""
+    s = jnp.maximum(jnp.max(jnp.abs(x), -1, keepdims=True), 1e-12) / 127.0
+    return jnp.clip(jnp.round(x / s), -127, 127) * s
 
 
 def none(x):
@@ -103,6 +111,11 @@ def calibrated(stats):
         mu = stats[i][0]
         return token(x - mu) + mu
 
+    @per_layer
+    def centred_int8(x, i):
+        mu = stats[i][0]
+        return int8_token(x - mu) + mu
+
     def smooth(power):
         @per_layer
         def f(x, i):  # SmoothAttention-style: channels divided by amax**power before the per-token scale
@@ -112,10 +125,12 @@ def calibrated(stats):
 
     return {"K token-centred-calibrated, V token": (centred, token),
             "K smooth-sqrt, V token": (smooth(0.5), token),
-            "K smooth-amax, V token": (smooth(1.0), token)}
+            "K smooth-amax, V token": (smooth(1.0), token),
+            "int8 K token-centred-calibrated, V token": (centred_int8, int8_token)}
 
 
-CALIBRATED = ("K token-centred-calibrated, V token", "K smooth-sqrt, V token", "K smooth-amax, V token")
+CALIBRATED = ("K token-centred-calibrated, V token", "K smooth-sqrt, V token", "K smooth-amax, V token",
+              "int8 K token-centred-calibrated, V token")
 CALIB_TOKENS = 1024
 
 # (K layout, V layout)
@@ -124,7 +139,8 @@ VARIANTS = {"none": (none, none), "cast": (cast, cast), "token": (token, token),
             "page-channel": (page_channel, page_channel), "K channel, V token": (channel, token),
             "K token-centred, V token": (token_centred, token),
             "K token-centred-page0, V token": (token_centred_page0, token),
-            "token, first 4 tokens exact": (token_sink4, token_sink4)}
+            "token, first 4 tokens exact": (token_sink4, token_sink4),
+            "int8 token": (int8_token, int8_token)}
 
 
 def main(argv=None):

@@ -290,14 +290,22 @@ def fp8_weights_accuracy() -> list[str]:
         runs[d["checkpoint"]] = (name, d)
     if not runs:
         return []
-    lines = ["## FP8 weights: perplexity (real weights, CPU)", "",
+    lines = ["## FP8 weights and 8-bit KV: perplexity (real weights, CPU)", "",
              "`python bench/fp8_accuracy.py`: W8A8 (`--weights fp8`) and W8A16 (`--weights fp8-weight-only`) "
-             "against the checkpoint's weights, compute in float32; sparse = the calibrated pattern at 50% "
-             "streaming heads with the prefill window scaled to the model (as bench/accuracy.py).", ""]
+             "weights, KV read back from 8-bit pages (`--kv-dtype fp8_e4m3` / `int8`, per-token scales, every "
+             "position as decode reads the cache) against the unquantised model, compute in float32; sparse = "
+             "the calibrated pattern at 50% streaming heads with the prefill window scaled to the model "
+             "(as bench/accuracy.py).", ""]
     for model, (name, d) in sorted(runs.items()):
         lines += _table(f"{model}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):",
-                        ["weights", "layout", "ppl", "ratio"],
-                        [[r["weights"], r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"] for r in d["rows"]])
+                        ["weights", "KV", "layout", "ppl", "ratio"],
+                        [[r["weights"], r.get("kv", "-"), r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"]
+                         for r in d["rows"]])
+        keys = {k: v for k, v in d.get("summary", {}).items() if k in ("ppl_ratio_kv8_over_bf16",
+                                                                        "ppl_ratio_w8a8kv8_over_bf16")}
+        if keys:
+            lines += ["Summary (int8 KV, the worse of dense and sparse): "
+                      + ", ".join(f"`{k}` {v:.4f}" for k, v in keys.items()), ""]
     return lines
 
 

@@ -42,7 +42,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     weights: "fp8" (W8A8: FP8 weights and per-token FP8 activations) or "fp8-weight-only"
     (W8A16) quantises the layers' linear weights on load (`lserve_jax.quant`); None keeps the
     checkpoint's (a checkpoint converted with --quantize fp8 is FP8 already). kv_dtype: how the
-    cache stores K and V ("auto": the compute dtype; "fp8_e4m3": `lserve_jax.kv8`).
+    cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
+    per-token scales, `lserve_jax.kv8`).
     Compiled programs are kept on disk between runs (`enable_compilation_cache`).
     """
     if isinstance(tp, bool) or not isinstance(tp, Integral) or tp < 1:

@@ -34,7 +34,7 @@ from .arrays import Arrays
 from .config import ModelConfig, SparseConfig
 from .decl import ArrayDecl
 from .heads import HeadLayout
-from .kv8 import SCALES, is_fp8, load, store, unviews, views
+from .kv8 import SCALES, is_quantized, load, store, unviews, views
 
 NULL_PAGE = 0  # scratch page: never handed out, absorbs writes of padding rows
 
@@ -54,8 +54,8 @@ LAYER_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "sel_pages": (("batch", "sel_heads", "sel"), jnp.int32),  # [B, Hsel, K] logical page ids chosen
     "sel_count": (("batch", "sel_heads"), jnp.int32),  # [B, Hsel]
 }
-# With FP8 KV (`init_cache(kv_dtype=FP8)`, `lserve_jax.kv8`) each K/V array above is e4m3 and
-# has one float32 scale per token and head in these fields (absent otherwise).
+# With 8-bit KV (`init_cache(kv_dtype=FP8 or jnp.int8)`, `lserve_jax.kv8`) each K/V array above
+# is e4m3 or int8 and has one float32 scale per token and head in these fields (absent otherwise).
 SCALE_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "k_scale": (("retrieval", "pages", "page"), jnp.float32),  # [R, P, page]
     "v_scale": (("retrieval", "pages", "page"), jnp.float32),
@@ -64,7 +64,7 @@ SCALE_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
     "sk_scale": (("streaming", "spages", "page"), jnp.float32),  # [S, Ps, page]
     "sv_scale": (("streaming", "spages", "page"), jnp.float32),
 }
-KV_FIELDS = tuple(SCALES)  # the K/V arrays stored in the KV dtype (FP8 or the compute dtype)
+KV_FIELDS = tuple(SCALES)  # the K/V arrays stored in the KV dtype (8-bit or the compute dtype)
 _ALL_LAYER_FIELDS = {**LAYER_FIELDS, **SCALE_FIELDS}
 # The fields shared by all layers (the KVCache dataclass below holds them).
 SHARED_FIELDS: dict[str, tuple[tuple[str, ...], object]] = {
@@ -125,9 +125,9 @@ def _decls(fields, sizes) -> dict[str, ArrayDecl]:
     return {n: ArrayDecl(axes, tuple(sizes[a] for a in axes), dtype, init="zeros") for n, (axes, dtype) in fields.items()}
 
 
-def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, *, fp8: bool = False, **sizes) -> dict[str, ArrayDecl]:
-    """One layer's arrays (keyword arguments: those of `cache_sizes`); fp8: with the scale fields."""
-    return _decls(_ALL_LAYER_FIELDS if fp8 else LAYER_FIELDS, cache_sizes(cfg, sparse, **sizes))
+def layer_cache_decls(cfg: ModelConfig, sparse: SparseConfig, *, quantized: bool = False, **sizes) -> dict[str, ArrayDecl]:
+    """One layer's arrays (keyword arguments: those of `cache_sizes`); quantized: with the scale fields (8-bit KV)."""
+    return _decls(_ALL_LAYER_FIELDS if quantized else LAYER_FIELDS, cache_sizes(cfg, sparse, **sizes))
 
 
 def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, batch: int,
@@ -136,7 +136,7 @@ def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, ba
     """An empty cache; `num_pages` physical pages per layer pool (page 0 is the scratch page),
     `num_stream_pages` in the streaming heads' pool (its page 0 too: 1 = none besides it, enough
     for one-shot prefill). kv_dtype: the K/V arrays' dtype (default `dtype`, which the key
-    statistics keep); float8_e4m3fn adds the per-token scales (`lserve_jax.kv8`).
+    statistics keep); float8_e4m3fn or int8 adds the per-token scales (`lserve_jax.kv8`).
 
     fill(layer, name, decl, dtype), if given, makes each layer array instead of zeros (the
     benchmarks' random caches); the page table maps nothing (every entry the scratch page)."""
@@ -150,7 +150,7 @@ def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, ba
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     layers = []
     for i, r in enumerate(layout.num_retrieval):
-        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, fp8=is_fp8(kv_dtype), **sizes)
+        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, quantized=is_quantized(kv_dtype), **sizes)
         layers.append(Arrays({n: make(i, n, d, d.dtype or (kv_dtype if n in KV_FIELDS else dtype))
                               for n, d in decls.items()}))
     shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, **sizes))

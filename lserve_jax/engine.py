@@ -40,7 +40,7 @@ from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
-from .kv8 import KV_DTYPES, is_fp8
+from .kv8 import KV_DTYPES, is_quantized
 from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
@@ -142,8 +142,9 @@ class Engine:
         prefix_cache: reuse the pages of prompts prefilled before (same leading tokens). num_stream_pages:
         the streaming heads' prefill pool (default: four chunked prefills' windows). kv_dtype: how
         K and V are stored: "auto" (the cache dtype), "bfloat16", "float16", "float32" or
-        "fp8_e4m3" (e4m3 with a scale per token and head, `lserve_jax.kv8`: half the bytes of
-        bf16; the GPU's fused decode kernel reads it, appends and CPU decode run the references)."""
+        "fp8_e4m3" / "int8" (8-bit values with a scale per token and head, `lserve_jax.kv8`: half
+        the bytes of bf16; which loses less depends on the model; the GPU's fused decode kernel reads them,
+        appends and CPU decode run the references)."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -155,8 +156,8 @@ class Engine:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = KV_DTYPES[kv_dtype]
-        if tp > 1 and is_fp8(self.kv_dtype):
-            raise ValueError(f"FP8 KV pages run with tp=1 only, got tp={tp}")
+        if tp > 1 and is_quantized(self.kv_dtype):
+            raise ValueError(f"8-bit KV pages ({kv_dtype}) run with tp=1 only, got tp={tp}")
         if tp > 1 and weights_mode(params) is not None:
             raise ValueError(f"FP8 weights ({weights_mode(params)}) run with tp=1 only, got tp={tp}")
         self.params = shard_params(params, config, tp)

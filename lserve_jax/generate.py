@@ -64,10 +64,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", choices=("fp8", "fp8-weight-only"),
                    help="quantise the linear weights on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 "
                         "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16 (default: the checkpoint's weights)")
-    p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3"),
-                   help="how K and V are stored: 'auto' = the compute dtype; 'fp8_e4m3' = e4m3 with a scale per "
-                        "token and head (half of bf16's bytes; on a GPU the fused decode kernel reads it, appends and CPU "
-                        "decode run the jnp reference)")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "int8"),
+                   help="how K and V are stored: 'auto' = the compute dtype; 'int8' / 'fp8_e4m3' = 8-bit values with a "
+                        "scale per token and head (half of bf16's bytes; which loses less depends on the model: "
+                        "BENCHMARKS.md; on a GPU the fused decode kernel reads them, appends and CPU decode run the "
+                        "jnp reference)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     p.add_argument("--prefill-chunk", default="auto",
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "
@@ -136,8 +137,8 @@ def engine_settings(args) -> SparseConfig:
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
-    if args.kv_dtype == "fp8_e4m3" and args.tp > 1:
-        raise ValueError(f"--kv-dtype fp8_e4m3 runs with --tp 1 only, got --tp {args.tp}")
+    if args.kv_dtype in ("fp8_e4m3", "int8") and args.tp > 1:
+        raise ValueError(f"--kv-dtype {args.kv_dtype} runs with --tp 1 only, got --tp {args.tp}")
     if args.weights is not None and args.tp > 1:
         raise ValueError(f"--weights {args.weights} runs with --tp 1 only, got --tp {args.tp}")
     if args.max_seq_len is not None and args.max_seq_len < 1:

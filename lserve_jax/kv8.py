@@ -1,15 +1,20 @@
-"""FP8 KV pages: K and V stored as e4m3 with one float32 scale per token and head.
+"""8-bit KV pages: K and V stored as FP8 (e4m3) or INT8 with one float32 scale per token and head.
 
-    pages = KV8(values, scale)               # values e4m3 [..., D], scale float32 [...]
+    pages = KV8(values, scale)               # values e4m3 or int8 [..., D], scale float32 [...]
     pages = store(pages, (heads, ids, off), x)  # x [..., D] quantised on the way in
     k = load(pages[heads, ids], jnp.bfloat16)   # gathered, then dequantised
 
-Why per token and head (amax of the head's D channels / 448): every writer (a prefill chunk,
-the one-token append, the decode ring) quantises what it writes without reading or rewriting
-anything already stored, and on SmolLM2-135M at 2K tokens it lost least of the layouts a writer
-can keep (perplexity 1.0077x: scale 1 as vLLM's default, 1.018x; per page, head and channel,
-1.013x; per channel over the whole window, 1.019x; `bench/kv8_scales.py`, BENCHMARKS.md). The
-selector's page min/max stay in the compute dtype, taken from the unquantised keys.
+Why per token and head (amax of the head's D channels / 448 for e4m3, / 127 for int8): every
+writer (a prefill chunk, the one-token append, the decode ring) quantises what it writes without
+reading or rewriting anything already stored. Of the e4m3 layouts a writer can keep it lost least
+on SmolLM2-135M at 2K tokens (perplexity 1.0077x: scale 1 as vLLM's default, 1.018x; per page,
+head and channel, 1.013x; per channel over the whole window, 1.019x; `bench/kv8_scales.py`,
+BENCHMARKS.md). INT8 with the same scales (LServe's own KV8 is 8-bit integer) has uniform steps of
+amax / 127 where e4m3 keeps a 3-bit mantissa at every magnitude: on SmolLM2 at 2K it loses nothing
+(0.9998x), on Qwen2.5-Coder, whose keys carry a few channels of large offset that set every
+token's amax, it loses more than e4m3 (1.030x against 1.021x, 2 windows of 2K). Both dequantise
+exactly into bf16 in the kernels (int8's |values| <= 127 and e4m3 are bf16 numbers).
+The selector's page min/max stay in the compute dtype, taken from the unquantised keys.
 
 `KV8` indexes and reshapes its leading (token) axes like the array it stands for, so code that
 gathers pages (`x[heads, ids]`, `x.reshape(...)`) works on either; `store` and `load` are the
@@ -24,23 +29,40 @@ from flax import struct
 
 from .quant import FP8, quantize_rows
 
+INT8 = jnp.int8
+INT8_MAX = 127.0
 # --kv-dtype names -> storage dtype (None: the compute dtype)
-KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32, "fp8_e4m3": FP8}
+KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
+             "fp8_e4m3": FP8, "int8": INT8}
+QUANTIZED = (jnp.dtype(FP8), jnp.dtype(INT8))  # the storage dtypes that carry scales (KV8)
 
 
-def is_fp8(dtype) -> bool:
-    return dtype is not None and jnp.dtype(dtype) == jnp.dtype(FP8)
+def is_quantized(dtype) -> bool:
+    """Whether K/V stored in `dtype` are 8-bit values with per-token scales (`KV8`)."""
+    return dtype is not None and jnp.dtype(dtype) in QUANTIZED
 
 
-def quantize_tokens(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [..., D] -> (e4m3 [..., D], float32 [...]): each vector scaled by its own amax."""
+def quantize_tokens(x: jax.Array, dtype=FP8) -> tuple[jax.Array, jax.Array]:
+    """x [..., D] -> (dtype [..., D], float32 [...]): each vector scaled by its own amax (e4m3:
+    to 448, nearest e4m3 value; int8: to 127, rounded to the nearest integer)."""
+    if jnp.dtype(dtype) == jnp.dtype(INT8):
+        xf = jnp.asarray(x, jnp.float32)
+        scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / INT8_MAX
+        return jnp.clip(jnp.round(xf / scale[..., None]), -INT8_MAX, INT8_MAX).astype(INT8), scale
+    if jnp.dtype(dtype) != jnp.dtype(FP8):
+        raise ValueError(f"8-bit KV pages are float8_e4m3fn or int8, got {jnp.dtype(dtype)}")
     q, scale = quantize_rows(x)
     return q, scale[..., 0]
 
 
+def fake_quantize(x: jax.Array, dtype) -> jax.Array:
+    """x after a round trip through 8-bit pages of `dtype` (what attention reads back), in x's dtype."""
+    return KV8(*quantize_tokens(x, dtype)).dequantize(x.dtype)
+
+
 @struct.dataclass
 class KV8:
-    """A KV array in FP8: values [..., D] e4m3, scale [...] float32 (value ~= values * scale)."""
+    """A KV array in 8 bits: values [..., D] e4m3 or int8, scale [...] float32 (value ~= values * scale)."""
 
     values: jax.Array
     scale: jax.Array
@@ -74,7 +96,7 @@ class KV8:
 def store(dest, idx, x: jax.Array):
     """dest.at[idx].set(x) for an array (cast to its dtype) or a KV8 (x quantised per vector)."""
     if isinstance(dest, KV8):
-        q, s = quantize_tokens(x)
+        q, s = quantize_tokens(x, dest.values.dtype)
         return KV8(dest.values.at[idx].set(q), dest.scale.at[idx].set(s))
     return dest.at[idx].set(x.astype(dest.dtype))
 
@@ -84,13 +106,13 @@ def load(x, dtype) -> jax.Array:
     return x.dequantize(dtype) if isinstance(x, KV8) else x.astype(dtype)
 
 
-# cache field -> its scale field (present in a layer cache only when its KV is FP8)
+# cache field -> its scale field (present in a layer cache only when its KV is 8-bit)
 SCALES = {"k_pages": "k_scale", "v_pages": "v_scale", "ring_k": "ring_ks", "ring_v": "ring_vs",
           "sk_pages": "sk_scale", "sv_pages": "sv_scale"}
 
 
 def views(lc, *names: str):
-    """The named fields of a layer cache, as KV8 where the cache holds FP8 (else the arrays)."""
+    """The named fields of a layer cache, as KV8 where the cache holds 8-bit KV (else the arrays)."""
     return tuple(KV8(lc[n], lc[SCALES[n]]) if SCALES[n] in lc else lc[n] for n in names)
 
 

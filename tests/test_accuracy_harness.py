@@ -139,6 +139,27 @@ def test_perplexity_matches_dense_reference_and_sparse_differs(params):
     assert np.isfinite(sparse["ppl"]) and sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-6)
 
 
+def test_perplexity_with_8bit_kv_reads_quantised_keys_and_values(params):
+    """kv_dtype: attention reads K and V back from 8-bit pages; the same as the reference forward
+    with every layer's K (after RoPE) and V fake-quantised, close to (not equal to) unquantised."""
+    from lserve_jax.kv8 import FP8, INT8, fake_quantize
+    from lserve_jax.models.layer import causal_attention, decoder_layer, final_norm, lm_logits as head
+
+    text = ENCODE("the quick brown fox jumps over the lazy dog. " * 20)
+    dense = perplexity(params, CFG, text, 128, 1, None, 4, 16)
+    toks = jnp.asarray(np.asarray(text[:128], np.int32)[None])
+    for kv in (INT8, FP8):
+        got = perplexity(params, CFG, text, 128, 1, None, 4, 16, kv_dtype=kv)
+        x = params.embed[toks]
+        for lp in params.layers:
+            x, _ = decoder_layer(lp, x, jnp.arange(128)[None], CFG, lambda q, k, v: (
+                causal_attention(q, fake_quantize(k, kv), fake_quantize(v, kv)), None))
+        logp = jax.nn.log_softmax(head(params, final_norm(params, x, CFG))[:, :-1], axis=-1)
+        want = float(jnp.exp(-jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1).mean()))
+        assert got["ppl"] == pytest.approx(want, rel=1e-4)
+        assert got["ppl"] != dense["ppl"] and got["ppl"] == pytest.approx(dense["ppl"], rel=0.05)
+
+
 # --- grid smoke run ------------------------------------------------------------------------
 
 def test_grid_smoke_two_cells(params):

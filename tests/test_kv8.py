@@ -1,7 +1,8 @@
-"""FP8 KV pages (`lserve_jax.kv8`): the round trip stays within e4m3's error, a KV8 gathers like
-the array it stands for, every writer quantises what it writes and nothing else, the reference
-kernels on FP8 pages equal them on the same data dequantised, and a tiny model with KV8 stays
-within a stated tolerance of its float32-cache logits, chunked prefill and decode included."""
+"""8-bit KV pages (`lserve_jax.kv8`, FP8 e4m3 and INT8): the round trip stays within each format's
+error, a KV8 gathers like the array it stands for, every writer quantises what it writes and
+nothing else, the reference and Triton kernels on 8-bit pages equal the reference on the same data
+dequantised, and a tiny model with KV8 stays within a stated tolerance of its float32-cache
+logits, chunked prefill and decode included."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from lserve_jax import cache as kvc
 from lserve_jax.engine import Engine
 from lserve_jax.heads import HeadLayout
-from lserve_jax.kv8 import FP8, KV8, load, quantize_tokens, store, views
+from lserve_jax.kv8 import FP8, INT8, KV8, fake_quantize, load, quantize_tokens, store, views
 from lserve_jax.model import ModelSpec, decode_step, prefill, prefill_chunk
 from lserve_jax.ops import OpChoice, decode_attention
 from lserve_jax.ops.append import append_token
@@ -39,6 +40,20 @@ def test_token_quantisation_round_trip():
     back = np.asarray(KV8(q, s).dequantize())
     assert np.all(np.abs(back - x) <= np.abs(x) * REL + np.asarray(s)[..., None] * SUB + 1e-7)
     assert np.all(back[0, 0, 0] == 0)
+
+
+def test_int8_round_trip_is_within_half_a_step_of_each_token():
+    x = _rand((3, 5, 7, 32))
+    x[0, 0, 0] = 0.0
+    q, s = quantize_tokens(jnp.asarray(x), INT8)
+    assert q.dtype == INT8 and s.shape == x.shape[:-1]
+    assert np.abs(np.asarray(q, np.int32)).max() == 127  # every nonzero token's amax maps to 127
+    back = np.asarray(KV8(q, s).dequantize())
+    assert np.all(np.abs(back - x) <= np.asarray(s)[..., None] * 0.5 * (1 + 1e-5) + 1e-12)
+    assert np.all(back[0, 0, 0] == 0)
+    np.testing.assert_array_equal(np.asarray(fake_quantize(jnp.asarray(x), INT8)), back)
+    with pytest.raises(ValueError, match="e4m3fn or int8"):
+        quantize_tokens(jnp.asarray(x), jnp.int16)
 
 
 def test_kv8_indexes_and_reshapes_like_its_array():
@@ -67,11 +82,11 @@ def test_store_quantises_the_written_vectors_only():
     np.testing.assert_array_equal(np.asarray(load(plain, jnp.float32))[:, 1, 0], np.asarray(x[:, 0].astype(jnp.bfloat16), np.float32))
 
 
-def _decode_inputs(seed=4, b=2, r=2, s=1, g=2, page=8, n=4, w=12, d=16):
+def _decode_inputs(seed=4, b=2, r=2, s=1, g=2, page=8, n=4, w=12, d=16, kv=FP8):
     rng = np.random.default_rng(seed)
     p = b * n + 1
-    kp, vp = (KV8(*quantize_tokens(jnp.asarray(_rand((r, p, page, d), seed + i)))) for i in (0, 1))
-    rk, rv = (KV8(*quantize_tokens(jnp.asarray(_rand((s, b, w, d), seed + i)))) for i in (2, 3))
+    kp, vp = (KV8(*quantize_tokens(jnp.asarray(_rand((r, p, page, d), seed + i)), kv)) for i in (0, 1))
+    rk, rv = (KV8(*quantize_tokens(jnp.asarray(_rand((s, b, w, d), seed + i)), kv)) for i in (2, 3))
     q = jnp.asarray(rng.standard_normal((b, (r + s) * g, d)), jnp.float32)
     table = jnp.asarray(1 + np.arange(b * n).reshape(b, n), jnp.int32)
     lengths = jnp.asarray([29, 11], jnp.int32)
@@ -80,10 +95,11 @@ def _decode_inputs(seed=4, b=2, r=2, s=1, g=2, page=8, n=4, w=12, d=16):
     return q, kp, vp, rk, rv, table, lengths, sel, cnt
 
 
+@pytest.mark.parametrize("kv", [FP8, INT8], ids=["fp8", "int8"])
 @pytest.mark.parametrize("impl", ["reference", "auto"])
-def test_decode_on_fp8_pages_equals_decode_on_the_same_data_dequantised(impl):
-    """'auto' on CPU: the CPU kernel declines FP8 pages and the registry falls through to the reference."""
-    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs()
+def test_decode_on_fp8_pages_equals_decode_on_the_same_data_dequantised(impl, kv):
+    """'auto' on CPU: the CPU kernel declines 8-bit pages and the registry falls through to the reference."""
+    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs(kv=kv)
     choice = OpChoice.from_name("decode", impl)
     got = decode_attention(q, kp, vp, rk, rv, table, lengths, sel, cnt, mode="query_head", choice=choice)
     deq = [x.dequantize() for x in (kp, vp, rk, rv)]
@@ -93,15 +109,16 @@ def test_decode_on_fp8_pages_equals_decode_on_the_same_data_dequantised(impl):
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-@pytest.mark.parametrize("r, s, dtype, split", [(2, 1, "float32", 0), (2, 1, "bfloat16", 0), (2, 0, "float32", 0),
-                                                 (0, 2, "float32", 0), (2, 1, "float32", 16), (1, 1, "bfloat16", 16)],
-                         ids=["mixed-f32", "mixed-bf16", "retrieval-f32", "ring-f32", "mixed-f32-split",
-                              "mixed-bf16-split"])
-def test_triton_decode_reads_fp8_pages(runner, r, s, dtype, split):
-    """The fused Triton decode kernel on FP8 pages and rings (values e4m3, per-token scales on the
-    logits' and the probabilities' columns) equals the reference on the same FP8 data; split-K
-    too (min_split_tokens 16: several splits per program)."""
-    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs(seed=9, r=r, s=s, page=16, n=6, w=32)
+@pytest.mark.parametrize("r, s, dtype, split, kv", [
+    (2, 1, "float32", 0, FP8), (2, 1, "bfloat16", 0, FP8), (2, 0, "float32", 0, FP8), (0, 2, "float32", 0, FP8),
+    (2, 1, "float32", 16, FP8), (1, 1, "bfloat16", 16, FP8), (2, 1, "bfloat16", 0, INT8), (1, 1, "float32", 16, INT8)],
+    ids=["mixed-f32", "mixed-bf16", "retrieval-f32", "ring-f32", "mixed-f32-split", "mixed-bf16-split",
+         "int8-mixed-bf16", "int8-mixed-f32-split"])
+def test_triton_decode_reads_fp8_pages(runner, r, s, dtype, split, kv):
+    """The fused Triton decode kernel on 8-bit pages and rings (values e4m3 or int8, per-token
+    scales on the logits' and the probabilities' columns) equals the reference on the same data;
+    split-K too (min_split_tokens 16: several splits per program)."""
+    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs(seed=9, r=r, s=s, page=16, n=6, w=32, kv=kv)
     lengths = jnp.asarray([90, 37], jnp.int32)
     sel = jnp.asarray(np.broadcast_to(np.array([5, 0, 2, 3]), (2, r * 2, 4)), jnp.int32)
     cnt = jnp.asarray([[4] * (r * 2), [3] * (r * 2)], jnp.int32)
@@ -116,8 +133,9 @@ def test_triton_decode_reads_fp8_pages(runner, r, s, dtype, split):
     assert np.linalg.norm(g - w) / np.linalg.norm(w) < runner.tol(dtype)
 
 
-def test_append_to_fp8_pages_keeps_statistics_from_the_unquantised_keys():
-    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs()
+@pytest.mark.parametrize("kv", [FP8, INT8], ids=["fp8", "int8"])
+def test_append_to_fp8_pages_keeps_statistics_from_the_unquantised_keys(kv):
+    q, kp, vp, rk, rv, table, lengths, sel, cnt = _decode_inputs(kv=kv)
     r, p, page, d = kp.shape
     b, lp = 2, 4
     k = jnp.asarray(_rand((b, 3, d), 9))
@@ -131,12 +149,12 @@ def test_append_to_fp8_pages_keeps_statistics_from_the_unquantised_keys():
     phys = np.asarray(table)[[0, 1], [3, 1]]
     for row, (ph, off) in enumerate(zip(phys, [4, 0])):
         np.testing.assert_allclose(np.asarray(nkp.dequantize())[:, ph, off],
-                                   np.asarray(KV8(*quantize_tokens(k[row, :r])).dequantize()), rtol=1e-6)
+                                   np.asarray(fake_quantize(k[row, :r], kv)), rtol=1e-6)
         np.testing.assert_array_equal(np.asarray(nmin)[:, ph, off // lp], np.asarray(k[row, :r]))
     slot = [4 + (28 - 4) % 8, 4 + (8 - 4) % 8]  # ring slots of positions 28 and 8 (sink 4, local 8)
     for row in range(b):
         np.testing.assert_allclose(np.asarray(nrv.dequantize())[:, row, slot[row]],
-                                   np.asarray(KV8(*quantize_tokens(v[row, r:])).dequantize()), rtol=1e-6)
+                                   np.asarray(fake_quantize(v[row, r:], kv)), rtol=1e-6)
 
 
 def _logits_through_cache(kv_dtype, layout, chunk):
@@ -165,28 +183,32 @@ def _logits_through_cache(kv_dtype, layout, chunk):
     return np.concatenate([np.asarray(o) for o in outs]), c
 
 
-@pytest.mark.parametrize("layout, chunk", [(HeadLayout.dense(2, 2), None), (HeadLayout(2, (1, 0)), 32)],
-                         ids=["dense-whole", "mixed-chunk32"])
-def test_tiny_model_with_fp8_kv_stays_close_to_float32(layout, chunk):
-    """Stated tolerance: relative L2 error of the logits below 0.1 on this random model (measured
-    0.02-0.05 per logit row: e4m3 keeps 3 mantissa bits, random weights pass the rounding on
-    undamped; a wrong scale or slot gives errors of order 1). Real weights: bench/kv8_scales.py."""
+@pytest.mark.parametrize("layout, chunk, kv, tol", [(HeadLayout.dense(2, 2), None, FP8, 0.1),
+                                                   (HeadLayout(2, (1, 0)), 32, FP8, 0.1),
+                                                   (HeadLayout(2, (1, 0)), 32, INT8, 0.01)],
+                         ids=["dense-whole", "mixed-chunk32", "int8-mixed-chunk32"])
+def test_tiny_model_with_fp8_kv_stays_close_to_float32(layout, chunk, kv, tol):
+    """Stated tolerance: relative L2 error of the logits below 0.1 for e4m3 on this random model
+    (measured 0.02-0.05 per logit row: e4m3 keeps 3 mantissa bits, random weights pass the
+    rounding on undamped; a wrong scale or slot gives errors of order 1), below 0.01 for int8
+    (a step of amax / 127). Real weights: bench/kv8_scales.py, bench/fp8_accuracy.py."""
     ref, _ = _logits_through_cache(None, layout, chunk)
-    got, cache = _logits_through_cache(FP8, layout, chunk)
-    assert cache.layers[0].k_pages.dtype == FP8 and "k_scale" in cache.layers[0]
-    assert cache.layers[1].ring_k.dtype == FP8 and cache.layers[0].k_min.dtype == jnp.float32
+    got, cache = _logits_through_cache(kv, layout, chunk)
+    assert cache.layers[0].k_pages.dtype == kv and "k_scale" in cache.layers[0]
+    assert cache.layers[1].ring_k.dtype == kv and cache.layers[0].k_min.dtype == jnp.float32
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
-    assert np.all(np.isfinite(got)) and rel < 0.1, rel
+    assert np.all(np.isfinite(got)) and rel < tol, rel
 
 
-def test_engine_serves_with_fp8_kv_and_refuses_bad_settings():
+@pytest.mark.parametrize("kv_dtype, kv", [("fp8_e4m3", FP8), ("int8", INT8)])
+def test_engine_serves_with_fp8_kv_and_refuses_bad_settings(kv_dtype, kv):
     eng = Engine(tiny_params(TINY), TINY, layout=HeadLayout(2, (1, 1)), sparse=TINY_SPARSE, max_seq_len=128,
-                 kv_dtype="fp8_e4m3", prefill_chunk=32)
+                 kv_dtype=kv_dtype, prefill_chunk=32)
     out = eng.generate([list(range(1, 70)), [5, 6, 7]], SamplingParams(max_new_tokens=5))
     assert [len(o.token_ids) for o in out] == [5, 5]
     eng.scheduler.check()
-    assert views(eng._cache.layers[0], "k_pages")[0].dtype == FP8
+    assert views(eng._cache.layers[0], "k_pages")[0].dtype == kv
     with pytest.raises(ValueError, match="kv_dtype must be one of"):
         Engine(tiny_params(TINY), TINY, kv_dtype="int4")
     with pytest.raises(ValueError, match="tp=1 only"):
-        Engine(tiny_params(TINY), TINY, kv_dtype="fp8_e4m3", tp=2)
+        Engine(tiny_params(TINY), TINY, kv_dtype=kv_dtype, tp=2)

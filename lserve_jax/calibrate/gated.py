@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..evals.nll import next_token_nll
+from ..kv8 import fake_quantize
 from ..models.layer import decoder_layer, final_norm
 from ..params import Params, stack_layers
 
@@ -179,25 +180,33 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
     return o.transpose(0, 3, 1, 2, 4)
 
 
-def gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int) -> jax.Array:
+def gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int, kv_dtype=None) -> jax.Array:
     """One decoder layer of the gated model: x [B, T, hidden] -> the next layer's input.
-    gate: as `gated_attention`'s."""
+    gate: as `gated_attention`'s. kv_dtype: an 8-bit KV dtype (`lserve_jax.kv8`: e4m3 or int8):
+    attention reads K (after RoPE) and V back from that storage, every position (what decode reads
+    from the cache; prefill attends to a chunk's own keys unquantised, so this is the harder case)."""
     b, t = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    x, _ = decoder_layer(lp, x, positions, cfg, lambda q, k, v: (gated_attention(q, k, v, gate, sink, local), None))
+
+    def attend(q, k, v):
+        if kv_dtype is not None:
+            k, v = fake_quantize(k, kv_dtype), fake_quantize(v, kv_dtype)
+        return gated_attention(q, k, v, gate, sink, local), None
+
+    x, _ = decoder_layer(lp, x, positions, cfg, attend)
     return x
 
 
 def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax.Array | None, *,
-                 sink: int, local: int) -> jax.Array:
+                 sink: int, local: int, kv_dtype=None) -> jax.Array:
     """Final (normed) hidden states [B, T, hidden] of the gated model, in the original head order.
 
     gates: [layers, kv_heads] in [0, 1]; 1 is full attention, 0 streaming (binary gates give
     exactly the sparse prefill model); None: the dense model (streaming attention not computed).
     The layers run as a `lax.scan` (pass `params.stack_layers(params)` to stack them once, not
-    per call)."""
+    per call). kv_dtype: as `gated_layer`'s."""
     def layer(x, lp, gate):
-        return gated_layer(lp, x, gate, cfg, sink, local)
+        return gated_layer(lp, x, gate, cfg, sink, local, kv_dtype)
 
     layers = stack_layers(params).layers
     if gates is None:
@@ -210,12 +219,13 @@ def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax
 
 
 @functools.lru_cache(maxsize=8)
-def gated_nll_fn(cfg: ModelConfig, sink: int, local: int):
+def gated_nll_fn(cfg: ModelConfig, sink: int, local: int, kv_dtype=None):
     """Jitted (params, tokens [B, T], gates or None) -> `next_token_nll` [B, T - 1] of the gated
-    model (binary gates: the sparse prefill model exactly; None: dense). Cached per window, so
-    every pattern scored at one window shares one compilation."""
+    model (binary gates: the sparse prefill model exactly; None: dense; kv_dtype: K and V read
+    back from 8-bit pages, `gated_layer`). Cached per window, so every pattern scored at one
+    window shares one compilation."""
     @jax.jit
     def nll(params, tokens, gates):
-        return next_token_nll(params, gated_hidden(params, tokens, cfg, gates, sink=sink, local=local),
-                              tokens)
+        return next_token_nll(params, gated_hidden(params, tokens, cfg, gates, sink=sink, local=local,
+                                                   kv_dtype=kv_dtype), tokens)
     return nll
