@@ -7,14 +7,15 @@ text in full windows, the calibrated head pattern at 50% streaming heads with th
 scaled to the model (sink 64, local 256; every position past it sees less than dense). The
 weights are quantised as `lserve_jax.load(weights=...)` does (`lserve_jax.quant`); K (after
 RoPE) and V go through `lserve_jax.kv8`'s quantiser and back at every position, as decode reads
-them from the cache (`calibrate.gated_layer`); compute in float32, so the ratio isolates the
-quantisation.
+them from the cache (`calibrate.gated_layer`), with the keys centred as the engine centres them
+for 8-bit KV (`kv8.key_centers` over the package's calibration text; --raw-keys adds rows
+without); compute in float32, so the ratio isolates the quantisation.
 
     python bench/fp8_accuracy.py [--checkpoint DIR] [--pattern TSV] [--length 4096] [--windows 2]
-                                 [--kv fp8_e4m3,int8]
+                                 [--kv fp8_e4m3,int8] [--raw-keys]
 
-Summary: ppl_ratio_<weights>_over_<dtype> (dense), ppl_ratio_kv8_<kv>_over_<dtype> and
-ppl_ratio_w8a8kv8_<kv>_over_<dtype> (dense and sparse), and the issue's ppl_ratio_kv8_over_bf16 /
+Summary: ppl_ratio_<weights>_over_<dtype> (dense), ppl_ratio_kv8_<kv>[_sparse]_over_<dtype> and
+ppl_ratio_w8a8kv8_<kv>[_sparse]_over_<dtype> (centred keys, as the engine runs), and the issue's ppl_ratio_kv8_over_bf16 /
 ppl_ratio_w8a8kv8_over_bf16 for int8 KV (the engine's accurate 8-bit choice), the worse of dense
 and sparse; the reference is the checkpoint's weights with an unquantised cache.
 """
@@ -37,7 +38,7 @@ from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.evals import eval_ids  # noqa: E402
 from lserve_jax.evals.ppl import perplexity  # noqa: E402
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
-from lserve_jax.kv8 import KV_DTYPES, is_quantized  # noqa: E402
+from lserve_jax.kv8 import KV_DTYPES, calibration_ids, is_quantized, key_centers, with_key_centers  # noqa: E402
 from lserve_jax.quant import MODES, quantize_params  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -50,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--kv", default="fp8_e4m3,int8", help="8-bit KV dtypes to evaluate ('' for none)")
+    ap.add_argument("--raw-keys", action="store_true", help="also KV8 rows without key centres")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     kvs = [k for k in args.kv.split(",") if k]
@@ -72,18 +74,23 @@ def main(argv=None):
     sink, local = WINDOWS["prefill"]
     gates = binarize(alpha, args.sparsity).astype(np.float32)
     rows = []
-    configs = [(w, None) for w in (None, *MODES)] + [(w, kv) for w in (None, "fp8") for kv in kvs]
-    quantized = {None: base}
-    for weights, kv in configs:
-        if weights not in quantized:
-            quantized[weights] = quantize_params(base, weights)
+    # (weights, kv dtype, centred keys)
+    configs = [(w, None, False) for w in (None, *MODES)] + [(None, kv, True) for kv in kvs] \
+        + [("fp8", kv, True) for kv in kvs] + ([(None, kv, False) for kv in kvs] if args.raw_keys else [])
+    quantized = {}
+    centers = key_centers(base, cfg, calibration_ids(tok, cfg.vocab_size))
+    for weights, kv, centred in configs:
+        if (weights, centred) not in quantized:
+            p = base if weights is None else quantize_params(base, weights)
+            quantized[weights, centred] = with_key_centers(p, centers) if centred else p
         for layout, g in (("dense", None), (f"sparse-s{args.sparsity:g}", gates)):
             t0 = time.perf_counter()
-            r = perplexity(quantized[weights], cfg, ids, args.length, args.windows, g, sink, local,
+            r = perplexity(quantized[weights, centred], cfg, ids, args.length, args.windows, g, sink, local,
                            kv_dtype=KV_DTYPES[kv] if kv else None)
-            rows.append(dict(weights=weights or ckpt.dtype, kv=kv or ckpt.dtype, layout=layout, ppl=r["ppl"],
+            kv_name = (kv + ("" if centred else " raw keys")) if kv else ckpt.dtype
+            rows.append(dict(weights=weights or ckpt.dtype, kv=kv_name, layout=layout, ppl=r["ppl"],
                              window_ppl=r["window_ppl"]))
-            log(f"{weights or ckpt.dtype:16s} kv {kv or ckpt.dtype:9s} {layout:12s} ppl {r['ppl']:.4f} "
+            log(f"{weights or ckpt.dtype:16s} kv {kv_name:18s} {layout:12s} ppl {r['ppl']:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
     ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype and r["kv"] == ckpt.dtype}
     for r in rows:

@@ -40,7 +40,7 @@ from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
-from .kv8 import KV_DTYPES, is_quantized
+from .kv8 import KV_DTYPES, calibration_ids, is_quantized, key_centers, with_key_centers
 from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
@@ -128,7 +128,7 @@ class Engine:
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
                  cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto",
                  prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-                 num_stream_pages: int | None = None, kv_dtype: str = "auto"):
+                 num_stream_pages: int | None = None, kv_dtype: str = "auto", center_keys: bool = True):
         """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
         its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
         (default: enough for every slot at max_seq_len, plus the scratch page). preemption: what
@@ -144,7 +144,9 @@ class Engine:
         K and V are stored: "auto" (the cache dtype), "bfloat16", "float16", "float32" or
         "fp8_e4m3" / "int8" (8-bit values with a scale per token and head, `lserve_jax.kv8`: half
         the bytes of bf16; which loses less depends on the model; the GPU's fused decode kernel reads them,
-        appends and CPU decode run the references)."""
+        appends and CPU decode run the references). center_keys: with 8-bit KV, subtract each
+        layer's calibrated mean key from every key before it is stored (`kv8.key_centers`: the
+        same attention, less rounding; one forward over 1024 calibration tokens at start-up)."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -158,6 +160,9 @@ class Engine:
         self.kv_dtype = KV_DTYPES[kv_dtype]
         if tp > 1 and is_quantized(self.kv_dtype):
             raise ValueError(f"8-bit KV pages ({kv_dtype}) run with tp=1 only, got tp={tp}")
+        if center_keys and is_quantized(self.kv_dtype) and "k_center" not in params.layers[0]:
+            ids = calibration_ids(tokenizer, config.vocab_size)
+            params = with_key_centers(params, key_centers(params, config, ids))
         if tp > 1 and weights_mode(params) is not None:
             raise ValueError(f"FP8 weights ({weights_mode(params)}) run with tp=1 only, got tp={tp}")
         self.params = shard_params(params, config, tp)

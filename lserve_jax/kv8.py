@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .arrays import Arrays
 from .quant import FP8, quantize_rows
 
 INT8 = jnp.int8
@@ -125,3 +126,67 @@ def unviews(lc, **fields):
         else:
             out[n] = x
     return lc.replace(**out)
+
+
+# --- key centres: a calibrated per-head key offset removed before keys reach 8-bit pages --------
+#
+# Some models' keys carry a few channels with a large offset shared by every token (Qwen2's k_proj
+# bias, which RoPE turns slowly in the low-frequency pairs); a per-token scale then spends its
+# range on the offset and rounds the informative channels away. Subtracting one constant vector
+# c from every key of a head changes each query's logits by the same amount, q.c, for all keys,
+# so softmax and the page selector's ranking are unchanged: the model computes the same function,
+# and what goes into the 8-bit pages is centred. c is the mean post-RoPE key of each layer and KV
+# head over calibration text (a model constant: prefix sharing and swaps stay exact); the layer
+# subtracts it (`models.layer.attention_inputs`, the `k_center` entry of a layer's parameters).
+
+CENTER_TOKENS = 1024  # calibration tokens
+CENTER_SKIP = 4  # the first tokens (attention sinks, often outliers) are left out of the mean
+
+
+def key_centers(params, cfg, ids) -> list[jax.Array]:
+    """Per layer, the mean post-RoPE key of each KV head (float32 [Hkv, D]) over the token ids
+    `ids` (1-D, at least CENTER_SKIP + 1 of them), through the model's own forward: one jitted
+    layer run once per layer."""
+    from .models.layer import causal_attention, decoder_layer
+
+    ids = jnp.asarray(ids, jnp.int32)[None]
+    if ids.shape[1] <= CENTER_SKIP:
+        raise ValueError(f"key centres need more than {CENTER_SKIP} calibration tokens, got {ids.shape[1]}")
+    positions = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
+
+    @jax.jit
+    def layer(lp, x):
+        def attend(q, k, v):
+            return causal_attention(q, k, v), jnp.mean(k[0, CENTER_SKIP:].astype(jnp.float32), axis=0)
+        return decoder_layer(lp, x, positions, cfg, attend)
+
+    x, centers = params.embed[ids], []
+    for lp in params.layers:
+        lp = Arrays({n: w for n, w in lp.items() if n != "k_center"})  # the raw keys
+        x, c = layer(lp, x)
+        centers.append(c)
+    return centers
+
+
+def with_key_centers(params, centers):
+    """`params` whose layers subtract these key centres (float32 [Hkv, D] each)."""
+    if len(centers) != len(params.layers):
+        raise ValueError(f"{len(centers)} key centres for {len(params.layers)} layers")
+    layers = tuple(Arrays({**dict(lp.items()), "k_center": jnp.asarray(c, jnp.float32)})
+                   for lp, c in zip(params.layers, centers))
+    return params.replace(layers=layers)
+
+
+def calibration_ids(tokenizer, vocab_size: int, n: int = CENTER_TOKENS) -> list[int]:
+    """Token ids to take key centres from: the package's calibration text (`evals.corpus`, the
+    half perplexity is never scored on) through the tokenizer; without one, seeded random ids."""
+    if tokenizer is not None:
+        from .evals.corpus import read_text, split_text
+
+        text = split_text(read_text())[1][: 8 * n]  # ~2n tokens at ~4 characters a token
+        ids = tokenizer.encode(text, add_special_tokens=False)[:n]
+        if len(ids) > CENTER_SKIP:
+            return list(ids)
+    import numpy as np
+
+    return np.random.default_rng(0).integers(1, vocab_size, n).tolist()

@@ -105,6 +105,10 @@ def stack_layers(params: Params) -> Params:
     return params.replace(layers=jax.tree.map(lambda *xs: jnp.stack(xs), *params.layers))
 
 
+# per-layer arrays the engine derives from the weights (not in a checkpoint): their axes
+DERIVED_AXES = {"k_center": ("kv_heads", "head_dim")}  # `kv8.key_centers`
+
+
 def permute_kv_heads(params: Params, cfg: ModelConfig, perms: np.ndarray) -> Params:
     """Reorders each layer's KV heads (with their GQA query groups) by `perms[l]`.
 
@@ -129,5 +133,6 @@ def permute_kv_heads(params: Params, cfg: ModelConfig, perms: np.ndarray) -> Par
     layers = []
     for layer, perm in zip(params.layers, np.asarray(perms)):
         perm = jnp.asarray(perm, jnp.int32)
-        layers.append(Arrays({n: move(w, decls[n].axes, perm) for n, w in layer.items()}))
+        layers.append(Arrays({n: move(w, decls[n].axes if n in decls else DERIVED_AXES[n], perm)
+                              for n, w in layer.items()}))
     return params.replace(layers=tuple(layers))

@@ -48,8 +48,8 @@ def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
 
 def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pre-norm, q/k/v projections, per-head q/k norms if declared, RoPE.
-    x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
+    """Pre-norm, q/k/v projections, per-head q/k norms if declared, RoPE, and the key centre if
+    the layer has one (`kv8.key_centers`). x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
     lead = x.shape[:-1]
     h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
     q = project(h, lp.wq, lp.get("bq")).reshape(*lead, cfg.num_heads, cfg.head_dim)
@@ -59,7 +59,10 @@ def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelC
         q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
     inv_freq, scaling = inv_frequencies(cfg), attention_scaling(cfg)
-    return apply_rope(q, positions, inv_freq, scaling), apply_rope(k, positions, inv_freq, scaling), v
+    k = apply_rope(k, positions, inv_freq, scaling)
+    if "k_center" in lp:  # 8-bit KV: a calibrated key offset, removed (softmax-invariant; `kv8.key_centers`)
+        k = k - lp.k_center.astype(k.dtype)
+    return apply_rope(q, positions, inv_freq, scaling), k, v
 
 
 def mlp(lp: Arrays, x: jax.Array, cfg: ModelConfig) -> jax.Array:
