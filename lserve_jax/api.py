@@ -29,7 +29,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
          progress: bool = True, tp: int = 1, max_slots: int | None = None,
          prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-         weights: str | None = None, kv_dtype: str = "auto") -> Engine:
+         weights: str | None = None, kv_dtype: str = "auto", center_keys: bool = True) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -43,7 +43,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     (W8A16) quantises the layers' linear weights on load (`lserve_jax.quant`); None keeps the
     checkpoint's (a checkpoint converted with --quantize fp8 is FP8 already). kv_dtype: how the
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
-    per-token scales, `lserve_jax.kv8`).
+    per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
+    calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
     Compiled programs are kept on disk between runs (`enable_compilation_cache`).
     """
     if isinstance(tp, bool) or not isinstance(tp, Integral) or tp < 1:
@@ -88,7 +89,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,
-                  max_slots=max_slots, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, kv_dtype=kv_dtype)
+                  max_slots=max_slots, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, kv_dtype=kv_dtype,
+                  center_keys=center_keys)
 
 
 NO_JIT_CACHE_ENV = "LSERVE_JAX_NO_JIT_CACHE"

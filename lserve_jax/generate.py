@@ -53,7 +53,7 @@ def engine_options(args) -> dict:
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
-                weights=args.weights, kv_dtype=args.kv_dtype)
+                weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -69,6 +69,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "scale per token and head (half of bf16's bytes; which loses less depends on the model: "
                         "BENCHMARKS.md; on a GPU the fused decode kernel reads them, appends and CPU decode run the "
                         "jnp reference)")
+    p.add_argument("--no-center-keys", action="store_true",
+                   help="with --kv-dtype int8/fp8_e4m3, store keys as they are instead of minus each layer's "
+                        "calibrated mean key (the default: the same attention, less rounding)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: split KV heads over this many GPUs (default 1)")
     p.add_argument("--prefill-chunk", default="auto",
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "
