@@ -7,7 +7,10 @@ Random bf16 weights and a KV cache filled with random keys/values (attention cos
 depend on values; selection cost depends on the budget), the real head pattern at
 static_sparsity 0.5, LServe's decode knobs (budget 4096, pages 64/16, interval 4, ring 128+256).
 Variants: sparse with per-query-head and per-KV-head selection; dense paged (our kernel, every
-page); dense cuDNN over a contiguous cache. Each: mean step time over >= 64 synced steps after
+page); dense cuDNN over a contiguous cache. A variant takes LServe's quantisation with suffixes
+(issue #18): `+w8a8` runs FP8 weights (W8A8, cuBLASLt FP8 GEMMs), `+kv8` int8 KV pages and
+`+kv8e4m3` e4m3 KV pages (per-token scales; paged variants only), e.g.
+`--variants sparse_kv_head+w8a8+kv8,dense_paged+w8a8+kv8,dense_cudnn+w8a8,dense_cudnn`. Each: mean step time over >= 64 synced steps after
 warm-up (refresh steps included; median, min and the unsynced "pipelined" rate also recorded), and the step's bytes floor (weights + KV read + page statistics read) over the copy
 bandwidth measured in the same run.
 """
@@ -31,6 +34,8 @@ from lserve_jax import cache as kvc
 from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
+from lserve_jax.kv8 import INT8, is_quantized
+from lserve_jax.quant import FP8, quantize_params
 from lserve_jax.model import ModelSpec, decode_forward, decode_step, refresh_due, selection_active
 from lserve_jax.params import init_params
 from lserve_jax.sharding import shard_cache, shard_params
@@ -38,21 +43,43 @@ from lserve_jax.sharding import shard_cache, shard_params
 BF16 = 2
 
 
-def random_cache(cfg, layout, sparse, batch, ctx, extra, key):
+FIELD_IDS = {n: i for i, n in enumerate([*kvc.LAYER_FIELDS, *kvc.SCALE_FIELDS])}
+
+
+def parse_variant(name: str) -> tuple[str, str | None, object]:
+    """'sparse_kv_head+w8a8+kv8' -> ('sparse_kv_head', 'fp8', int8): the base variant, the weight
+    quantisation (None: bf16) and the KV dtype (None: bf16)."""
+    base, *mods = name.split("+")
+    unknown = set(mods) - {"w8a8", "kv8", "kv8e4m3"}
+    if unknown or ("kv8" in mods and "kv8e4m3" in mods):
+        raise ValueError(f"variant {name!r}: suffixes are +w8a8, +kv8 (int8) or +kv8e4m3, one KV dtype")
+    kv = INT8 if "kv8" in mods else FP8 if "kv8e4m3" in mods else None
+    if kv is not None and base == "dense_cudnn":
+        raise ValueError(f"variant {name!r}: the contiguous cuDNN baseline has no 8-bit KV")
+    return base, ("fp8" if "w8a8" in mods else None), kv
+
+
+def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
     """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more: built
-    by `cache.init_cache` from the cache declaration, page statistics from the random keys."""
+    by `cache.init_cache` from the cache declaration, page statistics from the random keys.
+    kv_dtype int8 / e4m3: 8-bit K/V values (random) with per-token scales of 1/64."""
     n = -(-(ctx + extra) // sparse.page_size)
 
     def fill(i, name, d, dtype):
+        k = jax.random.fold_in(jax.random.fold_in(key, i), FIELD_IDS[name])
+        if name in kvc.SCALE_FIELDS:
+            return jnp.full(d.shape, 1 / 64, dtype)
+        if jnp.dtype(dtype) == jnp.dtype(INT8):
+            return jax.random.randint(k, d.shape, -127, 128, jnp.int32).astype(dtype)
         if jnp.issubdtype(dtype, jnp.integer):
             return jnp.zeros(d.shape, dtype)
-        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), list(kvc.LAYER_FIELDS).index(name)), d.shape, dtype)
+        return (jax.random.normal(k, d.shape, jnp.float32) * (64 if is_quantized(dtype) else 1)).astype(dtype)
 
     cache = kvc.init_cache(cfg, layout, sparse, batch=batch, num_pages=batch * n + 1, max_pages_per_seq=n,
-                           dtype=jnp.bfloat16, fill=fill)
+                           dtype=jnp.bfloat16, fill=fill, kv_dtype=kv_dtype)
     layers = []
     for lc in cache.layers:
-        k_min, k_max = kvc.page_stats(lc.k_pages, sparse.logical_page_size)
+        k_min, k_max = kvc.page_stats(lc.k_pages.astype(jnp.float32), sparse.logical_page_size)
         layers.append(lc.replace(k_min=k_min.astype(lc.k_min.dtype), k_max=k_max.astype(lc.k_max.dtype)))
     table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
     return cache.replace(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32))
@@ -99,12 +126,13 @@ def step_times(step, state, steps, warmup, free=True):
             "max_s": max(times), "pipelined_s": pipelined, "steps": steps, "first_call_s": first}
 
 
-def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False, kernels=Kernels()):
+def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False, kernels=Kernels(),
+                  kv_dtype=None):
     """(step, state): one decode step per call over a random cache. The selection refresh is
     decided on the device as the engine does it, or (host_refresh) by the host, every
     `selector_interval` steps, alternating two static programs."""
     spec = ModelSpec(cfg, layout, sparse, kernels, tp=tp)
-    cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra, jax.random.key(3)), tp)
+    cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra, jax.random.key(3), kv_dtype), tp)
     selecting = host_refresh and selection_active(spec, cache.page_table.shape[1])
     fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",),
                  static_argnames=("refresh",))
@@ -121,8 +149,9 @@ def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_ref
     return step, state
 
 
-def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels()):
-    step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp, kernels=kernels)
+def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels(), kv_dtype=None):
+    step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp, kernels=kernels,
+                                kv_dtype=kv_dtype)
     return step_times(step, state, steps, warmup)
 
 
@@ -227,16 +256,18 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
     return {"retrieval_heads": r, "configs": out}
 
 
-def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights):
-    """Bytes a step must read: weights + the KV it attends to + the page statistics it scores."""
+def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights, kv_dtype=None):
+    """Bytes a step must read: weights + the KV it attends to + the page statistics it scores.
+    8-bit KV: one byte a value plus a float32 scale per token and head."""
     d = cfg.head_dim
+    per_token = d * 2 * BF16 if kv_dtype is None else (d + 4) * 2  # K and V of one token and head
     kv = stats = 0
     for r in layout.num_retrieval:
         s = cfg.num_kv_heads - r
         if variant.startswith("dense"):
-            kv += cfg.num_kv_heads * ctx * d * 2 * BF16
+            kv += cfg.num_kv_heads * ctx * per_token
             continue
-        kv += r * min(sparse.token_budget, ctx) * d * 2 * BF16 + s * min(sparse.ring_size, ctx) * d * 2 * BF16
+        kv += r * min(sparse.token_budget, ctx) * per_token + s * min(sparse.ring_size, ctx) * per_token
         n_pages = -(-ctx // sparse.page_size)
         stats += r * n_pages * (sparse.page_size // sparse.logical_page_size) * d * 2 * BF16 / sparse.selector_interval
     return weights + batch * (kv + stats)
@@ -262,6 +293,11 @@ def main(argv=None):
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
+    try:
+        variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
+    except ValueError as e:
+        p.error(str(e))
+    quantized = {}  # weight mode -> (params, bytes), made on first use
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
     params = shard_params(params, cfg, args.tp)
     dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
@@ -283,26 +319,32 @@ def main(argv=None):
             # paged variants' ModelSpec, whose Kernels carry it into decode_step)
             kernels = Kernels().with_options(decode=best)
             log(f"ctx={ctx} B={batch}: sparse_decode options {best}")
-        for name in args.variants.split(","):
+        for name, kind, wmode, kv in variants:
             log(f"ctx={ctx} B={batch} {name} ...")
             try:
-                if name == "dense_cudnn":
+                if (wmode or kv is not None) and args.tp > 1:
+                    raise NotImplementedError("FP8 weights and 8-bit KV run on one GPU only")
+                if wmode and wmode not in quantized:
+                    qp = quantize_params(params, wmode)
+                    quantized[wmode] = (qp, param_bytes(qp))
+                p_run, w_bytes = quantized[wmode] if wmode else (params, weights)
+                if kind == "dense_cudnn":
                     if args.tp > 1:
                         raise NotImplementedError("the contiguous cuDNN baseline runs on one GPU only")
-                    r = run_dense_cudnn(params, cfg, batch, ctx, args.steps, args.warmup)
+                    r = run_dense_cudnn(p_run, cfg, batch, ctx, args.steps, args.warmup)
                     layout = dense_layout
-                elif name == "dense_paged":
+                elif kind == "dense_paged":
                     layout = dense_layout
-                    r = run_paged(params, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup, args.tp, kernels)
+                    r = run_paged(p_run, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
+                                  args.steps, args.warmup, args.tp, kernels, kv)
                 else:
                     layout = layout_sparse
-                    mode = name.removeprefix("sparse_")
-                    r = run_paged(params, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
-                                  args.steps, args.warmup, args.tp, kernels)
-                floor = bytes_floor(cfg, layout, base, batch, ctx, name, weights)
+                    mode = kind.removeprefix("sparse_")
+                    r = run_paged(p_run, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
+                                  args.steps, args.warmup, args.tp, kernels, kv)
+                floor = bytes_floor(cfg, layout, base, batch, ctx, kind, w_bytes, kv)
                 r["bytes_floor"] = floor
-                if name.startswith("sparse") or name == "dense_paged":
+                if kind.startswith("sparse") or kind == "dense_paged":
                     r["kernel_options"] = kernels.decode.kwargs
                 if bw:
                     r["floor_s"] = floor / bw
@@ -335,16 +377,28 @@ def main(argv=None):
 def summarize(points):
     """Speedups of the best sparse variant over cuDNN dense per point: the headline on the
     pipelined rate (steps dispatched back to back, as the engine runs them), `_synced` on the
-    mean of synced steps; the bytes-floor fraction at 128K batch 4."""
+    mean of synced steps; the bytes-floor fraction at 128K batch 4. bf16 against bf16; with
+    quantised variants also sparse W8A8+KV8 against dense bf16 cuDNN (LServe's comparison) and
+    against the fastest dense variant in the same precision."""
     summary = {}
     for key, suffix in (("pipelined_s", ""), ("mean_s", "_synced")):
         t = {(r["ctx"], r["batch"], r["variant"]): r.get(key) for r in points}
         for c, b in sorted({(r["ctx"], r["batch"]) for r in points}):
-            sparse = [m for (cc, bb, v), m in t.items() if (cc, bb) == (c, b) and v.startswith("sparse") and m]
-            summary[f"tpot_speedup_vs_cudnn_{c // 1024}k_b{b}{suffix}"] = ratio(
-                t.get((c, b, "dense_cudnn")), min(sparse) if sparse else None)
+            def best(prefix, mods):
+                ms = [m for (cc, bb, v), m in t.items() if (cc, bb) == (c, b) and m and v.startswith(prefix)
+                      and sorted(v.split("+")[1:]) == sorted(mods)]
+                return min(ms) if ms else None
+
+            at = f"{c // 1024}k_b{b}{suffix}"
+            summary[f"tpot_speedup_vs_cudnn_{at}"] = ratio(t.get((c, b, "dense_cudnn")), best("sparse", []))
+            fp8 = best("sparse", ["w8a8", "kv8"])
+            if fp8:
+                summary[f"tpot_speedup_fp8_vs_dense_bf16_{at}"] = ratio(t.get((c, b, "dense_cudnn")), fp8)
+                dense_fp8 = [m for m in (best("dense", ["w8a8", "kv8"]), best("dense", ["w8a8"])) if m]
+                summary[f"tpot_speedup_fp8_vs_dense_fp8_{at}"] = ratio(min(dense_fp8) if dense_fp8 else None, fp8)
     frac = [r.get("floor_fraction") for r in points
-            if r["ctx"] == 131072 and r["batch"] == 4 and r["variant"].startswith("sparse") and r.get("floor_fraction")]
+            if r["ctx"] == 131072 and r["batch"] == 4 and r["variant"].startswith("sparse") and "+" not in r["variant"]
+            and r.get("floor_fraction")]
     summary["sparse_bytes_floor_fraction_128k_b4"] = max(frac) if frac else None
     return summary
 

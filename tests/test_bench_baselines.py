@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
@@ -73,6 +74,32 @@ def test_random_cache_statistics_match_its_pages():
         np.testing.assert_array_equal(np.asarray(lc.k_min), k.min(axis=3))
         np.testing.assert_array_equal(np.asarray(lc.k_max), k.max(axis=3))
     assert cache.lengths.tolist() == [40, 40] and cache.step.shape == (2,)
+
+
+def test_decode_bench_quantised_variants():
+    """`+w8a8` / `+kv8` / `+kv8e4m3` parse, an 8-bit random cache carries KV8 fields, and the
+    summary compares sparse W8A8+KV8 with dense bf16 cuDNN and with dense in the same precision."""
+    from lserve_jax.kv8 import INT8
+    from lserve_jax.quant import FP8
+
+    decode = _bench_module("decode")
+    assert decode.parse_variant("sparse_kv_head+w8a8+kv8") == ("sparse_kv_head", "fp8", INT8)
+    assert decode.parse_variant("dense_paged+kv8e4m3") == ("dense_paged", None, FP8)
+    assert decode.parse_variant("dense_cudnn") == ("dense_cudnn", None, None)
+    for bad in ("sparse_kv_head+kv9", "dense_cudnn+kv8", "dense_paged+kv8+kv8e4m3"):
+        with pytest.raises(ValueError):
+            decode.parse_variant(bad)
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32)
+    cache = decode.random_cache(TINY, HeadLayout(2, (1, 2)), sparse, 2, 40, 8, jax.random.key(0), INT8)
+    lc = cache.layers[0]
+    assert lc.k_pages.dtype == INT8 and lc.ring_v.dtype == INT8 and "k_scale" in lc and lc.k_min.dtype == jnp.bfloat16
+    pts = [dict(ctx=131072, batch=4, variant=v, pipelined_s=t, mean_s=t) for v, t in
+           [("dense_cudnn", 20e-3), ("sparse_kv_head", 6e-3), ("sparse_kv_head+w8a8+kv8", 4e-3),
+            ("dense_cudnn+w8a8", 16e-3), ("dense_paged+w8a8+kv8", 32e-3)]]
+    s = decode.summarize(pts)
+    assert s["tpot_speedup_vs_cudnn_128k_b4"] == pytest.approx(20 / 6)
+    assert s["tpot_speedup_fp8_vs_dense_bf16_128k_b4"] == pytest.approx(5.0)
+    assert s["tpot_speedup_fp8_vs_dense_fp8_128k_b4"] == pytest.approx(4.0)
 
 
 def test_bench_scripts_import_and_explain_themselves():

@@ -84,13 +84,15 @@ def test_default_kernels_equal_references(case):
     assert got == want
 
 
+@pytest.mark.parametrize("kv", ["fp8_e4m3", "int8"])
 @pytest.mark.parametrize("case", [(64, "sparse", SPARSE, 32), (128, "dense", DENSE, None)], ids=_case_id)
-def test_fp8_kv_default_kernels_equal_references(case):
-    """FP8 KV pages (kv_dtype="fp8_e4m3"): the fused Triton decode kernel reads e4m3 pages and rings
-    with their per-token scales, and gives the greedy tokens of the jnp references on the same cache."""
+def test_fp8_kv_default_kernels_equal_references(case, kv):
+    """8-bit KV pages (kv_dtype "fp8_e4m3" / "int8", keys centred): the fused Triton decode kernel
+    reads 8-bit pages and rings with their per-token scales, and gives the greedy tokens of the jnp
+    references on the same cache."""
     head_dim, layout, sparse, chunk = case
-    got = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype="fp8_e4m3")
-    want = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype="fp8_e4m3", prefill_impl="reference",
+    got = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype=kv)
+    want = _generate(head_dim, layout, sparse, chunk=chunk, kv_dtype=kv, prefill_impl="reference",
                      decode_impl="reference")
     assert all(len(t) == GREEDY.max_new_tokens for t in got)
     assert got == want
