@@ -76,7 +76,8 @@ def main(argv=None):
     rows = []
     # (weights, kv dtype, centred keys)
     configs = [(w, None, False) for w in (None, *MODES)] + [(None, kv, True) for kv in kvs] \
-        + [("fp8", kv, True) for kv in kvs] + ([(None, kv, False) for kv in kvs] if args.raw_keys else [])
+        + [("fp8", kv, True) for kv in kvs] + [("fp8-weight-only", "int8", True)] * ("int8" in kvs) \
+        + ([(None, kv, False) for kv in kvs] if args.raw_keys else [])
     quantized = {}
     centers = key_centers(base, cfg, calibration_ids(tok, cfg.vocab_size))
     for weights, kv, centred in configs:
@@ -110,6 +111,7 @@ def main(argv=None):
     if "int8" in kvs:
         summary["ppl_ratio_kv8_over_bf16"] = max(ratio(ckpt.dtype, "int8", lay) for lay in layouts)
         summary["ppl_ratio_w8a8kv8_over_bf16"] = max(ratio("fp8", "int8", lay) for lay in layouts)
+        summary["ppl_ratio_w8a16kv8_over_bf16"] = max(ratio("fp8-weight-only", "int8", lay) for lay in layouts)
     res = dict(env=environment(), checkpoint=name, length=args.length, windows=args.windows,
                sparse_window=dict(sink=sink, local=local), rows=rows, summary=summary)
     path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}.json")
