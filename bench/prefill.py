@@ -7,7 +7,9 @@ Random bf16 weights (fixed seed), batch 1, the real head pattern of the shape at
 static_sparsity 0.5, LServe's prefill knobs (sink 128, local 8192). TTFT = prefill of every
 layer (attention, MLP, cache writes into pages and rings) + the last token's logits + sampling,
 ended by block_until_ready. The first call's time (compile included) is reported separately.
-Attention alone per layer is bench/prefill_attn.py.
+Attention alone per layer is bench/prefill_attn.py. `+w8a8` after a variant runs it with FP8
+weights (W8A8, `lserve_jax.quant`): `--variants sparse+w8a8,sparse,dense_cudnn` gives issue #18's
+`ttft_speedup_w8a8_vs_dense_bf16_<T>k`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, prefill
 from lserve_jax.ops import Kernels
 from lserve_jax.params import init_params
+from lserve_jax.quant import quantize_params
 from lserve_jax.sharding import shard_cache, shard_params
 from lserve_jax.sampling import sample
 
@@ -86,13 +89,23 @@ def main(argv=None):
     results = {"env": env, "shape": args.shape, "knobs": SparseConfig().__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
     out_file = os.path.join(args.out, f"prefill-{env['date'][:10]}.json")
+    names = [v for v in args.variants.split(",") if v]
+    bad = [v for v in names if v.removesuffix("+w8a8") not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}: choose from {', '.join(VARIANTS)}, each optionally with +w8a8")
+    if args.tp > 1 and any(v.endswith("+w8a8") for v in names):
+        p.error("+w8a8 runs on one GPU only (--tp 1)")
+    fp8_params = None
     for t in [int(x) for x in args.ts.split(",")]:
-        for name in args.variants.split(","):
-            use_sparse, impl = VARIANTS[name]
+        for name in names:
+            use_sparse, impl = VARIANTS[name.removesuffix("+w8a8")]
             layout = layout_sparse if use_sparse else HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
+            if name.endswith("+w8a8") and fp8_params is None:
+                fp8_params = quantize_params(params, "fp8")
             log(f"T={t} {name} ...")
             try:
-                r = run_variant(params, cfg, layout, impl, t, args.reps, args.warmup, args.tp)
+                r = run_variant(fp8_params if name.endswith("+w8a8") else params, cfg, layout, impl, t, args.reps,
+                                args.warmup, args.tp)
             except Exception as e:  # report and go on: one failing point must not lose the rest
                 log(f"T={t} {name} FAILED: {type(e).__name__}: {str(e)[:300]}")
                 r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
@@ -104,6 +117,9 @@ def main(argv=None):
     summary = {}
     for t in sorted({r["t"] for r in results["points"]}):
         summary[f"ttft_speedup_vs_cudnn_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")), med.get((t, "sparse")))
+        if (t, "sparse+w8a8") in med:
+            summary[f"ttft_speedup_w8a8_vs_dense_bf16_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")),
+                                                                            med.get((t, "sparse+w8a8")))
     results["summary"] = summary
     write_json(out_file, results)
     print("\n| T | variant | TTFT ms | speedup vs cuDNN dense |\n|---|---|---|---|")
