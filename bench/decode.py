@@ -191,18 +191,28 @@ TUNE_CONFIGS = [  # sparse_decode kwargs tried by --tune (the first is the shipp
     dict(pages_per_block=1, num_stages=3),
     dict(pages_per_block=4, num_warps=8, min_split_tokens=512, num_stages=3),
 ]
+# the dense paged path reads every page: fewer, longer splits may beat the sparse path's choice
+DENSE_TUNE_CONFIGS = TUNE_CONFIGS + [
+    dict(pages_per_block=2, min_split_tokens=2048, num_stages=3),
+    dict(pages_per_block=2, min_split_tokens=4096, num_stages=3),
+    dict(pages_per_block=2, min_split_tokens=8192, num_stages=3),
+    dict(pages_per_block=2, min_split_tokens=2048, num_stages=3, num_warps=8),
+    dict(pages_per_block=1, min_split_tokens=2048, num_stages=4),
+    dict(pages_per_block=4, min_split_tokens=4096, num_stages=2, num_warps=8),
+]
 
 
-def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
+def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
     """Times `sparse_decode` configs on one layer of this point (the most common retrieval
     count, kv_head selection of the full budget), `reps` dependent calls in one jit; returns
-    [{options, us, rel_err}] with errors vs the reference (a config that is wrong is skipped)."""
+    [{options, us, rel_err}] with errors vs the reference (a config that is wrong is skipped).
+    dense: the dense paged path instead (every head a retrieval head reading every page)."""
     from lserve_jax.ops import decode_attention
 
-    r = max(set(layout.num_retrieval), key=list(layout.num_retrieval).count)
+    r = cfg.num_kv_heads if dense else max(set(layout.num_retrieval), key=list(layout.num_retrieval).count)
     s, d, page = cfg.num_kv_heads - r, cfg.head_dim, sparse.page_size
     n = -(-(ctx + 1) // page)
-    k_sel = kvc.selection_width(sparse, n)
+    k_sel = n if dense else kvc.selection_width(sparse, n)
     key = jax.random.key(11)
     ks = jax.random.split(key, 6)
     pool = batch * n + 1
@@ -213,9 +223,11 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
     q = jax.random.normal(ks[4], (batch, cfg.num_heads, d), jnp.bfloat16)
     table = jnp.arange(1, pool, dtype=jnp.int32).reshape(batch, n)
     lengths = jnp.full((batch,), ctx + 1, jnp.int32)
-    # distinct pages per row, the newest first, as topk_pages makes them
-    sel = jax.vmap(lambda k: jax.random.permutation(k, n - 1)[: k_sel - 1])(jax.random.split(ks[5], batch * r))
-    sel = jnp.concatenate([jnp.full((batch * r, 1), n - 1), sel], axis=1).reshape(batch, r, k_sel).astype(jnp.int32)
+    if dense:  # every page in order, as the model's dense path passes them
+        sel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, r, n))
+    else:  # distinct pages per row, the newest first, as topk_pages makes them
+        sel = jax.vmap(lambda k: jax.random.permutation(k, n - 1)[: k_sel - 1])(jax.random.split(ks[5], batch * r))
+        sel = jnp.concatenate([jnp.full((batch * r, 1), n - 1), sel], axis=1).reshape(batch, r, k_sel).astype(jnp.int32)
     cnt = jnp.full((batch, r), k_sel, jnp.int32)
     args = (kp, vp, rk, rv, table, lengths, sel, cnt)
 
@@ -234,7 +246,7 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
         a[0], *a[1:], mode="kv_head", choice=OpChoice.from_options(opts, impls=(impl,))))
     ref = one(None, "reference")(q, *args)
     out = []
-    for opts in TUNE_CONFIGS:
+    for opts in (DENSE_TUNE_CONFIGS if dense else TUNE_CONFIGS):
         rec = {"options": opts}
         try:
             got = one(opts)(q, *args)
@@ -250,7 +262,7 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20):
             rec["us"] = min(ts) / reps * 1e6
         except Exception as e:  # a config the GPU rejects
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(f"tune ctx={ctx} B={batch} R={r}: {opts} -> {rec.get('us', float('nan')):.1f} us "
+        log(f"tune{' dense' if dense else ''} ctx={ctx} B={batch} R={r}: {opts} -> {rec.get('us', float('nan')):.1f} us "
             f"(rel err {rec.get('rel_err', float('nan')):.1e})")
         out.append(rec)
     return {"retrieval_heads": r, "configs": out}
@@ -282,8 +294,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=64, help="timed steps (a multiple of the selector interval)")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--tune", action="store_true",
-                   help="time sparse_decode configs on one layer of each point first; the sparse variants of "
-                        "that point then use the fastest correct one")
+                   help="time sparse_decode configs on one layer of each point first (the sparse path, and the "
+                        "dense paged path on its own grid); the paged variants of that point then use the "
+                        "fastest correct one")
     args = p.parse_args(argv)
 
     cfg = model_config(args.shape)
@@ -293,6 +306,8 @@ def main(argv=None):
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
+    if args.tune and jax.default_backend() != "gpu":
+        p.error("--tune times the Triton decode kernel's options: it needs a GPU")
     try:
         variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
     except ValueError as e:
@@ -308,17 +323,22 @@ def main(argv=None):
     out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
-        kernels = Kernels()  # default orders and tiles unless --tune finds better decode options
+        kernels = dense_kernels = Kernels()  # default orders and tiles unless --tune finds better options
         if args.tune:
-            t = tune_layer(cfg, layout_sparse, base, batch, ctx)
-            ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2]
-            best = min(ok, key=lambda c: c["us"])["options"] if ok else {}
-            t["chosen"] = best
-            results.setdefault("tuning", {})[point] = t
-            # this point's decode choice: the default order with the tuned Triton options (for the
-            # paged variants' ModelSpec, whose Kernels carry it into decode_step)
-            kernels = Kernels().with_options(decode=best)
-            log(f"ctx={ctx} B={batch}: sparse_decode options {best}")
+            def tuned(dense):
+                t = tune_layer(cfg, layout_sparse, base, batch, ctx, dense=dense)
+                ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2]
+                t["chosen"] = min(ok, key=lambda c: c["us"])["options"] if ok else {}
+                results.setdefault("tuning_dense" if dense else "tuning", {})[point] = t
+                log(f"ctx={ctx} B={batch}: {'dense paged' if dense else 'sparse'} decode options {t['chosen']}")
+                # the default order with the tuned Triton options (for the paged variants' ModelSpec,
+                # whose Kernels carry it into decode_step)
+                return Kernels().with_options(decode=t["chosen"])
+
+            if any(kind.startswith("sparse") for _, kind, _, _ in variants):
+                kernels = tuned(dense=False)
+            if any(kind == "dense_paged" for _, kind, _, _ in variants):
+                dense_kernels = tuned(dense=True)
         for name, kind, wmode, kv in variants:
             log(f"ctx={ctx} B={batch} {name} ...")
             try:
@@ -336,7 +356,7 @@ def main(argv=None):
                 elif kind == "dense_paged":
                     layout = dense_layout
                     r = run_paged(p_run, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup, args.tp, kernels, kv)
+                                  args.steps, args.warmup, args.tp, dense_kernels, kv)
                 else:
                     layout = layout_sparse
                     mode = kind.removeprefix("sparse_")
@@ -345,7 +365,7 @@ def main(argv=None):
                 floor = bytes_floor(cfg, layout, base, batch, ctx, kind, w_bytes, kv)
                 r["bytes_floor"] = floor
                 if kind.startswith("sparse") or kind == "dense_paged":
-                    r["kernel_options"] = kernels.decode.kwargs
+                    r["kernel_options"] = (dense_kernels if kind == "dense_paged" else kernels).decode.kwargs
                 if bw:
                     r["floor_s"] = floor / bw
                     r["floor_fraction"] = r["floor_s"] / r["pipelined_s"]
