@@ -299,6 +299,12 @@ def main(argv=None):
                         "fastest correct one")
     args = p.parse_args(argv)
 
+    if args.tune and jax.default_backend() != "gpu":
+        p.error("--tune times the Triton decode kernel's options: it needs a GPU")
+    try:
+        variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
+    except ValueError as e:
+        p.error(str(e))
     cfg = model_config(args.shape)
     env = environment()
     log("env", env)
@@ -306,12 +312,6 @@ def main(argv=None):
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
-    if args.tune and jax.default_backend() != "gpu":
-        p.error("--tune times the Triton decode kernel's options: it needs a GPU")
-    try:
-        variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
-    except ValueError as e:
-        p.error(str(e))
     quantized = {}  # weight mode -> (params, bytes), made on first use
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
     params = shard_params(params, cfg, args.tp)
