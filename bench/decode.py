@@ -268,6 +268,44 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
     return {"retrieval_heads": r, "configs": out}
 
 
+HEADROOM = 2 << 30  # device bytes kept free for the step's activations and workspace
+
+
+def seq_cache_bytes(cfg, layout, sparse, ctx, kv_dtype=None) -> tuple[int, int]:
+    """(bytes of one more sequence's cache at ctx tokens, bytes of the cache's fixed part): shapes
+    only, as `random_cache` would build it (pages for ctx + 64 tokens)."""
+    n = -(-(ctx + 64) // sparse.page_size)
+
+    def total(b):
+        shapes = jax.eval_shape(lambda: kvc.init_cache(cfg, layout, sparse, batch=b, num_pages=b * n + 1,
+                                                       max_pages_per_seq=n, dtype=jnp.bfloat16, kv_dtype=kv_dtype))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+    one, two = total(1), total(2)
+    return two - one, 2 * one - two
+
+
+def max_batch(params, cfg, layout, sparse, ctx, kernels, kv_dtype, weights_bytes, limit_bytes, tries=4):
+    """The largest batch whose cache at ctx tokens fits beside the weights (and HEADROOM) in
+    `limit_bytes`, confirmed by running decode steps at it (on an allocation failure, 5% fewer
+    rows, up to `tries` times). Returns {max_batch, per_seq_bytes, fits, attempts}."""
+    per_seq, fixed = seq_cache_bytes(cfg, layout, sparse, ctx, kv_dtype)
+    b = int((limit_bytes - weights_bytes - HEADROOM - fixed) // per_seq)
+    attempts = []
+    for _ in range(tries):
+        if b < 1:
+            break
+        try:
+            r = run_paged(params, cfg, layout, sparse, b, ctx, 4, 1, kernels=kernels, kv_dtype=kv_dtype)
+            attempts.append({"batch": b, "ok": True, "mean_s": r["mean_s"]})
+            return {"max_batch": b, "per_seq_bytes": per_seq, "fits": True, "attempts": attempts}
+        except Exception as e:  # out of memory: fewer rows
+            attempts.append({"batch": b, "ok": False, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            gc.collect()
+            b = int(b * 0.95)
+    return {"max_batch": None, "per_seq_bytes": per_seq, "fits": False, "attempts": attempts}
+
+
 def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights, kv_dtype=None):
     """Bytes a step must read: weights + the KV it attends to + the page statistics it scores.
     8-bit KV: one byte a value plus a float32 scale per token and head."""
@@ -293,6 +331,10 @@ def main(argv=None):
     p.add_argument("--variants", default="sparse_query_head,sparse_kv_head,dense_paged,dense_cudnn")
     p.add_argument("--steps", type=int, default=64, help="timed steps (a multiple of the selector interval)")
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--max-batch", type=int, metavar="CTX",
+                   help="instead of timing: the largest batch at CTX tokens whose cache fits the device beside the "
+                        "weights, per paged variant (e.g. sparse_kv_head vs sparse_kv_head+kv8), confirmed by "
+                        "running decode steps at it")
     p.add_argument("--tune", action="store_true",
                    help="time sparse_decode configs on one layer of each point first (the sparse path, and the "
                         "dense paged path on its own grid); the paged variants of that point then use the "
@@ -305,6 +347,9 @@ def main(argv=None):
         variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
     except ValueError as e:
         p.error(str(e))
+    stats = jax.devices()[0].memory_stats() or {}
+    if args.max_batch and "bytes_limit" not in stats:
+        p.error("--max-batch needs a device that reports its memory (a GPU)")
     cfg = model_config(args.shape)
     env = environment()
     log("env", env)
@@ -321,6 +366,28 @@ def main(argv=None):
                "knobs": base.__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
     out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
+    if args.max_batch:
+        results["max_batch"] = []
+        for name, kind, wmode, kv in variants:
+            if kind == "dense_cudnn":
+                continue
+            if wmode and wmode not in quantized:
+                qp = quantize_params(params, wmode)
+                quantized[wmode] = (qp, param_bytes(qp))
+            p_run, w_bytes = quantized[wmode] if wmode else (params, weights)
+            layout = dense_layout if kind == "dense_paged" else layout_sparse
+            sp = SparseConfig(sparse_decode=False) if kind == "dense_paged" else \
+                SparseConfig(selection_mode=kind.removeprefix("sparse_"))
+            r = max_batch(p_run, cfg, layout, sp, args.max_batch, Kernels(), kv, w_bytes, stats["bytes_limit"])
+            r.update(variant=name, ctx=args.max_batch, bytes_limit=stats["bytes_limit"], weights_bytes=w_bytes)
+            results["max_batch"].append(r)
+            log(f"max batch at {args.max_batch} tokens, {name}: {r['max_batch']} "
+                f"({r['per_seq_bytes'] / 2**30:.2f} GiB a sequence)")
+            write_json(out_file, results)
+        print("\n| context | variant | max batch | GiB per sequence |\n|---|---|---|---|")
+        for r in results["max_batch"]:
+            print(f"| {r['ctx']} | {r['variant']} | {r['max_batch']} | {r['per_seq_bytes'] / 2**30:.2f} |")
+        return results
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
         kernels = dense_kernels = Kernels()  # default orders and tiles unless --tune finds better options

@@ -102,6 +102,22 @@ def test_decode_bench_quantised_variants():
     assert s["tpot_speedup_fp8_vs_dense_fp8_128k_b4"] == pytest.approx(4.0)
 
 
+def test_decode_bench_max_batch_fills_the_memory_it_is_given():
+    """--max-batch: the batch is what the memory left after weights and headroom holds, and it
+    runs; 8-bit KV fits more sequences in the same bytes."""
+    from lserve_jax.kv8 import INT8
+
+    decode = _bench_module("decode")
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32)
+    layout = HeadLayout(2, (1, 2))
+    per_seq, fixed = decode.seq_cache_bytes(TINY, layout, sparse, 40)
+    per_seq8, _ = decode.seq_cache_bytes(TINY, layout, sparse, 40, INT8)
+    assert 0 < per_seq8 < per_seq
+    limit = 1000 + decode.HEADROOM + fixed + int(3.5 * per_seq)
+    r = decode.max_batch(tiny_params(TINY), TINY, layout, sparse, 40, Kernels(), None, 1000, limit)
+    assert r["max_batch"] == 3 and r["fits"] and r["attempts"][-1]["ok"]
+
+
 def test_bench_scripts_import_and_explain_themselves():
     for script in ("decode.py", "prefill.py", "profile_decode.py", "prefill_attn.py", "decode_attn.py", "accuracy.py",
                    "calib_sweep.py"):
