@@ -107,11 +107,19 @@ def whole_model_decode() -> list[str]:
                      + (f": copy bandwidth {bw / 1e12:.2f} TB/s, weights {d['weights_bytes'] / 1e9:.1f} GB." if bw else "."))
         if d.get("summary"):
             lines += ["", "Summary: " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in d["summary"].items())]
-        for point, t in (d.get("tuning") or {}).items():
-            cfgs = ", ".join(f"{c['options'] or 'defaults'}: {c['us']:.1f}" for c in t["configs"] if "us" in c)
-            lines += ["", f"Tuning at {point} (one layer, R={t['retrieval_heads']}, µs per call): {cfgs}; "
-                          f"chosen {t['chosen'] or 'defaults'}."]
-    older = [(n, d) for n, d in runs if (n, d) not in latest]
+        for key, what in (("tuning", "Tuning"), ("tuning_dense", "Dense paged tuning")):
+            for point, t in (d.get(key) or {}).items():
+                cfgs = ", ".join(f"{c['options'] or 'defaults'}: {c['us']:.1f}" for c in t["configs"] if "us" in c)
+                lines += ["", f"{what} at {point} (one layer, R={t['retrieval_heads']}, µs per call): {cfgs}; "
+                              f"chosen {t['chosen'] or 'defaults'}."]
+    for name, d in runs:
+        if d.get("max_batch"):
+            lines += ["", f"Largest batch whose cache fits beside the weights (`python bench/decode.py --max-batch`, "
+                          f"`{name}`, {d['env'].get('device', '?')}), confirmed by running decode steps at it:", "",
+                      "| context | variant | max batch | GiB per sequence | weights GB |", "|---|---|---|---|---|"]
+            lines += [f"| {r['ctx'] // 1024}K | {r['variant']} | {r['max_batch']} | {r['per_seq_bytes'] / 2**30:.2f} | "
+                      f"{r['weights_bytes'] / 1e9:.1f} |" for r in d["max_batch"]]
+    older = [(n, d) for n, d in runs if (n, d) not in latest and any("median_s" in p for p in d.get("points", []))]
     for name, d in older:
         lines += ["", f"Earlier run `{name}` (before the fused kernels; median of synced steps, which hides "
                       "the refresh steps):", "", "| context | batch | variant | ms/token |", "|---|---|---|---|"]
