@@ -316,7 +316,7 @@ class Engine:
                     run(b, t)
         if self.prefill_chunk is not None and long_:
             # later chunks start at any page (after a prefix-cache hit), up to the longest prompt
-            for n in sorted({self._context_pages(s) for s in range(self.prefill_chunk, max(long_), page)}):
+            for n in sorted({self._context_pages(s, self.prefill_chunk) for s in range(self.prefill_chunk, max(long_), page)}):
                 run(1, self.prefill_chunk, n)
         # decode reads tables as wide as the longest row: from the shortest prompt to the capacity
         first = 1 if prompt_lengths is None else -(-min(lengths) // page)
@@ -336,9 +336,10 @@ class Engine:
             width *= 4
         return min(width, self.max_pages_per_seq)
 
-    def _context_pages(self, start: int) -> int:
-        """Page-table entries a chunk at `start` reads: a power of two (few programs), at most the table."""
-        need = -(-(start + self.prefill_chunk) // self.spec.sparse.page_size)
+    def _context_pages(self, start: int, width: int) -> int:
+        """Page-table entries a chunk of `width` tokens at `start` reads: a power of two (few
+        programs), at most the table."""
+        need = -(-(start + width) // self.spec.sparse.page_size)
         return min(1 << (need - 1).bit_length(), self.max_pages_per_seq)
 
     # -- requests ---------------------------------------------------------------------------
@@ -511,9 +512,9 @@ class Engine:
         power-of-two batch with copies of the last row, whose duplicate writes are identical)."""
         page = self.spec.sparse.page_size
         context = any(c.start for c in chunk)
-        if context or not chunk[0].last:
+        if self.prefill_chunk is not None and (context or not chunk[0].last):
             t = self.prefill_chunk
-        else:
+        else:  # whole prompts, or (prefill_chunk None) a prompt's rest after a prefix-cache hit
             t = length_bucket(max(c.count for c in chunk), page, self.prefill_chunk or self.max_pages_per_seq * page)
         b = len(chunk)
         padded = chunk + [chunk[-1]] * ((1 << (b - 1).bit_length()) - b)
@@ -533,7 +534,7 @@ class Engine:
         sampled, self._cache, self._next_tokens = self._prefill(
             self.params, self._cache, jnp.asarray(tokens), jnp.asarray(starts), jnp.asarray(counts),
             jnp.asarray(rows_a), self._next_tokens, jnp.asarray(self._key_data[rows_a]), knobs,
-            context_pages=self._context_pages(max(c.start for c in chunk)) if context else None)
+            context_pages=self._context_pages(max(c.start for c in chunk), t) if context else None)
         done = []
         for i, c in enumerate(chunk):
             self.scheduler.chunk_dispatched(c)

@@ -148,6 +148,22 @@ def test_prefix_cache_reuses_pages_and_gives_the_same_tokens(model):
     assert run_all(off, reqs) == got and off.scheduler.prefix_hit_total == 0
 
 
+def test_prefix_cache_with_whole_prompt_prefill(model):
+    """prefill_chunk=None (whole prompts): a prompt that hits the prefix cache prefills its rest
+    in one dispatch at its own width (it used to take the chunk width, None, and fail)."""
+    params, layout, sparse = model
+    rng = np.random.default_rng(6)
+    doc = [int(t) for t in rng.integers(1, CFG.vocab_size, 70)]
+    sp = SamplingParams(max_new_tokens=6)
+    reqs = [(f"q{i}", doc + [int(t) for t in rng.integers(1, CFG.vocab_size, 3 + 9 * i)], sp) for i in range(3)]
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, prefill_chunk=None)
+    got = {}
+    for rid, ids, p in reqs:  # one after another: each later one reuses the document's pages
+        got.update(run_all(eng, [(rid, ids, p)]))
+    assert eng.scheduler.prefix_hit_total == 2 * 64
+    assert got == alone(model, reqs)
+
+
 def test_prefix_cache_eviction_under_pressure_stays_correct(model):
     """A pool too small to keep every prompt cached: old blocks are evicted (least recently used
     first) and every answer stays the same as alone."""
@@ -209,7 +225,7 @@ def test_warmup_for_given_prompt_lengths_compiles_only_what_they_use():
                  prefill_chunk=16, max_seq_len=128)
     eng.warmup(prompt_lengths=[40, 100])
     sizes = (eng._prefill._cache_size(), eng._step._cache_size())
-    assert sizes[0] == 1 + len({eng._context_pages(s) for s in range(16, 100, 16)})
+    assert sizes[0] == 1 + len({eng._context_pages(s, 16) for s in range(16, 100, 16)})
     doc = list(range(1, 90))
     reqs = [("a", doc + [5] * 11, SamplingParams(max_new_tokens=3)),
             ("b", doc + [7] * 11, SamplingParams(max_new_tokens=3)),
