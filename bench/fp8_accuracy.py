@@ -52,6 +52,8 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--kv", default="fp8_e4m3,int8", help="8-bit KV dtypes to evaluate ('' for none)")
     ap.add_argument("--raw-keys", action="store_true", help="also KV8 rows without key centres")
+    ap.add_argument("--name", help="model name in the results (default: the checkpoint folder's, less -lserve)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     kvs = [k for k in args.kv.split(",") if k]
@@ -96,7 +98,7 @@ def main(argv=None):
     ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype and r["kv"] == ckpt.dtype}
     for r in rows:
         r["ratio"] = r["ppl"] / ref[r["layout"]]
-    name = os.path.basename(str(ckpt.path)).replace("-lserve", "")
+    name = args.name or os.path.basename(str(ckpt.path)).replace("-lserve", "")
 
     def ratio(weights, kv, layout="dense"):
         return next(r["ratio"] for r in rows if r["weights"] == weights and r["kv"] == kv and r["layout"] == layout)
@@ -114,7 +116,7 @@ def main(argv=None):
         summary["ppl_ratio_w8a16kv8_over_bf16"] = max(ratio("fp8-weight-only", "int8", lay) for lay in layouts)
     res = dict(env=environment(), checkpoint=name, length=args.length, windows=args.windows,
                sparse_window=dict(sink=sink, local=local), rows=rows, summary=summary)
-    path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}.json")
+    path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}{args.tag}.json")
     write_json(path, res)
     print(f"| weights | KV | layout | ppl@{args.length} | ratio |\n|---|---|---|---|---|")
     for r in rows:
