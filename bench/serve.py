@@ -43,6 +43,7 @@ from lserve_jax.cache import init_cache  # noqa: E402
 from lserve_jax.config import ModelConfig, SparseConfig  # noqa: E402
 from lserve_jax.engine import Engine  # noqa: E402
 from lserve_jax.heads import HeadLayout  # noqa: E402
+from lserve_jax.kv8 import KV_DTYPES  # noqa: E402
 from lserve_jax.params import init_params  # noqa: E402
 from lserve_jax.sampling import SamplingParams  # noqa: E402
 
@@ -69,19 +70,20 @@ def requests_for(name: str, scale: float, vocab: int, n: int | None, page: int, 
             for _ in range(n or count)]
 
 
-def cache_bytes(cfg, layout, sparse, dtype, num_pages: int, num_stream_pages: int = 1) -> int:
+def cache_bytes(cfg, layout, sparse, dtype, num_pages: int, num_stream_pages: int = 1, kv_dtype=None) -> int:
     """Bytes of a one-row cache with these pools (shapes only: nothing is allocated)."""
     shapes = jax.eval_shape(lambda: init_cache(cfg, layout, sparse, batch=1, num_pages=num_pages,
-                                               max_pages_per_seq=1, dtype=dtype, num_stream_pages=num_stream_pages))
+                                               max_pages_per_seq=1, dtype=dtype, num_stream_pages=num_stream_pages,
+                                               kv_dtype=kv_dtype))
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
-def pages_for_bytes(cfg, layout, sparse, dtype, pool_bytes: int, num_stream_pages: int) -> int:
+def pages_for_bytes(cfg, layout, sparse, dtype, pool_bytes: int, num_stream_pages: int, kv_dtype=None) -> int:
     """The page count (scratch page included) whose pool, with the streaming pool beside it,
-    takes `pool_bytes`: the same memory buys a sparse layout more pages."""
-    base = cache_bytes(cfg, layout, sparse, dtype, 2, 1)
-    page = cache_bytes(cfg, layout, sparse, dtype, 3, 1) - base
-    stream = cache_bytes(cfg, layout, sparse, dtype, 2, num_stream_pages) - base
+    takes `pool_bytes`: the same memory buys a sparse layout (and 8-bit KV) more pages."""
+    base = cache_bytes(cfg, layout, sparse, dtype, 2, 1, kv_dtype)
+    page = cache_bytes(cfg, layout, sparse, dtype, 3, 1, kv_dtype) - base
+    stream = cache_bytes(cfg, layout, sparse, dtype, 2, num_stream_pages, kv_dtype) - base
     return max(2, int((pool_bytes - stream) // page) + 1)
 
 
@@ -259,6 +261,8 @@ def main(argv=None):
                    help="persistent compilation cache folder ('' for none): engines of the same shapes "
                         "compile once")
     p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
+                   help="how both engines store K and V (8-bit: the same --pool-gib holds about twice the pages)")
     p.add_argument("--engines", default="sparse,dense",
                    help="which engines run (one call can take one engine; --tag keeps the JSONs apart)")
     p.add_argument("--tag", default="", help="suffix of the JSON name: serve-<date><tag>.json")
@@ -306,6 +310,7 @@ def main(argv=None):
     pool = int(args.pool_gib * (1 << 30)) if args.pool_gib else default_pool_bytes(cfg, sparse, dtype, max_seq, params)
     rates = [None] + [float(r) for r in args.rates.split(",") if r]
     results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "pool_bytes": pool,
+               "kv_dtype": args.kv_dtype,
                "max_slots": args.max_slots, "max_seq_len": max_seq, "num_pages": {}, "runs": []}
     out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}{args.tag}.json")
     lengths = sorted({len(ids) for rs in reqs.values() for ids, _ in rs})
@@ -313,9 +318,9 @@ def main(argv=None):
         lay = layouts[name]
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             kw = dict(layout=lay, sparse=sparse, max_seq_len=max_seq, max_slots=args.max_slots, prefill_chunk=chunk,
-                      prefix_cache=cache_on)
-            stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
-            pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages)
+                      prefix_cache=cache_on, kv_dtype=args.kv_dtype)
+            stream_pages = Engine(params, cfg, num_pages=2, **{**kw, "kv_dtype": "auto"}).num_stream_pages
+            pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages, KV_DTYPES[args.kv_dtype])
             if pages - 1 < max_seq // sparse.page_size:
                 raise SystemExit(f"{pool / (1 << 30):.2f} GiB of KV pages give the {name} engine {pages - 1} pages "
                                  f"(its streaming pool: {stream_pages}); the longest request needs "
@@ -357,12 +362,12 @@ def run_long(args, cfg, params, sparse, layouts, engines, chunk, env, dtype) -> 
     ids = np.random.default_rng(0).integers(1, cfg.vocab_size, n).tolist()
     max_seq = -(-(n + LONG_OUT) // sparse.page_size) * sparse.page_size
     out_file = os.path.join(args.out, f"serve-long-{env['date'][:10]}{args.tag}.json")
-    results = {"env": env, "shape": args.shape, "prompt_tokens": n, "runs": []}
+    results = {"env": env, "shape": args.shape, "prompt_tokens": n, "kv_dtype": args.kv_dtype, "runs": []}
     for name in engines:
         row = {"engine": name, "prompt_tokens": n}
         try:
             eng = Engine(params, cfg, layout=layouts[name], sparse=sparse, max_seq_len=max_seq, max_slots=1,
-                         prefill_chunk=chunk, prefix_cache=False)
+                         prefill_chunk=chunk, prefix_cache=False, kv_dtype=args.kv_dtype)
             row["prefill_chunk"] = eng.prefill_chunk
             log(f"{name}: {n}-token prompt in chunks of {eng.prefill_chunk}: warm-up ...")
             t = time.perf_counter()

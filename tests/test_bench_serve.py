@@ -82,10 +82,13 @@ def test_pool_of_equal_bytes_and_the_long_prompt_mode(tmp_path, monkeypatch):
     sparse_pages = serve.pages_for_bytes(cfg, half, sp, jnp.float32, 10 * per_page, 1)
     assert 19 <= sparse_pages <= 21  # half the heads per page: about twice the pages
     assert serve.pages_for_bytes(cfg, half, sp, jnp.float32, 10 * per_page, 9) < sparse_pages
+    # 8-bit pages (values + a float32 scale per token and head; the page statistics stay float32):
+    # 2.3x float32's pages at this tiny head dim (16)
+    assert 20 <= serve.pages_for_bytes(cfg, dense, sp, jnp.float32, 10 * per_page, 1, jnp.int8) <= 25
 
     res = serve.main(["--shape", "tiny", "--long", "300", "--prefill-chunk", "64", "--out", str(tmp_path),
-                      "--compile-cache", ""])
-    assert [r["engine"] for r in res["runs"]] == ["sparse", "dense"]
+                      "--compile-cache", "", "--kv-dtype", "int8"])
+    assert [r["engine"] for r in res["runs"]] == ["sparse", "dense"] and res["kv_dtype"] == "int8"
     for r in res["runs"]:
         assert r["served"] and r["ttft_s"] > 0 and r["output_tokens"] == serve.LONG_OUT and r["prefill_chunk"] == 64
     assert res["summary"]["max_prompt_tokens_served"] == 300
