@@ -34,7 +34,7 @@ from lserve_jax import cache as kvc
 from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
-from lserve_jax.kv8 import INT8, is_quantized
+from lserve_jax.kv8 import INT8, is_kv8
 from lserve_jax.quant import FP8, quantize_params
 from lserve_jax.model import ModelSpec, decode_forward, decode_step, refresh_due, selection_active
 from lserve_jax.params import init_params
@@ -73,7 +73,7 @@ def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
             return jax.random.randint(k, d.shape, -127, 128, jnp.int32).astype(dtype)
         if jnp.issubdtype(dtype, jnp.integer):
             return jnp.zeros(d.shape, dtype)
-        return (jax.random.normal(k, d.shape, jnp.float32) * (64 if is_quantized(dtype) else 1)).astype(dtype)
+        return (jax.random.normal(k, d.shape, jnp.float32) * (64 if is_kv8(dtype) else 1)).astype(dtype)
 
     cache = kvc.init_cache(cfg, layout, sparse, batch=batch, num_pages=batch * n + 1, max_pages_per_seq=n,
                            dtype=jnp.bfloat16, fill=fill, kv_dtype=kv_dtype)
@@ -357,9 +357,16 @@ def main(argv=None):
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
     weights = param_bytes(params)
-    quantized = {}  # weight mode -> (params, bytes), made on first use
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
     params = shard_params(params, cfg, args.tp)
+    quantized = {None: (params, weights)}  # weight mode -> (params, bytes), made on first use
+
+    def weights_for(mode):
+        if mode not in quantized:
+            qp = quantize_params(params, mode)
+            quantized[mode] = (qp, param_bytes(qp))
+        return quantized[mode]
+
     dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
     base = SparseConfig()
     results = {"env": env, "shape": args.shape, "copy_bandwidth_Bps": bw, "weights_bytes": weights,
@@ -371,10 +378,7 @@ def main(argv=None):
         for name, kind, wmode, kv in variants:
             if kind == "dense_cudnn":
                 continue
-            if wmode and wmode not in quantized:
-                qp = quantize_params(params, wmode)
-                quantized[wmode] = (qp, param_bytes(qp))
-            p_run, w_bytes = quantized[wmode] if wmode else (params, weights)
+            p_run, w_bytes = weights_for(wmode)
             layout = dense_layout if kind == "dense_paged" else layout_sparse
             sp = SparseConfig(sparse_decode=False) if kind == "dense_paged" else \
                 SparseConfig(selection_mode=kind.removeprefix("sparse_"))
@@ -411,10 +415,7 @@ def main(argv=None):
             try:
                 if (wmode or kv is not None) and args.tp > 1:
                     raise NotImplementedError("FP8 weights and 8-bit KV run on one GPU only")
-                if wmode and wmode not in quantized:
-                    qp = quantize_params(params, wmode)
-                    quantized[wmode] = (qp, param_bytes(qp))
-                p_run, w_bytes = quantized[wmode] if wmode else (params, weights)
+                p_run, w_bytes = weights_for(wmode)
                 if kind == "dense_cudnn":
                     if args.tp > 1:
                         raise NotImplementedError("the contiguous cuDNN baseline runs on one GPU only")

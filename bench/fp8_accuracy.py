@@ -38,7 +38,7 @@ from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.evals import eval_ids  # noqa: E402
 from lserve_jax.evals.ppl import perplexity  # noqa: E402
 from lserve_jax.heads import binarize, load_pattern  # noqa: E402
-from lserve_jax.kv8 import KV_DTYPES, calibration_ids, is_quantized, key_centers, with_key_centers  # noqa: E402
+from lserve_jax.kv8 import KV_DTYPES, calibration_ids, is_kv8, key_centers, with_key_centers  # noqa: E402
 from lserve_jax.quant import MODES, quantize_params  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -57,7 +57,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     kvs = [k for k in args.kv.split(",") if k]
-    bad = [k for k in kvs if not is_quantized(KV_DTYPES.get(k))]
+    bad = [k for k in kvs if not is_kv8(KV_DTYPES.get(k))]
     if bad:
         ap.error(f"--kv takes 8-bit KV dtypes (fp8_e4m3, int8), got {bad}")
     from lserve_jax.api import DEFAULT_PATTERN, default_checkpoint

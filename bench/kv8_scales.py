@@ -40,6 +40,7 @@ from common import environment, log, write_json  # noqa: E402
 from lserve_jax.checkpoint import open_checkpoint  # noqa: E402
 from lserve_jax.evals.corpus import eval_ids  # noqa: E402
 from lserve_jax.evals.nll import next_token_nll  # noqa: E402
+from lserve_jax.kv8 import fake_quantize  # noqa: E402
 from lserve_jax.models.layer import causal_attention, decoder_layer, final_norm  # noqa: E402
 from lserve_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -53,9 +54,8 @@ def _q(x, amax):
 
 def int8_token(x):
     """INT8 with one scale per token and head (amax / 127, round to nearest): LServe's own KV8
-    (QServe stores 8-bit integer KV with per-head scales and zero points)."""
-    s = jnp.maximum(jnp.max(jnp.abs(x), -1, keepdims=True), 1e-12) / 127.0
-    return jnp.clip(jnp.round(x / s), -127, 127) * s
+    (QServe stores 8-bit integer KV with per-head scales and zero points); the library's quantiser."""
+    return fake_quantize(x, jnp.int8)
 
 
 def none(x):
@@ -66,8 +66,8 @@ def cast(x):
     return x.astype(F8).astype(x.dtype)
 
 
-def token(x):  # x [B, T, H, D]
-    return _q(x, jnp.max(jnp.abs(x), -1, keepdims=True))
+def token(x):  # x [B, T, H, D]: what `lserve_jax.kv8` stores
+    return fake_quantize(x, F8)
 
 
 def page_channel(x):

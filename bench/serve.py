@@ -43,7 +43,7 @@ from lserve_jax.cache import init_cache  # noqa: E402
 from lserve_jax.config import ModelConfig, SparseConfig  # noqa: E402
 from lserve_jax.engine import Engine  # noqa: E402
 from lserve_jax.heads import HeadLayout  # noqa: E402
-from lserve_jax.kv8 import KV_DTYPES  # noqa: E402
+from lserve_jax.kv8 import KV_DTYPES, calibration_ids, is_kv8, key_centers, with_key_centers  # noqa: E402
 from lserve_jax.params import init_params  # noqa: E402
 from lserve_jax.sampling import SamplingParams  # noqa: E402
 
@@ -291,6 +291,8 @@ def main(argv=None):
     log("env", env)
     dtype = jnp.float32 if args.shape == "tiny" else jnp.bfloat16
     params = init_params(cfg, jax.random.key(0), dtype)
+    if is_kv8(KV_DTYPES[args.kv_dtype]):  # the key centres once, for every engine (`kv8.key_centers`)
+        params = with_key_centers(params, key_centers(params, cfg, calibration_ids(None, cfg.vocab_size)))
     sparse = SparseConfig()
     if args.shape == "tiny":
         sparse = SparseConfig(page_size=16, logical_page_size=4, prefill_sink=16, prefill_local=64,
@@ -319,7 +321,7 @@ def main(argv=None):
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             kw = dict(layout=lay, sparse=sparse, max_seq_len=max_seq, max_slots=args.max_slots, prefill_chunk=chunk,
                       prefix_cache=cache_on, kv_dtype=args.kv_dtype)
-            stream_pages = Engine(params, cfg, num_pages=2, **{**kw, "kv_dtype": "auto"}).num_stream_pages
+            stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
             pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages, KV_DTYPES[args.kv_dtype])
             if pages - 1 < max_seq // sparse.page_size:
                 raise SystemExit(f"{pool / (1 << 30):.2f} GiB of KV pages give the {name} engine {pages - 1} pages "

@@ -34,7 +34,7 @@ from .arrays import Arrays
 from .config import ModelConfig, SparseConfig
 from .decl import ArrayDecl
 from .heads import HeadLayout
-from .kv8 import SCALES, is_quantized, load, store, unviews, views
+from .kv8 import SCALES, is_kv8, load, store, unviews, views
 
 NULL_PAGE = 0  # scratch page: never handed out, absorbs writes of padding rows
 
@@ -150,7 +150,7 @@ def init_cache(cfg: ModelConfig, layout: HeadLayout, sparse: SparseConfig, *, ba
     kv_dtype = dtype if kv_dtype is None else kv_dtype
     layers = []
     for i, r in enumerate(layout.num_retrieval):
-        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, quantized=is_quantized(kv_dtype), **sizes)
+        decls = layer_cache_decls(cfg, sparse, num_retrieval=r, quantized=is_kv8(kv_dtype), **sizes)
         layers.append(Arrays({n: make(i, n, d, d.dtype or (kv_dtype if n in KV_FIELDS else dtype))
                               for n, d in decls.items()}))
     shared = _decls(SHARED_FIELDS, cache_sizes(cfg, sparse, num_retrieval=0, **sizes))

@@ -40,7 +40,7 @@ from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
 from .pages import PageAllocator, PoolExhausted  # noqa: F401  (importable from here too)
 from .params import Params
-from .kv8 import KV_DTYPES, calibration_ids, is_quantized, key_centers, with_key_centers
+from .kv8 import KV_DTYPES, calibration_ids, is_kv8, key_centers, with_key_centers
 from .quant import weights_mode
 from .prompts import normalize_request
 from .sampling import SamplingParams, sample_rows, seed_key_data
@@ -158,9 +158,9 @@ class Engine:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
         self.kv_dtype = KV_DTYPES[kv_dtype]
-        if tp > 1 and is_quantized(self.kv_dtype):
+        if tp > 1 and is_kv8(self.kv_dtype):
             raise ValueError(f"8-bit KV pages ({kv_dtype}) run with tp=1 only, got tp={tp}")
-        if center_keys and is_quantized(self.kv_dtype) and "k_center" not in params.layers[0]:
+        if center_keys and is_kv8(self.kv_dtype) and "k_center" not in params.layers[0]:
             ids = calibration_ids(tokenizer, config.vocab_size)
             params = with_key_centers(params, key_centers(params, config, ids))
         if tp > 1 and weights_mode(params) is not None:

@@ -137,10 +137,11 @@ def engine_settings(args) -> SparseConfig:
     """The SparseConfig of `add_engine_options`' options, after checking tp, max-seq-len and
     num-pages; ValueError names a bad value."""
     from .config import SparseConfig
+    from .kv8 import KV_DTYPES, is_kv8
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
-    if args.kv_dtype in ("fp8_e4m3", "int8") and args.tp > 1:
+    if is_kv8(KV_DTYPES[args.kv_dtype]) and args.tp > 1:
         raise ValueError(f"--kv-dtype {args.kv_dtype} runs with --tp 1 only, got --tp {args.tp}")
     if args.weights is not None and args.tp > 1:
         raise ValueError(f"--weights {args.weights} runs with --tp 1 only, got --tp {args.tp}")

@@ -28,34 +28,28 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from .arrays import Arrays
-from .quant import FP8, quantize_rows
+from .quant import FP8, quantize_amax
 
 INT8 = jnp.int8
-INT8_MAX = 127.0
 # --kv-dtype names -> storage dtype (None: the compute dtype)
 KV_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32,
              "fp8_e4m3": FP8, "int8": INT8}
-QUANTIZED = (jnp.dtype(FP8), jnp.dtype(INT8))  # the storage dtypes that carry scales (KV8)
+KV8_DTYPES = (jnp.dtype(FP8), jnp.dtype(INT8))  # the storage dtypes that carry scales (KV8)
 
 
-def is_quantized(dtype) -> bool:
+def is_kv8(dtype) -> bool:
     """Whether K/V stored in `dtype` are 8-bit values with per-token scales (`KV8`)."""
-    return dtype is not None and jnp.dtype(dtype) in QUANTIZED
+    return dtype is not None and jnp.dtype(dtype) in KV8_DTYPES
 
 
 def quantize_tokens(x: jax.Array, dtype=FP8) -> tuple[jax.Array, jax.Array]:
-    """x [..., D] -> (dtype [..., D], float32 [...]): each vector scaled by its own amax (e4m3:
-    to 448, nearest e4m3 value; int8: to 127, rounded to the nearest integer)."""
-    if jnp.dtype(dtype) == jnp.dtype(INT8):
-        xf = jnp.asarray(x, jnp.float32)
-        scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / INT8_MAX
-        return jnp.clip(jnp.round(xf / scale[..., None]), -INT8_MAX, INT8_MAX).astype(INT8), scale
-    if jnp.dtype(dtype) != jnp.dtype(FP8):
-        raise ValueError(f"8-bit KV pages are float8_e4m3fn or int8, got {jnp.dtype(dtype)}")
-    q, scale = quantize_rows(x)
+    """x [..., D] -> (dtype [..., D], float32 [...]): each vector scaled by its own amax
+    (`quant.quantize_amax`: e4m3 to 448, int8 to 127)."""
+    q, scale = quantize_amax(x, -1, dtype)
     return q, scale[..., 0]
 
 
@@ -190,6 +184,4 @@ def calibration_ids(tokenizer, vocab_size: int, n: int = CENTER_TOKENS) -> list[
         ids = tokenizer.encode(text, add_special_tokens=False)[:n]
         if len(ids) > CENTER_SKIP:
             return list(ids)
-    import numpy as np
-
     return np.random.default_rng(0).integers(1, vocab_size, n).tolist()

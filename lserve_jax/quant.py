@@ -50,13 +50,22 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def quantize_amax(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """x -> (e4m3, float32 scales with `axis` kept at size 1): each slice along `axis` scaled
-    so its largest magnitude maps to e4m3's largest finite value. The one quantiser of weights,
+INT8_MAX = 127.0
+
+
+def quantize_amax(x: jax.Array, axis: int, dtype=FP8) -> tuple[jax.Array, jax.Array]:
+    """x -> (e4m3 or int8, float32 scales with `axis` kept at size 1): each slice along `axis`
+    scaled so its largest magnitude maps to the format's largest value (e4m3: 448, the nearest
+    e4m3 value; int8: 127, rounded to the nearest integer). The one quantiser of weights,
     activations and KV pages (`lserve_jax.kv8`)."""
+    int8 = jnp.dtype(dtype) == jnp.dtype(jnp.int8)
+    if not int8 and jnp.dtype(dtype) != jnp.dtype(FP8):
+        raise ValueError(f"8-bit quantisation is to float8_e4m3fn or int8, got {jnp.dtype(dtype)}")
+    top = INT8_MAX if int8 else FP8_MAX
     xf = jnp.asarray(x, jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True), _TINY) / FP8_MAX
-    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True), _TINY) / top
+    y = xf / scale
+    return jnp.clip(jnp.round(y) if int8 else y, -top, top).astype(dtype), scale
 
 
 def quantize_weight(w: jax.Array, *, quantize_activations: bool = True) -> FP8Linear:
