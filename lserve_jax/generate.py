@@ -141,6 +141,8 @@ def engine_settings(args) -> SparseConfig:
 
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1 (GPUs to split the KV heads over), got {args.tp}")
+    if args.no_center_keys and not is_kv8(KV_DTYPES[args.kv_dtype]):
+        raise ValueError(f"--no-center-keys applies to 8-bit KV (--kv-dtype int8 or fp8_e4m3), got --kv-dtype {args.kv_dtype}")
     if is_kv8(KV_DTYPES[args.kv_dtype]) and args.tp > 1:
         raise ValueError(f"--kv-dtype {args.kv_dtype} runs with --tp 1 only, got --tp {args.tp}")
     if args.weights is not None and args.tp > 1:

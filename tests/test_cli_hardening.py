@@ -135,6 +135,8 @@ def test_calibrate_with_relative_checkpoint_and_output(ckpt, monkeypatch):
     (["--num-pages", "1"], "at least 2 pages"),
     (["--max-seq-len", "-4"], "--max-seq-len must be >= 1"),
     (["--weights", "fp8", "--tp", "2"], "runs with --tp 1 only"),
+    (["--kv-dtype", "int8", "--tp", "2"], "runs with --tp 1 only"),
+    (["--no-center-keys"], "--no-center-keys applies to 8-bit KV"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(capsys, args, message):
     """Checked before the checkpoint is even opened (it does not exist here)."""
