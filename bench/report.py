@@ -292,28 +292,27 @@ def offset_prefill() -> list[str]:
 
 
 def fp8_weights_accuracy() -> list[str]:
-    """Perplexity with FP8 linear weights (bench/fp8_accuracy.py), newest run per model."""
-    runs = {}
-    for name, d in _load("fp8_accuracy-*.json"):
-        runs[d["checkpoint"]] = (name, d)
+    """Perplexity with 8-bit linear weights and KV (bench/fp8_accuracy.py), every run, by model."""
+    runs = sorted(_load("fp8_accuracy-*.json"), key=lambda r: (r[1]["checkpoint"], r[0]))
     if not runs:
         return []
-    lines = ["## FP8 weights and 8-bit KV: perplexity (real weights, CPU)", "",
-             "`python bench/fp8_accuracy.py`: W8A8 (`--weights fp8`) and W8A16 (`--weights fp8-weight-only`) "
-             "weights, KV read back from 8-bit pages (`--kv-dtype fp8_e4m3` / `int8`, per-token scales, every "
-             "position as decode reads the cache) against the unquantised model, compute in float32; sparse = "
-             "the calibrated pattern at 50% streaming heads with the prefill window scaled to the model "
-             "(as bench/accuracy.py).", ""]
-    for model, (name, d) in sorted(runs.items()):
-        lines += _table(f"{model}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):",
+    lines = ["## 8-bit weights and KV: perplexity (real weights, CPU)", "",
+             "`python bench/fp8_accuracy.py`: W8A8 FP8 (`--weights fp8`), W8A16 (`--weights fp8-weight-only`) and "
+             "W8A8 INT8 with SmoothQuant smoothing (`--weights int8`) weights, KV read back from 8-bit pages "
+             "(`--kv-dtype fp8_e4m3` / `int8`, per-token scales, every position as decode reads the cache) against "
+             "the unquantised model, compute in float32; sparse = the calibrated pattern at 50% streaming heads "
+             "with the prefill window scaled to the model (as bench/accuracy.py).", ""]
+    shown = ("ppl_ratio_kv8_over_bf16", "ppl_ratio_w8a8kv8_over_bf16", "w8a8_format", "ppl_ratio_w8a8fp8kv8_over_bf16",
+             "ppl_ratio_w8a8int8kv8_over_bf16")
+    for name, d in runs:
+        lines += _table(f"{d['checkpoint']}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):",
                         ["weights", "KV", "layout", "ppl", "ratio"],
                         [[r["weights"], r.get("kv", "-"), r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"]
                          for r in d["rows"]])
-        keys = {k: v for k, v in d.get("summary", {}).items() if k in ("ppl_ratio_kv8_over_bf16",
-                                                                        "ppl_ratio_w8a8kv8_over_bf16")}
+        keys = {k: d["summary"][k] for k in shown if k in d.get("summary", {})}
         if keys:
             lines += ["Summary (int8 KV, the worse of dense and sparse): "
-                      + ", ".join(f"`{k}` {v:.4f}" for k, v in keys.items()), ""]
+                      + ", ".join(f"`{k}` {v:.4f}" if isinstance(v, float) else f"`{k}` {v}" for k, v in keys.items()), ""]
     return lines
 
 
@@ -399,19 +398,30 @@ def long_prompt() -> list[str]:
 
 
 def fp8_gemm() -> list[str]:
-    """FP8 vs bf16 projections (bench/fp8_gemm.py), every run."""
+    """8-bit vs bf16 projections (bench/fp8_gemm.py), every run (INT8 columns where the run has them)."""
     lines = []
     for name, d in _load("fp8_gemm-*.json"):
         if not d.get("rows") or d["env"].get("backend") == "cpu":
             continue
-        lines += [f"## FP8 projections vs bf16 ({d['env']['device']}, jax {d['env']['jax']})", ""]
+        int8 = all("int8" in r for r in d["rows"])
+        timing = d.get("note", "one product per call (dispatch included)")
+        lines += [f"## 8-bit projections vs bf16 ({d['env']['device']}, jax {d['env']['jax']})", ""]
+        head = ["weight", "in x out", "rows", "bf16 ms", "W8A8 ms", "W8A16 ms"] + ["INT8 W8A8 ms"] * int8 \
+            + ["W8A8 speed-up"] + ["INT8 speed-up"] * int8 + ["W8A8 GEMM"] + ["INT8 GEMM"] * int8
+        rows = []
+        for r in d["rows"]:
+            row = [r["weight"], "x".join(map(str, r["shape"])), r["rows"], f"{r['bf16']['ms']:.3f}",
+                   f"{r['w8a8']['ms']:.3f}", f"{r['w8a16']['ms']:.3f}"]
+            i8 = r.get("int8")
+            row += [f"{i8['ms']:.3f}"] if i8 else []
+            row += [_x(r["bf16"]["ms"], r["w8a8"]["ms"])] + ([_x(r["bf16"]["ms"], i8["ms"])] if i8 else [])
+            row += [" ".join(r["w8a8"]["gemms"]) or "(none named)"]
+            row += [" ".join(i8["gemms"]) or "(none named)"] if i8 else []
+            rows.append(row)
         lines += _table(f"`python bench/fp8_gemm.py` (`{name}`): `models.layer.project` at the llama3-8b "
                         "projection shapes; W8A8 = FP8 weights and activations (the GEMM XLA calls is named), "
-                        "W8A16 = FP8 weights converted in the product.",
-                        ["weight", "in x out", "rows", "bf16 ms", "W8A8 ms", "W8A16 ms", "W8A8 speed-up", "W8A8 GEMM"],
-                        [[r["weight"], "x".join(map(str, r["shape"])), r["rows"], f"{r['bf16']['ms']:.3f}",
-                          f"{r['w8a8']['ms']:.3f}", f"{r['w8a16']['ms']:.3f}", _x(r["bf16"]["ms"], r["w8a8"]["ms"]),
-                          " ".join(r["w8a8"]["gemms"]) or "(none named)"] for r in d["rows"]])
+                        "W8A16 = FP8 weights converted in the product, INT8 W8A8 = smoothed int8 activations "
+                        f"and weights; timing: {timing}.", head, rows)
     return lines
 
 

@@ -19,7 +19,8 @@ from .config import SparseConfig
 from .engine import Engine
 from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
 from .params import permute_kv_heads
-from .quant import check_mode, quantize_params, weights_mode
+from .quant import check_mode, weights_mode
+from .smoothquant import quantize_model
 from .sharding import ShardingError
 from .tokenizer import Tokenizer
 
@@ -39,9 +40,10 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     tp: split the KV heads over this many local devices (lserve_jax.sharding); each layer's
     retrieval-head count is rounded up to a multiple of tp so every device gets the same share.
     max_slots: decode slots of the request loop (default: `generate` sizes them to its batch).
-    weights: "fp8" (W8A8: FP8 weights and per-token FP8 activations) or "fp8-weight-only"
-    (W8A16) quantises the layers' linear weights on load (`lserve_jax.quant`); None keeps the
-    checkpoint's (a checkpoint converted with --quantize fp8 is FP8 already). kv_dtype: how the
+    weights: "fp8" (W8A8: FP8 weights and per-token FP8 activations), "fp8-weight-only" (W8A16)
+    or "int8" (W8A8 in INT8, SmoothQuant-smoothed with activation maxima over the package's
+    calibration text: `lserve_jax.smoothquant`) quantises the layers' linear weights on load
+    (`lserve_jax.quant`); None keeps the checkpoint's (one converted with --quantize is 8-bit already). kv_dtype: how the
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
     per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
     calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
@@ -82,11 +84,12 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         layout, perms = layout_and_permutation(retrieval)
     if np.any(perms != np.arange(cfg.num_kv_heads)):
         params = permute_kv_heads(params, cfg, perms)
-    if weights is not None and weights_mode(params) != weights:
-        params = quantize_params(params, weights)  # after the permutation: scales travel with their channels
     tokenizer = None
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
+    if weights is not None and weights_mode(params) != weights:
+        # after the permutation: scales (and int8's smoothing) travel with their channels
+        params = quantize_model(params, cfg, weights, tokenizer)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,
                   max_slots=max_slots, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, kv_dtype=kv_dtype,

@@ -72,7 +72,7 @@ class Checkpoint:
 
     @property
     def weights(self) -> str | None:
-        """The FP8 form of the linear weights ("fp8", "fp8-weight-only"; `lserve_jax.quant`), or None."""
+        """The 8-bit form of the linear weights ("fp8", "fp8-weight-only", "int8"; `lserve_jax.quant`), or None."""
         return self.meta.get("weights")
 
     def load_params(self, dtype: str | None = None) -> Params:

@@ -61,9 +61,11 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("fp8", "fp8-weight-only"),
+    p.add_argument("--weights", choices=("fp8", "fp8-weight-only", "int8"),  # quant.MODES (not imported: --help stays fast)
                    help="quantise the linear weights on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 "
-                        "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16 (default: the checkpoint's weights)")
+                        "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16, 'int8' = W8A8 in INT8 with "
+                        "SmoothQuant smoothing (calibrated on load; the most accurate W8A8) (default: the "
+                        "checkpoint's weights)")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "int8"),
                    help="how K and V are stored: 'auto' = the compute dtype; 'int8' / 'fp8_e4m3' = 8-bit values with a "
                         "scale per token and head (half of bf16's bytes; int8 loses least: perplexity x1.000-1.003 at "

@@ -21,7 +21,7 @@ from . import models
 from .arrays import Arrays
 from .config import ModelConfig
 from .decl import ArrayDecl, axis_sizes
-from .quant import FP8Linear
+from .quant import QUANTIZED, Int8Linear
 
 LayerParams = Arrays  # one layer's weights: attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, ... as declared
 
@@ -121,8 +121,11 @@ def permute_kv_heads(params: Params, cfg: ModelConfig, perms: np.ndarray) -> Par
     decls = layer_decls(cfg)
 
     def move(w, axes, perm):
-        if isinstance(w, FP8Linear):  # stored [out, in] with per-output scales: both move
-            return w.replace(w=move(w.w.T, axes, perm).T, scale=move(w.scale, axes[1:], perm))
+        if isinstance(w, QUANTIZED):  # stored [out, in] with per-output scales: both move
+            moved = dict(w=move(w.w.T, axes, perm).T, scale=move(w.scale, axes[1:], perm))
+            if isinstance(w, Int8Linear):  # and the per-input smoothing with the input axis
+                moved["inv_smooth"] = move(w.inv_smooth, axes[:1], perm)
+            return w.replace(**moved)
         for ax, name in enumerate(axes):
             if name in ("q_heads", "kv_heads"):
                 shape = w.shape

@@ -86,7 +86,8 @@ def test_decode_bench_quantised_variants():
     assert decode.parse_variant("sparse_kv_head+w8a8+kv8") == ("sparse_kv_head", "fp8", INT8)
     assert decode.parse_variant("dense_paged+kv8e4m3") == ("dense_paged", None, FP8)
     assert decode.parse_variant("dense_cudnn") == ("dense_cudnn", None, None)
-    for bad in ("sparse_kv_head+kv9", "dense_cudnn+kv8", "dense_paged+kv8+kv8e4m3"):
+    assert decode.parse_variant("sparse_kv_head+w8a8int8+kv8") == ("sparse_kv_head", "int8", INT8)
+    for bad in ("sparse_kv_head+kv9", "dense_cudnn+kv8", "dense_paged+kv8+kv8e4m3", "dense_paged+w8a8+w8a8int8"):
         with pytest.raises(ValueError):
             decode.parse_variant(bad)
     sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32)
@@ -100,6 +101,11 @@ def test_decode_bench_quantised_variants():
     assert s["tpot_speedup_vs_cudnn_128k_b4"] == pytest.approx(20 / 6)
     assert s["tpot_speedup_fp8_vs_dense_bf16_128k_b4"] == pytest.approx(5.0)
     assert s["tpot_speedup_fp8_vs_dense_fp8_128k_b4"] == pytest.approx(4.0)
+    assert s["w8a8_format_128k_b4"] == "w8a8"
+    # an INT8 W8A8 run that is faster is the one the 8-bit ratios take
+    s = decode.summarize(pts + [dict(ctx=131072, batch=4, variant="sparse_kv_head+w8a8int8+kv8", pipelined_s=2.5e-3,
+                                     mean_s=2.5e-3)])
+    assert s["w8a8_format_128k_b4"] == "w8a8int8" and s["tpot_speedup_fp8_vs_dense_bf16_128k_b4"] == pytest.approx(8.0)
 
 
 def test_decode_bench_max_batch_fills_the_memory_it_is_given():

@@ -183,13 +183,23 @@ def test_sampling_without_seed_prints_a_seed_that_repeats_the_run(ckpt, capsys):
     assert rc == 0 and again == out and "[seed]" not in err
 
 
-def test_fp8_weights_generate(ckpt, capsys):
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_8bit_weights_generate(ckpt, capsys, mode):
     rc, out, err = run_generate(capsys, "--checkpoint", ckpt, "--prompt", PROMPT, "--max-new-tokens", "4",
-                                "--weights", "fp8", "--quiet")
+                                "--weights", mode, "--quiet")
     assert rc == 0 and len(out.split()) == 4, err
     with pytest.raises(SystemExit) as e:  # argparse: an unknown choice is a usage error
-        generate_cli.main(["--checkpoint", str(ckpt), "--prompt", PROMPT, "--weights", "int8"])
+        generate_cli.main(["--checkpoint", str(ckpt), "--prompt", PROMPT, "--weights", "int4"])
     assert e.value.code == 2
+
+
+def test_weights_choices_are_the_quantisation_modes():
+    """--weights lists its choices literally (the CLI imports no jax for --help): they must be
+    quant.MODES."""
+    from lserve_jax.quant import MODES
+
+    action = next(a for a in generate_cli.build_parser()._actions if "--weights" in a.option_strings)
+    assert tuple(action.choices) == tuple(MODES)
 
 
 def test_greedy_prints_no_seed(ckpt, capsys):

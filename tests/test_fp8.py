@@ -1,7 +1,8 @@
-"""FP8 linear weights (`lserve_jax.quant`): round trips within e4m3's error bound, the FP8 product
-equals the float32 product of the dequantised operands, a tiny model stays within a stated
-tolerance of its float32 logits, checkpoints converted with --quantize load and generate, and
-bad combinations fail clearly."""
+"""8-bit linear weights (`lserve_jax.quant`, `lserve_jax.smoothquant`): round trips within e4m3's
+and int8's error bounds, the FP8 and INT8 products equal the float32 product of the dequantised
+operands, SmoothQuant smoothing keeps the function and rescues an outlier channel, a tiny model
+stays within a stated tolerance of its float32 logits, checkpoints converted with --quantize load
+and generate, and bad combinations fail clearly."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from lserve_jax.engine import Engine
 from lserve_jax.heads import layout_and_permutation
 from lserve_jax.model import forward_reference
 from lserve_jax.params import permute_kv_heads
-from lserve_jax.quant import (FP8, FP8_MAX, LINEAR_NAMES, FP8Linear, dequantize_weight, fp8_matmul,
-                              quantize_params, quantize_rows, quantize_weight, weights_mode)
+from lserve_jax.quant import (FP8, FP8_MAX, LINEAR_NAMES, QUANTIZED, FP8Linear, Int8Linear, dequantize_weight,
+                              fp8_matmul, int8_matmul, quantize_amax, quantize_params, quantize_rows,
+                              quantize_weight, quantize_weight_int8, smoothing, weights_mode)
+from lserve_jax.smoothquant import activation_amax, quantize_model
 from lserve_jax.sampling import SamplingParams
 
 from .tiny import TINY, tiny_params
@@ -95,36 +98,49 @@ def test_quantize_params_touches_only_the_linear_weights():
         quantize_params(q, "fp8")
     with pytest.raises(ValueError, match="unknown weight quantisation"):
         quantize_params(p, "int4")
+    with pytest.raises(ValueError, match="channel maxima"):
+        quantize_params(p, "int8")  # int8 needs calibration
+    q8 = quantize_model(p, TINY, "int8")  # random calibration ids without a tokenizer
+    assert weights_mode(q8) == "int8"
+    for lp, lq in zip(p.layers, q8.layers):
+        for name, w in lq.items():
+            if name in LINEAR_NAMES:
+                assert isinstance(w, Int8Linear) and w.shape == lp[name].shape and w.w.dtype == jnp.int8
+                assert w.inv_smooth.shape == (lp[name].shape[0],)
+    with pytest.raises(ValueError, match=r"already quantised \(int8\)"):
+        quantize_params(q8, "fp8")
 
 
-@pytest.mark.parametrize("mode,tol", [("fp8", 0.1), ("fp8-weight-only", 0.08)])
+@pytest.mark.parametrize("mode,tol", [("fp8", 0.1), ("fp8-weight-only", 0.08), ("int8", 0.04)])
 def test_tiny_model_logits_within_tolerance(mode, tol):
     """Stated tolerance: the logits' relative L2 error against float32 stays below `tol` on the
-    tiny model with random N(0, 0.05) weights (measured 0.061 W8A8, 0.049 W8A16: each product
-    carries e4m3's few-percent rounding and random weights pass it on undamped; real models lose
-    far less, see the perplexity rows in BENCHMARKS.md)."""
+    tiny model with random N(0, 0.05) weights (measured 0.061 W8A8 FP8, 0.049 W8A16, 0.017 W8A8
+    INT8: each product carries the format's rounding and random weights pass it on undamped; real
+    models lose far less, see the perplexity rows in BENCHMARKS.md)."""
     cfg, p = TINY, tiny_params(TINY, scale=0.05)
     toks = jnp.asarray(np.random.default_rng(3).integers(1, cfg.vocab_size, (2, 24)), jnp.int32)
     ref = np.asarray(forward_reference(p, toks, cfg))
-    got = np.asarray(forward_reference(quantize_params(p, mode), toks, cfg))
+    got = np.asarray(forward_reference(quantize_model(p, cfg, mode), toks, cfg))
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert np.all(np.isfinite(got)) and rel < tol, rel
 
 
-def test_engine_with_fp8_weights_equals_the_reference_forward():
-    """Greedy decoding through the engine (paged cache, prefill + decode programs) with FP8
-    weights gives the reference forward's argmax at every step, on the same FP8 weights."""
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_engine_with_8bit_weights_equals_the_reference_forward(mode):
+    """Greedy decoding through the engine (paged cache, prefill + decode programs) with 8-bit
+    weights gives the reference forward's argmax at every step, on the same 8-bit weights."""
     cfg = TINY
-    q = quantize_params(tiny_params(cfg), "fp8")
+    q = quantize_model(tiny_params(cfg), cfg, mode)
     prompt = [3, 17, 5, 9, 44, 2, 8]
     out = Engine(q, cfg, max_seq_len=64).generate([prompt], SamplingParams(max_new_tokens=6))[0].token_ids
     ref = np.asarray(forward_reference(q, jnp.asarray([prompt + out[:-1]]), cfg))[0]  # teacher-forced
     assert out == [int(t) for t in np.argmax(ref, -1)[len(prompt) - 1:]]
 
 
-def test_permuting_heads_of_fp8_weights_keeps_the_function():
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_permuting_heads_of_8bit_weights_keeps_the_function(mode):
     cfg = TINY
-    q = quantize_params(tiny_params(cfg), "fp8")
+    q = quantize_model(tiny_params(cfg), cfg, mode)
     retrieval = np.array([[False, True], [True, False]])
     _, perms = layout_and_permutation(retrieval)
     assert np.any(perms != np.arange(cfg.num_kv_heads))
@@ -134,19 +150,20 @@ def test_permuting_heads_of_fp8_weights_keeps_the_function():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_fp8_checkpoint_round_trip_and_generation(tmp_path):
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_8bit_checkpoint_round_trip_and_generation(tmp_path, mode):
     cfg = TINY
-    q = quantize_params(tiny_params(cfg), "fp8")
-    write_checkpoint(tmp_path, q, cfg, "float32", extra_meta={"weights": "fp8"})
+    q = quantize_model(tiny_params(cfg), cfg, mode)
+    write_checkpoint(tmp_path, q, cfg, "float32", extra_meta={"weights": mode})
     ckpt = open_checkpoint(tmp_path)
-    assert ckpt.weights == "fp8"
+    assert ckpt.weights == mode
     got = ckpt.load_params()
     assert jax.tree.structure(got) == jax.tree.structure(q)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(q)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
-    half = ckpt.load_params("bfloat16")  # the cast leaves the FP8 weights and scales alone
-    assert half.embed.dtype == jnp.bfloat16 and half.layers[0].wq.w.dtype == FP8
+    half = ckpt.load_params("bfloat16")  # the cast leaves the 8-bit weights and scales alone
+    assert half.embed.dtype == jnp.bfloat16 and half.layers[0].wq.w.dtype == (FP8 if mode == "fp8" else jnp.int8)
     assert half.layers[0].wq.scale.dtype == jnp.float32
     out = Engine(got, cfg, max_seq_len=64).generate([[1, 2, 3]], SamplingParams(max_new_tokens=4))[0]
     assert len(out.token_ids) == 4
@@ -161,9 +178,10 @@ def test_unknown_weights_in_a_checkpoint_is_refused(tmp_path):
         open_checkpoint(tmp_path)
 
 
-def test_fp8_weights_with_tensor_parallelism_are_refused():
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_8bit_weights_with_tensor_parallelism_are_refused(mode):
     with pytest.raises(ValueError, match="tp=1 only"):
-        Engine(quantize_params(tiny_params(TINY), "fp8"), TINY, max_seq_len=64, tp=2)
+        Engine(quantize_model(tiny_params(TINY), TINY, mode), TINY, max_seq_len=64, tp=2)
 
 
 def test_convert_quantize_fp8_loads_and_generates(tmp_path):
@@ -190,6 +208,105 @@ def test_convert_quantize_fp8_loads_and_generates(tmp_path):
     with pytest.raises(ValueError, match="unknown weight quantisation"):
         load(plain, pattern=None, max_seq_len=64, progress=False, weights="fp4")
     with pytest.raises(SystemExit) as e:  # argparse's usage error
-        convert_main([str(src), str(tmp_path / "bad"), "--quantize", "int8", "--quiet"])
+        convert_main([str(src), str(tmp_path / "bad"), "--quantize", "int4", "--quiet"])
     assert e.value.code == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_convert_quantize_int8_calibrates_with_the_models_tokenizer(tmp_path):
+    """--quantize int8 smooths with activation maxima over the calibration text through the
+    source's own tokenizer: the converted weights equal `load(weights="int8")` of a plain conversion,
+    and the engine generates with them."""
+    from lserve_jax.api import load
+    from lserve_jax.convert.cli import main as convert_main
+
+    from .hf_models import make_hf_model
+
+    src, dest, plain = tmp_path / "hf", tmp_path / "ckpt", tmp_path / "plain"
+    make_hf_model("llama3", src)
+    assert convert_main([str(src), str(dest), "--dtype", "float32", "--quantize", "int8", "--quiet"]) == 0
+    assert convert_main([str(src), str(plain), "--dtype", "float32", "--quiet"]) == 0
+    assert open_checkpoint(dest).weights == "int8"
+    eng = load(dest, pattern=None, max_seq_len=64, progress=False)
+    eng2 = load(plain, pattern=None, max_seq_len=64, progress=False, weights="int8")
+    assert weights_mode(eng.params) == weights_mode(eng2.params) == "int8"
+    for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(eng2.params)):
+        np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
+                                   rtol=1e-6, atol=1e-6)
+    assert len(eng.generate([[1, 2, 3, 4]], SamplingParams(max_new_tokens=3))[0].token_ids) == 3
+
+
+def test_int8_weight_round_trip_within_int8_error():
+    """Unsmoothed, each weight is within half a step (its channel's amax / 127 / 2) of its value."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((40, 24)) * np.exp(rng.uniform(-3, 3, (1, 24)))).astype(np.float32)
+    w[:, 3] = 0.0
+    qw = quantize_weight_int8(jnp.asarray(w), None)
+    assert isinstance(qw, Int8Linear) and qw.w.dtype == jnp.int8 and qw.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(qw.inv_smooth), 1.0)
+    back = np.asarray(dequantize_weight(qw))
+    step = np.abs(w).max(0) / 127
+    assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-5) + 1e-7) and np.all(back[:, 3] == 0)
+
+
+def test_smoothing_factors():
+    """s = amax_x^alpha / amax_w^(1-alpha) per input channel; a channel that never fires keeps 1."""
+    ax = jnp.asarray([4.0, 100.0, 0.0, 1.0])
+    w = jnp.asarray([[1.0, -2.0], [0.5, 0.25], [3.0, 1.0], [0.0, 0.0]])
+    s = np.asarray(smoothing(ax, w, 0.5))
+    np.testing.assert_allclose(s[:2], [np.sqrt(4.0) / np.sqrt(2.0), np.sqrt(100.0) / np.sqrt(0.5)], rtol=1e-6)
+    np.testing.assert_array_equal(s[2:], 1.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_int8_matmul_is_the_product_of_the_dequantised_operands(dtype):
+    """The INT8 product equals the float32 product of the smoothed, quantised activations and the
+    quantised smoothed weight: an exact int32 accumulation, both scales applied."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 7, 48)), dtype)
+    w = jnp.asarray(rng.standard_normal((48, 24)), jnp.float32)
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(-1, 48), axis=0)
+    qw = quantize_weight_int8(w, amax)
+    got = np.asarray(int8_matmul(x, qw))
+    xq, sx = quantize_amax(x.astype(jnp.float32) * qw.inv_smooth, -1, jnp.int8)
+    xd = np.asarray(xq, np.float64) * np.asarray(sx, np.float64)
+    wd = np.asarray(qw.w, np.float64).T * np.asarray(qw.scale, np.float64)
+    np.testing.assert_allclose(got, xd @ wd, rtol=1e-5, atol=1e-5)
+    exact = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w, np.float64)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.02
+
+
+def test_smoothing_rescues_an_outlier_input_channel():
+    """Activations with one channel 100x the rest: per-token int8 without smoothing rounds the
+    other channels away; smoothed, the product stays close to the exact one."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    x[:, 5] *= 100.0
+    w = jnp.asarray(rng.standard_normal((96, 32)) * 0.05, jnp.float32)
+    exact = x.astype(np.float64) @ np.asarray(w, np.float64)
+    amax = jnp.asarray(np.abs(x).max(0))
+
+    def err(qw):
+        got = np.asarray(int8_matmul(jnp.asarray(x), qw))
+        return np.linalg.norm(got - exact) / np.linalg.norm(exact)
+
+    plain, smooth = err(quantize_weight_int8(w, None)), err(quantize_weight_int8(w, amax))
+    assert smooth < 0.02 and smooth < plain / 3, (plain, smooth)
+
+
+def test_activation_amax_reads_each_projections_input():
+    """Layer 0's q/k/v maxima are those of the attention norm's output of the embeddings, every
+    linear gets its input width, and the maxima are finite and positive."""
+    from lserve_jax.models.layer import rms_norm
+
+    cfg, p = TINY, tiny_params(TINY)
+    ids = np.arange(1, 30)
+    amax = activation_amax(p, cfg, ids)
+    assert len(amax) == cfg.num_layers
+    h = rms_norm(p.embed[jnp.asarray(ids)], p.layers[0].attn_norm, cfg.rms_norm_eps)
+    np.testing.assert_allclose(np.asarray(amax[0]["wq"]), np.abs(np.asarray(h, np.float32)).max(0), rtol=1e-6)
+    for a, lp in zip(amax, p.layers):
+        for n in LINEAR_NAMES:
+            assert a[n].shape == (lp[n].shape[0],) and np.all(np.isfinite(a[n])) and np.all(np.asarray(a[n]) > 0)
+    q = quantize_params(p, "int8", act_amax=amax).layers[0]
+    assert all(isinstance(w, QUANTIZED) == (n in LINEAR_NAMES) for n, w in q.items())

@@ -12,7 +12,8 @@ import numpy as np
 from ..checkpoint import atomic_directory, write_checkpoint
 from ..config import ModelConfig
 from ..heads import PatternError, check_shape, load_pattern
-from ..quant import MODES, quantize_params
+from ..quant import MODES
+from ..smoothquant import quantize_model
 from .hf import (ConversionError, hf_tensors, is_hf_dir, map_tensors, one_line, read_hf_config,
                  tokenizer_files)
 
@@ -64,7 +65,9 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force
             pattern: str | Path | None = None, progress: bool = True, quantize: str | None = None) -> Path:
     """Converts a checkpoint; returns the destination. Nothing is left at `dest` on failure.
     quantize: "fp8" / "fp8-weight-only" stores the layers' linear weights in FP8 with
-    per-output-channel scales (`lserve_jax.quant`); the rest stays in `dtype`."""
+    per-output-channel scales, "int8" in INT8 smoothed for int8 activations (calibrated on the
+    package's text through the model's own tokenizer; `lserve_jax.quant`, `lserve_jax.smoothquant`);
+    the rest stays in `dtype`."""
     import jax.numpy as jnp
 
     from ..params import from_flat
@@ -84,11 +87,25 @@ def convert(src: str | Path, dest: str | Path, *, dtype: str = "bfloat16", force
         check_shape(alpha, cfg.num_layers, cfg.num_kv_heads)
     params = from_flat(cfg, {k: jnp.asarray(v) for k, v in arrays.items()})
     if quantize is not None:
-        params = quantize_params(params, quantize)
+        params = quantize_model(params, cfg, quantize, _tokenizer(tok_files))
         meta = {**meta, "weights": quantize}
     with atomic_directory(dest, force=force) as tmp:
         write_checkpoint(tmp, params, cfg, dtype, tokenizer_files=tok_files, pattern=alpha, extra_meta=meta)
     return dest
+
+
+def _tokenizer(tok_files: dict[str, str]):
+    """The source's tokenizer (for calibration text), or None when it ships none."""
+    import tempfile
+
+    from ..tokenizer import Tokenizer
+
+    if "tokenizer.json" not in tok_files:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in tok_files.items():
+            (Path(d) / name).write_text(text)
+        return Tokenizer.from_checkpoint_dir(d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES, help="parameter dtype (default: bfloat16)")
     p.add_argument("--pattern", help="DuoAttention head pattern (full_attention_heads.tsv or .npy) to store with the checkpoint")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                   help="store the layers' linear weights in FP8 (e4m3, per-output-channel scales): 'fp8' runs "
-                        "them as W8A8 (FP8 activations too), 'fp8-weight-only' as W8A16; embeddings, norms and "
-                        "the LM head stay in --dtype")
+                   help="store the layers' linear weights in 8 bits with per-output-channel scales: 'fp8' "
+                        "(e4m3) runs them as W8A8 (FP8 activations too), 'fp8-weight-only' as W8A16, 'int8' as "
+                        "W8A8 in INT8 with SmoothQuant smoothing (calibrated on the package's text; the most "
+                        "accurate W8A8); embeddings, norms and the LM head stay in --dtype")
     p.add_argument("--force", action="store_true", help="overwrite an existing destination")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -21,7 +21,7 @@ from jax import lax
 
 from ..arrays import Arrays
 from ..config import ModelConfig
-from ..quant import FP8Linear, fp8_matmul
+from ..quant import FP8Linear, Int8Linear, fp8_matmul, int8_matmul
 from ..rope import apply_rope, attention_scaling, inv_frequencies
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -35,10 +35,13 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype.
-    w may be an FP8 weight (`lserve_jax.quant.FP8Linear`): an FP8 GEMM (W8A8) or a product with
-    the weight converted (W8A16), scales applied to the float32 result."""
+    w may be an 8-bit weight (`lserve_jax.quant`): FP8Linear, an FP8 GEMM (W8A8) or a product with
+    the weight converted (W8A16); Int8Linear, an INT8 GEMM on smoothed activations (W8A8); scales
+    applied to the float32 result."""
     if isinstance(w, FP8Linear):
         y = fp8_matmul(x, w)
+    elif isinstance(w, Int8Linear):
+        y = int8_matmul(x, w)
     else:
         y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
     if b is not None:
@@ -65,18 +68,28 @@ def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelC
     return apply_rope(q, positions, inv_freq, scaling), k, v
 
 
+def gated_act(lp: Arrays, h: jax.Array) -> jax.Array:
+    """SwiGLU's hidden activation silu(gate(h)) * up(h), the down projection's input."""
+    return jax.nn.silu(project(h, lp.w_gate)) * project(h, lp.w_up)
+
+
 def mlp(lp: Arrays, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The residual SwiGLU block: x + down(silu(gate(h)) * up(h)), h = norm(x)."""
-    h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-    return x + project(jax.nn.silu(project(h, lp.w_gate)) * project(h, lp.w_up), lp.w_down)
+    return x + project(gated_act(lp, rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)), lp.w_down)
+
+
+def attention_block(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
+                    attend: Attend) -> tuple[jax.Array, Any]:
+    """The residual attention block: x + o_proj(attend(q, k, v)) -> (that, attend's aux)."""
+    q, k, v = attention_inputs(lp, x, positions, cfg)
+    o, aux = attend(q, k, v)
+    return x + project(o.astype(x.dtype).reshape(*x.shape[:-1], -1), lp.wo), aux
 
 
 def decoder_layer(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig,
                   attend: Attend) -> tuple[jax.Array, Any]:
     """One decoder layer: x [..., T, hidden] -> (next layer's input, attend's aux)."""
-    q, k, v = attention_inputs(lp, x, positions, cfg)
-    o, aux = attend(q, k, v)
-    x = x + project(o.astype(x.dtype).reshape(*x.shape[:-1], -1), lp.wo)
+    x, aux = attention_block(lp, x, positions, cfg, attend)
     return mlp(lp, x, cfg), aux
 
 
