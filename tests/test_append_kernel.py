@@ -1,6 +1,7 @@
 """The fused decode-append kernel (interpreted on CPU, compiled under the `gpu` marker) equals
 the jnp scatters of its reference, over appends that open pages and logical pages, wrap the
-ring, and layers with R = 0 or S = 0; cache.append through the ops API."""
+ring, and layers with R = 0 or S = 0, into bf16/float32 and 8-bit (int8, e4m3) pages and rings;
+cache.append through the ops API."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
+from lserve_jax.kv8 import INT8, KV8, quantize_tokens
+from lserve_jax.quant import FP8
 from lserve_jax.ops import OpChoice, Unsupported, append_token
 from lserve_jax.pallas.append import append_reference, fused_append
 
@@ -18,16 +21,33 @@ from .kernel_base import COMPILED, GPU_MARKS, INTERPRET, kernel_cases
 _FIELDS = ("k_pages", "v_pages", "k_min", "k_max", "ring_k", "ring_v")
 
 # (r, s, dtype, page, lp, sink, local, d): small layers on CPU; llama3-8b-like ones on the GPU
-_CASES = [(r, s, dtype, 16, 4, 4, 12, 32) for r, s in [(2, 1), (0, 3), (3, 0), (1, 1)]
-          for dtype in (jnp.float32, jnp.bfloat16)]
-_GPU_CASES = [(4, 4, jnp.bfloat16, 64, 16, 128, 256, 128), (8, 0, jnp.bfloat16, 64, 16, 128, 256, 128),
-              (3, 5, jnp.float32, 64, 16, 128, 256, 64)]
+# (r, s, dtype, page, lp, sink, local, d, kv): kv the 8-bit storage dtype (None: dtype)
+_CASES = [(r, s, dtype, 16, 4, 4, 12, 32, None) for r, s in [(2, 1), (0, 3), (3, 0), (1, 1)]
+          for dtype in (jnp.float32, jnp.bfloat16)] \
+    + [(r, s, jnp.bfloat16, 16, 4, 4, 12, 32, kv) for r, s in [(2, 1), (0, 3), (3, 0)] for kv in (INT8, FP8)]
+_GPU_CASES = [(4, 4, jnp.bfloat16, 64, 16, 128, 256, 128, None), (8, 0, jnp.bfloat16, 64, 16, 128, 256, 128, None),
+              (3, 5, jnp.float32, 64, 16, 128, 256, 64, None), (4, 4, jnp.bfloat16, 64, 16, 128, 256, 128, INT8),
+              (4, 4, jnp.bfloat16, 64, 16, 128, 256, 128, FP8), (0, 8, jnp.float32, 64, 16, 128, 256, 64, INT8)]
 
 
-@pytest.mark.parametrize("runner,case", kernel_cases(
-    _CASES, _GPU_CASES, ids=lambda c: f"R{c[0]}S{c[1]}-page{c[3]}-D{c[7]}-{jnp.dtype(c[2]).name}"))
+def _case_id(c):
+    kv = "" if c[8] is None else f"-kv{jnp.dtype(c[8]).name}"
+    return f"R{c[0]}S{c[1]}-page{c[3]}-D{c[7]}-{jnp.dtype(c[2]).name}{kv}"
+
+
+def _as_stored(x, kv):
+    """x [..., D] as the cache holds it: the array, or 8-bit values with per-token scales."""
+    return x if kv is None else KV8(*quantize_tokens(x, kv))
+
+
+def _plain(x):
+    """Every array a cache entry stands for, float32 (a KV8: its values and its scales)."""
+    return [np.asarray(x.values, np.float32), np.asarray(x.scale)] if isinstance(x, KV8) else [np.asarray(x, np.float32)]
+
+
+@pytest.mark.parametrize("runner,case", kernel_cases(_CASES, _GPU_CASES, ids=_case_id))
 def test_fused_append_equals_reference(runner, case):
-    r, s, dtype, page, lp, sink, local, d = case
+    r, s, dtype, page, lp, sink, local, d, kv = case
     rng = np.random.default_rng(r * 10 + s)
     b, w, steps = 3, sink + local, 6
     # crosses a page and logical pages; the ring wraps (positions past sink + local)
@@ -35,9 +55,10 @@ def test_fused_append_equals_reference(runner, case):
     n = -(-(int(pos.max()) + steps) // page)  # table columns: every position stays inside the table
     p = b * n + 2
     c = lambda x: jnp.asarray(x, dtype)
-    cache = (c(rng.standard_normal((r, p, page, d))), c(rng.standard_normal((r, p, page, d))),
+    kvs = lambda x: _as_stored(c(x), kv)
+    cache = (kvs(rng.standard_normal((r, p, page, d))), kvs(rng.standard_normal((r, p, page, d))),
              c(rng.standard_normal((r, p, page // lp, d))), c(rng.standard_normal((r, p, page // lp, d))),
-             c(rng.standard_normal((s, b, w, d))), c(rng.standard_normal((s, b, w, d))))
+             kvs(rng.standard_normal((s, b, w, d))), kvs(rng.standard_normal((s, b, w, d))))
     table = jnp.asarray(rng.permutation(np.arange(1, p))[: b * n].reshape(b, n), jnp.int32)
     kw = dict(page=page, lp=lp, sink=sink, local=local)
     ref = got = cache
@@ -48,7 +69,9 @@ def test_fused_append_equals_reference(runner, case):
         got = fused_append(k, v, jnp.asarray(pos), table, *got, **kw, **runner.kw)
         pos = pos + 1
         for name, a, z in zip(_FIELDS, got, ref):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(z, np.float32), err_msg=name)
+            assert isinstance(a, KV8) == isinstance(z, KV8) == (kv is not None and name not in ("k_min", "k_max"))
+            for x, y in zip(_plain(a), _plain(z)):
+                np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 def test_append_choices_say_why():

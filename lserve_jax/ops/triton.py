@@ -70,8 +70,8 @@ def check_prefill(q, options: dict) -> None:
 
 
 def check_not_fp8(op: str, *arrays) -> None:
-    """The Triton append kernel (and paged_decode) read and write bf16/float32 pages; FP8 pages
-    (`kv8.KV8`) fall through to the next implementation. The fused decode kernel reads FP8."""
+    """paged_decode reads bf16/float32 pages; 8-bit pages (`kv8.KV8`) fall through to the next
+    implementation. The fused decode kernel reads them and the fused append writes them."""
     if any(isinstance(a, KV8) for a in arrays):
         raise Unsupported(f"the Triton {op} kernel has no FP8 KV pages yet")
 
@@ -115,7 +115,6 @@ def append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, 
            options):
     check_options("append", options, APPEND_OPTIONS)
     check_device(options)
-    check_not_fp8("append", k_pages, ring_k)
     if not pallas_append.supported(k_pages, ring_k):
         raise Unsupported(f"the fused append kernel needs a power-of-2 head_dim: {k.shape=}")
     return pallas_append.fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v,

@@ -11,6 +11,11 @@ page row `page_table[b, t // page]`, offset `t % page`, logical page `offset // 
 that opens a logical page resets its statistics, later ones widen them), ring slot `t` if
 t < sink else `sink + (t - sink) % local`. The first R KV heads of k, v are retrieval heads
 (into the pages), the other S streaming heads (into the ring).
+
+8-bit pages and rings (`kv8.KV8`: int8 or e4m3 values, one float32 scale per token and head):
+the token's K and V are quantised before the launch (`kv8.quantize_tokens`, the writers' one
+quantiser, a fused elementwise op over [B, Hkv, D]); the kernel stores the values and the scales
+beside them in the same program, and the statistics from the unquantised keys, as the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..kv8 import store
+from ..kv8 import KV8, quantize_tokens, store
 from .compat import resolve_interpret, triton_params
 
 
@@ -55,14 +60,20 @@ def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max
     return k_pages, v_pages, k_min, k_max, ring_k, ring_v
 
 
-def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, page, lp, sink, local, n_cols):
-    # refs: the cache inputs, then the same arrays as (aliased) outputs: k/v pages and k_min/max
-    # when r > 0, ring k/v when s > 0. Inputs are read only for the old statistics.
+def _kernel(pos_ref, pt_ref, k_ref, kw_ref, vw_ref, *refs, r, s, q8, page, lp, sink, local, n_cols):
+    # k_ref: the unquantised keys (statistics); kw/vw: the values to store (8-bit when q8, then
+    # followed by their scales ks/vs [Hkv]). refs: those, the cache inputs, then the same arrays
+    # as (aliased) outputs: k/v pages and k_min/max when r > 0 (and the pages' scales when q8),
+    # ring k/v when s > 0 (and their scales). Inputs are read only for the old statistics.
+    if q8:
+        ks_ref, vs_ref, *refs = refs
     n = len(refs) // 2
     ins, outs = refs[:n], refs[n:]
     b = pl.program_id(0)
     t = pos_ref[b]
     d = k_ref.shape[-1]
+    n_page_out = (6 if q8 else 4) if r else 0
+
     if r:
         kp_ref, vp_ref, kmin_ref, kmax_ref = outs[:4]
         kmin_in, kmax_in = ins[2], ins[3]
@@ -72,23 +83,25 @@ def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, page, lp, sink, local, n
         lpage = off // lp
         fresh = off % lp == 0
         for h in range(r):
-            kk = k_ref[pl.ds(h, 1), :].reshape(1, 1, d)
-            vv = v_ref[pl.ds(h, 1), :].reshape(1, 1, d)
-            kp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = kk.astype(kp_ref.dtype)
-            vp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = vv.astype(vp_ref.dtype)
-            kc = kk.astype(kmin_ref.dtype)
+            kp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = kw_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kp_ref.dtype)
+            vp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = vw_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(vp_ref.dtype)
+            if q8:
+                outs[4][h, pl.ds(phys, 1), pl.ds(off, 1)] = ks_ref[pl.ds(h, 1)].reshape(1, 1)
+                outs[5][h, pl.ds(phys, 1), pl.ds(off, 1)] = vs_ref[pl.ds(h, 1)].reshape(1, 1)
+            kc = k_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kmin_ref.dtype)
             old_min = kmin_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
             old_max = kmax_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
             kmin_ref[h, pl.ds(phys, 1), pl.ds(lpage, 1), :] = jnp.where(fresh, kc, jnp.minimum(old_min, kc))
             kmax_ref[h, pl.ds(phys, 1), pl.ds(lpage, 1), :] = jnp.where(fresh, kc, jnp.maximum(old_max, kc))
     if s:
-        rk_ref, rv_ref = outs[-2:]
+        rk_ref, rv_ref = outs[n_page_out:n_page_out + 2]
         slot = jnp.where(t < sink, t, sink + (t - sink) % local)
         for h in range(s):
-            kk = k_ref[pl.ds(r + h, 1), :].reshape(1, 1, d)
-            vv = v_ref[pl.ds(r + h, 1), :].reshape(1, 1, d)
-            rk_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = kk.astype(rk_ref.dtype)
-            rv_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = vv.astype(rv_ref.dtype)
+            rk_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = kw_ref[pl.ds(r + h, 1), :].reshape(1, 1, d).astype(rk_ref.dtype)
+            rv_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = vw_ref[pl.ds(r + h, 1), :].reshape(1, 1, d).astype(rv_ref.dtype)
+            if q8:
+                outs[n_page_out + 2][h, pl.ds(b, 1), pl.ds(slot, 1)] = ks_ref[pl.ds(r + h, 1)].reshape(1, 1)
+                outs[n_page_out + 3][h, pl.ds(b, 1), pl.ds(slot, 1)] = vs_ref[pl.ds(r + h, 1)].reshape(1, 1)
 
 
 def supported(k_pages, ring_k) -> bool:
@@ -102,29 +115,47 @@ def fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ri
                  page: int, lp: int, sink: int, local: int, interpret: bool | None = None):
     """k, v: [B, Hkv, D] (post-RoPE; the first R heads retrieval); positions int32[B];
     page_table int32[B, N]; k/v_pages [R, P, page, D]; k_min/k_max [R, P, page // lp, D];
-    ring_k/v [S, B, W, D]. Returns the six cache arrays updated (in place when the caller's
-    arrays can be donated, as in a jitted decode step)."""
+    ring_k/v [S, B, W, D] (pages and rings both arrays or both `kv8.KV8`). Returns the six cache
+    arrays updated (in place when the caller's arrays can be donated, as in a jitted decode step)."""
     b, hkv, d = k.shape
     r, s = k_pages.shape[0], ring_k.shape[0]
     if r + s != hkv or (s and ring_k.shape[1] != b) or k_pages.shape[-1] != d or ring_k.shape[-1] != d:
         raise ValueError(f"fused_append: {k.shape=} does not match {k_pages.shape=} {ring_k.shape=}")
-    caches = ((k_pages, v_pages, k_min, k_max) if r else ()) + ((ring_k, ring_v) if s else ())
+    q8 = isinstance(k_pages, KV8)
+    if q8 != isinstance(ring_k, KV8) or (q8 and k_pages.dtype != ring_k.dtype):
+        raise ValueError("fused_append: pages and rings must both be 8-bit of one dtype or both not")
+    flat = lambda x: (x.values, x.scale) if q8 else (x,)
+    caches = ((*flat(k_pages), *flat(v_pages), k_min, k_max) if r else ()) + ((*flat(ring_k), *flat(ring_v)) if s else ())
+    if q8:  # values then scales, in the order the kernel writes them
+        caches = ((caches[0], caches[2], caches[4], caches[5], caches[1], caches[3]) if r else ()) \
+            + ((caches[-4], caches[-2], caches[-3], caches[-1]) if s else ())
+        (kw, ks), (vw, vs) = quantize_tokens(k, k_pages.dtype), quantize_tokens(v, k_pages.dtype)
+        extra = (kw, vw, ks, vs)
+    else:
+        extra = (k, v)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
     row = pl.BlockSpec((None, hkv, d), lambda i: (i, 0, 0))
-    kernel = functools.partial(_kernel, r=r, s=s, page=page, lp=lp, sink=sink, local=max(local, 1),
+    scales = [pl.BlockSpec((None, hkv), lambda i: (i, 0))] * 2 if q8 else []
+    kernel = functools.partial(_kernel, r=r, s=s, q8=q8, page=page, lp=lp, sink=sink, local=max(local, 1),
                                n_cols=page_table.shape[1])
+    n_in = 3 + len(extra)
     out = pl.pallas_call(
         kernel,
         grid=(b,),
-        in_specs=[whole(positions), whole(page_table), row, row] + [whole(x) for x in caches],
+        in_specs=[whole(positions), whole(page_table), row, row, row] + scales + [whole(x) for x in caches],
         out_specs=[whole(x) for x in caches],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches],
-        input_output_aliases={4 + i: i for i in range(len(caches))},
+        input_output_aliases={n_in + i: i for i in range(len(caches))},
         compiler_params=triton_params(1, 1),
         interpret=resolve_interpret(interpret),
         name="lserve_fused_append",
-    )(positions.astype(jnp.int32), page_table.astype(jnp.int32), k, v, *caches)
+    )(positions.astype(jnp.int32), page_table.astype(jnp.int32), k, *extra, *caches)
     out = list(out)
+    if q8:
+        n_pages = 6 if r else 0
+        pages = (KV8(out[0], out[4]), KV8(out[1], out[5]), out[2], out[3]) if r else (k_pages, v_pages, k_min, k_max)
+        ring = (KV8(out[n_pages], out[n_pages + 2]), KV8(out[n_pages + 1], out[n_pages + 3])) if s else (ring_k, ring_v)
+        return pages + ring
     pages = tuple(out[:4]) if r else (k_pages, v_pages, k_min, k_max)
     ring = tuple(out[-2:]) if s else (ring_k, ring_v)
     return pages + ring
