@@ -8,8 +8,11 @@ bench/xplane.py: GPU busy time per step (kernels summed), the span the GPU took,
 kernels that take the most time. Variants: those of bench/decode.py, plus
 `sparse_kv_head_host` (selection refresh decided by the host: two static programs
 alternating, instead of the engine's one program with a lax.cond) and `no_attention` (the
-same model with attention and cache skipped: the floor set by weights and launches). A
-`@rows1` suffix runs a variant without padding decode projections to DECODE_MIN_ROWS rows. Writes profile_decode-<date>.json.
+same model with attention and cache skipped: the floor set by weights and launches), each with
+bench/decode.py's quantisation suffixes (`+w8a8`, `+w8a8int8`, `+kv8`, `+kv8e4m3`: e.g.
+`sparse_kv_head+w8a8+kv8,sparse_kv_head+w8a8,sparse_kv_head+kv8,sparse_kv_head` separates what the
+8-bit weights and the 8-bit KV each cost). A `@rows1` suffix runs a variant without padding
+decode projections to DECODE_MIN_ROWS rows. Writes profile_decode-<date>.json.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import jax.numpy as jnp
 
 import xplane
 from common import copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
-from decode import dense_stepper, paged_stepper, step_times
+from decode import dense_stepper, paged_stepper, parse_variant, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax import model as model_lib
 from lserve_jax.params import init_params
+from lserve_jax.smoothquant import quantize_model
 
 
 def no_attention_step(params, x_tokens, positions, cfg):
@@ -39,18 +43,20 @@ def no_attention_step(params, x_tokens, positions, cfg):
     return model_lib.decode_forward(params, x_tokens, positions, cfg, lambda i, q, k, v: (q, None))[0]
 
 
-def stepper(name, params, cfg, layouts, batch, ctx, extra):
+def stepper(name, params, cfg, layouts, batch, ctx, extra, kv_dtype=None):
     if name == "no_attention":
         fn = jax.jit(functools.partial(no_attention_step, cfg=cfg))
         toks, pos = jnp.ones((batch,), jnp.int32), jnp.full((batch,), ctx, jnp.int32)
         return (lambda st: fn(params, toks, pos)), {}
     if name == "sparse_kv_head_host":
         return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode="kv_head"), batch, ctx,
-                             extra, host_refresh=True)
+                             extra, host_refresh=True, kv_dtype=kv_dtype)
     if name == "dense_paged":
-        return paged_stepper(params, cfg, layouts["dense"], SparseConfig(sparse_decode=False), batch, ctx, extra)
+        return paged_stepper(params, cfg, layouts["dense"], SparseConfig(sparse_decode=False), batch, ctx, extra,
+                             kv_dtype=kv_dtype)
     mode = name.removeprefix("sparse_")
-    return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode=mode), batch, ctx, extra)
+    return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode=mode), batch, ctx, extra,
+                         kv_dtype=kv_dtype)
 
 
 def profile(step, state, n, top):
@@ -91,19 +97,25 @@ def main(argv=None):
     results = {"env": env, "copy_bandwidth_Bps": bw, "weights_bytes": param_bytes(params), "points": []}
     out_file = os.path.join(args.out, f"profile_decode-{env['date'][:10]}.json")
     min_rows = model_lib.DECODE_MIN_ROWS
+    quantized = {None: params}  # weight mode -> params, made on first use (one copy at a time beside bf16)
     extra = 3 * args.steps + args.warmup + args.profile_steps + 8
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
         for name in args.variants.split(","):
             log(f"ctx={ctx} B={batch} {name} ...")
             r = {"ctx": ctx, "batch": batch, "variant": name}
-            base, _, opt = name.partition("@")
+            spec, _, opt = name.partition("@")
             model_lib.DECODE_MIN_ROWS = 1 if opt == "rows1" else min_rows
             try:
+                base, wmode, kv = parse_variant(spec)
+                if wmode not in quantized:
+                    quantized.clear()
+                    quantized[None], quantized[wmode] = params, quantize_model(params, cfg, wmode)
+                p_run = quantized[wmode]
                 if base == "dense_cudnn":
-                    step, state = dense_stepper(params, cfg, batch, ctx, extra)
+                    step, state = dense_stepper(p_run, cfg, batch, ctx, extra)
                 else:
-                    step, state = stepper(base, params, cfg, layouts, batch, ctx, extra)
+                    step, state = stepper(base, p_run, cfg, layouts, batch, ctx, extra, kv)
                 r.update(step_times(step, state, args.steps, args.warmup, free=False))
                 r["profile"] = profile(step, state, args.profile_steps, args.top)
                 state.clear()
