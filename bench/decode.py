@@ -309,6 +309,23 @@ def max_batch(params, cfg, layout, sparse, ctx, kernels, kv_dtype, weights_bytes
     return {"max_batch": None, "per_seq_bytes": per_seq, "fits": False, "attempts": attempts}
 
 
+def check_fits(cfg, layout, sparse, batch, ctx, kind, kv_dtype, live_weight_bytes, limit_bytes) -> None:
+    """MemoryError naming the sizes when the variant's cache (random_cache's pages, or the cuDNN
+    baseline's contiguous K/V) beside the live weights and HEADROOM exceeds the device's limit:
+    a run that cannot fit is skipped at once (XLA's allocator otherwise retries for minutes)."""
+    if limit_bytes is None:
+        return
+    if kind == "dense_cudnn":
+        cache = 2 * cfg.num_layers * batch * (ctx + 64) * cfg.num_kv_heads * cfg.head_dim * BF16
+    else:
+        per_seq, fixed = seq_cache_bytes(cfg, layout, sparse, ctx, kv_dtype)
+        cache = batch * per_seq + fixed
+    need = live_weight_bytes + cache + HEADROOM
+    if need > limit_bytes:
+        raise MemoryError(f"does not fit: cache {cache / 2**30:.1f} GiB + weights {live_weight_bytes / 2**30:.1f} GiB "
+                          f"+ headroom {HEADROOM / 2**30:.0f} GiB > the device's {limit_bytes / 2**30:.1f} GiB")
+
+
 def bytes_floor(cfg, layout, sparse, batch, ctx, variant, weights, kv_dtype=None):
     """Bytes a step must read: weights + the KV it attends to + the page statistics it scores.
     8-bit KV: one byte a value plus a float32 scale per token and head."""
@@ -366,6 +383,9 @@ def main(argv=None):
 
     def weights_for(mode):
         if mode not in quantized:
+            for m in [m for m in quantized if m is not None]:  # one 8-bit copy at a time beside bf16
+                del quantized[m]
+            gc.collect()
             qp = quantize_model(params, cfg, mode)  # int8: smoothed over random calibration ids
             quantized[mode] = (qp, param_bytes(qp))
         return quantized[mode]
@@ -419,17 +439,19 @@ def main(argv=None):
                 if (wmode or kv is not None) and args.tp > 1:
                     raise NotImplementedError("FP8 weights and 8-bit KV run on one GPU only")
                 p_run, w_bytes = weights_for(wmode)
+                layout = layout_sparse if kind.startswith("sparse") else dense_layout
+                sp = SparseConfig(sparse_decode=False) if kind == "dense_paged" else base
+                if args.tp == 1:  # the bf16 params stay alive beside an 8-bit copy
+                    check_fits(cfg, layout, sp, batch, ctx, kind, kv, weights + (w_bytes if wmode else 0),
+                               stats.get("bytes_limit"))
                 if kind == "dense_cudnn":
                     if args.tp > 1:
                         raise NotImplementedError("the contiguous cuDNN baseline runs on one GPU only")
                     r = run_dense_cudnn(p_run, cfg, batch, ctx, args.steps, args.warmup)
-                    layout = dense_layout
                 elif kind == "dense_paged":
-                    layout = dense_layout
                     r = run_paged(p_run, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
                                   args.steps, args.warmup, args.tp, dense_kernels, kv)
                 else:
-                    layout = layout_sparse
                     mode = kind.removeprefix("sparse_")
                     r = run_paged(p_run, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
                                   args.steps, args.warmup, args.tp, kernels, kv)

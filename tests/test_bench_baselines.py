@@ -124,6 +124,23 @@ def test_decode_bench_max_batch_fills_the_memory_it_is_given():
     assert r["max_batch"] == 3 and r["fits"] and r["attempts"][-1]["ok"]
 
 
+def test_decode_bench_skips_a_variant_that_cannot_fit():
+    """check_fits: the cache (paged or the cuDNN baseline's contiguous one) beside the live weights
+    and the headroom must fit the device's limit, else a MemoryError that gives the sizes."""
+    decode = _bench_module("decode")
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32)
+    layout = HeadLayout(2, (1, 2))
+    per_seq, fixed = decode.seq_cache_bytes(TINY, layout, sparse, 40)
+    need = 1000 + decode.HEADROOM + fixed + 3 * per_seq
+    decode.check_fits(TINY, layout, sparse, 3, 40, "sparse_kv_head", None, 1000, need)  # exactly fits
+    decode.check_fits(TINY, layout, sparse, 3, 40, "sparse_kv_head", None, 1000, None)  # no limit known
+    with pytest.raises(MemoryError, match="does not fit: cache"):
+        decode.check_fits(TINY, layout, sparse, 3, 40, "sparse_kv_head", None, 1000, need - 1)
+    contiguous = 2 * TINY.num_layers * 3 * (40 + 64) * TINY.num_kv_heads * TINY.head_dim * 2
+    with pytest.raises(MemoryError, match="does not fit"):
+        decode.check_fits(TINY, layout, sparse, 3, 40, "dense_cudnn", None, 0, decode.HEADROOM + contiguous - 1)
+
+
 def test_bench_scripts_import_and_explain_themselves():
     for script in ("decode.py", "prefill.py", "profile_decode.py", "prefill_attn.py", "decode_attn.py", "accuracy.py",
                    "calib_sweep.py"):
