@@ -5,6 +5,7 @@ attention in place of cuDNN, the dense contiguous baseline equals the paged dens
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,31 @@ def test_bench_scripts_import_and_explain_themselves():
         r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0 and "usage" in r.stdout, (script, r.stderr[-2000:])
+
+
+def test_stage_parts_moves_a_file_in_parts(tmp_path):
+    """split writes one part at a time; join appends them in order, never twice, refuses a gap,
+    and checks the whole file's SHA-256."""
+    import hashlib
+
+    stage = _bench_module("stage_parts")
+    src = tmp_path / "model.gguf"
+    data = np.random.default_rng(0).bytes(1000)
+    src.write_bytes(data)
+    dest, carry = tmp_path / "dev" / "model.gguf", tmp_path / "carry"
+    dest.parent.mkdir()
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError, match="index 3 is out of range"):
+        stage.split(str(src), 3, str(carry), part_bytes=400)
+    stage.split(str(src), 1, str(carry), part_bytes=400)
+    with pytest.raises(ValueError, match="bring part 0 first"):
+        stage.join(str(carry), str(dest), sha)
+    for i in range(3):
+        stage.split(str(src), i, str(carry), part_bytes=400)
+        assert len(os.listdir(carry)) == 1  # one part per call
+        got = stage.join(str(carry), str(dest), sha)
+        assert got == ("complete" if i == 2 else f"waiting for part {i + 1} of 3")
+        assert stage.join(str(carry), str(dest), sha) == got  # a repeated call adds nothing
+    assert dest.read_bytes() == data
+    with pytest.raises(ValueError, match="SHA-256"):
+        stage.join(str(carry), str(dest), "0" * 64)
