@@ -82,7 +82,7 @@ def expected(x, wl, variant):
     xd = x.astype(jnp.float32)
     if variant == "int8":
         xq, s = quantize_amax(xd * wl.inv_smooth, -1, jnp.int8)
-        return (np.asarray(xq, np.float32) * np.asarray(s)) @ np.asarray(dequantize_weight(wl) / wl.inv_smooth[:, None])
+        return (np.asarray(xq, np.float32) * np.asarray(s)) @ (np.asarray(wl.w, np.float32).T * np.asarray(wl.scale))
     if wl.quantize_activations:
         xq, s = quantize_rows(x)
         xd = xq.astype(jnp.float32) * s

@@ -143,8 +143,8 @@ class Engine:
         the streaming heads' prefill pool (default: four chunked prefills' windows). kv_dtype: how
         K and V are stored: "auto" (the cache dtype), "bfloat16", "float16", "float32" or
         "fp8_e4m3" / "int8" (8-bit values with a scale per token and head, `lserve_jax.kv8`: half
-        the bytes of bf16; int8 loses least, BENCHMARKS.md; the GPU's fused decode kernel reads them,
-        appends and CPU decode run the references). center_keys: with 8-bit KV, subtract each
+        the bytes of bf16; int8 loses least, BENCHMARKS.md; the GPU's fused decode kernel reads them and
+        its fused append writes them; CPU decode and appends run the references). center_keys: with 8-bit KV, subtract each
         layer's calibrated mean key from every key before it is stored (`kv8.key_centers`: the
         same attention, less rounding; one forward over 1024 calibration tokens at start-up)."""
         if preemption not in ("auto", "swap", "recompute"):

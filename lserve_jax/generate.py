@@ -70,7 +70,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="how K and V are stored: 'auto' = the compute dtype; 'int8' / 'fp8_e4m3' = 8-bit values with a "
                         "scale per token and head (half of bf16's bytes; int8 loses least: perplexity x1.000-1.003 at "
                         "4K on SmolLM2 and Qwen2.5-Coder, e4m3 x1.006-1.010; on a GPU the fused decode kernel reads "
-                        "them, appends and CPU decode run the jnp reference)")
+                        "them and the fused append writes them; CPU decode and appends run the jnp reference)")
     p.add_argument("--no-center-keys", action="store_true",
                    help="with --kv-dtype int8/fp8_e4m3, store keys as they are instead of minus each layer's "
                         "calibrated mean key (the default: the same attention, less rounding)")

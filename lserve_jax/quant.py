@@ -35,10 +35,8 @@ from .arrays import Arrays
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
-# What each name quantises: "fp8" = W8A8 FP8, "fp8-weight-only" = W8A16, "int8" = W8A8 INT8 (smoothed)
-MODES = {"fp8": "W8A8: FP8 weights and per-token FP8 activations",
-         "fp8-weight-only": "W8A16: FP8 weights, activations in the compute dtype",
-         "int8": "W8A8: INT8 weights and per-token INT8 activations, SmoothQuant-smoothed (needs calibration text)"}
+# "fp8" = W8A8 FP8, "fp8-weight-only" = W8A16 (FP8 weights), "int8" = W8A8 INT8, SmoothQuant-smoothed
+MODES = ("fp8", "fp8-weight-only", "int8")
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its default; 0.8 measured worse on SmolLM2)
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 _TINY = 1e-12  # an all-zero channel or row gets a finite scale

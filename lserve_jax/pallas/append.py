@@ -72,7 +72,7 @@ def _kernel(pos_ref, pt_ref, k_ref, kw_ref, vw_ref, *refs, r, s, q8, page, lp, s
     b = pl.program_id(0)
     t = pos_ref[b]
     d = k_ref.shape[-1]
-    n_page_out = (6 if q8 else 4) if r else 0
+    n_page_out = (6 if q8 else 4) if r else 0  # where the ring's outputs start
 
     if r:
         kp_ref, vp_ref, kmin_ref, kmax_ref = outs[:4]
@@ -124,11 +124,12 @@ def fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ri
     q8 = isinstance(k_pages, KV8)
     if q8 != isinstance(ring_k, KV8) or (q8 and k_pages.dtype != ring_k.dtype):
         raise ValueError("fused_append: pages and rings must both be 8-bit of one dtype or both not")
-    flat = lambda x: (x.values, x.scale) if q8 else (x,)
-    caches = ((*flat(k_pages), *flat(v_pages), k_min, k_max) if r else ()) + ((*flat(ring_k), *flat(ring_v)) if s else ())
-    if q8:  # values then scales, in the order the kernel writes them
-        caches = ((caches[0], caches[2], caches[4], caches[5], caches[1], caches[3]) if r else ()) \
-            + ((caches[-4], caches[-2], caches[-3], caches[-1]) if s else ())
+    # the cache arrays in the kernel's order: values (and statistics), then the scales when 8-bit
+    vals = (lambda x: x.values) if q8 else (lambda x: x)
+    pages = ((vals(k_pages), vals(v_pages), k_min, k_max) + ((k_pages.scale, v_pages.scale) if q8 else ())) if r else ()
+    ring = ((vals(ring_k), vals(ring_v)) + ((ring_k.scale, ring_v.scale) if q8 else ())) if s else ()
+    caches = pages + ring
+    if q8:
         (kw, ks), (vw, vs) = quantize_tokens(k, k_pages.dtype), quantize_tokens(v, k_pages.dtype)
         extra = (kw, vw, ks, vs)
     else:
@@ -151,11 +152,8 @@ def fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ri
         name="lserve_fused_append",
     )(positions.astype(jnp.int32), page_table.astype(jnp.int32), k, *extra, *caches)
     out = list(out)
-    if q8:
-        n_pages = 6 if r else 0
-        pages = (KV8(out[0], out[4]), KV8(out[1], out[5]), out[2], out[3]) if r else (k_pages, v_pages, k_min, k_max)
-        ring = (KV8(out[n_pages], out[n_pages + 2]), KV8(out[n_pages + 1], out[n_pages + 3])) if s else (ring_k, ring_v)
-        return pages + ring
-    pages = tuple(out[:4]) if r else (k_pages, v_pages, k_min, k_max)
-    ring = tuple(out[-2:]) if s else (ring_k, ring_v)
-    return pages + ring
+    new_pages, new_ring = out[:len(pages)], out[len(pages):]
+    if q8:  # values and scales back into KV8s
+        new_pages = [KV8(new_pages[0], new_pages[4]), KV8(new_pages[1], new_pages[5]), *new_pages[2:4]] if r else []
+        new_ring = [KV8(new_ring[0], new_ring[2]), KV8(new_ring[1], new_ring[3])] if s else []
+    return (tuple(new_pages) if r else (k_pages, v_pages, k_min, k_max)) + (tuple(new_ring) if s else (ring_k, ring_v))
