@@ -210,17 +210,18 @@ def _decode_attention(q, k, v, lc: kvc.LayerCache, page_table, positions, step, 
     b = q.shape[0]
     new_len = positions + 1
     lc = kvc.append(lc, k, v, page_table, positions, sp, choice=spec.kernels.append)
-    if _selects(sp, r, lc.sel_pages.shape[-1], full_width or page_table.shape[1]):
-        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh, spec.kernels)
-        lc = lc.replace(sel_pages=sel, sel_count=count)
-        mode = sp.selection_mode
-    else:  # dense: every page of the sequence, shared by the GQA group
+    dense = not _selects(sp, r, lc.sel_pages.shape[-1], full_width or page_table.shape[1])
+    if dense:  # every page of the sequence, shared by the GQA group
         n_pages = page_table.shape[1]
         sel = jnp.broadcast_to(jnp.arange(n_pages, dtype=jnp.int32), (b, r, n_pages))
         count = jnp.broadcast_to(((new_len + sp.page_size - 1) // sp.page_size)[:, None], (b, r))
         mode = "kv_head"
+    else:
+        sel, count = _selection(lc, q[:, : r * g], page_table, step, new_len, sp, refresh, spec.kernels)
+        lc = lc.replace(sel_pages=sel, sel_count=count)
+        mode = sp.selection_mode
     o = decode_attention(q, *kv8.views(lc, "k_pages", "v_pages", "ring_k", "ring_v"), page_table, new_len,
-                         sel, count, mode=mode, choice=spec.kernels.decode)
+                         sel, count, mode=mode, dense=dense, choice=spec.kernels.decode)
     return o, lc
 
 

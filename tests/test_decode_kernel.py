@@ -378,6 +378,35 @@ def test_gpu_dense_paged_equals_dense(engine, options):
     assert rel_err(out, dense) < COMPILED.tol(jnp.bfloat16)
 
 
+@gpu_only
+@pytest.mark.parametrize("t,b", [(8192, 2), (1000, 3)])
+def test_gpu_cudnn_paged_decode_equals_dense(t, b):
+    """The dense layout's decode through cuDNN's paged attention (a pool of b*n + 1 pages, not the
+    b*n its public wrapper insists on) = cuDNN over the same tokens gathered contiguously; the
+    default order takes it for dense=True and falls through to Triton for a selection."""
+    lay = _llama_layer(t=t, b=b)
+    nb, n = lay["page_table"].shape
+    sel = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (nb, _HKV, n))
+    cnt = jnp.broadcast_to(((lay["lengths"] + _PAGE - 1) // _PAGE)[:, None], (nb, _HKV)).astype(jnp.int32)
+    ring0 = jnp.zeros((0, nb, _W, _D), jnp.bfloat16)
+    args = (lay["q"], lay["k_pages8"], lay["v_pages8"], ring0, ring0, lay["page_table"], lay["lengths"], sel, cnt)
+    run = lambda choice, dense: jax.jit(functools.partial(decode_attention, mode="kv_head", dense=dense,
+                                                          choice=choice))(*args)
+    out = run(OpChoice(("cudnn",)), True)
+
+    def contiguous(pages):  # [8, P, page, D] -> [B, T, 8, D]
+        x = pages[:, lay["page_table"]]
+        return x.transpose(1, 2, 3, 0, 4).reshape(nb, n * _PAGE, _HKV, _D)
+
+    dense = jax.jit(functools.partial(dense_decode_attention, implementation="cudnn"))(
+        lay["q"], contiguous(lay["k_pages8"]), contiguous(lay["v_pages8"]), lay["lengths"])
+    assert rel_err(out, dense) < COMPILED.tol(jnp.bfloat16)
+    assert rel_err(run(OpChoice(), True), dense) < COMPILED.tol(jnp.bfloat16)
+    with pytest.raises(Unsupported, match="selection"):
+        run(OpChoice(("cudnn",)), False)
+    assert rel_err(run(OpChoice(), False), dense) < COMPILED.tol(jnp.bfloat16)  # Triton, same pages
+
+
 def test_float32_blocks_fit_shared_memory_and_bf16_blocks_stay_tuned():
     """float32 pages at D 128: 128-token blocks in 2 stages asked the GPU for 270368 bytes of
     shared memory (227 KiB available), so float32 blocks shrink until num_stages blocks of K and V

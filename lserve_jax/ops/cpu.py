@@ -245,7 +245,7 @@ def _gather(pages, kv, phys):
 
 @register("decode", "cpu", priority=CPU_FIRST)
 def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, *, mode, scale,
-           options):
+           dense=False, options):
     _check_options("decode", options, DECODE_OPTIONS)
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the CPU decode takes float32/bfloat16/float16, got {q.dtype=}")

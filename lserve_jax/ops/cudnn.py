@@ -1,4 +1,5 @@
-"""cuDNN / XLA backend of prefill: dense causal attention through jax.nn.dot_product_attention.
+"""cuDNN / XLA backend: dense causal prefill through jax.nn.dot_product_attention, and the dense
+layout's decode through cuDNN's paged flash attention.
 
 * "cudnn", "xla": dense causal GQA attention. Unsupported unless every head attends densely
   (no streaming heads, or a window covering the sequence): neither engine takes sinks.
@@ -16,6 +17,18 @@ around that one call, so the dispatcher falls through to the Triton kernel.
 
 Neither engine has the offset (chunked) form: with `q_offset` every implementation here raises
 Unsupported, and the dispatcher runs the chunk through the Triton kernel's offset form.
+
+Decode "cudnn" (first in the GPU default order): the dense layout's decode (`dense=True`: every
+page of each sequence, no streaming heads, bf16/f16 pages), the dense serving engine's baseline.
+cuDNN's paged attention reads K/V blocks through a page table [B', 1, N, 1] from a pool
+[blocks, heads, block, D]. Our pools are per KV head ([R, P, page, D]), so each (sequence, KV
+head) becomes one cuDNN batch row with one KV head and its G query heads (GQA), over the pool
+viewed as R*P one-head blocks (a reshape, no copy), its page-table row offset by h*P. The
+primitive is private (`jax._src.cudnn.fused_attention_stablehlo`, the same in jax 0.10-0.11);
+its public wrapper `paged_attention` insists that the pool hold exactly B' x N blocks, which a
+serving pool (any size, shared by all rows) never does, so the primitive is called without that
+wrapper check (cuDNN itself addresses blocks through the table). Anything it rejects, a missing
+module included, is Unsupported and decode falls through to the Triton kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ..kv8 import KV8
 from ..pallas import compat
 from . import triton
 from .prefill import every_head_dense
@@ -98,3 +112,58 @@ register("prefill", "cudnn")(_dense("cudnn"))
 register("prefill", "xla")(_dense("xla"))
 register("prefill", "cudnn+triton", priority={"gpu": 30})(_hybrid("cudnn"))
 register("prefill", "xla+triton")(_hybrid("xla"))
+
+
+def _cudnn_attention_module():
+    """jax's private cuDNN attention module, or Unsupported if this jax lacks what decode uses."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fas
+    except ImportError as e:  # a jax build without the cuDNN module
+        raise Unsupported(f"no cuDNN attention module in this jax: {e}") from e
+    needed = ("_dot_product_attention", "check_cudnn_version", "MaskType", "AttentionLayout")
+    missing = [n for n in needed if not hasattr(fas, n)]
+    if missing:
+        raise Unsupported(f"this jax's cuDNN attention module lacks {missing}")
+    return fas
+
+
+def paged_operands(q, k_pages, v_pages, page_table, lengths):
+    """The dense paged decode as cuDNN batch rows (sequence, KV head): query [B*R, G, 1, D],
+    key/value [R*P, 1, page, D] (the pools, reshaped), page table int32[B*R, 1, N, 1] into them,
+    q and kv lengths int32[B*R]."""
+    b, hq, d = q.shape
+    r, p, page, _ = k_pages.shape
+    n = page_table.shape[1]
+    table = jnp.clip(page_table.astype(jnp.int32), 0, p - 1)[:, None, :] + (jnp.arange(r, dtype=jnp.int32) * p)[:, None]
+    kv_len = jnp.repeat(jnp.maximum(lengths.astype(jnp.int32), 1), r)  # row b*R + h
+    return (q.reshape(b * r, hq // r, 1, d), k_pages.reshape(r * p, 1, page, d), v_pages.reshape(r * p, 1, page, d),
+            table.reshape(b * r, 1, n, 1), jnp.ones((b * r,), jnp.int32), kv_len)
+
+
+@register("decode", "cudnn", priority={"gpu": 30})
+def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, *, mode, scale,
+           dense=False, options):
+    del sel_pages, sel_count, options  # every page through the table; cuDNN takes no tuning
+    if not dense or mode != "kv_head":
+        raise Unsupported("cuDNN's paged attention reads every page of a sequence; a page selection "
+                          "(sparse decode) goes to the Triton kernel")
+    if ring_k.shape[0]:
+        raise Unsupported(f"cuDNN's paged attention has no streaming heads (a ring of {ring_k.shape[0]} KV heads)")
+    if isinstance(k_pages, KV8) or isinstance(v_pages, KV8):
+        raise Unsupported("cuDNN's paged attention reads no 8-bit KV pages")
+    _check_engine("cudnn", q)
+    if k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
+        raise Unsupported(f"cuDNN takes q and pages of one dtype: {q.dtype=} {k_pages.dtype=}")
+    fas = _cudnn_attention_module()
+    query, key, value, table, q_len, kv_len = paged_operands(q, k_pages, v_pages, page_table, lengths)
+    none = jnp.zeros((0,), q.dtype)
+    try:
+        version = fas.check_cudnn_version()
+        out = fas._dot_product_attention(
+            query, key, value, none, q_len, kv_len, none, none, table, table, float(scale), 42, 0.0,
+            (False, False), fas.MaskType.PADDING, fas.AttentionLayout.BNTH.value, None, version, False)
+    except (NotImplementedError, RuntimeError, TypeError, ValueError) as e:
+        # cuDNN's head-dim / architecture rules, no cuDNN, or a jax whose private signature moved
+        raise Unsupported(f"cuDNN paged attention rejected {q.shape=} {k_pages.shape=}: "
+                          f"{type(e).__name__}: {e}") from e
+    return out.reshape(q.shape)

@@ -12,6 +12,8 @@ Implementations: "triton" (both halves in one `pallas.decode.sparse_decode` laun
 its tuning kwargs), "cpu" (`ops/cpu.py`: only the slots in use, the group's pages read once when
 the selection is every page; first on CPU) and "reference" (each half through
 `paged_decode_reference`, every slot of the selection).
+"cudnn" (`ops/cudnn.py`, first on GPU) runs only the dense layout's decode (`dense=True`: every
+page, no streaming heads, bf16/f16 pages) through cuDNN's paged flash attention.
 `dense_decode_attention` is the dense baseline over a contiguous cache (cuDNN or XLA).
 """
 
@@ -113,21 +115,24 @@ def two_launches(run: Callable, q, k_pages, v_pages, ring_k, ring_v, page_table,
 
 
 def decode_attention(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count,
-                     *, mode: str, scale: float | None = None, choice: OpChoice = OpChoice()):
+                     *, mode: str, scale: float | None = None, dense: bool = False, choice: OpChoice = OpChoice()):
     """One layer's sparse decode attention. Returns [B, Hq, D] in q's dtype.
 
     q: [B, Hq, D] (post-RoPE); k_pages, v_pages: [R, P, page, D]; ring_k, ring_v: [S, B, W, D];
     page_table: int32[B, N]; lengths: int32[B] (including the current token); sel_pages:
     int32[B, Hsel, K] logical page ids, sel_count: int32[B, Hsel], Hsel = R*G (query_head) or
-    R (kv_head). choice: implementations to try and their options (for "triton": the tuning
-    kwargs of `sparse_decode`).
+    R (kv_head). dense: the selection is every page of each sequence in table order (the dense
+    layout: sel_pages = arange, sel_count = the pages in use, kv_head mode), so an implementation
+    that walks the page table itself (cuDNN's paged attention) may ignore sel_pages / sel_count.
+    choice: implementations to try and their options (for "triton": the tuning kwargs of
+    `sparse_decode`; the cuDNN implementation takes none and ignores them).
     """
     validate_decode_args(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, mode)
     if not isinstance(choice, OpChoice):
         raise ValueError(f"choice must be an OpChoice, got {choice!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return REGISTRY.dispatch("decode", choice, q, k_pages, v_pages, ring_k, ring_v, page_table,
-                             lengths.astype(jnp.int32), sel_pages, sel_count, mode=mode, scale=scale)
+                             lengths.astype(jnp.int32), sel_pages, sel_count, mode=mode, scale=scale, dense=dense)
 
 
 def dense_decode_attention(q, k, v, lengths, *, implementation: str = "cudnn", scale=None):

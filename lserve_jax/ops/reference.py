@@ -26,7 +26,7 @@ def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset, op
 
 @register("decode", "reference", priority=ANY_PLATFORM)
 def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, *, mode, scale,
-           options):
+           dense=False, options):
     del options
     return two_launches(paged_decode_reference, q, k_pages, v_pages, ring_k, ring_v, page_table, lengths,
                         sel_pages, sel_count, mode=mode, scale=scale)

@@ -10,12 +10,14 @@ An empty `OpChoice.impls` means the platform's default order: the implementation
 
 | platform | prefill                               | decode, append, page_scores |
 |----------|---------------------------------------|-----------------------------|
-| gpu      | cudnn+triton, triton, reference       | triton, reference           |
+| gpu      | cudnn+triton, triton, reference       | decode: cudnn, triton, reference; others: triton, reference |
 | cpu      | cpu, reference                        | decode: cpu, reference; append, page_scores: reference |
 
 (the GPU prefill order is the fastest correct one measured on the H200, bench/prefill_attn.py:
 cudnn+triton runs retrieval heads through cuDNN and streaming heads through the Triton kernel;
 it refuses float32 (cuDNN flash attention takes half precision), so float32 goes to triton.
+Decode "cudnn" runs only the dense layout (every page, no streaming heads, bf16/f16 pages:
+cuDNN's paged attention); a sparse selection or 8-bit pages fall through to triton.
 On CPU, `ops/cpu.py`: block-sparse flash-style prefill and a decode that reads only the used
 slots; bench/peer_hf.py measures them against Hugging Face transformers.)
 

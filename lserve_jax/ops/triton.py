@@ -85,7 +85,7 @@ def prefill(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=Non
 
 @register("decode", "triton", priority=GPU_FIRST)
 def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, sel_count, *, mode, scale,
-           options):
+           dense=False, options):
     check_options("decode", options, DECODE_OPTIONS)
     check_device(options)
     b, hq, d = q.shape
