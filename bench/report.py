@@ -404,24 +404,31 @@ def fp8_gemm() -> list[str]:
         if not d.get("rows") or d["env"].get("backend") == "cpu":
             continue
         int8 = all("int8" in r for r in d["rows"])
+        kernel = any("kernel" in r for r in d["rows"])  # the Triton kernel's columns (decode rows only)
         timing = d.get("note", "one product per call (dispatch included)")
         lines += [f"## 8-bit projections vs bf16 ({d['env']['device']}, jax {d['env']['jax']})", ""]
         head = ["weight", "in x out", "rows", "bf16 ms", "W8A8 ms", "W8A16 ms"] + ["INT8 W8A8 ms"] * int8 \
-            + ["W8A8 speed-up"] + ["INT8 speed-up"] * int8 + ["W8A8 GEMM"] + ["INT8 GEMM"] * int8
+            + ["kernel FP8 ms", "kernel INT8 ms"] * kernel \
+            + ["W8A8 speed-up"] + ["INT8 speed-up"] * int8 + ["kernel FP8 speed-up"] * kernel \
+            + ["W8A8 GEMM"] + ["INT8 GEMM"] * int8
         rows = []
         for r in d["rows"]:
             row = [r["weight"], "x".join(map(str, r["shape"])), r["rows"], f"{r['bf16']['ms']:.3f}",
                    f"{r['w8a8']['ms']:.3f}", f"{r['w8a16']['ms']:.3f}"]
             i8 = r.get("int8")
             row += [f"{i8['ms']:.3f}"] if i8 else []
+            row += [f"{r[v]['ms']:.3f}" if v in r else "-" for v in ("kernel", "kernel-int8")] if kernel else []
             row += [_x(r["bf16"]["ms"], r["w8a8"]["ms"])] + ([_x(r["bf16"]["ms"], i8["ms"])] if i8 else [])
+            row += [_x(r["bf16"]["ms"], r["kernel"]["ms"]) if "kernel" in r else "-"] if kernel else []
             row += [" ".join(r["w8a8"]["gemms"]) or "(none named)"]
             row += [" ".join(i8["gemms"]) or "(none named)"] if i8 else []
             rows.append(row)
         lines += _table(f"`python bench/fp8_gemm.py` (`{name}`): `models.layer.project` at the llama3-8b "
                         "projection shapes; W8A8 = FP8 weights and activations (the GEMM XLA calls is named), "
                         "W8A16 = FP8 weights converted in the product, INT8 W8A8 = smoothed int8 activations "
-                        f"and weights; timing: {timing}.", head, rows)
+                        "and weights" + (", kernel = the weight-only Triton kernel (`pallas/qmatmul.py`, what "
+                                         "decode runs on the GPU) on the FP8 / INT8 weights" if kernel else "")
+                        + f"; timing: {timing}.", head, rows)
     return lines
 
 

@@ -23,6 +23,16 @@ input channel j is divided by s_j = amax|x_j|^alpha / amax|W_j|^(1-alpha) (activ
 calibration text) and the weight's row j multiplied by it, the same product; the division is one
 multiply fused into the activation quantiser. On SmolLM2-135M at 4K tokens: W8A8 FP8 1.027x the
 float32 perplexity, INT8 without smoothing 1.033x, INT8 smoothed (alpha 0.5) 1.008x.
+
+Decode on a GPU is weight-only (W8A16) for every 8-bit weight: `models.layer.project` goes
+through the registry op "qmatmul" (`lserve_jax.ops.qmatmul`), whose GPU default for at most 64
+rows is a Triton skinny GEMM (`lserve_jax.pallas.qmatmul`) that reads the 8-bit weight once and
+converts it to the activations' dtype in registers. At decode's few rows XLA's W8A8 path is
+several small kernels per projection (activation amax, quantiser, a GEMM that is not cuBLASLt's,
+rescale) and was slower than bf16 on an H100. The activations are then not quantised (an
+Int8Linear's are only multiplied by `inv_smooth`), so decode is at least as accurate as the W8A8
+product of the same weights; prefill (more rows) and every CPU product keep the functions below
+(`fp8_matmul`, `int8_matmul`: the "xla" implementation).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from jax import lax
 
 from ..arrays import Arrays
 from ..config import ModelConfig
-from ..quant import FP8Linear, Int8Linear, fp8_matmul, int8_matmul
+from ..ops.qmatmul import qmatmul
+from ..quant import QUANTIZED
 from ..rope import apply_rope, attention_scaling, inv_frequencies
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -35,13 +36,13 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype.
-    w may be an 8-bit weight (`lserve_jax.quant`): FP8Linear, an FP8 GEMM (W8A8) or a product with
-    the weight converted (W8A16); Int8Linear, an INT8 GEMM on smoothed activations (W8A8); scales
-    applied to the float32 result."""
-    if isinstance(w, FP8Linear):
-        y = fp8_matmul(x, w)
-    elif isinstance(w, Int8Linear):
-        y = int8_matmul(x, w)
+    w may be an 8-bit weight (`lserve_jax.quant`), multiplied by the registry's "qmatmul" op in the
+    platform's default order (`lserve_jax.ops.qmatmul`): on a GPU at most 64 rows (decode) run the
+    weight-only Triton kernel (activations unquantised), more rows (prefill) and the CPU XLA's
+    path: FP8Linear, an FP8 GEMM (W8A8) or a product with the weight converted (W8A16);
+    Int8Linear, an INT8 GEMM on smoothed activations (W8A8); scales applied to the float32 result."""
+    if isinstance(w, QUANTIZED):
+        y = qmatmul(x, w)
     else:
         y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
     if b is not None:

@@ -8,6 +8,7 @@ API (each validates shapes with ValueErrors naming them, then dispatches):
     append_token(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, ring_v,
                  *, page, lp, sink, local, choice=OpChoice())
     page_scores(q, k_min, k_max, page_table, lengths, *, page_size, choice=OpChoice())
+    qmatmul(x, qw, *, choice=OpChoice())   # x @ an 8-bit weight (quant.FP8Linear / Int8Linear)
 
 Kernel choice and tuning are frozen values (no module state): `OpChoice(impls, options)` for
 one op, `Kernels(prefill, decode, append, page_scores)` for a model's static spec, e.g.
@@ -40,7 +41,8 @@ from .append import append_token
 from .decode import MODES, decode_attention, dense_decode_attention
 from .page_scores import page_scores
 from .prefill import prefill_attention
+from .qmatmul import qmatmul
 from .registry import REGISTRY, Kernels, OpChoice, Unsupported
 
 __all__ = ["MODES", "REGISTRY", "Kernels", "OpChoice", "Unsupported", "append_token", "decode_attention",
-           "dense_decode_attention", "page_scores", "prefill_attention"]
+           "dense_decode_attention", "page_scores", "prefill_attention", "qmatmul"]

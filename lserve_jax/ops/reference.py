@@ -2,12 +2,14 @@
 
 Runs on every platform and supports every shape, so it is last in every default order (and
 the whole order on CPU, where XLA runs it faster than an interpreted kernel). Tuning options
-are ignored: the reference has none.
+are ignored: the reference has none. The 8-bit weight product's is called "xla": it is not a
+spec but the production path of `lserve_jax.quant` (XLA's W8A8 GEMMs), prefill's on the GPU.
 """
 
 from __future__ import annotations
 
 from ..pallas.append import append_reference
+from ..quant import FP8Linear, fp8_matmul, int8_matmul
 from ..pallas.decode import paged_decode_reference
 from ..pallas.page_scores import page_scores_reference
 from ..pallas.prefill import prefill_attention_reference
@@ -44,3 +46,9 @@ def append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ring_k, 
 def page_scores(q, k_min, k_max, page_table, lengths, *, page_size, options):
     del lengths, page_size, options  # every entry is scored; the selector masks past the length
     return page_scores_reference(q, k_min, k_max, page_table)
+
+
+@register("qmatmul", "xla", priority=ANY_PLATFORM)
+def qmatmul(x, qw, *, options):
+    del options
+    return fp8_matmul(x, qw) if isinstance(qw, FP8Linear) else int8_matmul(x, qw)

@@ -8,10 +8,10 @@ propagates). If none runs, `Unsupported` names every implementation tried and it
 An empty `OpChoice.impls` means the platform's default order: the implementations whose
 `priority` names the platform, highest first. With the backends of this package:
 
-| platform | prefill                               | decode, append, page_scores |
-|----------|---------------------------------------|-----------------------------|
-| gpu      | cudnn+triton, triton, reference       | decode: cudnn, triton, reference; others: triton, reference |
-| cpu      | cpu, reference                        | decode: cpu, reference; append, page_scores: reference |
+| platform | prefill                         | decode                  | append, page_scores | qmatmul     |
+|----------|---------------------------------|-------------------------|---------------------|-------------|
+| gpu      | cudnn+triton, triton, reference | cudnn, triton, reference | triton, reference  | triton, xla |
+| cpu      | cpu, reference                  | cpu, reference          | reference           | xla         |
 
 (the GPU prefill order is the fastest correct one measured on the H200, bench/prefill_attn.py:
 cudnn+triton runs retrieval heads through cuDNN and streaming heads through the Triton kernel;
@@ -20,6 +20,11 @@ Decode "cudnn" runs only the dense layout (every page, no streaming heads, bf16/
 cuDNN's paged attention); a sparse selection or 8-bit pages fall through to triton.
 On CPU, `ops/cpu.py`: block-sparse flash-style prefill and a decode that reads only the used
 slots; bench/peer_hf.py measures them against Hugging Face transformers.)
+
+"qmatmul" is the product with an 8-bit weight (`ops.qmatmul`): on the GPU the Triton skinny GEMM
+(weight-only, at most 64 rows: decode) and else XLA's W8A8 GEMMs of `lserve_jax.quant` ("xla").
+It is not one of a model's `Kernels` (`OPS`): `models.layer.project` dispatches it with the
+default order, so its choice is the platform's, not the model spec's.
 
 Backends are modules of this package named in `BACKENDS`, imported on first use (so importing
 the API imports no kernel). A backend must import on every platform and jax version the project
@@ -35,7 +40,7 @@ from typing import Any, Callable, Mapping
 
 __all__ = ["BACKENDS", "OPS", "Kernels", "OpChoice", "REGISTRY", "Registry", "Unsupported", "register"]
 
-OPS = ("prefill", "decode", "append", "page_scores")
+OPS = ("prefill", "decode", "append", "page_scores")  # a model's `Kernels`; "qmatmul" is registered too
 # Backend modules of lserve_jax.ops, imported lazily; adding a backend = one file + one entry here.
 BACKENDS = ("reference", "triton", "cudnn", "cpu")
 # Legacy spellings (the Pallas Triton lowering was called "pallas" before Mosaic GPU kernels).

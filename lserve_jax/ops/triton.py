@@ -8,6 +8,8 @@ Each implementation checks what the kernel needs before it traces anything and r
 `Unsupported` otherwise: a GPU (or CPU in interpret mode), a float dtype, and the Triton shape
 rules (power-of-2 loads and dot dims >= 16; the prefill kernel pads D to a power of 2 itself, the
 decode kernel reads a D such as 96 in power-of-2 pieces, so it takes any multiple of 16). The
+8-bit weight product (`pallas.qmatmul`, weight-only) takes at most 64 rows (decode) and block
+sizes that divide the weight (it is never padded); more rows go to XLA's W8A8 GEMMs. The
 prefill kernel has the offset (chunked) form (`q_offset`); the cuDNN engines refuse it, so a
 chunk of a longer prompt comes here in the GPU default order.
 Options are the kernels' keyword arguments; an unknown name is a ValueError, not a silent
@@ -26,6 +28,8 @@ from ..pallas import compat
 from ..pallas import decode as pallas_decode
 from ..pallas import page_scores as pallas_scores
 from ..pallas import prefill as pallas_prefill
+from ..pallas import qmatmul as pallas_qmatmul
+from ..quant import QUANTIZED, Int8Linear
 from .decode import retrieval_slots, two_launches
 from .registry import Unsupported, register
 
@@ -36,6 +40,7 @@ DECODE_OPTIONS = frozenset({"pages_per_block", "pages_per_split", "min_split_tok
                             "num_warps", "num_stages", "interpret"})
 APPEND_OPTIONS = frozenset({"interpret"})
 PAGE_SCORE_OPTIONS = frozenset({"chunk", "num_warps", "num_stages", "interpret"})
+QMATMUL_OPTIONS = frozenset({"block_n", "block_k", "split_k", "num_warps", "num_stages", "interpret"})
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -130,3 +135,28 @@ def page_scores(q, k_min, k_max, page_table, lengths, *, page_size, options):
                           f"page: {q.shape=} {k_min.shape=}")
     # pages past the sequence are left unwritten: the selector masks them
     return pallas_scores.page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size, **options)
+
+
+@register("qmatmul", "triton", priority=GPU_FIRST)
+def qmatmul(x, qw, *, options):
+    check_options("qmatmul", options, QMATMUL_OPTIONS)
+    check_device(options)
+    if not isinstance(qw, QUANTIZED):
+        raise Unsupported(f"the Triton qmatmul kernel takes FP8Linear or Int8Linear weights, got {type(qw).__name__}")
+    k, n = qw.shape
+    rows = x.size // k if k else 0
+    if not 1 <= rows <= pallas_qmatmul.MAX_ROWS:
+        raise Unsupported(f"the Triton qmatmul kernel takes 1..{pallas_qmatmul.MAX_ROWS} rows, got {rows} "
+                          f"({x.shape=})")
+    if x.dtype not in _FLOATS:
+        raise Unsupported(f"the Triton qmatmul kernel takes float32/bfloat16/float16 activations, got {x.dtype=}")
+    blocks = {name: options[name] for name in ("block_n", "block_k", "split_k") if name in options}
+    try:
+        pallas_qmatmul.plan(k, n, **blocks)
+    except pallas_qmatmul.BlockSizeError as e:
+        raise Unsupported(f"the Triton qmatmul kernel has no block sizes for weight [in, out]={qw.shape}: {e}") from None
+    x2 = x.reshape(rows, k)
+    if isinstance(qw, Int8Linear):  # x @ W == (x * inv_smooth) @ (w.T * scale): smoothed, not quantised
+        x2 = (x2.astype(jnp.float32) * qw.inv_smooth).astype(x.dtype)
+    y = pallas_qmatmul.qmatmul(x2, qw.w, qw.scale, **options)
+    return y.reshape(*x.shape[:-1], n)
