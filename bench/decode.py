@@ -234,28 +234,31 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
     cnt = jnp.full((batch, r), k_sel, jnp.int32)
     args = (kp, vp, rk, rv, table, lengths, sel, cnt)
 
-    def loop(opts):
-        choice = OpChoice.from_options(opts, impls=("triton",))
+    def loop(opts, impl="triton"):
+        choice = OpChoice.from_options(opts, impls=(impl,))
 
         def f(q, kp, vp, rk, rv, table, lengths, sel, cnt):
             def body(_, carry):
                 qq = carry
-                o = decode_attention(qq, kp, vp, rk, rv, table, lengths, sel, cnt, mode="kv_head", choice=choice)
+                o = decode_attention(qq, kp, vp, rk, rv, table, lengths, sel, cnt, mode="kv_head", dense=dense,
+                                     choice=choice)
                 return (qq + o * 0).astype(qq.dtype)  # a dependency chain: calls run one after another
             return jax.lax.fori_loop(0, reps, body, q)
         return jax.jit(f)
 
     one = lambda opts, impl="triton": jax.jit(lambda *a: decode_attention(
-        a[0], *a[1:], mode="kv_head", choice=OpChoice.from_options(opts, impls=(impl,))))
+        a[0], *a[1:], mode="kv_head", dense=dense, choice=OpChoice.from_options(opts, impls=(impl,))))
     ref = one(None, "reference")(q, *args)
     out = []
-    for opts in (DENSE_TUNE_CONFIGS if dense else TUNE_CONFIGS):
-        rec = {"options": opts}
+    # the dense path also times cuDNN's paged attention (decode "cudnn", first in the default order)
+    configs = [(opts, "triton") for opts in (DENSE_TUNE_CONFIGS if dense else TUNE_CONFIGS)]
+    for opts, impl in configs + ([(None, "cudnn")] if dense else []):
+        rec = {"options": opts} if impl == "triton" else {"impl": impl}
         try:
-            got = one(opts)(q, *args)
+            got = one(opts, impl)(q, *args)
             rec["rel_err"] = float(jnp.linalg.norm((got - ref).astype(jnp.float32)) /
                                    jnp.linalg.norm(ref.astype(jnp.float32)))
-            f = loop(opts)
+            f = loop(opts, impl)
             jax.block_until_ready(f(q, *args))
             ts = []
             for _ in range(5):
@@ -265,7 +268,8 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
             rec["us"] = min(ts) / reps * 1e6
         except Exception as e:  # a config the GPU rejects
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(f"tune{' dense' if dense else ''} ctx={ctx} B={batch} R={r}: {opts} -> {rec.get('us', float('nan')):.1f} us "
+        log(f"tune{' dense' if dense else ''} ctx={ctx} B={batch} R={r}: {opts if impl == 'triton' else impl} -> "
+            f"{rec.get('us', float('nan')):.1f} us "
             f"(rel err {rec.get('rel_err', float('nan')):.1e})")
         out.append(rec)
     return {"retrieval_heads": r, "configs": out}
@@ -421,7 +425,7 @@ def main(argv=None):
         if args.tune:
             def tuned(dense):
                 t = tune_layer(cfg, layout_sparse, base, batch, ctx, dense=dense)
-                ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2]
+                ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2 and "options" in c]
                 t["chosen"] = min(ok, key=lambda c: c["us"])["options"] if ok else {}
                 results.setdefault("tuning_dense" if dense else "tuning", {})[point] = t
                 log(f"ctx={ctx} B={batch}: {'dense paged' if dense else 'sparse'} decode options {t['chosen']}")

@@ -278,7 +278,7 @@ def test_impl_names_and_kernel_options():
     out = decode_attention(*args, mode="kv_head", choice=choice)
     assert rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError, match="unknown decode implementation"):
-        OpChoice.from_name("decode", "cudnn")
+        OpChoice.from_name("decode", "mosaic")
 
 
 _SPARSE_SWEEP = [(r, s, m, w, ppb, pps, dtype) for dtype in (jnp.float32, jnp.bfloat16)

@@ -84,7 +84,8 @@ def test_default_orders():
     """The measured GPU choices: cuDNN hybrid, then the Triton kernel, then the reference; on CPU
     the CPU backend's prefill and decode, then the reference."""
     assert REGISTRY.default_order("prefill", "gpu") == ("cudnn+triton", "triton", "reference")
-    for op in ("decode", "append", "page_scores"):
+    assert REGISTRY.default_order("decode", "gpu") == ("cudnn", "triton", "reference")  # cudnn: dense layout only
+    for op in ("append", "page_scores"):
         assert REGISTRY.default_order(op, "gpu") == ("triton", "reference")
     for op in ("prefill", "decode"):
         assert REGISTRY.default_order(op, "cpu") == ("cpu", "reference")
