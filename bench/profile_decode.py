@@ -11,18 +11,21 @@ alternating, instead of the engine's one program with a lax.cond) and `no_attent
 same model with attention and cache skipped: the floor set by weights and launches), each with
 bench/decode.py's quantisation suffixes (`+w8a8`, `+w8a8int8`, `+kv8`, `+kv8e4m3`: e.g.
 `sparse_kv_head+w8a8+kv8,sparse_kv_head+w8a8,sparse_kv_head+kv8,sparse_kv_head` separates what the
-8-bit weights and the 8-bit KV each cost). A `@rows1` suffix runs a variant without padding
+8-bit weights and the 8-bit KV each cost). A `@xlagemm` suffix runs 8-bit weights through XLA's
+GEMMs instead of the weight-only Triton kernel (`ops.qmatmul`). A `@rows1` suffix runs a variant without padding
 decode projections to DECODE_MIN_ROWS rows. Writes profile_decode-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import common  # noqa: F401
 import jax
@@ -34,6 +37,9 @@ from decode import dense_stepper, paged_stepper, parse_variant, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax import model as model_lib
+from lserve_jax.models import layer as layer_lib
+from lserve_jax.ops import OpChoice
+from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul
 from lserve_jax.params import init_params
 from lserve_jax.smoothquant import quantize_model
 
@@ -106,7 +112,12 @@ def main(argv=None):
             r = {"ctx": ctx, "batch": batch, "variant": name}
             spec, _, opt = name.partition("@")
             model_lib.DECODE_MIN_ROWS = 1 if opt == "rows1" else min_rows
+            # @xlagemm: 8-bit weights through XLA's GEMMs ("xla") instead of the default order's
+            # weight-only Triton kernel, for this variant's traces only
+            gemm = (mock.patch.object(layer_lib, "qmatmul", functools.partial(ops_qmatmul, choice=OpChoice(("xla",))))
+                    if opt == "xlagemm" else contextlib.nullcontext())
             try:
+                gemm.__enter__()
                 base, wmode, kv = parse_variant(spec)
                 if wmode not in quantized:
                     quantized.clear()
@@ -123,6 +134,8 @@ def main(argv=None):
             except Exception as e:  # keep the other variants
                 log(f"FAILED: {type(e).__name__}: {str(e)[:400]}")
                 r["error"] = f"{type(e).__name__}: {str(e)[:600]}"
+            finally:
+                gemm.__exit__(None, None, None)
             results["points"].append(r)
             write_json(out_file, results)
             pr = r.get("profile", {})

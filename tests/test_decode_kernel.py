@@ -321,7 +321,7 @@ def test_sparse_decode_sweep(runner, case):
 _HQ, _HKV, _D, _R, _S, _PAGE, _LP, _KSEL, _W = 32, 8, 128, 4, 4, 64, 16, 64, 128 + 256
 
 
-def _llama_layer(t=8192, b=2, seed=1):
+def _llama_layer(t=8192, b=2, seed=1):  # b <= 3
     """Random device-side pools for every KV head (the first R used by the sparse layer), the
     second sequence shorter (ring wrapped, pages unused)."""
     n = t // _PAGE
@@ -332,7 +332,7 @@ def _llama_layer(t=8192, b=2, seed=1):
     return dict(
         q=jax.random.normal(ks[1], (b, _HQ, _D), jnp.bfloat16),
         page_table=(1 + jax.random.permutation(ks[2], b * n)).reshape(b, n).astype(jnp.int32),
-        lengths=jnp.asarray([t - 5, t // 2 + 7], jnp.int32),
+        lengths=jnp.asarray([t - 5, t // 2 + 7, t // 3 + 1][:b], jnp.int32),
         ring_k=jax.random.normal(ks[3], (_S, b, _W, _D), jnp.bfloat16),
         ring_v=jax.random.normal(ks[4], (_S, b, _W, _D), jnp.bfloat16),
         k_pages8=kp, v_pages8=jax.random.normal(ks[5], kp.shape, jnp.bfloat16),
