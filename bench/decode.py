@@ -62,6 +62,9 @@ def parse_variant(name: str) -> tuple[str, str | None, object]:
     return base, ("fp8" if "w8a8" in mods else "int8" if "w8a8int8" in mods else None), kv
 
 
+STATS_CHUNK = 2048  # pages per page-statistics computation in random_cache
+
+
 def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
     """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more: built
     by `cache.init_cache` from the cache declaration, page statistics from the random keys.
@@ -81,8 +84,14 @@ def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
     cache = kvc.init_cache(cfg, layout, sparse, batch=batch, num_pages=batch * n + 1, max_pages_per_seq=n,
                            dtype=jnp.bfloat16, fill=fill, kv_dtype=kv_dtype)
     layers = []
+    scale = 1 / 64 if kv_dtype is not None else 1.0  # the statistics are of the keys the values stand for
+    stats = jax.jit(lambda k: kvc.page_stats(k.astype(jnp.float32) * scale, sparse.logical_page_size))
     for lc in cache.layers:
-        k_min, k_max = kvc.page_stats(lc.k_pages.astype(jnp.float32), sparse.logical_page_size)
+        # a few thousand pages at a time: a whole layer in float32 (4.5 GiB at 128K x 24) does not fit
+        # beside a cache sized to the device (the --max-batch runs of 2026-12-06)
+        p = lc.k_pages.shape[1]
+        parts = [stats(lc.k_pages[:, i:i + STATS_CHUNK]) for i in range(0, p, STATS_CHUNK)]
+        k_min, k_max = (jnp.concatenate(x, axis=1) if len(parts) > 1 else x[0] for x in zip(*parts))
         layers.append(lc.replace(k_min=k_min.astype(lc.k_min.dtype), k_max=k_max.astype(lc.k_max.dtype)))
     table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
     return cache.replace(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32))

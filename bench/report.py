@@ -82,7 +82,7 @@ def whole_model_decode() -> list[str]:
     if not runs:
         return []
     lines = ["## Whole-model time per output token (llama3-8b shape)", "",
-             "`python bench/decode.py --tune` on one H200: random bf16 weights and a randomly filled KV cache, "
+             "`python bench/decode.py --tune` on one GPU (named under each table; newest first): random bf16 weights and a randomly filled KV cache, "
              "the real pattern at sparsity 0.5, budget 4096 tokens, pages 64/16, selector interval 4, ring "
              "128 + 256. All four variants of a point run in one process. *Pipelined*: steps dispatched back to "
              "back (the engine keeps one step in flight), total time / steps; *synced*: mean of steps each "
@@ -90,14 +90,18 @@ def whole_model_decode() -> list[str]:
              "read (amortised over the interval) over the copy bandwidth measured in the same run, against "
              "the pipelined time (dense cuDNN reads faster than that copy, hence > 100%).", ""]
     latest = [(n, d) for n, d in runs if any("pipelined_s" in p for p in d.get("points", []))]
-    for name, d in latest[-1:]:
-        lines += ["| context | batch | variant | ms/token pipelined | vs cuDNN | ms/token synced | vs cuDNN | "
+    for name, d in latest[::-1]:
+        lines += [f"`{name}` on {d['env'].get('device', '?')}:", "", "| context | batch | variant | ms/token pipelined | vs cuDNN | ms/token synced | vs cuDNN | "
                   "bytes-floor fraction | kernel options |", "|---|---|---|---|---|---|---|---|---|"]
         pts = {(p["ctx"], p["batch"], p["variant"]): p for p in d["points"] if "pipelined_s" in p}
+        cudnn_paged = {pt for pt, t in (d.get("tuning_dense") or {}).items()
+                       if any(c.get("impl") == "cudnn" and "us" in c for c in t["configs"])}
         for (ctx, b, v), p in pts.items():
             dense = pts.get((ctx, b, "dense_cudnn")) or {}
             ff = p.get("floor_fraction")
             opts = p.get("kernel_options")
+            if v == "dense_paged" and f"{ctx}x{b}" in cudnn_paged:
+                opts = "cuDNN paged attention (decode `cudnn`)"
             lines.append(f"| {ctx // 1024}K | {b} | {v} | {_ms(p['pipelined_s'])} | "
                          f"{_x(dense.get('pipelined_s'), p['pipelined_s'])} | {_ms(p['mean_s'])} | "
                          f"{_x(dense.get('mean_s'), p['mean_s'])} | {'–' if ff is None else f'{ff:.0%}'} | "
@@ -109,17 +113,22 @@ def whole_model_decode() -> list[str]:
             lines += ["", "Summary: " + ", ".join(f"`{k}` = {_fmt(v)}" for k, v in d["summary"].items())]
         for key, what in (("tuning", "Tuning"), ("tuning_dense", "Dense paged tuning")):
             for point, t in (d.get(key) or {}).items():
-                cfgs = ", ".join(f"{c['options'] or 'defaults'}: {c['us']:.1f}" for c in t["configs"] if "us" in c)
+                cfgs = ", ".join(f"{c.get('options') or c.get('impl') or 'defaults'}: {c['us']:.1f}"
+                                 for c in t["configs"] if "us" in c)
                 lines += ["", f"{what} at {point} (one layer, R={t['retrieval_heads']}, µs per call): {cfgs}; "
-                              f"chosen {t['chosen'] or 'defaults'}."]
+                              f"chosen {t['chosen'] or 'defaults'}" + (" (the Triton kernel's options; the dense "
+                              "layout's bf16 decode runs `cudnn`, cuDNN's paged attention, first in the default "
+                              "order)" if any(c.get("impl") == "cudnn" for c in t["configs"]) else "") + "."]
+        lines.append("")
     for name, d in runs:
         if d.get("max_batch"):
             lines += ["", f"Largest batch whose cache fits beside the weights (`python bench/decode.py --max-batch`, "
                           f"`{name}`, {d['env'].get('device', '?')}), confirmed by running decode steps at it:", "",
                       "| context | variant | max batch | GiB per sequence | weights GB |", "|---|---|---|---|---|"]
-            lines += [f"| {r['ctx'] // 1024}K | {r['variant']} | {r['max_batch']} | {r['per_seq_bytes'] / 2**30:.2f} | "
-                      f"{r['weights_bytes'] / 1e9:.1f} |" for r in d["max_batch"]]
-    older = [(n, d) for n, d in runs if (n, d) not in latest and any("median_s" in p for p in d.get("points", []))]
+            lines += [f"| {r['ctx'] // 1024}K | {r['variant']} | "
+                      f"{r['max_batch'] if r['max_batch'] else 'none confirmed (tried ' + ', '.join(str(a['batch']) for a in r.get('attempts', [])) + ')'} | "
+                      f"{r['per_seq_bytes'] / 2**30:.2f} | {r['weights_bytes'] / 1e9:.1f} |" for r in d["max_batch"]]
+    older = [(n, d) for n, d in runs if all(n != m for m, _ in latest) and any("median_s" in p for p in d.get("points", []))]
     for name, d in older:
         lines += ["", f"Earlier run `{name}` (before the fused kernels; median of synced steps, which hides "
                       "the refresh steps):", "", "| context | batch | variant | ms/token |", "|---|---|---|---|"]

@@ -24,15 +24,14 @@ calibration text) and the weight's row j multiplied by it, the same product; the
 multiply fused into the activation quantiser. On SmolLM2-135M at 4K tokens: W8A8 FP8 1.027x the
 float32 perplexity, INT8 without smoothing 1.033x, INT8 smoothed (alpha 0.5) 1.008x.
 
-Decode on a GPU is weight-only (W8A16) for every 8-bit weight: `models.layer.project` goes
-through the registry op "qmatmul" (`lserve_jax.ops.qmatmul`), whose GPU default for at most 64
-rows is a Triton skinny GEMM (`lserve_jax.pallas.qmatmul`) that reads the 8-bit weight once and
-converts it to the activations' dtype in registers. At decode's few rows XLA's W8A8 path is
-several small kernels per projection (activation amax, quantiser, a GEMM that is not cuBLASLt's,
-rescale) and was slower than bf16 on an H100. The activations are then not quantised (an
-Int8Linear's are only multiplied by `inv_smooth`), so decode is at least as accurate as the W8A8
-product of the same weights; prefill (more rows) and every CPU product keep the functions below
-(`fp8_matmul`, `int8_matmul`: the "xla" implementation).
+Every 8-bit product goes through the registry op "qmatmul" (`lserve_jax.ops.qmatmul`), whose
+default everywhere is the functions below (`fp8_matmul`, `int8_matmul`: implementation "xla").
+A weight-only Triton skinny GEMM for decode's few rows (`lserve_jax.pallas.qmatmul`: the 8-bit
+weight read once and converted in registers, activations unquantised) is implementation
+"triton", taken only when a choice names it: on the GPU it is correct and as fast per product as
+XLA's int8 GEMM (24 vs 23 us for a 4096x14336 weight at 4 rows, H100), but in the sparse decode
+step its launches made the step host-bound (10.2 vs 6.9 ms, 128K x 4, H100;
+bench/results/decode-2026-12-06-8bit/).
 """
 
 from __future__ import annotations

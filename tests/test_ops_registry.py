@@ -166,7 +166,9 @@ def test_kernels_from_legacy_names_and_options():
     assert tuned.page_scores.kwargs == {"chunk": 32} and tuned.prefill == OpChoice()
     assert len({tuned, Kernels().with_options(decode={"pages_per_block": 2}, page_scores={"chunk": 32})}) == 1
     with pytest.raises(ValueError, match="unknown decode implementation"):
-        Kernels.from_names(decode="cudnn")
+        Kernels.from_names(decode="mosaic")
+    cudnn = Kernels.from_names(decode="cudnn")  # decode-only: the append keeps its default order
+    assert cudnn.decode.impls == ("cudnn",) and cudnn.append == OpChoice()
     with pytest.raises(ValueError, match="unknown ops"):
         Kernels().with_options(attention={"block_m": 64})
     with pytest.raises(ValueError, match="must be an OpChoice"):

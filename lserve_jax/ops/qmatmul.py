@@ -2,12 +2,12 @@
 
     y = qmatmul(x, qw)          # x [..., in] @ the FP8Linear / Int8Linear weight -> float32 [..., out]
 
-Implementations: "triton" (`pallas.qmatmul`, the GPU default for at most `MAX_ROWS` rows after
-flattening the leading axes: decode; options block_n, block_k, split_k, num_warps, num_stages)
-and "xla" (everywhere, last: exactly `quant.fp8_matmul` / `quant.int8_matmul`, the W8A8 GEMMs
-or the W8A16 product). The Triton kernel is weight-only (W8A16) for both weight types: the
-activations are not quantised (an Int8Linear's are multiplied by its `inv_smooth` first), so on
-a GPU decode's products are at least as accurate as prefill's W8A8 ones (`lserve_jax.quant`).
+Implementations: "xla" (the default everywhere: exactly `quant.fp8_matmul` / `quant.int8_matmul`,
+the W8A8 GEMMs or the W8A16 product) and "triton" (`pallas.qmatmul`, only when a choice names it:
+at most `MAX_ROWS` rows after flattening the leading axes; options block_n, block_k, split_k,
+num_warps, num_stages; measured slower in the decode step, see `lserve_jax.quant`). The Triton
+kernel is weight-only (W8A16) for both weight types: the activations are not quantised (an
+Int8Linear's are multiplied by its `inv_smooth` first).
 `models.layer.project` dispatches every 8-bit weight here with the default order.
 """
 

@@ -10,7 +10,7 @@ An empty `OpChoice.impls` means the platform's default order: the implementation
 
 | platform | prefill                         | decode                  | append, page_scores | qmatmul     |
 |----------|---------------------------------|-------------------------|---------------------|-------------|
-| gpu      | cudnn+triton, triton, reference | cudnn, triton, reference | triton, reference  | triton, xla |
+| gpu      | cudnn+triton, triton, reference | cudnn, triton, reference | triton, reference  | xla         |
 | cpu      | cpu, reference                  | cpu, reference          | reference           | xla         |
 
 (the GPU prefill order is the fastest correct one measured on the H200, bench/prefill_attn.py:
@@ -21,8 +21,9 @@ cuDNN's paged attention); a sparse selection or 8-bit pages fall through to trit
 On CPU, `ops/cpu.py`: block-sparse flash-style prefill and a decode that reads only the used
 slots; bench/peer_hf.py measures them against Hugging Face transformers.)
 
-"qmatmul" is the product with an 8-bit weight (`ops.qmatmul`): on the GPU the Triton skinny GEMM
-(weight-only, at most 64 rows: decode) and else XLA's W8A8 GEMMs of `lserve_jax.quant` ("xla").
+"qmatmul" is the product with an 8-bit weight (`ops.qmatmul`): XLA's W8A8 / W8A16 products of
+`lserve_jax.quant` ("xla") by default; the weight-only Triton skinny GEMM ("triton", at most 64
+rows) only when a choice names it (measured slower in the decode step, see `lserve_jax.quant`).
 It is not one of a model's `Kernels` (`OPS`): `models.layer.project` dispatches it with the
 default order, so its choice is the platform's, not the model spec's.
 
@@ -222,10 +223,13 @@ class Kernels:
     def from_names(cls, prefill: str = "auto", decode: str = "auto", append: str | None = None,
                    page_scores: str = "auto") -> "Kernels":
         """From the legacy impl strings. `append` follows `decode` unless given (the model
-        used the decode impl for the cache append); page scores stay "auto" unless given."""
+        used the decode impl for the cache append), or a decode-only implementation ("cudnn") is
+        named: then the append keeps its default order; page scores stay "auto" unless given."""
+        if append is None:
+            append = decode if ALIASES.get(decode, decode) in REGISTRY.names("append") + ("auto",) else "auto"
         return cls(prefill=OpChoice.from_name("prefill", prefill),
                    decode=OpChoice.from_name("decode", decode),
-                   append=OpChoice.from_name("append", decode if append is None else append),
+                   append=OpChoice.from_name("append", append),
                    page_scores=OpChoice.from_name("page_scores", page_scores))
 
     def with_options(self, **per_op: Mapping[str, Any]) -> "Kernels":

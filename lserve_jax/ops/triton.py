@@ -8,8 +8,9 @@ Each implementation checks what the kernel needs before it traces anything and r
 `Unsupported` otherwise: a GPU (or CPU in interpret mode), a float dtype, and the Triton shape
 rules (power-of-2 loads and dot dims >= 16; the prefill kernel pads D to a power of 2 itself, the
 decode kernel reads a D such as 96 in power-of-2 pieces, so it takes any multiple of 16). The
-8-bit weight product (`pallas.qmatmul`, weight-only) takes at most 64 rows (decode) and block
-sizes that divide the weight (it is never padded); more rows go to XLA's W8A8 GEMMs. The
+8-bit weight product (`pallas.qmatmul`, weight-only; only when a choice names "triton": XLA's
+GEMMs are the default, see `lserve_jax.quant`) takes at most 64 rows (decode) and block sizes
+that divide the weight (it is never padded). The
 prefill kernel has the offset (chunked) form (`q_offset`); the cuDNN engines refuse it, so a
 chunk of a longer prompt comes here in the GPU default order.
 Options are the kernels' keyword arguments; an unknown name is a ValueError, not a silent
@@ -137,7 +138,7 @@ def page_scores(q, k_min, k_max, page_table, lengths, *, page_size, options):
     return pallas_scores.page_scores(q, k_min, k_max, page_table, lengths, page_size=page_size, **options)
 
 
-@register("qmatmul", "triton", priority=GPU_FIRST)
+@register("qmatmul", "triton")  # explicit choices only: slower in the decode step (lserve_jax.quant)
 def qmatmul(x, qw, *, options):
     check_options("qmatmul", options, QMATMUL_OPTIONS)
     check_device(options)
