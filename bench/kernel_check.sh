@@ -31,7 +31,7 @@ echo "== pytest -m gpu ($(date -u +%FT%TZ))"
 WORKERS=${WORKERS:-4}
 FRACTION=$(python3 -c "print(round(0.9 / $WORKERS, 3))")
 TESTS=${KC_TESTS:-tests/test_append_kernel.py tests/test_decode_kernel.py tests/test_ops_registry.py \
-  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py tests/test_kv8.py}
+  tests/test_prefill_kernel.py tests/test_selection.py tests/test_gpu_models.py tests/test_kv8.py tests/test_qmatmul.py}
 XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=$FRACTION PYTHONPATH=bench \
   FAILURES_FILE="$OUT/pytest-gpu-failures.txt" \
   timeout ${PYTEST_LIMIT:-420} "$PY" -m pytest -p pytest_failures -m gpu -n $WORKERS \
