@@ -10,18 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lserve_jax import cache as kvc
 from lserve_jax.checkpoint import write_checkpoint
 from lserve_jax.engine import Engine
 from lserve_jax.fuse import FUSED, fuse_projections, is_fused
 from lserve_jax.heads import HeadLayout
-from lserve_jax.model import forward_reference
+from lserve_jax.model import ModelSpec, decode_step, forward_reference, prefill_chunk
 from lserve_jax.params import permute_kv_heads
 from lserve_jax.quant import LINEAR_NAMES, FP8Linear, Int8Linear, quantize_params, weights_mode
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.smoothquant import quantize_model
 
-from .test_chunked_prefill import LONG
-from .test_kv8 import _logits_through_cache
+from .test_chunked_prefill import LONG, WINDOWS
 from .tiny import TINY, tiny_config, tiny_params
 
 QWEN2 = tiny_config(architecture="qwen2", attention_bias=True, max_position_embeddings=512)
@@ -41,15 +41,42 @@ def _params(cfg, scale=0.1):
     return p.replace(layers=tuple(layers))
 
 
+_prefill = jax.jit(prefill_chunk, static_argnames=("spec", "context_pages"))
+_decode = jax.jit(decode_step, static_argnames=("spec",))
+
+
+def _logits(params, cfg, layout, chunk=None, n=96):
+    """Prefill n tokens (in chunks when `chunk`), then 3 decode steps: every logit row, float32."""
+    spec = ModelSpec(cfg, layout, WINDOWS)
+    c = kvc.init_cache(cfg, layout, WINDOWS, batch=1, num_pages=12, max_pages_per_seq=8, dtype=jnp.float32,
+                       num_stream_pages=12)
+    table = jnp.asarray(np.arange(1, 9)[None], jnp.int32)
+    c = c.replace(page_table=table, stream_table=table)
+    toks = np.random.default_rng(5).integers(1, cfg.vocab_size, n).astype(np.int32)
+    chunk = chunk or n
+    for start in range(0, n, chunk):
+        ctx = None if start == 0 else -(-(start + chunk) // WINDOWS.page_size)
+        lg, c = _prefill(params, c, jnp.asarray(toks[None, start:start + chunk]), jnp.asarray([start]),
+                         jnp.asarray([chunk]), spec=spec, context_pages=ctx)
+    outs = [lg]
+    for _ in range(3):
+        lg, c = _decode(params, c, jnp.argmax(lg, -1).astype(jnp.int32), spec=spec)
+        outs.append(lg)
+    return np.concatenate([np.asarray(o) for o in outs])
+
+
 def _rel(got, ref):
     return float(np.linalg.norm(np.asarray(got) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref)))
 
 
-@pytest.mark.parametrize("cfg", [LONG, QWEN2, QWEN3], ids=["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("layout,chunk", [(HeadLayout.dense(2, 2), None), (HeadLayout(2, (1, 0)), 32)],
-                         ids=["dense", "sparse-chunk32"])
+DENSE, SPARSE = HeadLayout.dense(2, 2), HeadLayout(2, (1, 0))
+
+
+@pytest.mark.parametrize("cfg,layout,chunk", [(LONG, DENSE, None), (LONG, SPARSE, None), (QWEN2, DENSE, None),
+                                              (QWEN2, SPARSE, None), (QWEN3, SPARSE, 32)],
+                         ids=["llama-dense", "llama-sparse", "qwen2-dense", "qwen2-sparse", "qwen3-sparse-chunk32"])
 def test_fused_logits_equal_the_separate_weights(cfg, layout, chunk):
-    """Prefill and 4 decode steps through the paged cache, float32: the same logits to 1e-6."""
+    """Prefill and 3 decode steps through the paged cache, float32: the same logits to 1e-6."""
     p = _params(cfg)
     f = fuse_projections(p, cfg)
     assert is_fused(f) and not is_fused(p)
@@ -58,8 +85,7 @@ def test_fused_logits_equal_the_separate_weights(cfg, layout, chunk):
         assert lf.wqkv.shape == (cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
         assert lf.w_gate_up.shape == (cfg.hidden_size, 2 * cfg.intermediate_size)
         assert ("bqkv" in lf) == cfg.attention_bias
-    ref, _ = _logits_through_cache(None, layout, chunk, params=p, cfg=cfg)
-    got, _ = _logits_through_cache(None, layout, chunk, params=f, cfg=cfg)
+    ref, got = (_logits(params, cfg, layout, chunk) for params in (p, f))
     assert _rel(got, ref) <= 1e-6
 
 
@@ -134,6 +160,7 @@ def test_load_fuses_and_generates(tmp_path, weights):
     assert got == [int(t) for t in np.argmax(ref, -1)[len(prompt) - 1:]]
     if weights is None:
         assert got == Engine(p, cfg, max_seq_len=64).generate([prompt], sp)[0].token_ids
+        assert not is_fused(load(tmp_path, pattern=None, max_seq_len=64, progress=False, fuse=False).params)
     else:
         q_dir = tmp_path / "q"
         write_checkpoint(q_dir, quantize_model(p, cfg, weights), cfg, "float32", extra_meta={"weights": weights})
