@@ -28,7 +28,8 @@ BIASES = {"wq": "bq", "wk": "bk", "wv": "bv", "wqkv": "bqkv"}  # weight -> its b
 
 def is_fused(params) -> bool:
     """Whether any layer holds a fused weight."""
-    return any(f in lp for lp in params.layers for f in FUSED)
+    layers = [params.layers] if isinstance(params.layers, Arrays) else params.layers  # stacked or not
+    return any(f in lp for lp in layers for f in FUSED)
 
 
 def _fusable(ws) -> bool:
@@ -58,11 +59,12 @@ def fuse_layer(lp: Arrays) -> Arrays:
     weight (and bias); a group already fused, or that cannot be, is left as it is."""
     items = dict(lp.items())
     for fused, parts in FUSED.items():
-        if not all(p in items for p in parts) or not _fusable([items[p] for p in parts]):
+        biases = [BIASES[p] for p in parts if BIASES.get(p) in items]
+        if (not all(p in items for p in parts) or not _fusable([items[p] for p in parts])
+                or len(biases) not in (0, len(parts))):  # some parts biased: kept separate
             continue
         items[fused] = _concat([items.pop(p) for p in parts])
-        biases = [BIASES[p] for p in parts if p in BIASES]
-        if biases and all(b in items for b in biases):
+        if biases:
             items[BIASES[fused]] = jnp.concatenate([items.pop(b) for b in biases])
     return Arrays(items)
 

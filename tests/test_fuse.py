@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from lserve_jax import cache as kvc
+from lserve_jax.arrays import Arrays
 from lserve_jax.checkpoint import write_checkpoint
 from lserve_jax.engine import Engine
-from lserve_jax.fuse import FUSED, fuse_projections, is_fused
+from lserve_jax.fuse import FUSED, fuse_layer, fuse_projections, is_fused
 from lserve_jax.heads import HeadLayout
 from lserve_jax.model import ModelSpec, decode_step, forward_reference, prefill_chunk
 from lserve_jax.params import permute_kv_heads
@@ -89,13 +90,16 @@ def test_fused_logits_equal_the_separate_weights(cfg, layout, chunk):
     assert _rel(got, ref) <= 1e-6
 
 
-def test_fusing_twice_changes_nothing_and_permuting_fused_heads_is_refused():
+def test_fusing_twice_changes_nothing_and_what_cannot_fuse_is_kept():
     f = fuse_projections(_params(QWEN2), QWEN2)
     ff = fuse_projections(f, QWEN2)
     assert jax.tree.structure(ff) == jax.tree.structure(f)
     assert all(a is b for a, b in zip(jax.tree.leaves(ff), jax.tree.leaves(f)))
     with pytest.raises(ValueError, match="before fusing"):
         permute_kv_heads(f, QWEN2, np.array([[1, 0], [0, 1]]))
+    lp = _params(QWEN2).layers[0]
+    only_bq = fuse_layer(Arrays({n: w for n, w in lp.items() if n not in ("bk", "bv")}))
+    assert {"wq", "wk", "wv", "bq", "w_gate_up"} <= set(only_bq) and "wqkv" not in only_bq  # a bias would be lost
 
 
 def test_consume_frees_only_the_replaced_weights():

@@ -60,8 +60,9 @@ def projections(lp: Arrays, h: jax.Array, fused: str, sections) -> list[jax.Arra
 
 def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pre-norm, q/k/v projections (fused or not: `projections`), per-head q/k norms if declared, RoPE, and the key centre if
-    the layer has one (`kv8.key_centers`). x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
+    """Pre-norm, q/k/v projections (fused or not: `projections`), per-head q/k norms if declared,
+    RoPE, and the key centre if the layer has one (`kv8.key_centers`).
+    x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
     lead = x.shape[:-1]
     h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
     q_cols, kv_cols = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
