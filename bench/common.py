@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lserve_jax.config import ModelConfig, RopeScaling  # noqa: E402
+from lserve_jax.fuse import fuse_projections  # noqa: E402
 from lserve_jax.heads import binarize, layout_and_permutation, load_pattern  # noqa: E402
 
 T0 = time.perf_counter()
@@ -48,6 +49,12 @@ def add_model_args(p) -> None:
 
 def model_config(name: str) -> ModelConfig:
     return ModelConfig(**SHAPES[name], rope_scaling=RopeScaling())
+
+
+def as_served(params, cfg: ModelConfig, tp: int = 1):
+    """`params` as `lserve_jax.load` runs them: q/k/v and gate/up fused (`lserve_jax.fuse`) when
+    tp == 1 (the given params are consumed), unchanged for tensor parallelism. Quantise after."""
+    return fuse_projections(params, cfg, consume=True) if tp == 1 else params
 
 
 def sparse_layout(name: str, cfg: ModelConfig, sparsity: float, tp: int = 1):

@@ -29,8 +29,8 @@ import common  # noqa: F401
 import jax
 import jax.numpy as jnp
 
-from common import (add_model_args, copy_bandwidth, environment, log, model_config, param_bytes, ratio,
-                    sparse_layout, write_json)
+from common import (add_model_args, as_served, copy_bandwidth, environment, log, model_config, param_bytes,
+                    ratio, sparse_layout, write_json)
 from lserve_jax import cache as kvc
 from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
@@ -388,7 +388,7 @@ def main(argv=None):
     log("env", env)
     bw = copy_bandwidth() if jax.default_backend() == "gpu" else None
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s" if bw else "copy bandwidth: not measured off GPU")
-    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    params = as_served(init_params(cfg, jax.random.key(0), jnp.bfloat16), cfg, args.tp)
     weights = param_bytes(params)
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
     params = shard_params(params, cfg, args.tp)

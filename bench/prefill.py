@@ -24,7 +24,8 @@ import common  # noqa: F401  (puts the repo on sys.path)
 import jax
 import jax.numpy as jnp
 
-from common import add_model_args, environment, log, model_config, param_bytes, ratio, sparse_layout, timed, write_json
+from common import (add_model_args, as_served, environment, log, model_config, param_bytes, ratio, sparse_layout,
+                    timed, write_json)
 from lserve_jax import cache as kvc
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
@@ -83,7 +84,7 @@ def main(argv=None):
     cfg = model_config(args.shape)
     env = environment()
     log("env", env)
-    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    params = as_served(init_params(cfg, jax.random.key(0), jnp.bfloat16), cfg, args.tp)
     layout_sparse = sparse_layout(args.shape, cfg, args.sparsity, args.tp)
     params = shard_params(params, cfg, args.tp)
     log(f"params {param_bytes(params) / 1e9:.1f} GB; retrieval heads per layer {layout_sparse.num_retrieval}")

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import xplane
-from common import copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
+from common import as_served, copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
 from decode import dense_stepper, paged_stepper, parse_variant, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
@@ -97,7 +97,7 @@ def main(argv=None):
     cfg = model_config(args.shape)
     env = environment()
     bw = copy_bandwidth() if jax.default_backend() == "gpu" else None
-    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    params = as_served(init_params(cfg, jax.random.key(0), jnp.bfloat16), cfg)
     layouts = {"sparse": sparse_layout(args.shape, cfg, 0.5),
                "dense": HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)}
     results = {"env": env, "copy_bandwidth_Bps": bw, "weights_bytes": param_bytes(params), "points": []}

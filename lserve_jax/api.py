@@ -17,6 +17,7 @@ import numpy as np
 from .checkpoint import DTYPES, open_checkpoint
 from .config import SparseConfig
 from .engine import Engine
+from .fuse import fuse_projections
 from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
 from .params import permute_kv_heads
 from .quant import check_mode, weights_mode
@@ -30,7 +31,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
          progress: bool = True, tp: int = 1, max_slots: int | None = None,
          prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-         weights: str | None = None, kv_dtype: str = "auto", center_keys: bool = True) -> Engine:
+         weights: str | None = None, kv_dtype: str = "auto", center_keys: bool = True,
+         fuse: bool = True) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -47,6 +49,9 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
     per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
     calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
+    fuse: with tp == 1, each layer's q/k/v and gate/up run as one product each (`lserve_jax.fuse`:
+    the same function in fewer kernels; quantised on load, one smoothing per fused weight; a
+    checkpoint's INT8 weights, smoothed separately, stay separate); False keeps them separate.
     Compiled programs are kept on disk between runs (`enable_compilation_cache`).
     """
     if isinstance(tp, bool) or not isinstance(tp, Integral) or tp < 1:
@@ -84,11 +89,14 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         layout, perms = layout_and_permutation(retrieval)
     if np.any(perms != np.arange(cfg.num_kv_heads)):
         params = permute_kv_heads(params, cfg, perms)
+    if fuse and tp == 1:  # q/k/v and gate/up as one product each (tp shards their heads separately)
+        params = fuse_projections(params, cfg, consume=True)
     tokenizer = None
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
     if weights is not None and weights_mode(params) != weights:
-        # after the permutation: scales (and int8's smoothing) travel with their channels
+        # after the permutation: scales (and int8's smoothing) travel with their channels; after
+        # the fusion: one smoothing (one activation quantisation) per fused product
         params = quantize_model(params, cfg, weights, tokenizer)
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import cache as kvc
 from .config import ModelConfig, SparseConfig
+from .fuse import is_fused
 from .heads import HeadLayout
 from .model import ModelSpec, decode_step, prefill_chunk
 from .ops import Kernels
@@ -165,6 +166,8 @@ class Engine:
             params = with_key_centers(params, key_centers(params, config, ids))
         if tp > 1 and weights_mode(params) is not None:
             raise ValueError(f"FP8 weights ({weights_mode(params)}) run with tp=1 only, got tp={tp}")
+        if tp > 1 and is_fused(params):
+            raise ValueError(f"fused projections (lserve_jax.fuse) run with tp=1 only, got tp={tp}")
         self.params = shard_params(params, config, tp)
         self.max_seq_len = int(config.max_position_embeddings if max_seq_len is None else max_seq_len)
         if self.max_seq_len < 1:

@@ -21,6 +21,7 @@ from . import models
 from .arrays import Arrays
 from .config import ModelConfig
 from .decl import ArrayDecl, axis_sizes
+from .fuse import is_fused
 from .quant import QUANTIZED, Int8Linear
 
 LayerParams = Arrays  # one layer's weights: attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, ... as declared
@@ -117,6 +118,8 @@ def permute_kv_heads(params: Params, cfg: ModelConfig, perms: np.ndarray) -> Par
     computes exactly the same function: attention is a sum over heads, and each head's q, k, v
     and o slices travel as one. Per-head-dim arrays (q/k norms) are shared by all heads.
     """
+    if is_fused(params):
+        raise ValueError("permute the KV heads before fusing the projections (lserve_jax.fuse)")
     n_kv = cfg.num_kv_heads
     decls = layer_decls(cfg)
 

@@ -47,7 +47,8 @@ FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 # "fp8" = W8A8 FP8, "fp8-weight-only" = W8A16 (FP8 weights), "int8" = W8A8 INT8, SmoothQuant-smoothed
 MODES = ("fp8", "fp8-weight-only", "int8")
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its default; 0.8 measured worse on SmolLM2)
-LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# every layer's linear weights, fused ones included (`lserve_jax.fuse`)
+LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
 _TINY = 1e-12  # an all-zero channel or row gets a finite scale
 
 

@@ -9,8 +9,10 @@ Per-token int8 activations lose the bulk of a token's channels when a few channe
 channel by a factor s_j and multiplies the weight's row j by it, the same product with the range
 moved into the weights (`quant.smoothing`). The factors need each channel's activation maximum:
 q/k/v read the attention norm's output, o_proj the attention output, gate/up the MLP norm's
-output, down_proj SwiGLU's hidden activation. One jitted layer function, run once per layer
-over the calibration tokens (the model's own forward, dense causal attention).
+output, down_proj SwiGLU's hidden activation; fused q/k/v and gate/up (`lserve_jax.fuse`) read
+their parts' input, one smoothing for the fused product, so one activation quantisation. One
+jitted layer function, run once per layer over the calibration tokens (the model's own forward,
+dense causal attention).
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def activation_amax(params, cfg, ids) -> list[dict[str, jax.Array]]:
         h_attn = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         h_mlp = rms_norm(mid, lp.mlp_norm, cfg.rms_norm_eps)
         a_attn, a_mlp = _channel_amax(h_attn), _channel_amax(h_mlp)
-        amax = {"wq": a_attn, "wk": a_attn, "wv": a_attn, "wo": _channel_amax(o.reshape(*o.shape[:-2], -1)),
-                "w_gate": a_mlp, "w_up": a_mlp, "w_down": _channel_amax(gated_act(lp, h_mlp))}
+        amax = {"wq": a_attn, "wk": a_attn, "wv": a_attn, "wqkv": a_attn,
+                "wo": _channel_amax(o.reshape(*o.shape[:-2], -1)),
+                "w_gate": a_mlp, "w_up": a_mlp, "w_gate_up": a_mlp, "w_down": _channel_amax(gated_act(lp, h_mlp))}
         return mlp(lp, mid, cfg), amax
 
     x, out = params.embed[ids], []

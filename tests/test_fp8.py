@@ -215,7 +215,8 @@ def test_convert_quantize_fp8_loads_and_generates(tmp_path):
 
 def test_convert_quantize_int8_calibrates_with_the_models_tokenizer(tmp_path):
     """--quantize int8 smooths with activation maxima over the calibration text through the
-    source's own tokenizer: the converted weights equal `load(weights="int8")` of a plain conversion,
+    source's own tokenizer: the converted weights equal `load(weights="int8")` of a plain conversion
+    with the projections unfused (fused ones share a smoothing; the converted ones stay separate),
     and the engine generates with them."""
     from lserve_jax.api import load
     from lserve_jax.convert.cli import main as convert_main
@@ -228,8 +229,9 @@ def test_convert_quantize_int8_calibrates_with_the_models_tokenizer(tmp_path):
     assert convert_main([str(src), str(plain), "--dtype", "float32", "--quiet"]) == 0
     assert open_checkpoint(dest).weights == "int8"
     eng = load(dest, pattern=None, max_seq_len=64, progress=False)
-    eng2 = load(plain, pattern=None, max_seq_len=64, progress=False, weights="int8")
+    eng2 = load(plain, pattern=None, max_seq_len=64, progress=False, weights="int8", fuse=False)
     assert weights_mode(eng.params) == weights_mode(eng2.params) == "int8"
+    assert jax.tree.structure(eng.params) == jax.tree.structure(eng2.params)
     for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(eng2.params)):
         np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)),
                                    rtol=1e-6, atol=1e-6)
@@ -296,7 +298,8 @@ def test_smoothing_rescues_an_outlier_input_channel():
 
 def test_activation_amax_reads_each_projections_input():
     """Layer 0's q/k/v maxima are those of the attention norm's output of the embeddings, every
-    linear gets its input width, and the maxima are finite and positive."""
+    linear gets its input width, the fused q/k/v and gate/up their parts', and the maxima are
+    finite and positive."""
     from lserve_jax.models.layer import rms_norm
 
     cfg, p = TINY, tiny_params(TINY)
@@ -306,7 +309,10 @@ def test_activation_amax_reads_each_projections_input():
     h = rms_norm(p.embed[jnp.asarray(ids)], p.layers[0].attn_norm, cfg.rms_norm_eps)
     np.testing.assert_allclose(np.asarray(amax[0]["wq"]), np.abs(np.asarray(h, np.float32)).max(0), rtol=1e-6)
     for a, lp in zip(amax, p.layers):
-        for n in LINEAR_NAMES:
+        for n in [n for n in LINEAR_NAMES if n in lp]:
             assert a[n].shape == (lp[n].shape[0],) and np.all(np.isfinite(a[n])) and np.all(np.asarray(a[n]) > 0)
+        # fused weights (lserve_jax.fuse) read their parts' input
+        for fused, part in [("wqkv", "wq"), ("wqkv", "wv"), ("w_gate_up", "w_gate"), ("w_gate_up", "w_up")]:
+            np.testing.assert_array_equal(np.asarray(a[fused]), np.asarray(a[part]))
     q = quantize_params(p, "int8", act_amax=amax).layers[0]
     assert all(isinstance(w, QUANTIZED) == (n in LINEAR_NAMES) for n, w in q.items())

@@ -21,6 +21,7 @@ from jax import lax
 
 from ..arrays import Arrays
 from ..config import ModelConfig
+from ..fuse import BIASES, FUSED
 from ..ops.qmatmul import qmatmul
 from ..quant import QUANTIZED
 from ..rope import apply_rope, attention_scaling, inv_frequencies
@@ -48,15 +49,27 @@ def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def projections(lp: Arrays, h: jax.Array, fused: str, sections) -> list[jax.Array]:
+    """h's products with the weights `fused` stands for (`fuse.FUSED[fused]`), with their biases: one
+    product with the layer's fused weight split at `sections` (jnp.split's: indices or a count of
+    equal parts) when it has one, else one product per weight."""
+    if fused in lp:
+        return jnp.split(project(h, lp[fused], lp.get(BIASES.get(fused))), sections, axis=-1)
+    return [project(h, lp[n], lp.get(BIASES.get(n))) for n in FUSED[fused]]
+
+
 def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelConfig
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pre-norm, q/k/v projections, per-head q/k norms if declared, RoPE, and the key centre if
-    the layer has one (`kv8.key_centers`). x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
+    """Pre-norm, q/k/v projections (fused or not: `projections`), per-head q/k norms if declared,
+    RoPE, and the key centre if the layer has one (`kv8.key_centers`).
+    x [..., T, hidden] -> q [..., T, Hq, D], k, v [..., T, Hkv, D]."""
     lead = x.shape[:-1]
     h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-    q = project(h, lp.wq, lp.get("bq")).reshape(*lead, cfg.num_heads, cfg.head_dim)
-    k = project(h, lp.wk, lp.get("bk")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
-    v = project(h, lp.wv, lp.get("bv")).reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    q_cols, kv_cols = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q, k, v = projections(lp, h, "wqkv", [q_cols, q_cols + kv_cols])
+    q = q.reshape(*lead, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(*lead, cfg.num_kv_heads, cfg.head_dim)
     if "q_norm" in lp:  # Qwen3: RMSNorm over each head's channels, before RoPE
         q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
@@ -69,7 +82,8 @@ def attention_inputs(lp: Arrays, x: jax.Array, positions: jax.Array, cfg: ModelC
 
 def gated_act(lp: Arrays, h: jax.Array) -> jax.Array:
     """SwiGLU's hidden activation silu(gate(h)) * up(h), the down projection's input."""
-    return jax.nn.silu(project(h, lp.w_gate)) * project(h, lp.w_up)
+    gate, up = projections(lp, h, "w_gate_up", 2)
+    return jax.nn.silu(gate) * up
 
 
 def mlp(lp: Arrays, x: jax.Array, cfg: ModelConfig) -> jax.Array:
