@@ -7,9 +7,9 @@ smoothed int8 activations, an int8 x int8 -> int32 product), checks each against
 product of the dequantised operands, and reports which GEMM the compiled program calls
 (cuBLASLt's custom call names its operand types; a dequantise-then-bf16 GEMM shows no f8 / s8).
 The 8-bit columns run XLA's path (the registry op "qmatmul" with implementation "xla", what
-`project` runs for prefill's rows); at rows <= 64 the `kernel` and `kernel-int8` columns time the
-weight-only Triton kernel (`lserve_jax.pallas.qmatmul`, implementation "triton", what `project`
-runs for decode on the GPU) on the FP8 and INT8 weights, checked against the float32 product of
+`project` runs by default); at rows <= 64 the `kernel` and `kernel-int8` columns time the
+weight-only Triton kernel (`lserve_jax.pallas.qmatmul`, implementation "triton", run only when a
+choice names it) on the FP8 and INT8 weights, checked against the float32 product of
 the unquantised activations and the dequantised weight.
 
 Each timing is one jitted scan over `--layers` distinct weights of the shape (every product reads

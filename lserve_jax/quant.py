@@ -31,7 +31,7 @@ weight read once and converted in registers, activations unquantised) is impleme
 "triton", taken only when a choice names it: on the GPU it is correct and as fast per product as
 XLA's int8 GEMM (24 vs 23 us for a 4096x14336 weight at 4 rows, H100), but in the sparse decode
 step its launches made the step host-bound (10.2 vs 6.9 ms, 128K x 4, H100;
-bench/results/decode-2026-12-06-8bit/).
+bench/results/profile_decode-2026-12-06{a,b}-h100.json).
 """
 
 from __future__ import annotations

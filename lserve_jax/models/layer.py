@@ -37,9 +37,10 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype.
-    w may be an 8-bit weight (`lserve_jax.quant`), multiplied by the registry's "qmatmul" op in the
-    platform's default order (`lserve_jax.ops.qmatmul`), XLA's products: FP8Linear, an FP8 GEMM (W8A8) or a product with the weight converted (W8A16);
-    Int8Linear, an INT8 GEMM on smoothed activations (W8A8); scales applied to the float32 result."""
+    w may be an 8-bit weight (`lserve_jax.quant`), multiplied by the registry op "qmatmul"
+    (`lserve_jax.ops.qmatmul`, default order: XLA's products): FP8Linear, an FP8 GEMM (W8A8) or a
+    product with the weight converted (W8A16); Int8Linear, an INT8 GEMM on smoothed activations
+    (W8A8); scales applied to the float32 result."""
     if isinstance(w, QUANTIZED):
         y = qmatmul(x, w)
     else:

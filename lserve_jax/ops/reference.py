@@ -9,10 +9,10 @@ spec but the production path of `lserve_jax.quant` (XLA's W8A8 GEMMs), prefill's
 from __future__ import annotations
 
 from ..pallas.append import append_reference
-from ..quant import FP8Linear, fp8_matmul, int8_matmul
 from ..pallas.decode import paged_decode_reference
 from ..pallas.page_scores import page_scores_reference
 from ..pallas.prefill import prefill_attention_reference
+from ..quant import FP8Linear, fp8_matmul, int8_matmul
 from .decode import two_launches
 from .registry import register
 

@@ -33,6 +33,7 @@ from ..pallas import qmatmul as pallas_qmatmul
 from ..quant import QUANTIZED, Int8Linear
 from .decode import retrieval_slots, two_launches
 from .registry import Unsupported, register
+from ..pallas.sizes import is_pow2
 
 GPU_FIRST = {"gpu": 20}  # below cudnn+triton (prefill), above the reference
 
@@ -44,9 +45,6 @@ PAGE_SCORE_OPTIONS = frozenset({"chunk", "num_warps", "num_stages", "interpret"}
 QMATMUL_OPTIONS = frozenset({"block_n", "block_k", "split_k", "num_warps", "num_stages", "interpret"})
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def check_options(op: str, options: dict, allowed: frozenset) -> None:
@@ -98,7 +96,7 @@ def decode(q, k_pages, v_pages, ring_k, ring_v, page_table, lengths, sel_pages, 
     r, s = k_pages.shape[0], ring_k.shape[0]
     if q.dtype not in _FLOATS:
         raise Unsupported(f"the Triton decode kernel takes float32/bfloat16/float16, got {q.dtype=}")
-    if not pallas_decode.head_dim_supported(d) or (r and not _pow2(k_pages.shape[2])):
+    if not pallas_decode.head_dim_supported(d) or (r and not is_pow2(k_pages.shape[2])):
         # head dims that are not a power of 2 (96, 80) are read in power-of-2 pieces in the kernel
         raise Unsupported(f"the Triton decode kernel needs a head_dim multiple of 16 and a power-of-2 page "
                           f"size: {q.shape=} {k_pages.shape=}")

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 
 from ..kv8 import KV8, load
 from .compat import resolve_interpret, triton_params
+from .sizes import is_pow2, next_pow2
 
 # f32 inputs: IEEE dots (the Triton lowering's DEFAULT is TF32); no effect on bf16 inputs
 _IEEE = jax.lax.Precision.HIGHEST
@@ -47,12 +48,6 @@ _M_INIT = -1e30  # finite running-max start: a fully masked block leaves exp2(m 
 NUM_SMS = 132  # H200; only steers the split heuristic
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _d_pieces(d: int) -> tuple[tuple[int, int], ...]:
@@ -247,9 +242,9 @@ def _plan(n: int, programs: int, page: int, *, block_tokens: int, pages_per_bloc
           min_split_tokens: int, target_programs: int) -> tuple[int, int, int]:
     """(pages per block, pages per split, splits) for programs of n slots of `page` tokens."""
     ppb = pages_per_block or max(1, block_tokens // page)
-    if not _pow2(ppb):
+    if not is_pow2(ppb):
         raise ValueError(f"pages_per_block must be a power of 2, got {ppb}")
-    ppb = max(min(ppb, _next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots
+    ppb = max(min(ppb, next_pow2(n)), 16 // page)  # blocks of >= 16 keys for the dots
     if pages_per_split is None:
         pps = choose_split(n, programs, ppb, min_split_pages=max(1, min_split_tokens // page),
                            target_programs=target_programs)
@@ -319,7 +314,7 @@ def block_tokens(default: int, d: int, itemsize: int, num_stages: int) -> int:
     num_stages blocks of K and V fit F32_STAGED_KV_BYTES (at least 16 tokens)."""
     t = default
     if itemsize >= 4:
-        while t > 16 and num_stages * 2 * t * _next_pow2(d) * itemsize > F32_STAGED_KV_BYTES:
+        while t > 16 and num_stages * 2 * t * next_pow2(d) * itemsize > F32_STAGED_KV_BYTES:
             t //= 2
     return t
 
@@ -347,7 +342,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     h = page_ids.shape[1]
     hk, p, page, _ = k_pages.shape
     n = page_ids.shape[-1]
-    if not (head_dim_supported(d) and _pow2(page)):
+    if not (head_dim_supported(d) and is_pow2(page)):
         raise ValueError(f"paged_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
                          f"{k_pages.shape=}")
     scale = d ** -0.5 if scale is None else scale
@@ -355,7 +350,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
                              block_tokens=block_tokens(256, d, jnp.dtype(k_pages.dtype).itemsize, num_stages),
                              pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                              target_programs=target_programs)
-    mrows = _next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
+    mrows = next_pow2(m_in)  # power-of-2 blocks; rare (G not a power of 2): pad the rows
     if mrows != m_in:
         q = jnp.pad(q[:, head_offset:head_offset + h], ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
         head_offset = 0
@@ -502,7 +497,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         validate(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths)
     if s and (ring_k.shape != ring_v.shape or ring_k.shape[1] != b or ring_k.shape[-1] != d):
         raise ValueError(f"ring k/v must be [S, B, W, D]: {ring_k.shape=} {ring_v.shape=} {q.shape=}")
-    if not head_dim_supported(d) or (r and not _pow2(k_pages.shape[2])):
+    if not head_dim_supported(d) or (r and not is_pow2(k_pages.shape[2])):
         raise ValueError(f"sparse_decode needs a head_dim multiple of 16 and a power-of-2 page size: "
                          f"{k_pages.shape=} {q.shape=}")
     scale = d ** -0.5 if scale is None else scale
@@ -538,7 +533,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
         w, pb, nw = 0, 16, 0
         rk = rv = jnp.zeros((1, 1, 16, d), q.dtype)
         rks = rvs = jnp.ones((1, 1, 16), jnp.float32)
-    mrows = _next_pow2(m_in)
+    mrows = next_pow2(m_in)
     if mrows != m_in:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
     g_ret = h_ret // r if r else 1

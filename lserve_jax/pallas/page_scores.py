@@ -16,17 +16,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .compat import resolve_interpret, triton_params
+from .sizes import is_pow2, next_pow2
 
 # f32 inputs: IEEE dots (the Triton lowering's DEFAULT is TF32); no effect on bf16 inputs
 _IEEE = jax.lax.Precision.HIGHEST
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def page_scores_reference(q, k_min, k_max, page_table):
@@ -50,7 +45,7 @@ def page_scores_reference(q, k_min, k_max, page_table):
 
 def supported(q, k_min) -> bool:
     """Whether the kernel handles these shapes (power-of-2 head dim and logical pages per page)."""
-    return _pow2(q.shape[-1]) and _pow2(k_min.shape[2]) and q.shape[-1] >= 16
+    return is_pow2(q.shape[-1]) and is_pow2(k_min.shape[2]) and q.shape[-1] >= 16
 
 
 def _kernel(len_ref, pt_ref, q_ref, kmin_ref, kmax_ref, o_ref, *, chunk, lpp, page_size):
@@ -97,7 +92,7 @@ def page_scores(q, k_min, k_max, page_table, lengths=None, *, page_size: int | N
         raise ValueError(f"page_scores needs power-of-2 head_dim and L: {q.shape=} {k_min.shape=}")
     if page_table.ndim != 2 or page_table.shape[0] != b:
         raise ValueError(f"page_scores: {page_table.shape=} must be [B, N] with B={b}")
-    if not _pow2(chunk):
+    if not is_pow2(chunk):
         raise ValueError(f"chunk must be a power of 2, got {chunk}")
     g = hq // r
     n = page_table.shape[1]
@@ -106,8 +101,8 @@ def page_scores(q, k_min, k_max, page_table, lengths=None, *, page_size: int | N
         lengths = jnp.full((b,), n, jnp.int32)
     elif page_size is None:
         raise ValueError("page_scores: pass page_size together with lengths")
-    m = max(16, _next_pow2(g))
-    chunk = min(chunk, _next_pow2(n))
+    m = max(16, next_pow2(g))
+    chunk = min(chunk, next_pow2(n))
     n_pad = pl.cdiv(n, chunk) * chunk
     pt = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, n_pad - n)))
     qp = jnp.pad(q.astype(k_min.dtype).reshape(b, r, g, d), ((0, 0), (0, 0), (0, m - g), (0, 0)))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from .compat import resolve_interpret, triton_params
+from .sizes import is_pow2, next_pow2
 
 __all__ = ["BlockSizeError", "MAX_ROWS", "plan", "qmatmul", "qmatmul_reference"]
 
@@ -54,12 +55,6 @@ class BlockSizeError(ValueError):
     """No block sizes (block_n | N, block_k | K / split_k, powers of 2 >= 16) fit these shapes."""
 
 
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def qmatmul_reference(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
@@ -71,7 +66,7 @@ def qmatmul_reference(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array
 
 
 def _check_block(name: str, block: int, extent: int, what: str) -> None:
-    if not (_pow2(block) and block >= 16 and extent % block == 0):
+    if not (is_pow2(block) and block >= 16 and extent % block == 0):
         raise BlockSizeError(f"{name}={block} must be a power of 2 >= 16 dividing {what}={extent}")
 
 
@@ -136,7 +131,7 @@ def qmatmul(x: jax.Array, w: jax.Array, scale: jax.Array, *, block_n: int | None
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"qmatmul takes 1..{MAX_ROWS} rows, got {m}")
     bn, bk, s = plan(k, n, block_n=block_n, block_k=block_k, split_k=split_k)
-    mp = max(16, _next_pow2(m))
+    mp = max(16, next_pow2(m))
     xp = jnp.pad(x, ((0, mp - m), (0, 0)))
     out = pl.pallas_call(
         functools.partial(_kernel, block_k=bk, steps=k // (s * bk)),
