@@ -10,7 +10,8 @@ Workloads (fixed seeds, greedy, ignore EOS; prompt lengths scaled by --scale):
   prefix  8 questions about one 64K document (run with and without the prefix cache)
 Each runs all at once (offline) and with Poisson arrivals at each --rates (requests/s); with
 --http the requests go through the OpenAI-compatible server (`lserve_jax.serve`, in this process
-on a thread) as streaming /v1/completions calls, and the times are the client's. Per run:
+on a thread) as streaming /v1/completions calls, and the times are the client's (`--http both`:
+each run in process and then through the server, on the same warm engine). Per run:
 output and total tokens/s, TTFT and TPOT p50/p99, peak pages in use, peak running sequences,
 prefix-cache hit tokens. Both engines get the same memory for their KV pages (--pool-gib; the
 sparse engine's pages hold only its retrieval heads, so the same bytes are more pages: the
@@ -266,7 +267,10 @@ def main(argv=None):
     p.add_argument("--engines", default="sparse,dense",
                    help="which engines run (one call can take one engine; --tag keeps the JSONs apart)")
     p.add_argument("--tag", default="", help="suffix of the JSON name: serve-<date><tag>.json")
-    p.add_argument("--http", action="store_true", help="through the OpenAI-compatible server (streaming calls)")
+    p.add_argument("--http", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                   help="through the OpenAI-compatible server (streaming calls); 'both': every run in process "
+                        "and then through the server on the same warm engine (one warm-up; two JSONs, "
+                        "serve-<date><tag>.json and serve-http-<date><tag>.json)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON results")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="no run: combine the runs of these result files (e.g. one per engine) into one "
@@ -311,10 +315,13 @@ def main(argv=None):
     max_seq = -(-longest // sparse.page_size) * sparse.page_size
     pool = int(args.pool_gib * (1 << 30)) if args.pool_gib else default_pool_bytes(cfg, sparse, dtype, max_seq, params)
     rates = [None] + [float(r) for r in args.rates.split(",") if r]
-    results = {"env": env, "shape": args.shape, "http": args.http, "scale": args.scale, "pool_bytes": pool,
-               "kv_dtype": args.kv_dtype,
-               "max_slots": args.max_slots, "max_seq_len": max_seq, "num_pages": {}, "runs": []}
-    out_file = os.path.join(args.out, f"serve{'-http' if args.http else ''}-{env['date'][:10]}{args.tag}.json")
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.http]  # through the server?
+    files, results = {}, {}
+    for http in modes:
+        results[http] = {"env": env, "shape": args.shape, "http": http, "scale": args.scale, "pool_bytes": pool,
+                         "kv_dtype": args.kv_dtype, "max_slots": args.max_slots, "max_seq_len": max_seq,
+                         "num_pages": {}, "runs": []}
+        files[http] = os.path.join(args.out, f"serve{'-http' if http else ''}-{env['date'][:10]}{args.tag}.json")
     lengths = sorted({len(ids) for rs in reqs.values() for ids, _ in rs})
     for name in engines:
         lay = layouts[name]
@@ -327,9 +334,10 @@ def main(argv=None):
                 raise SystemExit(f"{pool / (1 << 30):.2f} GiB of KV pages give the {name} engine {pages - 1} pages "
                                  f"(its streaming pool: {stream_pages}); the longest request needs "
                                  f"{max_seq // sparse.page_size}: raise --pool-gib")
-            results["num_pages"][name] = pages
+            for res in results.values():
+                res["num_pages"][name] = pages
             eng = Engine(params, cfg, num_pages=pages, **kw,
-                         tokenizer=word_tokenizer(cfg.vocab_size, args.out) if args.http else None)
+                         tokenizer=word_tokenizer(cfg.vocab_size, args.out) if True in modes else None)
             log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}, {pages} pages, "
                 f"chunk {eng.prefill_chunk}): warm-up ...")
             t = time.perf_counter()
@@ -339,19 +347,22 @@ def main(argv=None):
                 if (w == "prefix") != (not cache_on) and w != "prefix" and not cache_on:
                     continue  # the cache-off engine runs the prefix workload only
                 for rate in ([None] if w == "prefix" else rates):
-                    eng.scheduler.cache and eng.scheduler.cache.clear()
-                    r = (run_http if args.http else run)(eng, reqs[w], rate)
-                    r.update(engine=name, workload=w, prefix_cache=cache_on, num_pages=pages)
-                    results["runs"].append(r)
-                    log(f"{name:6} {w:6} rate={rate} cache={cache_on}: out {r['output_tok_s']:.1f} tok/s, "
-                        f"ttft p50 {r['ttft_p50_s']:.3f}s, tpot p50 {r['tpot_p50_s'] or 0:.4f}s, "
-                        f"peak running {r['peak_running']}, hits {r['prefix_hit_tokens']}")
-                    write_json(out_file, results)
+                    for http in modes:
+                        eng.scheduler.cache and eng.scheduler.cache.clear()
+                        r = (run_http if http else run)(eng, reqs[w], rate)
+                        r.update(engine=name, workload=w, prefix_cache=cache_on, num_pages=pages)
+                        results[http]["runs"].append(r)
+                        log(f"{name:6} {w:6} rate={rate} cache={cache_on}{' http' if http else ''}: "
+                            f"out {r['output_tok_s']:.1f} tok/s, total {r['total_tok_s']:.1f} tok/s, "
+                            f"ttft p50 {r['ttft_p50_s']:.3f}s, tpot p50 {r['tpot_p50_s'] or 0:.4f}s, "
+                            f"peak running {r['peak_running']}, hits {r['prefix_hit_tokens']}")
+                        write_json(files[http], results[http])
             del eng
-    results["summary"] = summarize(results["runs"])
-    write_json(out_file, results)
-    print_table(results)
-    return results
+    for http in modes:
+        results[http]["summary"] = summarize(results[http]["runs"])
+        write_json(files[http], results[http])
+        print_table(results[http])
+    return results[modes[-1]]
 
 
 LONG_OUT = 16

@@ -64,6 +64,24 @@ def test_serve_benchmark_through_http(tmp_path, monkeypatch):
     sys.modules.pop("serve", None)
 
 
+def test_serve_benchmark_in_process_and_through_http_on_one_engine(tmp_path, monkeypatch):
+    """--http both: each run in process, then the same requests through the server on the same
+    warm engine; the two JSONs the report pairs, with the same greedy token counts."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve
+
+    res = serve.main(["--shape", "tiny", "--scale", "0.001", "--requests", "2", "--rates", "", "--workloads", "gen",
+                      "--engines", "sparse", "--max-slots", "2", "--prefill-chunk", "32", "--http", "both",
+                      "--out", str(tmp_path), "--compile-cache", "", "--tag=-t"])
+    assert res["http"] and len(res["runs"]) == 1
+    with open(next(tmp_path.glob("serve-2*-t.json"))) as f:
+        local = json.load(f)
+    assert not local["http"] and len(local["runs"]) == 1 and not local["runs"][0].get("http")
+    assert local["runs"][0]["output_tokens"] == res["runs"][0]["output_tokens"] > 0
+    assert local["num_pages"] == res["num_pages"]
+    sys.modules.pop("serve", None)
+
+
 def test_pool_of_equal_bytes_and_the_long_prompt_mode(tmp_path, monkeypatch):
     """pages_for_bytes gives each layout the pages that fit the same memory (the sparse layout's
     streaming pool counted in); --long serves one long prompt in chunks and reports its TTFT."""
