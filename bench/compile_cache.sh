@@ -2,7 +2,8 @@
 # Carries JAX's persistent compilation cache between device calls, so that a serving benchmark's
 # warm-up (110-195 s an engine on a fresh machine, 2026-12-05) loads its programs instead of
 # compiling them again. The cache is kept per card model (an H200's programs do not serve an
-# H100) as at most 6 tar.gz parts of < 16 MiB (a call sends back at most 8 files of 16 MiB).
+# H100) as at most CC_PARTS (default 5) tar.gz parts of < 16 MiB (a call sends back at most 8 files
+# of 16 MiB: leave room for the results).
 #
 #   bench/compile_cache.sh restore [DIR]        # before the runs: unpack DIR/cc-<card>-*.tgz
 #   bench/compile_cache.sh save OUT [DIR]       # after them: pack the cache into OUT/cc-<card>-N.tgz
@@ -32,9 +33,9 @@ case "$cmd" in
     [ -d "$CACHE" ] || { echo "compile cache: nothing at $CACHE"; exit 0; }
     mkdir -p "$out"
     # entries sorted by size, packed greedily into parts of < 15 MiB (an entry over that is left out)
-    python3 - "$CACHE" "$out" "$card" <<'EOF'
+    python3 - "$CACHE" "$out" "$card" "${CC_PARTS:-5}" <<'EOF'
 import os, sys, tarfile
-cache, out, card = sys.argv[1:]
+cache, out, card, most = sys.argv[1:4] + [int(sys.argv[4])]
 limit = 15 << 20
 entries = sorted((os.path.getsize(os.path.join(cache, e)), e) for e in os.listdir(cache)
                  if os.path.isfile(os.path.join(cache, e)))
@@ -50,16 +51,16 @@ for n, e in entries:
     size += n
 if cur:
     parts.append(cur)
-for i, names in enumerate(parts[:6]):  # leave room in the 8 files a call sends back
+for i, names in enumerate(parts[:most]):
     with tarfile.open(os.path.join(out, f"cc-{card}-{i}.tgz"), "w:gz") as tar:
         for e in names:
             tar.add(os.path.join(cache, e), arcname=e)
-print(f"compile cache: {len(entries) - skipped} entries in {min(len(parts), 6)} part(s) under {out}"
-      + (f"; {skipped} over the part size and {max(len(parts) - 6, 0)} part(s) left out" if skipped or len(parts) > 6 else ""))
+print(f"compile cache: {len(entries) - skipped} entries in {min(len(parts), most)} part(s) under {out}"
+      + (f"; {skipped} over the part size and {max(len(parts) - most, 0)} part(s) left out" if skipped or len(parts) > most else ""))
 EOF
     ;;
   *)
-    sed -n "2,11p" "$0"
+    sed -n "2,12p" "$0"
     exit 2
     ;;
 esac

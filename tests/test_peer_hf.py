@@ -1,0 +1,36 @@
+"""bench/peer_hf.py's random-weights path (the one the H200 runs) end to end on CPU: an HF
+LlamaForCausalLM of the SmolLM2 shape with random float32 weights, copied into lserve_jax; both
+decode greedily and must agree token for token."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("transformers")
+pytest.importorskip("torch")
+
+
+def test_random_weights_path_agrees_with_hf(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import peer_hf
+
+    rc = peer_hf.main(["--shape", "smollm2-135m", "--random-weights", "--device", "cpu", "--dtype", "float32",
+                       "--lengths", "48", "--batches", "2", "--new-tokens", "4", "--agree", "4", "--repeats", "1",
+                       "--variants", "dense,sparse", "--out", str(tmp_path), "--tag", "t"])
+    assert rc == 0
+    with open(tmp_path / "peer_hf-t.json") as f:
+        report = json.load(f)
+    assert [(r["prompt_tokens"], r["batch"]) for r in report["results"]] == [(48, 2)]
+    for row in report["results"]:
+        assert row["hf"]["ttft_s"] > 0 and row["hf"]["decode_tok_s"] > 0
+        for v in ("lserve_jax-dense", "lserve_jax-sparse"):
+            r = row[v]
+            assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0
+            assert r["agree"], (v, row["batch"], r)  # random weights, float32: the same greedy tokens
+    assert "| random-48 | 48 | 2 | lserve_jax-sparse |" in report["table"]
+    sys.modules.pop("peer_hf", None)
