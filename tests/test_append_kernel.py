@@ -70,8 +70,22 @@ def test_fused_append_equals_reference(runner, case):
         pos = pos + 1
         for name, a, z in zip(_FIELDS, got, ref):
             assert isinstance(a, KV8) == isinstance(z, KV8) == (kv is not None and name not in ("k_min", "k_max"))
-            for x, y in zip(_plain(a), _plain(z)):
-                np.testing.assert_array_equal(x, y, err_msg=name)
+            _assert_stored_equal(_plain(a), _plain(z), name, exact=runner.interpret, kv=kv)
+
+
+def _assert_stored_equal(got, want, name, exact: bool, kv=None):
+    """Interpreted: bit for bit. Compiled, 8-bit entries (values and scales): the kernel quantises
+    in-register, where Triton's float32 division may round differently from XLA's: an ulp of the
+    scale, and at worst one quantisation step (int8: 1; e4m3: 2**-3 relative) of a few values."""
+    if exact or len(got) == 1:
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        return
+    (qx, sx), (qy, sy) = got, want
+    np.testing.assert_allclose(sx, sy, rtol=1e-6, err_msg=name)
+    step = 1.0 if jnp.dtype(kv) == jnp.dtype(INT8) else np.abs(qy) * 2.0 ** -3
+    assert np.all(np.abs(qx - qy) <= step + 1e-6), name
+    assert np.mean(qx != qy) < 1e-3, name  # rare: only values on a rounding boundary
 
 
 def test_append_choices_say_why():
@@ -135,3 +149,22 @@ def test_key_statistics_equal_recomputation_after_appends(impl):
                 stored = kp[:, tab[bi, j], lo % 16: lo % 16 + (hi - lo)]  # [R, tokens, D]
                 np.testing.assert_array_equal(kmin[:, tab[bi, j], lpg], stored.min(axis=1))
                 np.testing.assert_array_equal(kmax[:, tab[bi, j], lpg], stored.max(axis=1))
+
+
+@pytest.mark.parametrize("dtype", [INT8, FP8])
+def test_in_kernel_quantiser_equals_the_writers_quantiser(dtype):
+    """`quantize_row` (the append kernel's, in ops Triton lowers) gives the values and scales of
+    `kv8.quantize_tokens` exactly: random rows, rows whose values land on .5 steps (ties round to
+    even), an all-zero row and a row with one huge value."""
+    from lserve_jax.pallas.append import quantize_row
+
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal((64, 32)) * 3, np.zeros((1, 32)), np.r_[[1e6], np.ones(31)][None]]
+    ties = (np.arange(-127, 128) + 0.5)[None, :32] * np.ones((4, 1))  # y = x / (127 / 127) lands on halves
+    ties[:, 0] = 127.0  # amax 127 -> scale 1
+    rows.append(ties)
+    x = jnp.asarray(np.concatenate([np.resize(r, (len(r), 32)) for r in rows]), jnp.float32)
+    q, s = quantize_row(x, dtype)
+    want_q, want_s = quantize_tokens(x, dtype)
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
+    np.testing.assert_array_equal(np.asarray(s)[:, 0], np.asarray(want_s))

@@ -13,9 +13,11 @@ t < sink else `sink + (t - sink) % local`. The first R KV heads of k, v are retr
 (into the pages), the other S streaming heads (into the ring).
 
 8-bit pages and rings (`kv8.KV8`: int8 or e4m3 values, one float32 scale per token and head):
-the token's K and V are quantised before the launch (`kv8.quantize_tokens`, the writers' one
-quantiser, a fused elementwise op over [B, Hkv, D]); the kernel stores the values and the scales
-beside them in the same program, and the statistics from the unquantised keys, as the reference.
+the kernel quantises each head's K and V row itself (`quantize_row`: `kv8.quantize_tokens`'
+arithmetic in ops the Triton lowering has; equal to it in interpret mode, within one rounding
+step compiled) and stores the values and the scales beside them in the same program, and the
+statistics from the unquantised keys, as the reference. (Quantising before the launch, as
+earlier, cost the decode step six XLA kernels a layer: two row maxima, two scales, two casts.)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ..kv8 import KV8, quantize_tokens, store
+from ..kv8 import KV8, store
+from ..quant import _TINY, FP8_MAX, INT8_MAX
 from .compat import resolve_interpret, triton_params
 
 
@@ -60,13 +63,28 @@ def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max
     return k_pages, v_pages, k_min, k_max, ring_k, ring_v
 
 
-def _kernel(pos_ref, pt_ref, k_ref, kw_ref, vw_ref, *refs, r, s, q8, page, lp, sink, local, n_cols):
-    # k_ref: the unquantised keys (statistics); kw/vw: the values to store (8-bit when q8, then
-    # followed by their scales ks/vs [Hkv]). refs: those, the cache inputs, then the same arrays
-    # as (aliased) outputs: k/v pages and k_min/max when r > 0 (and the pages' scales when q8),
-    # ring k/v when s > 0 (and their scales). Inputs are read only for the old statistics.
-    if q8:
-        ks_ref, vs_ref, *refs = refs
+def quantize_row(x, dtype):
+    """x [..., D] -> (dtype [..., D], float32 [..., 1]): `quant.quantize_amax` over the last axis
+    in ops the Pallas Triton lowering has (it has no round: int8 rounds half to even through
+    floor, as jnp.round does)."""
+    int8 = jnp.dtype(dtype) == jnp.dtype(jnp.int8)
+    top = INT8_MAX if int8 else FP8_MAX
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), _TINY) / top
+    y = xf / scale
+    if int8:
+        f = jnp.floor(y)
+        frac = y - f  # exact: |y| <= 127 after the scale
+        f_even = jnp.floor(f * 0.5) * 2.0 == f
+        y = jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, jnp.where(f_even, f, f + 1.0)))
+    return jnp.clip(y, -top, top).astype(dtype), scale
+
+
+def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, q8, page, lp, sink, local, n_cols):
+    # k_ref, v_ref: the token's unquantised K and V [Hkv, D] (the statistics come from k_ref).
+    # refs: the cache inputs, then the same arrays as (aliased) outputs: k/v pages and k_min/max
+    # when r > 0 (and the pages' scales when q8), ring k/v when s > 0 (and their scales). Inputs
+    # are read only for the old statistics. q8: the values are quantised here, row by row.
     n = len(refs) // 2
     ins, outs = refs[:n], refs[n:]
     b = pl.program_id(0)
@@ -83,11 +101,12 @@ def _kernel(pos_ref, pt_ref, k_ref, kw_ref, vw_ref, *refs, r, s, q8, page, lp, s
         lpage = off // lp
         fresh = off % lp == 0
         for h in range(r):
-            kp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = kw_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kp_ref.dtype)
-            vp_ref[h, pl.ds(phys, 1), pl.ds(off, 1), :] = vw_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(vp_ref.dtype)
-            if q8:
-                outs[4][h, pl.ds(phys, 1), pl.ds(off, 1)] = ks_ref[pl.ds(h, 1)].reshape(1, 1)
-                outs[5][h, pl.ds(phys, 1), pl.ds(off, 1)] = vs_ref[pl.ds(h, 1)].reshape(1, 1)
+            for src, dst, scale_out in ((k_ref, kp_ref, 4), (v_ref, vp_ref, 5)):
+                row = src[pl.ds(h, 1), :].reshape(1, 1, d)
+                if q8:
+                    row, sc = quantize_row(row, dst.dtype)
+                    outs[scale_out][h, pl.ds(phys, 1), pl.ds(off, 1)] = sc.reshape(1, 1)
+                dst[h, pl.ds(phys, 1), pl.ds(off, 1), :] = row.astype(dst.dtype)
             kc = k_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kmin_ref.dtype)
             old_min = kmin_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
             old_max = kmax_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
@@ -97,11 +116,12 @@ def _kernel(pos_ref, pt_ref, k_ref, kw_ref, vw_ref, *refs, r, s, q8, page, lp, s
         rk_ref, rv_ref = outs[n_page_out:n_page_out + 2]
         slot = jnp.where(t < sink, t, sink + (t - sink) % local)
         for h in range(s):
-            rk_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = kw_ref[pl.ds(r + h, 1), :].reshape(1, 1, d).astype(rk_ref.dtype)
-            rv_ref[h, pl.ds(b, 1), pl.ds(slot, 1), :] = vw_ref[pl.ds(r + h, 1), :].reshape(1, 1, d).astype(rv_ref.dtype)
-            if q8:
-                outs[n_page_out + 2][h, pl.ds(b, 1), pl.ds(slot, 1)] = ks_ref[pl.ds(r + h, 1)].reshape(1, 1)
-                outs[n_page_out + 3][h, pl.ds(b, 1), pl.ds(slot, 1)] = vs_ref[pl.ds(r + h, 1)].reshape(1, 1)
+            for src, dst, scale_out in ((k_ref, rk_ref, n_page_out + 2), (v_ref, rv_ref, n_page_out + 3)):
+                row = src[pl.ds(r + h, 1), :].reshape(1, 1, d)
+                if q8:
+                    row, sc = quantize_row(row, dst.dtype)
+                    outs[scale_out][h, pl.ds(b, 1), pl.ds(slot, 1)] = sc.reshape(1, 1)
+                dst[h, pl.ds(b, 1), pl.ds(slot, 1), :] = row.astype(dst.dtype)
 
 
 def supported(k_pages, ring_k) -> bool:
@@ -129,28 +149,22 @@ def fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ri
     pages = ((vals(k_pages), vals(v_pages), k_min, k_max) + ((k_pages.scale, v_pages.scale) if q8 else ())) if r else ()
     ring = ((vals(ring_k), vals(ring_v)) + ((ring_k.scale, ring_v.scale) if q8 else ())) if s else ()
     caches = pages + ring
-    if q8:
-        (kw, ks), (vw, vs) = quantize_tokens(k, k_pages.dtype), quantize_tokens(v, k_pages.dtype)
-        extra = (kw, vw, ks, vs)
-    else:
-        extra = (k, v)
     whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
     row = pl.BlockSpec((None, hkv, d), lambda i: (i, 0, 0))
-    scales = [pl.BlockSpec((None, hkv), lambda i: (i, 0))] * 2 if q8 else []
     kernel = functools.partial(_kernel, r=r, s=s, q8=q8, page=page, lp=lp, sink=sink, local=max(local, 1),
                                n_cols=page_table.shape[1])
-    n_in = 3 + len(extra)
+    n_in = 4
     out = pl.pallas_call(
         kernel,
         grid=(b,),
-        in_specs=[whole(positions), whole(page_table), row, row, row] + scales + [whole(x) for x in caches],
+        in_specs=[whole(positions), whole(page_table), row, row] + [whole(x) for x in caches],
         out_specs=[whole(x) for x in caches],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches],
         input_output_aliases={n_in + i: i for i in range(len(caches))},
         compiler_params=triton_params(1, 1),
         interpret=resolve_interpret(interpret),
         name="lserve_fused_append",
-    )(positions.astype(jnp.int32), page_table.astype(jnp.int32), k, *extra, *caches)
+    )(positions.astype(jnp.int32), page_table.astype(jnp.int32), k, v, *caches)
     out = list(out)
     new_pages, new_ring = out[:len(pages)], out[len(pages):]
     if q8:  # values and scales back into KV8s
