@@ -420,3 +420,37 @@ def test_float32_blocks_fit_shared_memory_and_bf16_blocks_stay_tuned():
         for stages in (1, 2, 3, 4):
             t = block_tokens(256, d, 4, stages)
             assert t >= 16 and (stages * 2 * t * (1 << (d - 1).bit_length()) * 4 <= F32_STAGED_KV_BYTES or t == 16)
+
+
+_COMBINE_CASES = [(b, h, s, m, d, dt) for b, h, s, m, d in [(2, 3, 1, 4, 32), (1, 2, 5, 16, 64), (3, 1, 3, 4, 128)]
+                  for dt in (jnp.float32, jnp.bfloat16)]
+_COMBINE_GPU_CASES = [(4, 32, 16, 16, 128, jnp.bfloat16), (1, 8, 66, 16, 128, jnp.float32)]
+
+
+@pytest.mark.parametrize("runner,case", kernel_cases(_COMBINE_CASES, _COMBINE_GPU_CASES,
+                                                     ids=lambda c: "x".join(map(str, c[:5])) + jnp.dtype(c[5]).name))
+def test_combine_splits_equals_the_jnp_combine(runner, case):
+    """The split-K merge kernel equals `_combine` (then cast), with splits that saw no key (m at
+    the running-max start, l = 0) and rows no split saw (zeros out); rows or a head_dim that are
+    not a power of 2 take the jnp combine."""
+    from lserve_jax.pallas.decode import _combine, combine_splits
+
+    b, h, s, m, d, dtype = case
+    rng = np.random.default_rng(b * 100 + s)
+    o = rng.standard_normal((b, h, s, m, d)).astype(np.float32)
+    mx = (rng.standard_normal((b, h, s, m)) * 4).astype(np.float32)
+    l = rng.uniform(0.5, 3.0, (b, h, s, m)).astype(np.float32)
+    empty = rng.random((b, h, s, m)) < 0.3
+    mx[empty], l[empty], o[empty] = -1e30, 0.0, 0.0
+    mx[0, 0, :, 0], l[0, 0, :, 0], o[0, 0, :, 0] = -1e30, 0.0, 0.0  # a row no split saw
+    args = tuple(jnp.asarray(x) for x in (o, mx, l))
+    got = combine_splits(*args, dtype=dtype, **runner.kw)
+    want = _combine(*args).astype(dtype)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert not np.asarray(got[0, 0, 0], np.float32).any()
+    tol = runner.f32_tol if dtype == jnp.float32 else runner.half_tol
+    assert rel_err(got, want) < tol
+    if runner.interpret:  # the fallback shapes: the jnp combine itself
+        odd = combine_splits(args[0][..., : d - d // 4], *args[1:], dtype=dtype, interpret=True)
+        np.testing.assert_array_equal(np.asarray(odd, np.float32),
+                                      np.asarray(_combine(args[0][..., : d - d // 4], *args[1:]).astype(dtype), np.float32))

@@ -16,8 +16,10 @@ Kernel: grid (program head, sequence, split). A split walks `pages_per_split` sl
 of `pages_per_block` pages: it loads the block's page ids (a vector load of an int array), then
 gathers those pages of K and V (one `ref[ids]` load each, [ppb, page, D] -> [ppb*page, D]),
 masks by slot and position, and runs an online softmax with exp2. With one split the kernel
-writes the normalised output; with several it writes (o, m, l) per split and a small jnp
-combine merges them (split-K, as LServe above 2048 tokens).
+writes the normalised output; with several it writes (o, m, l) per split and a second small
+kernel merges them (split-K, as LServe above 2048 tokens): `combine_splits`, one launch where
+XLA made three of the jnp reference `_combine` (a head_dim or row count that is not a power of 2
+keeps the jnp combine).
 
 Head dims: Triton loads and dots need power-of-2 tensors, so a head_dim D that is not a power of
 2 (96, 80, ...) is split into its binary pieces (96 = 64 + 32), each >= 16: q, K and V are read
@@ -290,7 +292,7 @@ def _launch(kernel, name, in_specs, args, *, h, b, splits, mrows, m_in, d, dtype
         name=name,
     )(*args)
     if splits > 1:
-        out = _combine(*out).astype(dtype)
+        out = combine_splits(*out, dtype=dtype, interpret=interpret)
     return out if mrows == m_in else out[:, :, :m_in]
 
 
@@ -376,12 +378,50 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
 
 
 def _combine(o, m, l):
-    """Merges split partials. o f32[B, H, S, M, D], m/l f32[B, H, S, M] (m in log2 units)."""
+    """Merges split partials (the jnp reference of `combine_splits`). o f32[B, H, S, M, D],
+    m/l f32[B, H, S, M] (m in log2 units) -> f32[B, H, M, D]."""
     m_all = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp2(m - m_all)  # [B, H, S, M]
     den = jnp.sum(w * l, axis=2)  # [B, H, M]
     num = jnp.sum(w[..., None] * o, axis=2)  # [B, H, M, D]
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, splits: int):
+    # one (head, sequence): o_ref [S, M, D], m_ref/l_ref [S, M]; two passes over the splits
+    m_all = jax.lax.fori_loop(1, splits, lambda i, acc: jnp.maximum(acc, m_ref[i, :]), m_ref[0, :])
+
+    def add(i, carry):
+        num, den = carry
+        w = jnp.exp2(m_ref[i, :] - m_all)
+        return num + w[:, None] * o_ref[i, :, :], den + w * l_ref[i, :]
+
+    mrows, d = o_ref.shape[1:]
+    num, den = jax.lax.fori_loop(0, splits, add, (jnp.zeros((mrows, d), jnp.float32),
+                                                   jnp.zeros((mrows,), jnp.float32)))
+    out = jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
+    out_ref[...] = out.astype(out_ref.dtype)
+
+
+def combine_splits(o, m, l, *, dtype, interpret: bool | None = None):
+    """`_combine(o, m, l).astype(dtype)` in one launch: grid (head, sequence), each program
+    merging its S partials. Rows or a head_dim that are not a power of 2 (Triton tensors must
+    be) take the jnp combine."""
+    b, h, splits, mrows, d = o.shape
+    if not (is_pow2(mrows) and is_pow2(d)):
+        return _combine(o, m, l).astype(dtype)
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, splits=splits),
+        grid=(h, b),
+        in_specs=[pl.BlockSpec((None, None, splits, mrows, d), lambda i, j: (j, i, 0, 0, 0)),
+                  pl.BlockSpec((None, None, splits, mrows), lambda i, j: (j, i, 0, 0)),
+                  pl.BlockSpec((None, None, splits, mrows), lambda i, j: (j, i, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, mrows, d), lambda i, j: (j, i, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, h, mrows, d), dtype),
+        compiler_params=triton_params(4, 1),
+        interpret=resolve_interpret(interpret),
+        name="lserve_combine_splits",
+    )(o, m, l)
 
 
 # --- one launch for a whole layer: selected pages of the retrieval heads + the streaming ring ---
