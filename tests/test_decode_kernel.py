@@ -454,3 +454,26 @@ def test_combine_splits_equals_the_jnp_combine(runner, case):
         odd = combine_splits(args[0][..., : d - d // 4], *args[1:], dtype=dtype, interpret=True)
         np.testing.assert_array_equal(np.asarray(odd, np.float32),
                                       np.asarray(_combine(args[0][..., : d - d // 4], *args[1:]).astype(dtype), np.float32))
+
+
+@pytest.mark.parametrize("runner", [pytest.param(INTERPRET, id="interpret"),
+                                    pytest.param(COMPILED, id="gpu", marks=GPU_MARKS)])
+def test_unused_slots_may_name_any_page(runner):
+    """Slots past counts[b, h] are never read, whatever they hold: page ids out of the pool
+    (negative, past the end) leave the output as it is (the kernel clips before gathering;
+    compiled, an unclipped id would read outside the pool)."""
+    rng = np.random.default_rng(5)
+    b, h, m, d, p, page, n = 2, 2, 4, 64, 9, 16, 6
+    q = jnp.asarray(rng.standard_normal((b, h, m, d)), jnp.float32)
+    kp, vp = (jnp.asarray(rng.standard_normal((h, p, page, d)), jnp.float32) for _ in range(2))
+    ids = rng.integers(0, p, (b, h, n)).astype(np.int32)
+    lg = np.tile(np.arange(n, dtype=np.int32), (b, h, 1))
+    cnt = jnp.asarray([[2, 6], [3, 1]], jnp.int32)
+    ln = jnp.asarray([n * page, 3 * page - 5], jnp.int32)
+    bad = ids.copy()
+    unused = np.arange(n)[None, None, :] >= np.asarray(cnt)[:, :, None]
+    bad[unused] = np.where(rng.random(unused.sum()) < 0.5, -7, p + 1000)
+    kw = dict(pages_per_block=2, pages_per_split=2, **runner.kw)
+    want = paged_decode(q, kp, vp, jnp.asarray(np.where(unused, 0, ids)), jnp.asarray(lg), cnt, ln, **kw)
+    got = paged_decode(q, kp, vp, jnp.asarray(bad), jnp.asarray(lg), cnt, ln, **kw)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

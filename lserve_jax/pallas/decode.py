@@ -179,7 +179,7 @@ def _page_block(ids_ref, lg_ref, k_ref, v_ref, start, *, ppb, page, n, length, p
     visible: the slot is in use (< n) and its token position (logical page * page + offset) <
     length. With FP8 pages (ks_ref/vs_ref: the pool's per-token scales [P, page]) also the
     block's scales f32[1, ppb * page], else None."""
-    ids = ids_ref[pl.ds(start, ppb)]
+    ids = jnp.clip(ids_ref[pl.ds(start, ppb)], 0, k_ref.shape[0] - 1)  # an unused slot may hold anything
     lg = lg_ref[pl.ds(start, ppb)]
     k = tuple(x.reshape(ppb * page, x.shape[-1]) for x in _load(k_ref, (ids,), pieces))  # gather of ppb pages
     v = tuple(x.reshape(ppb * page, x.shape[-1]) for x in _load(v_ref, (ids,), pieces))
@@ -256,7 +256,10 @@ def _plan(n: int, programs: int, page: int, *, block_tokens: int, pages_per_bloc
 
 
 def _pad_slots(page_ids, logical_ids, p: int, n_pad: int):
-    ids, lg = jnp.clip(page_ids, 0, p - 1).astype(jnp.int32), logical_ids.astype(jnp.int32)
+    """The slot arrays int32, padded to n_pad slots (page ids are clipped to the pool in the
+    kernel, where it costs no launch of its own)."""
+    del p
+    ids, lg = page_ids.astype(jnp.int32), logical_ids.astype(jnp.int32)
     n = ids.shape[-1]
     if n_pad != n:
         pad = ((0, 0), (0, 0), (0, n_pad - n))
