@@ -102,7 +102,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling
     sin = jnp.sin(angles)[..., None, :]
     if scaling != 1.0:
         cos, sin = cos * scaling, sin * scaling
+    # halves as an axis of 2: out = (x1 cos - x2 sin, x2 cos + x1 sin) with the halves swapped by
+    # a reverse and signed, not split and concatenated, so that XLA can fuse the rotation with
+    # its producer (the projection's epilogue) and q's with k's (a concatenate is a kernel of its
+    # own on the GPU: two a layer in the decode step). The same products and sums, bit for bit.
     xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    half = xf.reshape(*xf.shape[:-1], 2, xf.shape[-1] // 2)
+    signed = jnp.flip(half, axis=-2) * jnp.asarray([[-1.0], [1.0]], jnp.float32)  # (-x2, x1)
+    out = half * cos[..., None, :] + signed * sin[..., None, :]
+    return out.reshape(xf.shape).astype(x.dtype)
