@@ -1,5 +1,6 @@
 """Small device-call tools: bench/launch_overhead.py runs its chains (interpret mode on CPU) and
-writes its JSON; bench/compile_cache.sh packs a cache folder into parts and restores it."""
+writes its JSON; bench/compile_cache.sh packs a cache folder into parts and restores it;
+bench/hlo_kernels.py attributes a dumped step's launches to their source ops."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +52,41 @@ def test_compile_cache_round_trip(tmp_path):
     assert all((back / e).read_bytes() == (cache / e).read_bytes() for e in os.listdir(cache))
     r = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True)
     assert r.returncode == 2 and "restore" in r.stdout
+
+
+_HLO = '''
+  %fusion.12 = bf16[4,6144]{1,0} fusion(%p), kind=kLoop, calls=%f, metadata={op_name="jit(decode_step)/layer3/convert_element_type" scheduling_name="fusion.12"}
+  %input_reduce_fusion.160 = f32[4,8]{1,0} fusion(%a), kind=kInput, metadata={op_name="jit(decode_step)/layer1/jit(fused_append)/reduce_max" deduplicated_name="input_reduce_fusion.160" scheduling_name="input_reduce_fusion.161"}
+  ROOT %loop_select_fusion.65 = s32[4] fusion(%b), kind=kLoop, metadata={op_name="jit(decode_step)/layer3/cond/branch_1_fun/jit(_where)/select_n"}
+'''
+_THUNKS = '''000: kCommandBuffer [source | sink]
+    001: kCustomKernel [source | next=002 (1)] fusion_12 grid: [96, 1, 1] threads: [128, 1, 1]
+    002: kCustomKernel [prev=001 (1) | next=003 (1)] input_reduce_fusion_161 grid: [4, 1, 1]
+    003: kCopy         [prev=002 (1) | next=004 (1)] kCopy
+    004: kCustomKernel [prev=003 (1) | next=005 (1)] lserve_fused_append__2 grid: [4, 1, 1]
+    010: kConditional  [prev=004 (1) | next=011 (1)]
+      false_branch:
+        005: kCustomKernel [source | sink] loop_select_fusion_65 grid: [1, 1, 1]
+'''
+
+
+def test_hlo_kernels_attributes_launches_to_source_ops(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import hlo_kernels
+
+    rows = hlo_kernels.attribute(hlo_kernels.launches(_THUNKS), hlo_kernels.op_names(_HLO))
+    assert rows == [("fusion_12", "jit(decode_step)/layer3/convert_element_type"),
+                    ("input_reduce_fusion_161", "jit(decode_step)/layer1/jit(fused_append)/reduce_max"),
+                    ("kCopy", "kCopy"), ("lserve_fused_append__2", "pallas:lserve_fused_append"),
+                    ("loop_select_fusion_65", "jit(decode_step)/layer3/cond/branch_1_fun/jit(_where)/select_n")]
+    assert hlo_kernels.fold(rows[4][1]) == "layer/cond/branch/jit(_where)/select_n"
+    (tmp_path / "m.jit_decode_step.thunk_sequence_after_thunk_passes.txt").write_text(_THUNKS)
+    (tmp_path / "m.jit_decode_step.sm_9.0a_gpu_after_optimizations.txt").write_text(_HLO)
+    assert hlo_kernels.main([str(tmp_path), "--layer", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out] == ["fusion_12", "loop_select_fusion_65"]
+    assert hlo_kernels.main([str(tmp_path)]) == 0
+    assert "5 launches (1 copies" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="xla_dump_to"):
+        hlo_kernels.main([str(tmp_path / "none")])
+    sys.modules.pop("hlo_kernels", None)
