@@ -92,11 +92,20 @@ def check_mode(mode: str) -> str:
 INT8_MAX = 127.0
 
 
-def quantize_amax(x: jax.Array, axis: int, dtype=FP8) -> tuple[jax.Array, jax.Array]:
+def round_half_even(y: jax.Array) -> jax.Array:
+    """jnp.round (to the nearest integer, ties to even) through floor, for code that has no round
+    (the Pallas Triton lowering: the fused append's in-kernel quantiser). Exact for |y| < 2**23."""
+    f = jnp.floor(y)
+    frac = y - f
+    f_even = jnp.floor(f * 0.5) * 2.0 == f
+    return jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, jnp.where(f_even, f, f + 1.0)))
+
+
+def quantize_amax(x: jax.Array, axis: int, dtype=FP8, rounding=jnp.round) -> tuple[jax.Array, jax.Array]:
     """x -> (e4m3 or int8, float32 scales with `axis` kept at size 1): each slice along `axis`
     scaled so its largest magnitude maps to the format's largest value (e4m3: 448, the nearest
-    e4m3 value; int8: 127, rounded to the nearest integer). The one quantiser of weights,
-    activations and KV pages (`lserve_jax.kv8`)."""
+    e4m3 value; int8: 127, rounded to the nearest integer by `rounding`: `round_half_even` inside
+    a Triton kernel). The one quantiser of weights, activations and KV pages (`lserve_jax.kv8`)."""
     int8 = jnp.dtype(dtype) == jnp.dtype(jnp.int8)
     if not int8 and jnp.dtype(dtype) != jnp.dtype(FP8):
         raise ValueError(f"8-bit quantisation is to float8_e4m3fn or int8, got {jnp.dtype(dtype)}")
@@ -104,7 +113,7 @@ def quantize_amax(x: jax.Array, axis: int, dtype=FP8) -> tuple[jax.Array, jax.Ar
     xf = jnp.asarray(x, jnp.float32)
     scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=axis, keepdims=True), _TINY) / top
     y = xf / scale
-    return jnp.clip(jnp.round(y) if int8 else y, -top, top).astype(dtype), scale
+    return jnp.clip(rounding(y) if int8 else y, -top, top).astype(dtype), scale
 
 
 def smoothing(act_amax: jax.Array, w: jax.Array, alpha: float = SMOOTH_ALPHA) -> jax.Array:

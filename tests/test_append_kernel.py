@@ -153,10 +153,11 @@ def test_key_statistics_equal_recomputation_after_appends(impl):
 
 @pytest.mark.parametrize("dtype", [INT8, FP8])
 def test_in_kernel_quantiser_equals_the_writers_quantiser(dtype):
-    """`quantize_row` (the append kernel's, in ops Triton lowers) gives the values and scales of
-    `kv8.quantize_tokens` exactly: random rows, rows whose values land on .5 steps (ties round to
-    even), an all-zero row and a row with one huge value."""
-    from lserve_jax.pallas.append import quantize_row
+    """The append kernel's quantiser (`quantize_amax` rounding through `round_half_even`, ops
+    Triton lowers) gives the values and scales of `kv8.quantize_tokens` exactly: random rows,
+    rows whose values land on .5 steps (ties round to even), an all-zero row and a row with one
+    huge value."""
+    from lserve_jax.quant import quantize_amax, round_half_even
 
     rng = np.random.default_rng(3)
     rows = [rng.standard_normal((64, 32)) * 3, np.zeros((1, 32)), np.r_[[1e6], np.ones(31)][None]]
@@ -164,7 +165,7 @@ def test_in_kernel_quantiser_equals_the_writers_quantiser(dtype):
     ties[:, 0] = 127.0  # amax 127 -> scale 1
     rows.append(ties)
     x = jnp.asarray(np.concatenate([np.resize(r, (len(r), 32)) for r in rows]), jnp.float32)
-    q, s = quantize_row(x, dtype)
+    q, s = quantize_amax(x, -1, dtype, rounding=round_half_even)
     want_q, want_s = quantize_tokens(x, dtype)
     np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(want_q, np.float32))
     np.testing.assert_array_equal(np.asarray(s)[:, 0], np.asarray(want_s))

@@ -13,9 +13,9 @@ t < sink else `sink + (t - sink) % local`. The first R KV heads of k, v are retr
 (into the pages), the other S streaming heads (into the ring).
 
 8-bit pages and rings (`kv8.KV8`: int8 or e4m3 values, one float32 scale per token and head):
-the kernel quantises each head's K and V row itself (`quantize_row`: `kv8.quantize_tokens`'
-arithmetic in ops the Triton lowering has; equal to it in interpret mode, within one rounding
-step compiled) and stores the values and the scales beside them in the same program, and the
+the kernel quantises each head's K and V row itself (`quant.quantize_amax`, the writers'
+quantiser, rounding through `quant.round_half_even`: the Triton lowering has no round; equal to
+`kv8.quantize_tokens` in interpret mode, within one rounding step compiled) and stores the values and the scales beside them in the same program, and the
 statistics from the unquantised keys, as the reference. (Quantising before the launch, as
 earlier, cost the decode step six XLA kernels a layer: two row maxima, two scales, two casts.)
 """
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ..kv8 import KV8, store
-from ..quant import _TINY, FP8_MAX, INT8_MAX
+from ..quant import quantize_amax, round_half_even
 from .compat import resolve_interpret, triton_params
 
 
@@ -63,23 +63,6 @@ def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max
     return k_pages, v_pages, k_min, k_max, ring_k, ring_v
 
 
-def quantize_row(x, dtype):
-    """x [..., D] -> (dtype [..., D], float32 [..., 1]): `quant.quantize_amax` over the last axis
-    in ops the Pallas Triton lowering has (it has no round: int8 rounds half to even through
-    floor, as jnp.round does)."""
-    int8 = jnp.dtype(dtype) == jnp.dtype(jnp.int8)
-    top = INT8_MAX if int8 else FP8_MAX
-    xf = x.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), _TINY) / top
-    y = xf / scale
-    if int8:
-        f = jnp.floor(y)
-        frac = y - f  # exact: |y| <= 127 after the scale
-        f_even = jnp.floor(f * 0.5) * 2.0 == f
-        y = jnp.where(frac > 0.5, f + 1.0, jnp.where(frac < 0.5, f, jnp.where(f_even, f, f + 1.0)))
-    return jnp.clip(y, -top, top).astype(dtype), scale
-
-
 def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, q8, page, lp, sink, local, n_cols):
     # k_ref, v_ref: the token's unquantised K and V [Hkv, D] (the statistics come from k_ref).
     # refs: the cache inputs, then the same arrays as (aliased) outputs: k/v pages and k_min/max
@@ -104,7 +87,7 @@ def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, q8, page, lp, sink, loca
             for src, dst, scale_out in ((k_ref, kp_ref, 4), (v_ref, vp_ref, 5)):
                 row = src[pl.ds(h, 1), :].reshape(1, 1, d)
                 if q8:
-                    row, sc = quantize_row(row, dst.dtype)
+                    row, sc = quantize_amax(row, -1, dst.dtype, rounding=round_half_even)
                     outs[scale_out][h, pl.ds(phys, 1), pl.ds(off, 1)] = sc.reshape(1, 1)
                 dst[h, pl.ds(phys, 1), pl.ds(off, 1), :] = row.astype(dst.dtype)
             kc = k_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kmin_ref.dtype)
@@ -119,7 +102,7 @@ def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, q8, page, lp, sink, loca
             for src, dst, scale_out in ((k_ref, rk_ref, n_page_out + 2), (v_ref, rv_ref, n_page_out + 3)):
                 row = src[pl.ds(r + h, 1), :].reshape(1, 1, d)
                 if q8:
-                    row, sc = quantize_row(row, dst.dtype)
+                    row, sc = quantize_amax(row, -1, dst.dtype, rounding=round_half_even)
                     outs[scale_out][h, pl.ds(b, 1), pl.ds(slot, 1)] = sc.reshape(1, 1)
                 dst[h, pl.ds(b, 1), pl.ds(slot, 1), :] = row.astype(dst.dtype)
 

@@ -255,10 +255,9 @@ def _plan(n: int, programs: int, page: int, *, block_tokens: int, pages_per_bloc
     return ppb, pps, pl.cdiv(n, pps)
 
 
-def _pad_slots(page_ids, logical_ids, p: int, n_pad: int):
+def _pad_slots(page_ids, logical_ids, n_pad: int):
     """The slot arrays int32, padded to n_pad slots (page ids are clipped to the pool in the
     kernel, where it costs no launch of its own)."""
-    del p
     ids, lg = page_ids.astype(jnp.int32), logical_ids.astype(jnp.int32)
     n = ids.shape[-1]
     if n_pad != n:
@@ -359,7 +358,7 @@ def paged_decode(q, k_pages, v_pages, page_ids, logical_ids, counts, lengths, *,
     if mrows != m_in:
         q = jnp.pad(q[:, head_offset:head_offset + h], ((0, 0), (0, 0), (0, mrows - m_in), (0, 0)))
         head_offset = 0
-    ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
+    ids, lg = _pad_slots(page_ids, logical_ids, splits * pps)
     group = h // hk
     off = head_offset
     kernel = functools.partial(_kernel, page=page, ppb=ppb, pps=pps, qk_scale=scale * _LOG2E,
@@ -553,7 +552,7 @@ def sparse_decode(q, k_pages, v_pages, ring_k, ring_v, page_ids, logical_ids, co
                                  block_tokens=block_tokens(128, d, jnp.dtype(k_pages.dtype).itemsize, num_stages),
                                  pages_per_split=pages_per_split, min_split_tokens=min_split_tokens,
                                  target_programs=target_programs)
-        ids, lg = _pad_slots(page_ids, logical_ids, p, splits * pps)
+        ids, lg = _pad_slots(page_ids, logical_ids, splits * pps)
         cnt = counts.astype(jnp.int32)
     else:  # ring only: dummy one-page pool and slot lists, never read
         page, ppb, pps, splits, p = 16, 1, 1, 1, 1
