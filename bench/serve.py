@@ -30,6 +30,7 @@ prefix_cache_ttft_speedup); a table on stdout.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import time
@@ -278,6 +279,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out, args.tag)
+    if args.http != "off":  # before any warm-up: the server's packages (a GPU image may lack them)
+        missing = [m for m in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(m) is None]
+        if missing:
+            p.error(f"--http needs {', '.join(missing)} (pip install {' '.join(missing)})")
     if args.long is not None and args.long < 1:
         p.error(f"--long takes a positive number of prompt tokens, got {args.long}")
     if args.pool_gib is not None and not args.pool_gib > 0:
@@ -337,7 +342,7 @@ def main(argv=None):
             for res in results.values():
                 res["num_pages"][name] = pages
             eng = Engine(params, cfg, num_pages=pages, **kw,
-                         tokenizer=word_tokenizer(cfg.vocab_size, args.out) if True in modes else None)
+                         tokenizer=word_tokenizer(cfg.vocab_size, args.out) if any(modes) else None)
             log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}, {pages} pages, "
                 f"chunk {eng.prefill_chunk}): warm-up ...")
             t = time.perf_counter()

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -126,4 +128,20 @@ def test_a_pool_too_small_for_the_longest_request_is_a_clear_error(tmp_path, mon
         with pytest.raises(SystemExit) as e:
             serve.main(["--shape", "tiny", *bad, "--out", str(tmp_path)])
         assert e.value.code == 2
+    sys.modules.pop("serve", None)
+
+
+def test_http_without_the_server_packages_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """--http on a machine without uvicorn fails at once, naming the package, before any warm-up."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--shape", "tiny", "--http", "both", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--http needs uvicorn (pip install uvicorn)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
     sys.modules.pop("serve", None)
