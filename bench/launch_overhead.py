@@ -99,6 +99,19 @@ def main(argv=None):
     p.add_argument("--tag", default="default", help="names the XLA_FLAGS setting in the JSON")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args(argv)
+    for flag in ("steps", "rows", "calls"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    try:
+        return run(args)
+    except BrokenPipeError:  # `... | head`: stop quietly, as the generate CLI does
+        from lserve_jax.generate import _silence_stdout
+
+        _silence_stdout()
+        return []
+
+
+def run(args):
     env = environment()
     env["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     rows = []

@@ -31,6 +31,8 @@ def test_launch_overhead_measures_every_kind(tmp_path, monkeypatch):
     assert abs(float(x[0, 0]) - want) < 1e-4
     (path,) = tmp_path.glob("launch_overhead-*-t.json")
     assert json.loads(path.read_text())["tag"] == "t"
+    with pytest.raises(SystemExit):  # one usage line, not a ZeroDivisionError
+        launch_overhead.main(["--steps", "0", "--out", str(tmp_path)])
     sys.modules.pop("launch_overhead", None)
 
 
