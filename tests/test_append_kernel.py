@@ -85,7 +85,8 @@ def _assert_stored_equal(got, want, name, exact: bool, kv=None):
     np.testing.assert_allclose(sx, sy, rtol=1e-6, err_msg=name)
     step = 1.0 if jnp.dtype(kv) == jnp.dtype(INT8) else np.abs(qy) * 2.0 ** -3
     assert np.all(np.abs(qx - qy) <= step + 1e-6), name
-    assert np.mean(qx != qy) < 1e-3, name  # rare: only values on a rounding boundary
+    # rare: only values on a rounding boundary (a field with no heads of its kind is empty)
+    assert qx.size == 0 or np.mean(qx != qy) < 1e-3, name
 
 
 def test_append_choices_say_why():
