@@ -380,6 +380,30 @@ def peer_hf() -> list[str]:
     return lines
 
 
+def cpu_gemm() -> list[str]:
+    """The weight GEMMs of a prefill chunk on CPU, XLA against torch (bench/cpu_gemm.py)."""
+    runs = _load("cpu_gemm-*.json")
+    if not runs:
+        return []
+    lines = ["## CPU weight GEMMs, XLA against torch (bench/cpu_gemm.py)", "",
+             "Every layer's q/k/v, o, gate/up and down products chained over a chunk of `rows` tokens as the model "
+             "runs them (float32, same weights, the two chains checked equal first), rounds alternating between "
+             "XLA and torch in one process: the part of the CPU time to first token that is neither attention nor "
+             "overhead.", ""]
+    for name, d in runs:
+        lines += [f"`{name}`: {d['shape']} shape, {d['env']['device']}, torch threads {d['torch_threads']}"
+                  + (f"; {d['note']}" if d.get("note") else ""), "",
+                  "| rows | layers | XLA ms (median / best) | torch ms (median / best) | XLA GFLOP/s | torch GFLOP/s | "
+                  "torch / XLA |", "|---|---|---|---|---|---|---|"]
+        for q in d["points"]:
+            x, t = q["xla"], q["torch"]
+            lines.append(f"| {q['rows']} | {q['layers']} | {x['median_s'] * 1e3:,.1f} / {x['min_s'] * 1e3:,.1f} | "
+                         f"{t['median_s'] * 1e3:,.1f} / {t['min_s'] * 1e3:,.1f} | {x['gflops_median']:.0f} | "
+                         f"{t['gflops_median']:.0f} | {q['torch_over_xla_median']:.2f} |")
+        lines.append("")
+    return lines
+
+
 def long_context() -> list[str]:
     """RULER-style long-context accuracy (bench/long_context.py): each run's own table."""
     runs = _load("long_context-*.json")
@@ -533,7 +557,7 @@ def main() -> None:
              "a section names another card (an H100 was lent when the H200 was not).", ""]
     for section in (whole_model_prefill, attention_prefill, whole_model_decode, decode_profile, attention_decode,
                     offset_prefill, accuracy, second_model, calibration_sweep, fp8_weights_accuracy, kv8_scales,
-                    peer_hf, long_context, long_prompt, fp8_gemm, serving):
+                    peer_hf, cpu_gemm, long_context, long_prompt, fp8_gemm, serving):
         parts += section()
     with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
         f.write("\n".join(parts))

@@ -1,6 +1,7 @@
 """Small device-call tools: bench/launch_overhead.py runs its chains (interpret mode on CPU) and
 writes its JSON; bench/compile_cache.sh packs a cache folder into parts and restores it;
-bench/hlo_kernels.py attributes a dumped step's launches to their source ops."""
+bench/hlo_kernels.py attributes a dumped step's launches to their source ops; bench/cpu_gemm.py
+chains the same products in XLA and torch and refuses bad counts."""
 
 from __future__ import annotations
 
@@ -92,3 +93,38 @@ def test_hlo_kernels_attributes_launches_to_source_ops(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit, match="xla_dump_to"):
         hlo_kernels.main([str(tmp_path / "none")])
     sys.modules.pop("hlo_kernels", None)
+
+
+def test_cpu_gemm_chains_agree_and_write_their_json(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import cpu_gemm
+    from common import SHAPES
+
+    shape = SHAPES["smollm2-135m"]
+    # the engine's products: fused q/k/v (9 + 2 x 3 heads of 64), o, fused gate/up, down
+    assert cpu_gemm.layer_shapes(shape) == [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    assert cpu_gemm.main(["--rows", "4,8", "--layers", "2", "--repeats", "2", "--out", str(tmp_path),
+                          "--tag=-t"]) == 0
+    (path,) = tmp_path.glob("cpu_gemm-*-t.json")
+    res = json.loads(path.read_text())
+    assert [p["rows"] for p in res["points"]] == [4, 8]
+    for p in res["points"]:
+        assert p["max_rel_err"] < 1e-3 and len(p["xla"]["runs_s"]) == len(p["torch"]["runs_s"]) == 2
+        assert p["flops"] == 2 * p["rows"] * 2 * (576 * 960 + 576 * 576 + 576 * 3072 + 1536 * 576)
+    # the two chains compute the same thing (the check the script makes before timing)
+    import numpy as np
+    import torch
+    import jax.numpy as jnp
+
+    w = cpu_gemm.make_weights(shape, 2)
+    x = np.random.default_rng(3).standard_normal((5, 576), dtype=np.float32)
+    a = np.asarray(cpu_gemm.jax_chain(shape)(jnp.asarray(x), [[jnp.asarray(m) for m in layer] for layer in w]))
+    b = cpu_gemm.torch_chain(shape, torch)(torch.from_numpy(x), [[torch.from_numpy(m) for m in layer] for layer in w])
+    np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.all(np.isfinite(a)) and not np.allclose(a, x)
+    for bad in (["--rows", "0"], ["--rows", "a"], ["--repeats", "2,3"], ["--layers", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            cpu_gemm.main(bad)
+        assert e.value.code == 2
+    sys.modules.pop("cpu_gemm", None)
