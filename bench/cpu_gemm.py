@@ -22,6 +22,7 @@ import time
 
 import common  # noqa: F401  (repository root on sys.path)
 from common import SHAPES, environment, log, write_json
+from report import cpu_gemm_table
 
 import jax
 import jax.numpy as jnp
@@ -126,17 +127,6 @@ def measure(shape_name: str, rows: list[int], layers: int | None, repeats: int, 
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "points": points}
 
 
-def table(res: dict) -> str:
-    lines = ["| rows | layers | XLA ms (median / best) | torch ms (median / best) | XLA GFLOP/s | torch GFLOP/s | "
-             "torch / XLA |", "|---|---|---|---|---|---|---|"]
-    for p in res["points"]:
-        x, t = p["xla"], p["torch"]
-        lines.append(f"| {p['rows']} | {p['layers']} | {x['median_s'] * 1e3:.1f} / {x['min_s'] * 1e3:.1f} | "
-                     f"{t['median_s'] * 1e3:.1f} / {t['min_s'] * 1e3:.1f} | {x['gflops_median']:.0f} | "
-                     f"{t['gflops_median']:.0f} | {p['torch_over_xla_median']:.2f} |")
-    return "\n".join(lines)
-
-
 def positive_ints(text: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -147,34 +137,37 @@ def positive_ints(text: str) -> list[int]:
     return vals
 
 
-def positive_int(text: str) -> int:
-    vals = positive_ints(text)
-    if len(vals) != 1:
-        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
-    return vals[0]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES), help="model shape (default: SmolLM2)")
     p.add_argument("--rows", type=positive_ints, default=[512, 2048],
                    help="tokens per chunk, comma-separated (default 512,2048: the CPU prefill chunk and a 2K prompt)")
-    p.add_argument("--layers", type=positive_int, help="layers chained (default: the shape's)")
-    p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per row count (default 5)")
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: torch's)")
+    p.add_argument("--layers", type=int, help="layers chained (default: the shape's)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per row count (default 5)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--out", help="folder for cpu_gemm-<date>.json (default: print only)")
     p.add_argument("--tag", default="", help="suffix of the JSON name")
     args = p.parse_args(argv)
+    for flag in ("layers", "repeats", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if jax.default_backend() != "cpu":
         log(f"note: jax runs on {jax.default_backend()}, torch on the CPU: run with JAX_PLATFORMS=cpu to compare CPUs")
     res = measure(args.shape, args.rows, args.layers, args.repeats, args.threads)
-    print(table(res))
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
+    if args.out:  # the results first: a closed pipe below loses only the table
         path = os.path.join(args.out, f"cpu_gemm-{res['env']['date'][:10]}{args.tag}.json")
-        write_json(path, res)
+        try:
+            write_json(path, res)
+        except OSError as e:
+            raise SystemExit(f"cpu_gemm: cannot write {path}: {e.strerror or e}") from None
         log(f"wrote {path}")
+    try:
+        print("\n".join(cpu_gemm_table(res["points"])))
+    except BrokenPipeError:  # `... | head`: stop quietly, as the generate CLI does
+        from lserve_jax.generate import _silence_stdout
+
+        _silence_stdout()
     return 0
 
 

@@ -56,9 +56,9 @@ def whole_model_prefill() -> list[str]:
             c = pts.get((t, "dense_cudnn"))
             if not c:
                 continue
-            for (tt, variant), s in sorted(pts.items(), key=lambda kv: (kv[0][1] != "sparse", kv[0][1])):
-                if tt != t or variant == "dense_cudnn":
-                    continue
+            variants = sorted((v for tt, v in pts if tt == t and v != "dense_cudnn"), key=lambda v: (v != "sparse", v))
+            for variant in variants:
+                s = pts[(t, variant)]
                 lines.append(f"| {t // 1024}K | {card} | {variant} | {_ms(s['median_s'])} | {_ms(c['median_s'])} | "
                              f"**{_x(c['median_s'], s['median_s'])}** | {s['runs']} / {c['runs']} | "
                              f"{s['first_call_s']:.0f} / {c['first_call_s']:.0f} | `{name}` |")
@@ -380,6 +380,18 @@ def peer_hf() -> list[str]:
     return lines
 
 
+def cpu_gemm_table(points: list[dict]) -> list[str]:
+    """bench/cpu_gemm.py's points as a markdown table (its own output and BENCHMARKS.md)."""
+    lines = ["| rows | layers | XLA ms (median / best) | torch ms (median / best) | XLA GFLOP/s | torch GFLOP/s | "
+             "torch / XLA |", "|---|---|---|---|---|---|---|"]
+    for q in points:
+        x, t = q["xla"], q["torch"]
+        lines.append(f"| {q['rows']} | {q['layers']} | {x['median_s'] * 1e3:,.1f} / {x['min_s'] * 1e3:,.1f} | "
+                     f"{t['median_s'] * 1e3:,.1f} / {t['min_s'] * 1e3:,.1f} | {x['gflops_median']:.0f} | "
+                     f"{t['gflops_median']:.0f} | {q['torch_over_xla_median']:.2f} |")
+    return lines
+
+
 def cpu_gemm() -> list[str]:
     """The weight GEMMs of a prefill chunk on CPU, XLA against torch (bench/cpu_gemm.py)."""
     runs = _load("cpu_gemm-*.json")
@@ -392,15 +404,8 @@ def cpu_gemm() -> list[str]:
              "overhead.", ""]
     for name, d in runs:
         lines += [f"`{name}`: {d['shape']} shape, {d['env']['device']}, torch threads {d['torch_threads']}"
-                  + (f"; {d['note']}" if d.get("note") else ""), "",
-                  "| rows | layers | XLA ms (median / best) | torch ms (median / best) | XLA GFLOP/s | torch GFLOP/s | "
-                  "torch / XLA |", "|---|---|---|---|---|---|---|"]
-        for q in d["points"]:
-            x, t = q["xla"], q["torch"]
-            lines.append(f"| {q['rows']} | {q['layers']} | {x['median_s'] * 1e3:,.1f} / {x['min_s'] * 1e3:,.1f} | "
-                         f"{t['median_s'] * 1e3:,.1f} / {t['min_s'] * 1e3:,.1f} | {x['gflops_median']:.0f} | "
-                         f"{t['gflops_median']:.0f} | {q['torch_over_xla_median']:.2f} |")
-        lines.append("")
+                  + (f"; {d['note']}" if d.get("note") else ""), ""]
+        lines += cpu_gemm_table(d["points"]) + [""]
     return lines
 
 
@@ -535,10 +540,10 @@ def prefill_summary() -> dict:
             summary["dense_kernel_tflops_vs_cudnn_32k"] = r["pallas_dense"]["tflops"] / r["cudnn_dense"]["tflops"]
     for name, d in _load("prefill-2*.json"):
         pts = {(p["t"], p["variant"]): p["median_s"] for p in d.get("points", []) if "median_s" in p}
+        # the issue's figures are the H200's; another card's keep its name beside them
+        card = _card(d["env"].get("device", ""))
         for t in {t for t, _ in pts}:
             if (t, "sparse") in pts and (t, "dense_cudnn") in pts:
-                # the issue's figures are the H200's; another card's keep its name beside them
-                card = _card(d["env"].get("device", ""))
                 key = f"ttft_speedup_vs_cudnn_{t // 1024}k" + ("" if card == "h200" else f"_{card}")
                 summary[key] = pts[(t, "dense_cudnn")] / pts[(t, "sparse")]
                 sources.append(name)
