@@ -68,7 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,4", help="--random-weights decode batch sizes")
     p.add_argument("--long-tokens", type=int, default=1968, help="CPU: tokens of the long prompt")
     p.add_argument("--prompts", default="chat,long", help="CPU: which prompts (chat, long)")
-    p.add_argument("--variants", default="dense,sparse", help="lserve_jax variants: dense, sparse")
+    p.add_argument("--variants", default="dense,sparse",
+                   help="lserve_jax variants: dense, sparse; on CPU each may end in +f32 (--dtype float32, "
+                        "weights as stored: transformers' float32 numbers) instead of the defaults")
+    p.add_argument("--weights", default="auto",
+                   help="CPU: lserve_jax.load's weights= for the variants without +f32 (default auto: "
+                        "bfloat16 products on a CPU)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (EOS ignored)")
     p.add_argument("--agree", type=int, default=16, help="greedy tokens compared with HF's")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
@@ -149,19 +154,34 @@ class HFRunner:
         return res, out[0, x.shape[1]:].tolist()
 
 
+def batch_rates(t0: float, stamps: list[list[float]]) -> dict:
+    """stamps[i]: when each new token of row i arrived. The engine admits rows one after another
+    (continuous batching: row 0 decodes while row 1 is prefilled), so the batch's TTFT is the
+    last row's first token (HF's batch prefill gives every row its first token at once), and
+    the decode rate is the tokens of all rows per second over the window in which every row is
+    decoding: from the last row's first token to the first row's last. One row: `rates`."""
+    if len(stamps) == 1:
+        return rates(t0, stamps[0], 1)
+    start = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    n = sum(1 for s in stamps for t in s if start < t <= end)
+    dec = n / (end - start) if end > start and n else None
+    return {"ttft_s": start - t0, "decode_tok_s": dec, "tokens": len(stamps[0]),
+            "first_token_s": [s[0] - t0 for s in stamps], "decode_window_tokens": n}
+
+
 def lserve_run(engine, ids: list[list[int]], new_tokens: int) -> tuple[dict, list[int]]:
     from lserve_jax import SamplingParams
 
-    stamps: list[float] = []
+    stamps: list[list[float]] = [[] for _ in ids]
 
     def on_token(i, tok):
-        if i == 0:
-            stamps.append(time.perf_counter())
+        stamps[i].append(time.perf_counter())
 
     t0 = time.perf_counter()
     gens = engine.generate(ids, SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True),
                            on_token=on_token)
-    res = rates(t0, stamps, len(ids))
+    res = batch_rates(t0, stamps)
     res["engine_stats"] = engine.last_stats.line()
     return res, list(gens[0].token_ids)
 
@@ -235,18 +255,23 @@ def run_real(args) -> dict:
     import lserve_jax
     from lserve_jax.default_model import default_hf_dir
 
-    dtype = args.dtype or "float32"
+    dtype = args.dtype or "float32"  # HF's (its default); lserve_jax gets --dtype only if given
     device = args.device or "cpu"
     hf_dir = default_hf_dir()
     variants = [v for v in args.variants.split(",") if v]
-    engines = {}
+    engines, linear_dtypes = {}, {}
     for v in variants:
-        if v not in ("dense", "sparse"):
-            raise SystemExit(f"unknown variant {v!r}; choose from dense, sparse")
+        base, _, precision = v.partition("+")
+        if base not in ("dense", "sparse") or precision not in ("", "f32"):
+            raise SystemExit(f"unknown variant {v!r}; choose from dense, sparse, each optionally +f32")
+        exact = precision == "f32"  # float32 products, as transformers computes
         # no prefix cache: a repeated prompt would reuse its pages and skip most of the prefill
-        engines[v] = lserve_jax.load(pattern=None if v == "dense" else "auto", dtype=dtype,
+        engines[v] = lserve_jax.load(pattern=None if base == "dense" else "auto",
+                                     dtype="float32" if exact else args.dtype,
+                                     weights=None if exact else args.weights,
                                      max_seq_len=args.max_seq_len, progress=False, prefix_cache=False,
                                      prefill_impl=args.impl, decode_impl=args.impl)
+        linear_dtypes[v] = linear_dtype(engines[v].params)
     tokenizer = next(iter(engines.values())).tokenizer
     prompts = real_prompts(tokenizer, [p for p in args.prompts.split(",") if p], args.long_tokens)
     hf = None
@@ -273,7 +298,17 @@ def run_real(args) -> dict:
             if isinstance(r, dict)))
         results.append(row)
     return {"model": "SmolLM2-135M-Instruct (default checkpoint, GGUF Q4_1 dequantised)", "dtype": dtype,
+            "lserve_weights": args.weights, "lserve_linear_dtype": linear_dtypes,
             "device": device, "hf_dir": str(hf_dir), "results": results}
+
+
+def linear_dtype(params) -> str:
+    """The dtype of the first layer's first linear weight (bfloat16 under weights "bf16")."""
+    from lserve_jax.quant import LINEAR_NAMES
+
+    layer = params.layers[0]
+    w = next(layer[n] for n in layer if n in LINEAR_NAMES)
+    return type(w).__name__ if not hasattr(w, "dtype") else str(w.dtype)
 
 
 # -- random weights of a shape (GPU) --------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 from numbers import Integral
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from .checkpoint import DTYPES, open_checkpoint
@@ -20,7 +21,7 @@ from .engine import Engine
 from .fuse import fuse_projections
 from .heads import HeadLayout, binarize, check_shape, layout_and_permutation, load_pattern
 from .params import permute_kv_heads
-from .quant import check_mode, weights_mode
+from .quant import WEIGHT_CHOICES, auto_weights, bf16_linear, weights_mode
 from .smoothquant import quantize_model
 from .sharding import ShardingError
 from .tokenizer import Tokenizer
@@ -31,7 +32,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
          progress: bool = True, tp: int = 1, max_slots: int | None = None,
          prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-         weights: str | None = None, kv_dtype: str = "auto", center_keys: bool = True,
+         weights: str | None = "auto", kv_dtype: str = "auto", center_keys: bool = True,
          fuse: bool = True) -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
@@ -45,7 +46,14 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     weights: "fp8" (W8A8: FP8 weights and per-token FP8 activations), "fp8-weight-only" (W8A16)
     or "int8" (W8A8 in INT8, SmoothQuant-smoothed with activation maxima over the package's
     calibration text: `lserve_jax.smoothquant`) quantises the layers' linear weights on load
-    (`lserve_jax.quant`); None keeps the checkpoint's (one converted with --quantize is 8-bit already). kv_dtype: how the
+    (`lserve_jax.quant`); "bf16" stores them in bfloat16 and runs their products with bfloat16
+    inputs and float32 sums, the rest in the compute dtype (`quant.bf16_linear`: on a CPU ~1.8x
+    faster products than float32's, half the memory, but slower products of decode's few rows);
+    "bf16-prefill" keeps the float32 weights for decode and adds bfloat16 copies for prefill
+    (`quant.Bf16Prefill`, 1.5x the memory); "auto" (default) is "bf16-prefill" on a CPU with tp=1
+    when `dtype` is not given and the checkpoint's weights are float32 (the default model's),
+    else the checkpoint's; None or "checkpoint" keeps the checkpoint's (one converted with --quantize is 8-bit already;
+    `dtype="float32"` with None or "auto" gives transformers' float32 numbers). kv_dtype: how the
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
     per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
     calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
@@ -65,8 +73,10 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     cfg = ckpt.config
     sparse = sparse or SparseConfig()
-    if weights is not None:
-        check_mode(weights)  # before the restore (tp > 1 is refused by the Engine)
+    if weights == "checkpoint":
+        weights = None
+    if weights not in WEIGHT_CHOICES and weights is not None:
+        raise ValueError(f"unknown weights {weights!r}; choose from {', '.join(WEIGHT_CHOICES)}")
     params = ckpt.load_params(dtype)
     alpha = None
     if pattern == "auto":
@@ -94,7 +104,13 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     tokenizer = None
     if ckpt.tokenizer_file.exists():
         tokenizer = Tokenizer.from_checkpoint_dir(ckpt.path, cfg.eos_token_ids)
-    if weights is not None and weights_mode(params) != weights:
+    if weights == "auto":
+        weights = auto_weights(params, dtype, jax.default_backend()) if tp == 1 else None
+    if weights in ("bf16", "bf16-prefill"):
+        if weights == "bf16-prefill" and tp > 1:
+            raise ValueError("weights='bf16-prefill' runs with tp=1 only (use 'bf16' or 'checkpoint')")
+        params = bf16_linear(params, keep_float32=weights == "bf16-prefill")  # ValueError for 8-bit
+    elif weights is not None and weights_mode(params) != weights:
         # after the permutation: scales (and int8's smoothing) travel with their channels; after
         # the fusion: one smoothing (one activation quantisation) per fused product
         params = quantize_model(params, cfg, weights, tokenizer)

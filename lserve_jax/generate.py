@@ -53,7 +53,8 @@ def engine_options(args) -> dict:
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
-                weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys)
+                weights=args.weights, kv_dtype=args.kv_dtype,
+                center_keys=not args.no_center_keys)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -61,11 +62,17 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="cache capacity per sequence in tokens (default: the model's context)")
     p.add_argument("--num-pages", type=int, help="physical pages in the KV pool (default: enough for the batch)")
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--weights", choices=("fp8", "fp8-weight-only", "int8"),  # quant.MODES (not imported: --help stays fast)
-                   help="quantise the linear weights on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 "
-                        "activations, FP8 GEMMs), 'fp8-weight-only' = W8A16, 'int8' = W8A8 in INT8 with "
-                        "SmoothQuant smoothing (calibrated on load; the most accurate W8A8) (default: the "
-                        "checkpoint's weights)")
+    p.add_argument("--weights", default="auto",  # not imported: --help stays fast
+                   choices=("auto", "checkpoint", "bf16", "bf16-prefill", "fp8", "fp8-weight-only", "int8"),
+                   help="the linear weights: 'checkpoint' = as stored; 'bf16' = bfloat16 weights, products "
+                        "with bfloat16 inputs and float32 sums (a CPU's prefill ~1.8x faster than float32's, "
+                        "half the memory, decode slower); 'bf16-prefill' = float32 weights for decode and "
+                        "bfloat16 copies for prefill (1.5x the memory); 'auto' (default) = 'bf16-prefill' on a "
+                        "CPU for a float32 checkpoint when --dtype is not given (and --tp 1), else 'checkpoint' "
+                        "(--dtype float32 keeps exact float32 products); "
+                        "quantised on load: 'fp8' = W8A8 (FP8 weights, per-token FP8 activations, FP8 "
+                        "GEMMs), 'fp8-weight-only' = W8A16, 'int8' = W8A8 in INT8 with SmoothQuant "
+                        "smoothing (calibrated on load; the most accurate W8A8)")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32", "fp8_e4m3", "int8"),
                    help="how K and V are stored: 'auto' = the compute dtype; 'int8' / 'fp8_e4m3' = 8-bit values with a "
                         "scale per token and head (half of bf16's bytes; int8 loses least: perplexity x1.000-1.003 at "
@@ -147,7 +154,7 @@ def engine_settings(args) -> SparseConfig:
         raise ValueError(f"--no-center-keys applies to 8-bit KV (--kv-dtype int8 or fp8_e4m3), got --kv-dtype {args.kv_dtype}")
     if is_kv8(KV_DTYPES[args.kv_dtype]) and args.tp > 1:
         raise ValueError(f"--kv-dtype {args.kv_dtype} runs with --tp 1 only, got --tp {args.tp}")
-    if args.weights is not None and args.tp > 1:
+    if args.weights not in ("auto", "checkpoint", "bf16") and args.tp > 1:  # 8-bit, bf16-prefill
         raise ValueError(f"--weights {args.weights} runs with --tp 1 only, got --tp {args.tp}")
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")

@@ -46,6 +46,14 @@ FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 # "fp8" = W8A8 FP8, "fp8-weight-only" = W8A16 (FP8 weights), "int8" = W8A8 INT8, SmoothQuant-smoothed
 MODES = ("fp8", "fp8-weight-only", "int8")
+# what `lserve_jax.load(weights=...)` takes besides MODES: "checkpoint" (or None) the weights as
+# stored; "bf16" stores the linear weights in bfloat16 and feeds the products bfloat16 activations
+# (float32 accumulation, everything else in the compute dtype: `bf16_linear`); "bf16-prefill"
+# keeps the float32 weights for products of few rows (decode) and adds a bfloat16 copy for those
+# of many (prefill); "auto" is "bf16-prefill" where that is the fast path (`auto_weights`), else
+# "checkpoint"
+WEIGHT_CHOICES = ("auto", "checkpoint", "bf16", "bf16-prefill") + MODES
+BF16_MIN_ROWS = 8  # "bf16-prefill": products of at least this many rows take the bfloat16 copy
 SMOOTH_ALPHA = 0.5  # SmoothQuant's migration strength (its default; 0.8 measured worse on SmolLM2)
 # every layer's linear weights, fused ones included (`lserve_jax.fuse`)
 LINEAR_NAMES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "wqkv", "w_gate_up")
@@ -81,6 +89,51 @@ class Int8Linear:
 
 
 QUANTIZED = (FP8Linear, Int8Linear)  # the weight types `models.layer.project` dispatches on
+
+
+@struct.dataclass
+class Bf16Prefill:
+    """A float32 linear weight [in, out] and its bfloat16 copy: `models.layer.project` multiplies
+    `BF16_MIN_ROWS` or more rows (prefill chunks) with the copy, fewer (decode) with the float32
+    weight. On a CPU, XLA's bf16 products of a few rows are slower than float32's (SmolLM2's
+    576 x 1536 weight on 2 cores: one row 400 vs 110 us, two 120 vs 100, eight 91 vs 148):
+    decode keeps float32's speed and numbers, prefill gets bf16's."""
+
+    w: jax.Array  # float32 [in, out]
+    w16: jax.Array  # bfloat16 [in, out]
+
+
+def bf16_linear(params, keep_float32: bool = False):
+    """`params` with every layer's float linear weights (LINEAR_NAMES) in bfloat16; the embedding,
+    norms, biases and LM head unchanged. `models.layer.project` multiplies a bfloat16 weight with
+    bfloat16 activations and float32 accumulation, the result back in the compute dtype: on CPUs
+    with bf16 matrix units (AVX512-BF16, AMX) XLA's product runs ~1.8x faster than float32's
+    (SmolLM2's projections on the 2-core CI machine, bench/results/cpu_gemm-*), the weights take
+    half the memory, and decode reads half the bytes. The rounding is the GPU path's (bfloat16
+    operands, float32 sums); the residual stream, norms, attention and logits stay float32.
+    keep_float32: keep each weight beside its copy (`Bf16Prefill`: "bf16-prefill", 1.5x the
+    linear weights' float32 memory) so that decode's few-row products stay float32."""
+    if is_quantized(params):
+        raise ValueError(f"the params are already quantised ({weights_mode(params)}); bf16 applies to float weights")
+
+    def cast(w):
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            return w
+        return Bf16Prefill(w, w.astype(jnp.bfloat16)) if keep_float32 else w.astype(jnp.bfloat16)
+    layers = tuple(Arrays({n: cast(w) if n in LINEAR_NAMES else w for n, w in layer.items()})
+                   for layer in params.layers)
+    return params.replace(layers=layers)
+
+
+def auto_weights(params, dtype: str | None, backend: str) -> str | None:
+    """What `weights="auto"` means: "bf16-prefill" on a CPU when the compute dtype was not chosen
+    (`dtype` None) and the layers' linear weights are float32 (a float32 checkpoint: the default
+    model's), else None (the weights as loaded). An explicit `dtype="float32"` keeps exact float32
+    products (transformers' numbers to ~1e-6)."""
+    if backend != "cpu" or dtype is not None or is_quantized(params):
+        return None
+    ws = [w for layer in params.layers for n, w in layer.items() if n in LINEAR_NAMES]
+    return "bf16-prefill" if ws and all(getattr(w, "dtype", None) == jnp.float32 for w in ws) else None
 
 
 def check_mode(mode: str) -> str:
@@ -214,8 +267,8 @@ def abstract_quantized(abstract, mode: str):
 
 def cast_params(params, dtype):
     """Every float array to `dtype` except the 8-bit weights and their scales."""
-    return jax.tree.map(lambda x: x if isinstance(x, QUANTIZED) else x.astype(dtype), params,
-                        is_leaf=lambda x: isinstance(x, QUANTIZED))
+    return jax.tree.map(lambda x: x if isinstance(x, QUANTIZED + (Bf16Prefill,)) else x.astype(dtype), params,
+                        is_leaf=lambda x: isinstance(x, QUANTIZED + (Bf16Prefill,)))
 
 
 def is_quantized(params) -> bool:

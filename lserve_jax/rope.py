@@ -98,8 +98,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, scaling
     """Rotates x [..., T, heads, head_dim] by positions [..., T] (int). Computed in float32.
     `scaling` multiplies cos and sin (HF's `attention_scaling`)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [..., T, d/2]
-    cos = jnp.cos(angles)[..., None, :]  # broadcast over heads
-    sin = jnp.sin(angles)[..., None, :]
+    if jax.default_backend() == "cpu" and positions.shape[-1] > 1:
+        # XLA:CPU fuses the tables into the rotation's loop over x [T, heads, D], so every element
+        # recomputed its cos and sin (2 x heads x 2 transcendentals per angle): a fifth of a 2K
+        # SmolLM2 prompt's TTFT on 2 cores. Made inside a conditional (both branches the same),
+        # the tables are buffers of [T, D/2] that no loop can fuse (an optimization barrier does
+        # not stop it: XLA expands barriers before fusion). Decode (one position) and GPUs keep
+        # the fused form: there the tables are small or their transcendentals cheap, and a
+        # table would be a kernel of its own in each layer of the decode step.
+        def tables(a):
+            return jnp.cos(a), jnp.sin(a)
+        cos, sin = jax.lax.cond(positions.reshape(-1)[0] >= 0, tables, tables, angles)
+    else:
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     if scaling != 1.0:
         cos, sin = cos * scaling, sin * scaling
     # halves as an axis of 2: out = (x1 cos - x2 sin, x2 cos + x1 sin) with the halves swapped by

@@ -193,13 +193,14 @@ def test_8bit_weights_generate(ckpt, capsys, mode):
     assert e.value.code == 2
 
 
-def test_weights_choices_are_the_quantisation_modes():
+def test_weights_choices_are_the_load_choices():
     """--weights lists its choices literally (the CLI imports no jax for --help): they must be
-    quant.MODES."""
-    from lserve_jax.quant import MODES
+    quant.WEIGHT_CHOICES, what lserve_jax.load takes (every quantisation mode among them)."""
+    from lserve_jax.quant import MODES, WEIGHT_CHOICES
 
     action = next(a for a in generate_cli.build_parser()._actions if "--weights" in a.option_strings)
-    assert tuple(action.choices) == tuple(MODES)
+    assert tuple(action.choices) == tuple(WEIGHT_CHOICES)
+    assert set(MODES) <= set(WEIGHT_CHOICES) and action.default == "auto"
 
 
 def test_greedy_prints_no_seed(ckpt, capsys):

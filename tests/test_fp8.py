@@ -205,7 +205,7 @@ def test_convert_quantize_fp8_loads_and_generates(tmp_path):
     eng2 = load(plain, pattern=None, max_seq_len=64, progress=False, weights="fp8")
     for a, b in zip(jax.tree.leaves(eng.params), jax.tree.leaves(eng2.params)):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
-    with pytest.raises(ValueError, match="unknown weight quantisation"):
+    with pytest.raises(ValueError, match="unknown weights 'fp4'; choose from auto, checkpoint, bf16"):
         load(plain, pattern=None, max_seq_len=64, progress=False, weights="fp4")
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         convert_main([str(src), str(tmp_path / "bad"), "--quantize", "int4", "--quiet"])

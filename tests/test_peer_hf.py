@@ -34,3 +34,21 @@ def test_random_weights_path_agrees_with_hf(tmp_path, monkeypatch):
             assert r["agree"], (v, row["batch"], r)  # random weights, float32: the same greedy tokens
     assert "| random-48 | 48 | 2 | lserve_jax-sparse |" in report["table"]
     sys.modules.pop("peer_hf", None)
+
+
+def test_batch_rates_counts_the_window_where_every_row_decodes(monkeypatch):
+    """Rows admitted one after another: TTFT is the last row's first token; the rate counts the
+    tokens of all rows between the last row's first token and the first row's last (no row idle)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import peer_hf
+
+    row0 = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6]  # admitted first: decodes while row 1 prefills
+    row1 = [1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+    r = peer_hf.batch_rates(0.5, [row0, row1])
+    assert r["ttft_s"] == pytest.approx(0.8)  # 1.3 - 0.5
+    assert r["decode_window_tokens"] == 6  # (1.3, 1.6]: 1.4, 1.5, 1.6 of each row
+    assert r["decode_tok_s"] == pytest.approx(6 / 0.3)
+    one = peer_hf.batch_rates(0.5, [row0])  # one row: every token after the first
+    assert one["ttft_s"] == pytest.approx(0.5) and one["decode_tok_s"] == pytest.approx(6 / 0.6)
+    assert peer_hf.batch_rates(0.0, [[1.0], [2.0]])["decode_tok_s"] is None  # no window: no rate
+    sys.modules.pop("peer_hf", None)

@@ -13,6 +13,7 @@ statistics, anything) is handed back untouched.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
@@ -23,7 +24,7 @@ from ..arrays import Arrays
 from ..config import ModelConfig
 from ..fuse import BIASES, FUSED
 from ..ops.qmatmul import qmatmul
-from ..quant import QUANTIZED
+from ..quant import BF16_MIN_ROWS, QUANTIZED, Bf16Prefill
 from ..rope import apply_rope, attention_scaling, inv_frequencies
 
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -36,15 +37,27 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype.
+    """x [..., in] @ w [in, out] (+ b), accumulated in float32, returned in x's dtype (a bfloat16 w
+    is multiplied with x rounded to bfloat16).
     w may be an 8-bit weight (`lserve_jax.quant`), multiplied by the registry op "qmatmul"
     (`lserve_jax.ops.qmatmul`, default order: XLA's products): FP8Linear, an FP8 GEMM (W8A8) or a
     product with the weight converted (W8A16); Int8Linear, an INT8 GEMM on smoothed activations
     (W8A8); scales applied to the float32 result."""
+    if isinstance(w, Bf16Prefill):  # many rows: the bfloat16 copy; few: the float32 weight
+        w = w.w16 if math.prod(x.shape[:-1]) >= BF16_MIN_ROWS else w.w
     if isinstance(w, QUANTIZED):
         y = qmatmul(x, w)
     else:
-        y = jnp.einsum("...h,hk->...k", x, w, preferred_element_type=jnp.float32)
+        # a bfloat16 weight takes bfloat16 activations (`quant.bf16_linear`), not a float32 copy of
+        # itself made on every call: the product of a bf16 GEMM, float32 accumulation
+        xw = x.astype(w.dtype) if w.dtype == jnp.bfloat16 else x
+        if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
+            # XLA:CPU's bf16 product of a single row is 3-4x slower than of two (SmolLM2's 576 x
+            # 1536 weight: ~400 vs ~120 us on 2 cores, float32's ~110): decode at batch 1 gets a zero row
+            xw = jnp.pad(xw.reshape(1, -1), ((0, 1), (0, 0)))
+            y = jnp.einsum("rh,hk->rk", xw, w, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], -1)
+        else:
+            y = jnp.einsum("...h,hk->...k", xw, w, preferred_element_type=jnp.float32)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
