@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="lserve_jax cache capacity (default: the engine's; --random-weights: the prompt + new tokens)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF side (lserve_jax only)")
+    p.add_argument("--engine-per-config", action="store_true",
+                   help="--random-weights: an engine sized for each (length, batch) instead of one sized for "
+                        "the largest, shared (whose programs compile once)")
     p.add_argument("--impl", default="auto",
                    help="lserve_jax prefill and decode implementations (lserve_jax.ops; e.g. reference: the baseline)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results"), help="folder for the JSON")
@@ -372,7 +375,7 @@ def lserve_params_from_hf(hf_config, state: dict[str, np.ndarray], dtype: str, v
     return params, cfg, layout
 
 
-def run_random(args) -> dict:
+def run_random(args, on_progress=None) -> dict:
     import torch
 
     shape = args.shape or "llama3-8b"
@@ -394,6 +397,15 @@ def run_random(args) -> dict:
     rows = {(n, b): {"prompt": f"random-{n}", "prompt_tokens": n, "batch": b, "new_tokens": args.new_tokens}
             for n, b in configs}
     hf_tokens = {}
+
+    def report(partial: bool) -> dict:
+        return {"model": f"{shape} random weights", "dtype": dtype, "device": device, "partial": partial,
+                "results": [rows[c] for c in configs]}
+
+    def progress():  # the JSON so far, so that a run stopped by a time limit keeps what it measured
+        if on_progress is not None:
+            on_progress(report(True))
+
     if not args.no_hf:
         hf = HFRunner(model, device)
         for n, b in configs:
@@ -405,6 +417,7 @@ def run_random(args) -> dict:
                     raise
                 rows[n, b]["hf"] = {"error": "out of memory"}
                 log(f"{n}x{b} hf: out of memory")
+            progress()
             gc.collect()
             torch.cuda.empty_cache() if device.startswith("cuda") else None
     state = hf_state_to_numpy(model)
@@ -417,12 +430,23 @@ def run_random(args) -> dict:
     for v in variants:
         key = f"lserve_jax-{v}"
         params, cfg, layout = lserve_params_from_hf(hf_config, state, dtype, v, shape)
+        shared = None  # one engine for every configuration that fits it: its programs compile once
+        if not args.engine_per_config:
+            try:
+                shared = Engine(params, cfg, layout=layout, prefix_cache=False, prefill_impl=args.impl,
+                                decode_impl=args.impl, max_slots=max(batches),
+                                max_seq_len=args.max_seq_len or max(lengths) + args.new_tokens + 64)
+            except Exception as e:  # noqa: BLE001 (the largest cache does not fit: one engine each)
+                if not is_oom(e):
+                    raise
+                log(f"{key}: one engine for the largest configuration is out of memory; one per configuration")
         for n, b in configs:
             eng = None
             try:
                 # no prefix cache: a repeated prompt would reuse its pages and skip the prefill
-                eng = Engine(params, cfg, layout=layout, max_seq_len=args.max_seq_len or n + args.new_tokens + 64,
-                             max_slots=b, prefix_cache=False, prefill_impl=args.impl, decode_impl=args.impl)
+                eng = shared or Engine(params, cfg, layout=layout, prefix_cache=False, prefill_impl=args.impl,
+                                       decode_impl=args.impl, max_slots=b,
+                                       max_seq_len=args.max_seq_len or n + args.new_tokens + 64)
                 res, toks = measure(lambda x, k, eng=eng: lserve_run(eng, x, k), [prompts[n]] * b,
                                     args.new_tokens, args.repeats, f"{n}x{b} {key}")
                 res.update(agreement(toks, hf_tokens.get((n, b)), args.agree))
@@ -432,12 +456,12 @@ def run_random(args) -> dict:
                     raise
                 rows[n, b][key] = {"error": "out of memory"}
                 log(f"{n}x{b} {key}: out of memory")
+            progress()
             del eng
             gc.collect()
-        del params
+        del params, shared
         gc.collect()
-    return {"model": f"{shape} random weights", "dtype": dtype, "device": device,
-            "results": [rows[c] for c in configs]}
+    return report(False)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -496,18 +520,23 @@ def main(argv=None) -> int:
     if args.shape and not args.random_weights:
         raise SystemExit("--shape needs --random-weights (the real model is the default checkpoint)")
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    report = run_random(args) if args.random_weights else run_real(args)
-    report["environment"] = environment(report["device"])
-    report["environment"]["load_average_before"] = load_before  # other processes on the machine
-    report["args"] = vars(args)
-    text = table(report)
-    print(text)
-    report["table"] = text
-    tag = args.tag or f"{'gpu' if report['device'].startswith('cuda') else 'cpu'}-{datetime.date.today().isoformat()}"
-    path = os.path.join(args.out, f"peer_hf-{tag}.json")
-    os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1, default=float)
+
+    def write(report: dict) -> str:
+        report["environment"] = environment(report["device"])
+        report["environment"]["load_average_before"] = load_before  # other processes on the machine
+        report["args"] = vars(args)
+        report["table"] = table(report)
+        tag = args.tag or f"{'gpu' if report['device'].startswith('cuda') else 'cpu'}-{datetime.date.today().isoformat()}"
+        path = os.path.join(args.out, f"peer_hf-{tag}.json")
+        os.makedirs(args.out, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(report, f, indent=1, default=float)
+        os.replace(path + ".tmp", path)
+        return path
+
+    report = run_random(args, on_progress=write) if args.random_weights else run_real(args)
+    path = write(report)
+    print(report["table"])
     log(f"wrote {path}")
     return 0
 

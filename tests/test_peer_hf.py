@@ -15,24 +15,29 @@ pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
 
-def test_random_weights_path_agrees_with_hf(tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_config", [False, True])
+def test_random_weights_path_agrees_with_hf(tmp_path, monkeypatch, per_config):
+    """One engine shared by every (length, batch), or one per configuration: the same tokens."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import peer_hf
 
+    lengths, variants = ("20", ("dense",)) if per_config else ("48,20", ("dense", "sparse"))  # CI's time
     rc = peer_hf.main(["--shape", "smollm2-135m", "--random-weights", "--device", "cpu", "--dtype", "float32",
-                       "--lengths", "48", "--batches", "2", "--new-tokens", "4", "--agree", "4", "--repeats", "1",
-                       "--variants", "dense,sparse", "--out", str(tmp_path), "--tag", "t"])
+                       "--lengths", lengths, "--batches", "2", "--new-tokens", "4", "--agree", "4", "--repeats", "1",
+                       "--variants", ",".join(variants), "--out", str(tmp_path), "--tag", "t"]
+                      + ["--engine-per-config"] * per_config)
     assert rc == 0
     with open(tmp_path / "peer_hf-t.json") as f:
         report = json.load(f)
-    assert [(r["prompt_tokens"], r["batch"]) for r in report["results"]] == [(48, 2)]
+    assert report["partial"] is False and not (tmp_path / "peer_hf-t.json.tmp").exists()
+    assert [(r["prompt_tokens"], r["batch"]) for r in report["results"]] == [(int(n), 2) for n in lengths.split(",")]
     for row in report["results"]:
         assert row["hf"]["ttft_s"] > 0 and row["hf"]["decode_tok_s"] > 0
-        for v in ("lserve_jax-dense", "lserve_jax-sparse"):
-            r = row[v]
+        for v in variants:
+            r = row[f"lserve_jax-{v}"]
             assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0
             assert r["agree"], (v, row["batch"], r)  # random weights, float32: the same greedy tokens
-    assert "| random-48 | 48 | 2 | lserve_jax-sparse |" in report["table"]
+    assert f"| random-{lengths.split(',')[0]} | {lengths.split(',')[0]} | 2 | lserve_jax-{variants[-1]} |" in report["table"]
     sys.modules.pop("peer_hf", None)
 
 
