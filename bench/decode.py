@@ -35,7 +35,7 @@ from lserve_jax import cache as kvc
 from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
-from lserve_jax.kv8 import INT8, is_kv8
+from lserve_jax.kv8 import INT8, KV8, is_kv8, quantize_tokens
 from lserve_jax.quant import FP8
 from lserve_jax.smoothquant import quantize_model
 from lserve_jax.model import ModelSpec, decode_forward, decode_step, refresh_due, selection_active
@@ -214,11 +214,14 @@ DENSE_TUNE_CONFIGS = TUNE_CONFIGS + [
 ]
 
 
-def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
+def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False, kv_dtype=None, configs=None):
     """Times `sparse_decode` configs on one layer of this point (the most common retrieval
     count, kv_head selection of the full budget), `reps` dependent calls in one jit; returns
     [{options, us, rel_err}] with errors vs the reference (a config that is wrong is skipped).
-    dense: the dense paged path instead (every head a retrieval head reading every page)."""
+    dense: the dense paged path instead (every head a retrieval head reading every page).
+    kv_dtype: 8-bit pages and rings (`kv8.KV8`, per-token scales) as the `+kv8` variants read
+    them: the kernel's best tiles for them need not be bf16's. configs: the Triton options tried
+    (default TUNE_CONFIGS, or DENSE_TUNE_CONFIGS)."""
     from lserve_jax.ops import decode_attention
 
     r = cfg.num_kv_heads if dense else max(set(layout.num_retrieval), key=list(layout.num_retrieval).count)
@@ -241,6 +244,8 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
         sel = jax.vmap(lambda k: jax.random.permutation(k, n - 1)[: k_sel - 1])(jax.random.split(ks[5], batch * r))
         sel = jnp.concatenate([jnp.full((batch * r, 1), n - 1), sel], axis=1).reshape(batch, r, k_sel).astype(jnp.int32)
     cnt = jnp.full((batch, r), k_sel, jnp.int32)
+    if is_kv8(kv_dtype):
+        kp, vp, rk, rv = (KV8(*quantize_tokens(x, kv_dtype)) for x in (kp, vp, rk, rv))
     args = (kp, vp, rk, rv, table, lengths, sel, cnt)
 
     def loop(opts, impl="triton"):
@@ -260,7 +265,7 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
     ref = one(None, "reference")(q, *args)
     out = []
     # the dense path also times cuDNN's paged attention (decode "cudnn", first in the default order)
-    configs = [(opts, "triton") for opts in (DENSE_TUNE_CONFIGS if dense else TUNE_CONFIGS)]
+    configs = [(opts, "triton") for opts in (configs or (DENSE_TUNE_CONFIGS if dense else TUNE_CONFIGS))]
     for opts, impl in configs + ([(None, "cudnn")] if dense else []):
         rec = {"options": opts} if impl == "triton" else {"impl": impl}
         try:
@@ -277,11 +282,12 @@ def tune_layer(cfg, layout, sparse, batch, ctx, reps=20, dense=False):
             rec["us"] = min(ts) / reps * 1e6
         except Exception as e:  # a config the GPU rejects
             rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(f"tune{' dense' if dense else ''} ctx={ctx} B={batch} R={r}: {opts if impl == 'triton' else impl} -> "
+        log(f"tune{' dense' if dense else ''}{' ' + jnp.dtype(kv_dtype).name if kv_dtype is not None else ''} "
+            f"ctx={ctx} B={batch} R={r}: {opts if impl == 'triton' else impl} -> "
             f"{rec.get('us', float('nan')):.1f} us "
             f"(rel err {rec.get('rel_err', float('nan')):.1e})")
         out.append(rec)
-    return {"retrieval_heads": r, "configs": out}
+    return {"retrieval_heads": r, "kv_dtype": None if kv_dtype is None else jnp.dtype(kv_dtype).name, "configs": out}
 
 
 HEADROOM = 2 << 30  # device bytes kept free for the step's activations and workspace
@@ -430,22 +436,26 @@ def main(argv=None):
         return results
     for point in args.points.split(","):
         ctx, batch = (int(x) for x in point.split("x"))
-        kernels = dense_kernels = Kernels()  # default orders and tiles unless --tune finds better options
+        # (dense?, KV dtype) -> Kernels: default orders and tiles unless --tune finds better options
+        # for that path and page format (session 16, H200: the 128K x 4 options tuned on bf16
+        # pages ran the int8-page step at 7.96 ms, slower than bf16's 6.47)
+        tuned_kernels = {}
         if args.tune:
-            def tuned(dense):
-                t = tune_layer(cfg, layout_sparse, base, batch, ctx, dense=dense)
+            def tuned(dense, kv):
+                t = tune_layer(cfg, layout_sparse, base, batch, ctx, dense=dense, kv_dtype=kv)
                 ok = [c for c in t["configs"] if "us" in c and c["rel_err"] < 2e-2 and "options" in c]
                 t["chosen"] = min(ok, key=lambda c: c["us"])["options"] if ok else {}
-                results.setdefault("tuning_dense" if dense else "tuning", {})[point] = t
-                log(f"ctx={ctx} B={batch}: {'dense paged' if dense else 'sparse'} decode options {t['chosen']}")
+                key = point if kv is None else f"{point}+{jnp.dtype(kv).name}"
+                results.setdefault("tuning_dense" if dense else "tuning", {})[key] = t
+                log(f"ctx={ctx} B={batch}: {'dense paged' if dense else 'sparse'} decode options "
+                    f"{t['chosen']}{'' if kv is None else ' (' + jnp.dtype(kv).name + ' pages)'}")
                 # the default order with the tuned Triton options (for the paged variants' ModelSpec,
                 # whose Kernels carry it into decode_step)
                 return Kernels().with_options(decode=t["chosen"])
 
-            if any(kind.startswith("sparse") for _, kind, _, _ in variants):
-                kernels = tuned(dense=False)
-            if any(kind == "dense_paged" for _, kind, _, _ in variants):
-                dense_kernels = tuned(dense=True)
+            for dense, kv in dict.fromkeys((kind == "dense_paged", kv) for _, kind, _, kv in variants
+                                           if kind != "dense_cudnn"):
+                tuned_kernels[dense, kv] = tuned(dense, kv)
         for name, kind, wmode, kv in variants:
             log(f"ctx={ctx} B={batch} {name} ...")
             try:
@@ -463,15 +473,15 @@ def main(argv=None):
                     r = run_dense_cudnn(p_run, cfg, batch, ctx, args.steps, args.warmup)
                 elif kind == "dense_paged":
                     r = run_paged(p_run, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup, args.tp, dense_kernels, kv)
+                                  args.steps, args.warmup, args.tp, tuned_kernels.get((True, kv), Kernels()), kv)
                 else:
                     mode = kind.removeprefix("sparse_")
                     r = run_paged(p_run, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
-                                  args.steps, args.warmup, args.tp, kernels, kv)
+                                  args.steps, args.warmup, args.tp, tuned_kernels.get((False, kv), Kernels()), kv)
                 floor = bytes_floor(cfg, layout, base, batch, ctx, kind, w_bytes, kv)
                 r["bytes_floor"] = floor
                 if kind.startswith("sparse") or kind == "dense_paged":
-                    r["kernel_options"] = (dense_kernels if kind == "dense_paged" else kernels).decode.kwargs
+                    r["kernel_options"] = tuned_kernels.get((kind == "dense_paged", kv), Kernels()).decode.kwargs
                 if bw:
                     r["floor_s"] = floor / bw
                     r["floor_fraction"] = r["floor_s"] / r["pipelined_s"]

@@ -176,3 +176,18 @@ def test_stage_parts_moves_a_file_in_parts(tmp_path):
     assert dest.read_bytes() == data
     with pytest.raises(ValueError, match="SHA-256"):
         stage.join(str(carry), str(dest), "0" * 64)
+
+
+def test_decode_tuning_times_the_page_format_each_variant_reads():
+    """--tune times the kernel on the pages a variant reads: 8-bit pages and rings (KV8) for the
+    +kv8 variants, not bf16 ones; every config tried agrees with the reference on them."""
+    from lserve_jax.kv8 import INT8
+
+    decode = _bench_module("decode")
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=64)
+    for kv in (None, INT8):
+        t = decode.tune_layer(TINY, HeadLayout(2, (1, 2)), sparse, 2, 100, reps=1, kv_dtype=kv,
+                              configs=[{}, dict(pages_per_block=2)])
+        assert t["kv_dtype"] == (None if kv is None else "int8")
+        assert [c["options"] for c in t["configs"]] == [{}, {"pages_per_block": 2}]
+        assert all("error" not in c and c["rel_err"] < 2e-2 and c["us"] > 0 for c in t["configs"]), t
