@@ -49,7 +49,9 @@ def engine(default_paths):
     import lserve_jax
 
     ckpt, _ = default_paths
-    eng = lserve_jax.load(ckpt, pattern=None, max_seq_len=MAX_SEQ_LEN, progress=False)  # dense attention
+    # dense attention; dtype float32: exact float32 products, transformers' numbers (the CPU
+    # default's bfloat16 prefill products: test_default_cpu_weights_agree_with_transformers)
+    eng = lserve_jax.load(ckpt, pattern=None, max_seq_len=MAX_SEQ_LEN, progress=False, dtype="float32")
     assert eng.spec.layout.is_dense
     return eng
 
@@ -77,6 +79,23 @@ def test_greedy_equals_transformers(engine, default_paths):
     cut = next((i for i, t in enumerate(theirs) if t in eos), len(theirs))  # we do not emit EOS
     assert ours.token_ids == theirs[:cut], (engine.tokenizer.decode(ours.token_ids), engine.tokenizer.decode(theirs))
     assert len(ours.token_ids) >= 16, "the prompt should give a long continuation to compare"
+
+
+def test_default_cpu_weights_agree_with_transformers(default_paths):
+    """The CPU default (`weights="auto"`: bfloat16 copies of the linear weights for prefill,
+    float32 for decode) gives transformers' float32 greedy tokens on the plain prompt."""
+    import lserve_jax
+    from lserve_jax.quant import Bf16Prefill
+
+    ckpt, hf_dir = default_paths
+    eng = lserve_jax.load(ckpt, pattern=None, max_seq_len=MAX_SEQ_LEN, progress=False)
+    assert isinstance(eng.params.layers[0].wqkv, Bf16Prefill)
+    ids = eng.tokenizer.encode(PLAIN_PROMPT)
+    ours = eng.generate([ids], lserve_jax.SamplingParams(max_new_tokens=16))[0].token_ids
+    theirs = _hf_greedy(hf_dir, ids, 16)
+    eos = set(eng.tokenizer.eos_token_ids)
+    cut = next((i for i, t in enumerate(theirs) if t in eos), len(theirs))
+    assert ours == theirs[:cut], (eng.tokenizer.decode(ours), eng.tokenizer.decode(theirs))
 
 
 def test_chat_answers_paris(engine):
