@@ -254,7 +254,9 @@ def main(argv=None) -> int:
             log(f"grid: {v.name}")
             sp = v.sparse_config(max_len)
             pat = None if v.pattern is None else _tmp_tsv(patterns[v.pattern], v.pattern)
-            engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, progress=False)
+            # the weights as stored (float32): the grid's numbers stay comparable across sessions
+            engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, progress=False,
+                                     weights="checkpoint")
             if prompts is None:
                 encode = (lambda s: engine.tokenizer.encode(s, add_special_tokens=False))
                 prompts = grid_prompts(encode, args.lengths, args.depths, args.trials, args.seed)

@@ -447,7 +447,7 @@ def main(argv=None) -> int:
                 if engine is None:
                     pat = None if v.pattern is None else _tmp_tsv(patterns[v.pattern], v.pattern)
                     engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, dtype=args.dtype,
-                                             progress=False, max_slots=args.batch)
+                                             progress=False, max_slots=args.batch, weights="checkpoint")
                     log(f"variant {v.name}: {int(sum(engine.spec.layout.num_retrieval))} of "
                         f"{cfg.num_layers * cfg.num_kv_heads} KV heads retrieval; {v.note}")
                 samples = prompts[n][task]
