@@ -52,8 +52,9 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     "bf16-prefill" keeps the float32 weights for decode and adds bfloat16 copies for prefill
     (`quant.Bf16Prefill`, 1.5x the memory); "auto" (default) is "bf16-prefill" on a CPU with tp=1
     when `dtype` is not given and the checkpoint's weights are float32 (the default model's),
-    else the checkpoint's; None or "checkpoint" keeps the checkpoint's (one converted with --quantize is 8-bit already;
-    `dtype="float32"` with None or "auto" gives transformers' float32 numbers). kv_dtype: how the
+    else the checkpoint's; None or "checkpoint" keeps the checkpoint's (one converted with
+    --quantize is 8-bit already; `dtype="float32"` with None or "auto" gives transformers'
+    float32 numbers). kv_dtype: how the
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
     per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
     calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
@@ -77,6 +78,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
         weights = None
     if weights not in WEIGHT_CHOICES and weights is not None:
         raise ValueError(f"unknown weights {weights!r}; choose from {', '.join(WEIGHT_CHOICES)}")
+    if weights == "bf16-prefill" and tp > 1:  # before the restore
+        raise ValueError("weights='bf16-prefill' runs with tp=1 only (use 'bf16' or 'checkpoint')")
     params = ckpt.load_params(dtype)
     alpha = None
     if pattern == "auto":
@@ -107,8 +110,6 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     if weights == "auto":
         weights = auto_weights(params, dtype, jax.default_backend()) if tp == 1 else None
     if weights in ("bf16", "bf16-prefill"):
-        if weights == "bf16-prefill" and tp > 1:
-            raise ValueError("weights='bf16-prefill' runs with tp=1 only (use 'bf16' or 'checkpoint')")
         params = bf16_linear(params, keep_float32=weights == "bf16-prefill")  # ValueError for 8-bit
     elif weights is not None and weights_mode(params) != weights:
         # after the permutation: scales (and int8's smoothing) travel with their channels; after

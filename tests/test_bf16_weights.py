@@ -94,3 +94,5 @@ def test_load_weights_choices(tmp_path):
         assert len(eng.generate([[3, 17, 5, 9, 44, 2, 8]], sp)[0].token_ids) == 5
     with pytest.raises(ValueError, match="unknown weights 'bf8'.*bf16-prefill"):
         load(tmp_path, weights="bf8", **kw)
+    with pytest.raises(ValueError, match="bf16-prefill' runs with tp=1 only"):
+        load(tmp_path, weights="bf16-prefill", tp=2, **kw)
