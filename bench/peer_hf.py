@@ -520,10 +520,12 @@ def main(argv=None) -> int:
     if args.shape and not args.random_weights:
         raise SystemExit("--shape needs --random-weights (the real model is the default checkpoint)")
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env = {}  # made at the first write (git, versions), reused by the later ones
 
     def write(report: dict) -> str:
-        report["environment"] = environment(report["device"])
-        report["environment"]["load_average_before"] = load_before  # other processes on the machine
+        if not env:
+            env.update(environment(report["device"]), load_average_before=load_before)  # other processes
+        report["environment"] = env
         report["args"] = vars(args)
         report["table"] = table(report)
         tag = args.tag or f"{'gpu' if report['device'].startswith('cuda') else 'cpu'}-{datetime.date.today().isoformat()}"

@@ -53,8 +53,7 @@ def engine_options(args) -> dict:
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
-                weights=args.weights, kv_dtype=args.kv_dtype,
-                center_keys=not args.no_center_keys)
+                weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:

@@ -108,8 +108,8 @@ def bf16_linear(params, keep_float32: bool = False):
     norms, biases and LM head unchanged. `models.layer.project` multiplies a bfloat16 weight with
     bfloat16 activations and float32 accumulation, the result back in the compute dtype: on CPUs
     with bf16 matrix units (AVX512-BF16, AMX) XLA's product runs ~1.8x faster than float32's
-    (SmolLM2's projections on the 2-core CI machine, bench/results/cpu_gemm-*), the weights take
-    half the memory, and decode reads half the bytes. The rounding is the GPU path's (bfloat16
+    at prefill sizes (SmolLM2's projections on the 2-core CI machine) and the weights take half
+    the memory, but its products of one to a few rows are slower than float32's. The rounding is the GPU path's (bfloat16
     operands, float32 sums); the residual stream, norms, attention and logits stay float32.
     keep_float32: keep each weight beside its copy (`Bf16Prefill`: "bf16-prefill", 1.5x the
     linear weights' float32 memory) so that decode's few-row products stay float32."""
@@ -267,8 +267,8 @@ def abstract_quantized(abstract, mode: str):
 
 def cast_params(params, dtype):
     """Every float array to `dtype` except the 8-bit weights and their scales."""
-    return jax.tree.map(lambda x: x if isinstance(x, QUANTIZED + (Bf16Prefill,)) else x.astype(dtype), params,
-                        is_leaf=lambda x: isinstance(x, QUANTIZED + (Bf16Prefill,)))
+    return jax.tree.map(lambda x: x if isinstance(x, QUANTIZED) else x.astype(dtype), params,
+                        is_leaf=lambda x: isinstance(x, QUANTIZED))
 
 
 def is_quantized(params) -> bool:

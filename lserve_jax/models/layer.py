@@ -43,15 +43,16 @@ def project(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     (`lserve_jax.ops.qmatmul`, default order: XLA's products): FP8Linear, an FP8 GEMM (W8A8) or a
     product with the weight converted (W8A16); Int8Linear, an INT8 GEMM on smoothed activations
     (W8A8); scales applied to the float32 result."""
+    rows = math.prod(x.shape[:-1])
     if isinstance(w, Bf16Prefill):  # many rows: the bfloat16 copy; few: the float32 weight
-        w = w.w16 if math.prod(x.shape[:-1]) >= BF16_MIN_ROWS else w.w
+        w = w.w16 if rows >= BF16_MIN_ROWS else w.w
     if isinstance(w, QUANTIZED):
         y = qmatmul(x, w)
     else:
         # a bfloat16 weight takes bfloat16 activations (`quant.bf16_linear`), not a float32 copy of
         # itself made on every call: the product of a bf16 GEMM, float32 accumulation
         xw = x.astype(w.dtype) if w.dtype == jnp.bfloat16 else x
-        if w.dtype == jnp.bfloat16 and math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
+        if w.dtype == jnp.bfloat16 and rows == 1 and jax.default_backend() == "cpu":
             # XLA:CPU's bf16 product of a single row is 3-4x slower than of two (SmolLM2's 576 x
             # 1536 weight: ~400 vs ~120 us on 2 cores, float32's ~110): decode at batch 1 gets a zero row
             xw = jnp.pad(xw.reshape(1, -1), ((0, 1), (0, 0)))
