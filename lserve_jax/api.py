@@ -122,12 +122,18 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
 
 
 NO_JIT_CACHE_ENV = "LSERVE_JAX_NO_JIT_CACHE"
+JIT_CACHE_MAX_BYTES = 4 << 30
 
 
 def enable_compilation_cache() -> None:
     """Keeps compiled programs in the user cache directory (`<cache>/jit`), so a second run of the
     same shapes starts in seconds. Set LSERVE_JAX_NO_JIT_CACHE=1 to turn this off; a cache
-    directory already chosen (jax_compilation_cache_dir) is left as it is."""
+    directory already chosen (jax_compilation_cache_dir) is left as it is.
+
+    The cache gets a size bound (4 GiB, least recently used programs evicted first) unless one
+    was set. The bound also matters for safety: only a bounded jax cache takes its file lock, and
+    without it one process can read a program another is still writing (a truncated executable,
+    which crashed a worker when two runs shared the directory)."""
     if os.environ.get(NO_JIT_CACHE_ENV):
         return
     import jax
@@ -136,8 +142,24 @@ def enable_compilation_cache() -> None:
         return
     from .default_model import default_cache_dir
 
-    jax.config.update("jax_compilation_cache_dir", str((default_cache_dir() / "jit").absolute()))
+    path = (default_cache_dir() / "jit").absolute()
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if jax.config.jax_compilation_cache_max_size == -1:
+        _date_unbounded_entries(path)
+        jax.config.update("jax_compilation_cache_max_size", JIT_CACHE_MAX_BYTES)
+
+
+def _date_unbounded_entries(path: Path) -> None:
+    """Entries written by an unbounded cache (earlier versions) have no access-time file, which
+    the bounded cache's eviction reads: give them their modification time."""
+    try:
+        for entry in path.glob("*-cache"):
+            atime = entry.with_name(entry.name[: -len("-cache")] + "-atime")
+            if not atime.exists():
+                atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+    except OSError:
+        pass  # an unreadable cache only costs recompiles
 
 
 DEFAULT_CHECKPOINT_DIRNAME = "SmolLM2-135M-Instruct-lserve"

@@ -330,19 +330,27 @@ def test_load_turns_on_the_compilation_cache(ckpt, tmp_path, monkeypatch):
     assert calls == [1]
     monkeypatch.undo()
 
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+           jax.config.jax_compilation_cache_max_size)
     try:
         jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_compilation_cache_max_size", -1)
         monkeypatch.setenv("LSERVE_JAX_CACHE", str(tmp_path))
         monkeypatch.setenv(api.NO_JIT_CACHE_ENV, "1")
         api.enable_compilation_cache()
         assert jax.config.jax_compilation_cache_dir is None  # turned off
         monkeypatch.delenv(api.NO_JIT_CACHE_ENV)
+        (tmp_path / "jit").mkdir()
+        (tmp_path / "jit" / "jit_f-abc-cache").write_bytes(b"x")  # an unbounded cache's entry
         api.enable_compilation_cache()
+        assert (tmp_path / "jit" / "jit_f-abc-atime").stat().st_size == 8  # dated for eviction
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jit")
+        # bounded, so jax takes its file lock around reads and writes (safe across processes)
+        assert jax.config.jax_compilation_cache_max_size == api.JIT_CACHE_MAX_BYTES
         jax.config.update("jax_compilation_cache_dir", "/elsewhere")
         api.enable_compilation_cache()
         assert jax.config.jax_compilation_cache_dir == "/elsewhere"  # the user's own choice stays
     finally:
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+        jax.config.update("jax_compilation_cache_max_size", old[2])
