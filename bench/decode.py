@@ -138,23 +138,43 @@ def step_times(step, state, steps, warmup, free=True):
             "max_s": max(times), "pipelined_s": pipelined, "steps": steps, "first_call_s": first}
 
 
+def multi_step(params, cache, tokens, spec, steps):
+    """`steps` greedy decode steps in one program (a fori_loop): -> (last logits, cache). What a
+    step costs the host (dispatch, the command buffer's launch and updates) is paid once."""
+    def body(_, carry):
+        cache, tok, _ = carry
+        logits, cache = decode_step(params, cache, tok, spec=spec)
+        return cache, jnp.argmax(logits, -1).astype(tok.dtype), logits
+
+    logits0 = jnp.zeros((tokens.shape[0], spec.model.vocab_size), jnp.float32)
+    cache, _, logits = jax.lax.fori_loop(0, steps, body, (cache, tokens, logits0))
+    return logits, cache
+
+
 def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False, kernels=Kernels(),
-                  kv_dtype=None):
+                  kv_dtype=None, steps_per_call=1):
     """(step, state): one decode step per call over a random cache. The selection refresh is
     decided on the device as the engine does it, or (host_refresh) by the host, every
-    `selector_interval` steps, alternating two static programs."""
+    `selector_interval` steps, alternating two static programs. steps_per_call > 1: that many
+    greedy steps per call in one program (`multi_step`; the cache holds `extra` calls' tokens)."""
     spec = ModelSpec(cfg, layout, sparse, kernels, tp=tp)
-    cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra, jax.random.key(3), kv_dtype), tp)
+    cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra * steps_per_call, jax.random.key(3),
+                                     kv_dtype), tp)
     selecting = host_refresh and selection_active(spec, cache.page_table.shape[1])
-    fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",),
-                 static_argnames=("refresh",))
+    if steps_per_call > 1:
+        if host_refresh:
+            raise ValueError("steps_per_call > 1 decides the refresh on the device only")
+        fn = jax.jit(functools.partial(multi_step, spec=spec, steps=steps_per_call), donate_argnames=("cache",))
+    else:
+        fn = jax.jit(functools.partial(decode_step, spec=spec), donate_argnames=("cache",),
+                     static_argnames=("refresh",))
     tokens = jnp.ones((batch,), jnp.int32)
     state = {"cache": cache, "i": 0}
     del cache
 
     def step(st):
-        refresh = refresh_due(spec, st["i"]) if selecting else None
-        logits, st["cache"] = fn(params, st["cache"], tokens, refresh=refresh)
+        kw = {"refresh": refresh_due(spec, st["i"]) if selecting else None} if steps_per_call == 1 else {}
+        logits, st["cache"] = fn(params, st["cache"], tokens, **kw)
         st["i"] += 1
         return logits
 

@@ -13,7 +13,9 @@ bench/decode.py's quantisation suffixes (`+w8a8`, `+w8a8int8`, `+kv8`, `+kv8e4m3
 `sparse_kv_head+w8a8+kv8,sparse_kv_head+w8a8,sparse_kv_head+kv8,sparse_kv_head` separates what the
 8-bit weights and the 8-bit KV each cost). A `@xlagemm` suffix runs 8-bit weights through XLA's
 GEMMs instead of the weight-only Triton kernel (`ops.qmatmul`). A `@rows1` suffix runs a variant without padding
-decode projections to DECODE_MIN_ROWS rows. Writes profile_decode-<date>.json.
+decode projections to DECODE_MIN_ROWS rows. A `@multiK` suffix (e.g. `@multi4`) runs K greedy
+steps per call in one program (a fori_loop), so what a call costs the host is paid once per K
+tokens; its times are per step. Writes profile_decode-<date>.json.
 """
 
 from __future__ import annotations
@@ -49,23 +51,29 @@ def no_attention_step(params, x_tokens, positions, cfg):
     return model_lib.decode_forward(params, x_tokens, positions, cfg, lambda i, q, k, v: (q, None))[0]
 
 
-def stepper(name, params, cfg, layouts, batch, ctx, extra, kv_dtype=None):
+def stepper(name, params, cfg, layouts, batch, ctx, extra, kv_dtype=None, steps_per_call=1):
     if name == "no_attention":
         fn = jax.jit(functools.partial(no_attention_step, cfg=cfg))
         toks, pos = jnp.ones((batch,), jnp.int32), jnp.full((batch,), ctx, jnp.int32)
         return (lambda st: fn(params, toks, pos)), {}
     if name == "sparse_kv_head_host":
         return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode="kv_head"), batch, ctx,
-                             extra, host_refresh=True, kv_dtype=kv_dtype)
+                             extra, host_refresh=True, kv_dtype=kv_dtype, steps_per_call=steps_per_call)
     if name == "dense_paged":
         return paged_stepper(params, cfg, layouts["dense"], SparseConfig(sparse_decode=False), batch, ctx, extra,
-                             kv_dtype=kv_dtype)
+                             kv_dtype=kv_dtype, steps_per_call=steps_per_call)
     mode = name.removeprefix("sparse_")
     return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode=mode), batch, ctx, extra,
-                         kv_dtype=kv_dtype)
+                         kv_dtype=kv_dtype, steps_per_call=steps_per_call)
 
 
-def profile(step, state, n, top):
+def per_token(times: dict, per_call: int) -> dict:
+    """step_times of calls that each run `per_call` steps, as times per step (first call as is)."""
+    return {k: v / per_call if k.endswith("_s") and k != "first_call_s" else v for k, v in times.items()} | {
+        "steps_per_call": per_call}
+
+
+def profile(step, state, n, top, per_call=1):
     d = tempfile.mkdtemp(prefix="lserve_prof_")
     try:
         jax.block_until_ready(step(state))
@@ -78,6 +86,7 @@ def profile(step, state, n, top):
     finally:
         shutil.rmtree(d, ignore_errors=True)
     kernels = sorted(s["per_name_ps"].items(), key=lambda kv: -kv[1])
+    n *= per_call  # per decode step
     return {"gpu_busy_us": s["busy_ps"] / 1e6 / n, "gpu_span_us": s["span_ps"] / 1e6 / n,
             "kernels_per_step": sum(s["count"].values()) / n,
             "top": [{"name": k[:160], "us": ps / 1e6 / n, "per_step": s["count"][k] / n} for k, ps in kernels[:top]]}
@@ -111,6 +120,7 @@ def main(argv=None):
             log(f"ctx={ctx} B={batch} {name} ...")
             r = {"ctx": ctx, "batch": batch, "variant": name}
             spec, _, opt = name.partition("@")
+            per_call = int(opt.removeprefix("multi")) if opt.startswith("multi") else 1
             model_lib.DECODE_MIN_ROWS = 1 if opt == "rows1" else min_rows
             # @xlagemm: 8-bit weights through XLA's GEMMs ("xla") instead of the default order's
             # weight-only Triton kernel, for this variant's traces only
@@ -126,9 +136,9 @@ def main(argv=None):
                 if base == "dense_cudnn":
                     step, state = dense_stepper(p_run, cfg, batch, ctx, extra)
                 else:
-                    step, state = stepper(base, p_run, cfg, layouts, batch, ctx, extra, kv)
-                r.update(step_times(step, state, args.steps, args.warmup, free=False))
-                r["profile"] = profile(step, state, args.profile_steps, args.top)
+                    step, state = stepper(base, p_run, cfg, layouts, batch, ctx, extra, kv, steps_per_call=per_call)
+                r.update(per_token(step_times(step, state, args.steps, args.warmup, free=False), per_call))
+                r["profile"] = profile(step, state, args.profile_steps, args.top, per_call)
                 state.clear()
                 gc.collect()
             except Exception as e:  # keep the other variants

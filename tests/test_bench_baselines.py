@@ -142,6 +142,29 @@ def test_decode_bench_skips_a_variant_that_cannot_fit():
         decode.check_fits(TINY, layout, sparse, 3, 40, "dense_cudnn", None, 0, decode.HEADROOM + contiguous - 1)
 
 
+def test_multi_step_equals_greedy_steps_one_per_call():
+    """bench/decode.py's multi_step (K steps in one fori_loop, bench/profile_decode.py's @multiK)
+    gives the logits and cache of K single greedy steps, page re-selections included."""
+    decode = _bench_module("decode")
+    params = tiny_params(TINY)
+    layout = HeadLayout(2, (1, 2))
+    sparse = SparseConfig(page_size=16, logical_page_size=4, token_budget=32, selector_interval=2,
+                          decode_sink=4, decode_local=8)
+    spec = ModelSpec(TINY, layout, sparse, Kernels.from_names(prefill="reference", decode="reference"))
+    cache = decode.random_cache(TINY, layout, sparse, 2, 90, 8, jax.random.key(1))
+    toks = jnp.asarray([3, 7], jnp.int32)
+    multi = jax.jit(functools.partial(decode.multi_step, spec=spec, steps=5))
+    got, got_cache = multi(params, cache, toks)
+    step = jax.jit(functools.partial(decode_step, spec=spec))
+    for _ in range(5):
+        ref, cache = step(params, cache, toks)
+        toks = jnp.argmax(ref, axis=-1).astype(jnp.int32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(got_cache.lengths), np.asarray(cache.lengths))
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(cache)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
+
+
 def test_bench_scripts_import_and_explain_themselves():
     for script in ("decode.py", "prefill.py", "profile_decode.py", "prefill_attn.py", "decode_attn.py", "accuracy.py",
                    "calib_sweep.py"):
