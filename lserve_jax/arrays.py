@@ -57,10 +57,18 @@ class Arrays:
         inner = ", ".join(f"{k}={getattr(v, 'shape', v)}" for k, v in self._items.items())
         return f"Arrays({inner})"
 
+    # Flattening runs on every jitted call, for each layer's params and cache (hundreds of nodes a
+    # decode step): the plain flatten skips the key objects, and unflatten skips __init__'s copies.
+    def tree_flatten(self):
+        items = self._items
+        return tuple(items.values()), tuple(items)
+
     def tree_flatten_with_keys(self):
         names = tuple(self._items)
         return tuple((jax.tree_util.GetAttrKey(n), self._items[n]) for n in names), names
 
     @classmethod
     def tree_unflatten(cls, names, children):
-        return cls(dict(zip(names, children)))
+        new = object.__new__(cls)
+        object.__setattr__(new, "_items", dict(zip(names, children)))
+        return new
