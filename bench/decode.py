@@ -34,6 +34,7 @@ from common import (add_model_args, as_served, copy_bandwidth, environment, log,
 from lserve_jax import cache as kvc
 from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
 from lserve_jax.config import SparseConfig
+from lserve_jax.engine import DEFAULT_DECODE_STEPS
 from lserve_jax.heads import HeadLayout
 from lserve_jax.kv8 import INT8, KV8, is_kv8, quantize_tokens
 from lserve_jax.quant import FP8
@@ -181,20 +182,42 @@ def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_ref
     return step, state
 
 
-def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels(), kv_dtype=None):
+def per_token(times: dict, per_call: int) -> dict:
+    """step_times of calls that each run `per_call` steps, as times per step (first call as is)."""
+    return {k: v / per_call if k.endswith("_s") and k != "first_call_s" else v for k, v in times.items()} | {
+        "steps_per_call": per_call}
+
+
+def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels(), kv_dtype=None,
+              steps_per_call=1):
     step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp, kernels=kernels,
-                                kv_dtype=kv_dtype)
-    return step_times(step, state, steps, warmup)
+                                kv_dtype=kv_dtype, steps_per_call=steps_per_call)
+    return per_token(step_times(step, state, steps, warmup), steps_per_call)
 
 
-def dense_stepper(params, cfg, batch, ctx, extra):
-    """(step, state) of the dense cuDNN baseline over contiguous caches with room for `extra`."""
+def dense_multi_step(params, kc, vc, tokens, lengths, cfg, steps, implementation="cudnn"):
+    """`steps` greedy steps of the dense baseline in one program (as `multi_step`)."""
+    def body(_, carry):
+        kc, vc, lengths, tok, _ = carry
+        logits, kc, vc, lengths = dense_contiguous_step(params, kc, vc, tok, lengths, cfg, implementation)
+        return kc, vc, lengths, jnp.argmax(logits, -1).astype(tok.dtype), logits
+
+    logits0 = jnp.zeros((tokens.shape[0], cfg.vocab_size), jnp.float32)
+    kc, vc, lengths, _, logits = jax.lax.fori_loop(0, steps, body, (kc, vc, lengths, tokens, logits0))
+    return logits, kc, vc, lengths
+
+
+def dense_stepper(params, cfg, batch, ctx, extra, steps_per_call=1):
+    """(step, state) of the dense cuDNN baseline over contiguous caches with room for `extra`
+    calls (of `steps_per_call` steps each)."""
+    extra *= steps_per_call
     tmax = ctx + extra + 64
     key = jax.random.key(5)
     shape = (batch, tmax, cfg.num_kv_heads, cfg.head_dim)
     kc = tuple(jax.random.normal(jax.random.fold_in(key, i), shape, jnp.bfloat16) for i in range(cfg.num_layers))
     vc = tuple(jax.random.normal(jax.random.fold_in(key, 100 + i), shape, jnp.bfloat16) for i in range(cfg.num_layers))
-    fn = jax.jit(functools.partial(dense_contiguous_step, cfg=cfg), donate_argnums=(1, 2))
+    fn = jax.jit(functools.partial(dense_contiguous_step, cfg=cfg) if steps_per_call == 1 else
+                 functools.partial(dense_multi_step, cfg=cfg, steps=steps_per_call), donate_argnums=(1, 2))
     state = {"kc": kc, "vc": vc, "len": jnp.full((batch,), ctx, jnp.int32)}
     del kc, vc
     tokens = jnp.ones((batch,), jnp.int32)
@@ -206,9 +229,9 @@ def dense_stepper(params, cfg, batch, ctx, extra):
     return step, state
 
 
-def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup):
-    step, state = dense_stepper(params, cfg, batch, ctx, 2 * steps + warmup)
-    return step_times(step, state, steps, warmup)
+def run_dense_cudnn(params, cfg, batch, ctx, steps, warmup, steps_per_call=1):
+    step, state = dense_stepper(params, cfg, batch, ctx, 2 * steps + warmup, steps_per_call)
+    return per_token(step_times(step, state, steps, warmup), steps_per_call)
 
 
 TUNE_CONFIGS = [  # sparse_decode kwargs tried by --tune (the first is the shipped default)
@@ -390,6 +413,10 @@ def main(argv=None):
     p.add_argument("--variants", default="sparse_query_head,sparse_kv_head,dense_paged,dense_cudnn")
     p.add_argument("--steps", type=int, default=64, help="timed steps (a multiple of the selector interval)")
     p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--steps-per-call", default="auto",
+                   help="decode steps per call, one program (a fori_loop), for every variant: what a call costs "
+                        "the host is paid once per that many tokens ('auto': the engine's decode_steps for the "
+                        "platform, 4 on a GPU, 1 on a CPU); times are per step")
     p.add_argument("--max-batch", type=int, metavar="CTX",
                    help="instead of timing: the largest batch at CTX tokens whose cache fits the device beside the "
                         "weights, per paged variant (e.g. sparse_kv_head vs sparse_kv_head+kv8), confirmed by "
@@ -402,6 +429,12 @@ def main(argv=None):
 
     if args.tune and jax.default_backend() != "gpu":
         p.error("--tune times the Triton decode kernel's options: it needs a GPU")
+    if args.steps_per_call == "auto":
+        per_call = DEFAULT_DECODE_STEPS.get(jax.default_backend(), 1)
+    elif args.steps_per_call.isdigit() and int(args.steps_per_call) >= 1:
+        per_call = int(args.steps_per_call)
+    else:
+        p.error(f"--steps-per-call takes a positive number or 'auto', got {args.steps_per_call!r}")
     try:
         variants = [(v, *parse_variant(v)) for v in args.variants.split(",") if v]  # before any run
     except ValueError as e:
@@ -490,14 +523,16 @@ def main(argv=None):
                 if kind == "dense_cudnn":
                     if args.tp > 1:
                         raise NotImplementedError("the contiguous cuDNN baseline runs on one GPU only")
-                    r = run_dense_cudnn(p_run, cfg, batch, ctx, args.steps, args.warmup)
+                    r = run_dense_cudnn(p_run, cfg, batch, ctx, args.steps, args.warmup, per_call)
                 elif kind == "dense_paged":
                     r = run_paged(p_run, cfg, layout, SparseConfig(sparse_decode=False), batch, ctx,
-                                  args.steps, args.warmup, args.tp, tuned_kernels.get((True, kv), Kernels()), kv)
+                                  args.steps, args.warmup, args.tp, tuned_kernels.get((True, kv), Kernels()), kv,
+                                  per_call)
                 else:
                     mode = kind.removeprefix("sparse_")
                     r = run_paged(p_run, cfg, layout, SparseConfig(selection_mode=mode), batch, ctx,
-                                  args.steps, args.warmup, args.tp, tuned_kernels.get((False, kv), Kernels()), kv)
+                                  args.steps, args.warmup, args.tp, tuned_kernels.get((False, kv), Kernels()), kv,
+                                  per_call)
                 floor = bytes_floor(cfg, layout, base, batch, ctx, kind, w_bytes, kv)
                 r["bytes_floor"] = floor
                 if kind.startswith("sparse") or kind == "dense_paged":

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 import xplane
 from common import as_served, copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
-from decode import dense_stepper, paged_stepper, parse_variant, step_times
+from decode import dense_stepper, paged_stepper, parse_variant, per_token, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax import model as model_lib
@@ -65,12 +65,6 @@ def stepper(name, params, cfg, layouts, batch, ctx, extra, kv_dtype=None, steps_
     mode = name.removeprefix("sparse_")
     return paged_stepper(params, cfg, layouts["sparse"], SparseConfig(selection_mode=mode), batch, ctx, extra,
                          kv_dtype=kv_dtype, steps_per_call=steps_per_call)
-
-
-def per_token(times: dict, per_call: int) -> dict:
-    """step_times of calls that each run `per_call` steps, as times per step (first call as is)."""
-    return {k: v / per_call if k.endswith("_s") and k != "first_call_s" else v for k, v in times.items()} | {
-        "steps_per_call": per_call}
 
 
 def profile(step, state, n, top, per_call=1):

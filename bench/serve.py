@@ -263,6 +263,8 @@ def main(argv=None):
                    help="persistent compilation cache folder ('' for none): engines of the same shapes "
                         "compile once")
     p.add_argument("--prefill-chunk", default="auto", help="tokens per prefill chunk, 'auto' or 'none'")
+    p.add_argument("--decode-steps", default="auto",
+                   help="decode steps per dispatch for both engines ('auto': the engine's, 4 on a GPU)")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "int8", "fp8_e4m3"),
                    help="how both engines store K and V (8-bit: the same --pool-gib holds about twice the pages)")
     p.add_argument("--engines", default="sparse,dense",
@@ -287,6 +289,11 @@ def main(argv=None):
         p.error(f"--long takes a positive number of prompt tokens, got {args.long}")
     if args.pool_gib is not None and not args.pool_gib > 0:
         p.error(f"--pool-gib must be positive, got {args.pool_gib}")
+    steps = args.decode_steps
+    if steps != "auto":
+        if not steps.isdigit() or int(steps) < 1:
+            p.error(f"--decode-steps takes a positive number of steps or 'auto', got {steps!r}")
+        steps = int(steps)
 
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -332,17 +339,18 @@ def main(argv=None):
         lay = layouts[name]
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             kw = dict(layout=lay, sparse=sparse, max_seq_len=max_seq, max_slots=args.max_slots, prefill_chunk=chunk,
-                      prefix_cache=cache_on, kv_dtype=args.kv_dtype)
+                      prefix_cache=cache_on, kv_dtype=args.kv_dtype, decode_steps=steps)
             stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
             pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages, KV_DTYPES[args.kv_dtype])
             if pages - 1 < max_seq // sparse.page_size:
                 raise SystemExit(f"{pool / (1 << 30):.2f} GiB of KV pages give the {name} engine {pages - 1} pages "
                                  f"(its streaming pool: {stream_pages}); the longest request needs "
                                  f"{max_seq // sparse.page_size}: raise --pool-gib")
-            for res in results.values():
-                res["num_pages"][name] = pages
             eng = Engine(params, cfg, num_pages=pages, **kw,
                          tokenizer=word_tokenizer(cfg.vocab_size, args.out) if any(modes) else None)
+            for res in results.values():
+                res["num_pages"][name] = pages
+                res["decode_steps"] = eng.decode_steps
             log(f"{name} engine (prefix cache {'on' if cache_on else 'off'}, {pages} pages, "
                 f"chunk {eng.prefill_chunk}): warm-up ...")
             t = time.perf_counter()
@@ -385,8 +393,9 @@ def run_long(args, cfg, params, sparse, layouts, engines, chunk, env, dtype) -> 
         row = {"engine": name, "prompt_tokens": n}
         try:
             eng = Engine(params, cfg, layout=layouts[name], sparse=sparse, max_seq_len=max_seq, max_slots=1,
-                         prefill_chunk=chunk, prefix_cache=False, kv_dtype=args.kv_dtype)
-            row["prefill_chunk"] = eng.prefill_chunk
+                         prefill_chunk=chunk, prefix_cache=False, kv_dtype=args.kv_dtype,
+                         decode_steps=args.decode_steps if args.decode_steps == "auto" else int(args.decode_steps))
+            row["prefill_chunk"], row["decode_steps"] = eng.prefill_chunk, eng.decode_steps
             log(f"{name}: {n}-token prompt in chunks of {eng.prefill_chunk}: warm-up ...")
             t = time.perf_counter()
             eng.warmup(prompt_lengths=[n])

@@ -33,7 +33,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
          progress: bool = True, tp: int = 1, max_slots: int | None = None,
          prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
          weights: str | None = "auto", kv_dtype: str = "auto", center_keys: bool = True,
-         fuse: bool = True) -> Engine:
+         fuse: bool = True, decode_steps: int | str = "auto") -> Engine:
     """Loads a checkpoint (default: the default model, converted on first use) into an Engine.
 
     pattern: "auto" uses the head pattern stored with the checkpoint if any (for the default
@@ -58,6 +58,8 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     cache stores K and V ("auto": the compute dtype; "int8" or "fp8_e4m3": 8-bit pages with
     per-token scales, `lserve_jax.kv8`); center_keys: with 8-bit KV, subtract each layer's
     calibrated mean key first (the same attention, less rounding; `kv8.key_centers`).
+    decode_steps: decode steps per dispatch, run as one program ("auto": 4 on a GPU, 1 on a CPU;
+    `Engine`).
     fuse: with tp == 1, each layer's q/k/v and gate/up run as one product each (`lserve_jax.fuse`:
     the same function in fewer kernels; quantised on load, one smoothing per fused weight; a
     checkpoint's INT8 weights, smoothed separately, stay separate); False keeps them separate.
@@ -118,7 +120,7 @@ def load(checkpoint: str | os.PathLike | None = None, *, pattern: str | os.PathL
     return Engine(params, cfg, tokenizer=tokenizer, layout=layout, sparse=sparse, max_seq_len=max_seq_len,
                   num_pages=num_pages, prefill_impl=prefill_impl, decode_impl=decode_impl, tp=tp,
                   max_slots=max_slots, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache, kv_dtype=kv_dtype,
-                  center_keys=center_keys)
+                  center_keys=center_keys, decode_steps=decode_steps)
 
 
 NO_JIT_CACHE_ENV = "LSERVE_JAX_NO_JIT_CACHE"

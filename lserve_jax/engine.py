@@ -27,6 +27,7 @@ import itertools
 import math
 import sys
 import time
+from numbers import Integral
 from typing import Callable, Sequence
 
 import jax
@@ -55,6 +56,11 @@ PROGRESS_MIN_TOKENS = 4096  # prompts of at least this many tokens show a prefil
 # 4096-token chunks at 444 TFLOP/s at a 127K offset on an H100, bench/results/kernel_check-*;
 # a chunk's GEMMs of 8K rows are compute-bound, and a dispatch costs a weights read of ~5 ms).
 DEFAULT_CHUNK = {"cpu": 512, "gpu": 8192}
+# decode steps per dispatch ("auto"): on a GPU the host's work per call (the jitted call's
+# arguments, the CUDA graph's launch and updates) was 1.1 ms of a 7.2 ms INT8 W8A8 + KV8 step at
+# 128K x 4 on an H100, and four steps in one program ran at 6.1 ms a step
+# (bench/results/cb_modes-2026-12-06-h100); on the CPU a step's compute dwarfs it.
+DEFAULT_DECODE_STEPS = {"cpu": 1, "gpu": 4}
 TABLE_PAGES_MIN = 16  # the narrowest page table a decode step reads (see Engine._table_pages)
 
 
@@ -116,11 +122,13 @@ class Stats:
 class _Pending:
     """Sampled tokens on the device and, per row, the request they belong to."""
 
-    tokens: jax.Array  # int32 [rows]
+    tokens: jax.Array  # int32 [rows] (prefill) or [steps, slots] (decode: one row of tokens per step)
     rows: list[tuple[int, Request, int]]  # (index into tokens, request, its epoch at dispatch)
     kind: str  # "prefill" (a chunk; rows: those whose prompt it ends) | "decode"
     t0: float
     prompt_tokens: int = 0  # prompt tokens the chunk prefilled (the progress bar's)
+    new_tokens: int = 0  # decode: tokens the rows asked for (at most steps each)
+    steps: int = 1  # decode steps the dispatch ran
 
 
 class Engine:
@@ -129,7 +137,8 @@ class Engine:
                  num_pages: int | None = None, prefill_impl: str = "auto", decode_impl: str = "auto",
                  cache_dtype=None, tp: int = 1, max_slots: int | None = None, preemption: str = "auto",
                  prefill_chunk: int | str | None = "auto", prefix_cache: bool = True,
-                 num_stream_pages: int | None = None, kv_dtype: str = "auto", center_keys: bool = True):
+                 num_stream_pages: int | None = None, kv_dtype: str = "auto", center_keys: bool = True,
+                 decode_steps: int | str = "auto"):
         """max_slots: decode slots (rows run by every decode step). None: `generate` sizes them to
         its batch (the next power of two); `add_request` then uses 8. num_pages: the page pool
         (default: enough for every slot at max_seq_len, plus the scratch page). preemption: what
@@ -147,7 +156,11 @@ class Engine:
         the bytes of bf16; int8 loses least, BENCHMARKS.md; the GPU's fused decode kernel reads them and
         its fused append writes them; CPU decode and appends run the references). center_keys: with 8-bit KV, subtract each
         layer's calibrated mean key from every key before it is stored (`kv8.key_centers`: the
-        same attention, less rounding; one forward over 1024 calibration tokens at start-up)."""
+        same attention, less rounding; one forward over 1024 calibration tokens at start-up).
+        decode_steps: decode steps per dispatch, run as one program ("auto": `DEFAULT_DECODE_STEPS`
+        for the platform): the host's cost of a call is paid once per that many tokens; tokens
+        stream that many at a time and a waiting prompt is admitted between dispatches. A row
+        never runs past the tokens it asked for, and the tokens are those of single steps."""
         if preemption not in ("auto", "swap", "recompute"):
             raise ValueError(f"preemption must be 'auto', 'swap' or 'recompute', got {preemption!r}")
         self.config = config
@@ -185,6 +198,11 @@ class Engine:
                                  f"got {prefill_chunk}")
             prefill_chunk = min(prefill_chunk, self.max_pages_per_seq * sparse.page_size)
         self.prefill_chunk = prefill_chunk
+        if decode_steps == "auto":
+            decode_steps = DEFAULT_DECODE_STEPS.get(jax.default_backend(), 1)
+        if isinstance(decode_steps, bool) or not isinstance(decode_steps, Integral) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be a positive integer or 'auto', got {decode_steps!r}")
+        self.decode_steps = int(decode_steps)
         self.prefix_cache = bool(prefix_cache)
         streaming = any(r < config.num_kv_heads for r in layout.num_retrieval)
         self._window = kvc.window_geometry(sparse) if streaming else None
@@ -211,7 +229,8 @@ class Engine:
         # than switching between two static programs, bench/results/profile_decode-*.json)
         # (one per page-table width read: powers of two up to the table, so that a short context
         # decodes at a short context's cost whatever the cache's capacity)
-        self._step = jax.jit(self._decode_and_sample, donate_argnames=("cache",), static_argnames=("table_pages",))
+        # (decode_steps > 1: that many steps in one program, a fori_loop)
+        self._step = jax.jit(self._decode_steps, donate_argnames=("cache",), static_argnames=("table_pages", "steps"))
         self._save = jax.jit(kvc.save_sequence)
         self._restore = jax.jit(kvc.restore_sequence, donate_argnames=("cache",))
         self.scheduler: Scheduler | None = None
@@ -241,6 +260,27 @@ class Engine:
         logits, cache = decode_step(params, cache, tokens, self.spec, table_pages=table_pages)
         return sample_rows(logits, key_data, cache.lengths, temperature, top_k, top_p), cache.replace(page_table=table)
 
+    def _decode_steps(self, params, cache, tokens, active, budget, key_data, temperature, top_k, top_p,
+                      table_pages=None, steps=1):
+        """`steps` decode steps -> (tokens int32 [steps, slots], cache). Row i takes part in the
+        first budget[i] steps only (then it is inactive: a row never writes past the tokens its
+        request asked for, so never past its pages); one step is `_decode_and_sample` as is.
+        Sampling keys follow positions, so the tokens are those of `steps` single steps."""
+        if steps == 1:
+            sampled, cache = self._decode_and_sample(params, cache, tokens, active, key_data, temperature, top_k,
+                                                     top_p, table_pages)
+            return sampled[None], cache
+
+        def body(i, carry):
+            cache, tok, out = carry
+            sampled, cache = self._decode_and_sample(params, cache, tok, active & (i < budget), key_data,
+                                                     temperature, top_k, top_p, table_pages)
+            return cache, sampled, out.at[i].set(sampled)
+
+        out = jnp.zeros((steps,) + tokens.shape, tokens.dtype)
+        cache, _, out = jax.lax.fori_loop(0, steps, body, (cache, tokens, out))
+        return out, cache
+
     # -- state ------------------------------------------------------------------------------
 
     def _reset(self, slots: int, build: bool = True) -> None:
@@ -249,7 +289,7 @@ class Engine:
         limit = min(self.max_seq_len, self.config.max_position_embeddings)
         self.scheduler = Scheduler(slots, pages, self.spec.sparse.page_size, limit, chunk=self.prefill_chunk,
                                    num_stream_pages=self.num_stream_pages, window=self._window,
-                                   prefix_cache=self.prefix_cache)
+                                   prefix_cache=self.prefix_cache, lookahead=self.decode_steps)
         self._slots = slots
         self._table = np.zeros((2, slots, self.max_pages_per_seq), np.int32)  # page table, stream table
         self._table_in_cache = self._table.copy()  # what the cache's tables hold
@@ -325,9 +365,11 @@ class Engine:
         first = 1 if prompt_lengths is None else -(-min(lengths) // page)
         for width in sorted({self._table_pages(n) for n in range(first, self.max_pages_per_seq + 1)}):
             sampled, self._cache = self._step(self.params, self._cache, self._next_tokens,
-                                              jnp.zeros((self._slots,), bool), jnp.asarray(self._key_data.copy()),
-                                              *(jnp.asarray(k.copy()) for k in self._knobs), table_pages=width)
-            self._next_tokens = sampled
+                                              jnp.zeros((self._slots,), bool), jnp.zeros((self._slots,), jnp.int32),
+                                              jnp.asarray(self._key_data.copy()),
+                                              *(jnp.asarray(k.copy()) for k in self._knobs), table_pages=width,
+                                              steps=self.decode_steps)
+            self._next_tokens = sampled[-1]
         jax.block_until_ready(sampled)
 
     def _table_pages(self, pages: int) -> int:
@@ -557,24 +599,31 @@ class Engine:
 
     def _dispatch_decode(self) -> None:
         sched = self.scheduler
+        steps = self.decode_steps
         active = np.zeros(self._slots, bool)
-        rows = []
+        budget = np.zeros(self._slots, np.int32)  # steps each row takes part in (decode_steps > 1)
+        rows, new = [], 0
         for req in sched.running():
             if not req.prefill_done:
                 continue  # its prompt is still being prefilled
             active[req.slot] = True
             if req.wants_more:
+                n = min(steps, req.sampling.max_new_tokens - req.dispatched)
                 rows.append((req.slot, req, req.epoch))
-                req.dispatched += 1
-            req.cached += 1
+                req.dispatched += n
+                budget[req.slot], new = n, new + n
+                req.cached += n
+            elif steps == 1:
+                req.cached += 1  # one step writes every active row (a finishing row's extra token)
         self._sync_table()
         t0 = time.perf_counter()
         knobs = (self._on_device(f"knob{i}", k) for i, k in enumerate(self._knobs))
         width = self._table_pages(max(len(r.pages) for r in sched.running()))
         sampled, self._cache = self._step(self.params, self._cache, self._next_tokens, self._on_device("active", active),
-                                          self._on_device("key_data", self._key_data), *knobs, table_pages=width)
-        self._next_tokens = sampled
-        self._pending.append(_Pending(sampled, rows, "decode", t0))
+                                          self._on_device("budget", budget), self._on_device("key_data", self._key_data),
+                                          *knobs, table_pages=width, steps=steps)
+        self._next_tokens = sampled[-1]
+        self._pending.append(_Pending(sampled, rows, "decode", t0, new_tokens=new, steps=steps))
 
     def _collect(self, p: _Pending) -> None:
         host = np.asarray(p.tokens)
@@ -586,22 +635,23 @@ class Engine:
         if self._on_collect is not None:
             self._on_collect(p)
         eos = self._eos
-        for i, req, epoch in p.rows:
-            if req.status != "running" or req.epoch != epoch:
-                continue  # finished, aborted or preempted after this work was dispatched
-            tok = int(host[i])
-            out = self._output(req)
-            if tok in eos and not req.sampling.ignore_eos:
-                self._finish(req, "eos")
-                continue
-            req.output_ids.append(tok)
-            out.new_token_ids.append(tok)
-            if self._on_token is not None:
-                self._on_token(req, tok)
-            if req.sampling.stop and self._hit_stop(req.output_ids, req.sampling.stop):
-                self._finish(req, "stop")
-            elif len(req.output_ids) >= req.sampling.max_new_tokens:
-                self._finish(req, "length")
+        for step_tokens in (host if host.ndim == 2 else host[None]):  # a decode dispatch: one row per step
+            for i, req, epoch in p.rows:
+                if req.status != "running" or req.epoch != epoch:
+                    continue  # finished, aborted or preempted after this work was dispatched
+                tok = int(step_tokens[i])
+                out = self._output(req)
+                if tok in eos and not req.sampling.ignore_eos:
+                    self._finish(req, "eos")
+                    continue
+                req.output_ids.append(tok)
+                out.new_token_ids.append(tok)
+                if self._on_token is not None:
+                    self._on_token(req, tok)
+                if req.sampling.stop and self._hit_stop(req.output_ids, req.sampling.stop):
+                    self._finish(req, "stop")
+                elif len(req.output_ids) >= req.sampling.max_new_tokens:
+                    self._finish(req, "length")
 
     def _output(self, req: Request) -> RequestOutput:
         out = self._outputs.get(req.request_id)
@@ -660,8 +710,8 @@ class Engine:
                 marks["decode_start"] = now
                 stats.first_step_s = now - p.t0
             else:
-                marks["steps"] += 1
-                stats.decode_tokens += len(p.rows)
+                marks["steps"] += p.steps
+                stats.decode_tokens += p.new_tokens
 
         self._on_collect = collected
         self._on_token = (lambda req, tok: on_token(index[req.request_id], tok)) if on_token else None

@@ -52,8 +52,17 @@ def engine_options(args) -> dict:
             raise ValueError(f"--prefill-chunk must be a number of tokens, 'auto' or 'none', got {chunk!r}") from None
         if chunk < 1:
             raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
+    steps = args.decode_steps
+    if steps != "auto":
+        try:
+            steps = int(steps)
+        except ValueError:
+            raise ValueError(f"--decode-steps must be a number of steps or 'auto', got {steps!r}") from None
+        if steps < 1:
+            raise ValueError(f"--decode-steps must be positive, got {steps}")
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
-                weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys)
+                weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys,
+                decode_steps=steps)
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -85,6 +94,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens prefilled per step, a multiple of the page size; running requests keep "
                         "decoding between a long prompt's chunks ('auto': 512 on CPU, whole prompts on GPU; "
                         "'none': whole prompts)")
+    p.add_argument("--decode-steps", default="auto",
+                   help="decode steps per dispatch, run as one program: the host's cost of a call is paid once "
+                        "per that many tokens, which stream that many at a time ('auto': 4 on a GPU, 1 on a CPU)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the cache pages of prompts that start like one prefilled before")
     s = p.add_argument_group("sparse attention (LServe)")
@@ -159,6 +171,7 @@ def engine_settings(args) -> SparseConfig:
         raise ValueError(f"--max-seq-len must be >= 1 (tokens per sequence), got {args.max_seq_len}")
     if args.num_pages is not None and args.num_pages < 2:
         raise ValueError(f"--num-pages must be at least 2 pages (one is scratch), got {args.num_pages}")
+    engine_options(args)  # --prefill-chunk and --decode-steps, before anything loads
     return SparseConfig(
         static_sparsity=args.static_sparsity, prefill_sink=args.prefill_sink, prefill_local=args.prefill_local,
         decode_sink=args.decode_sink, decode_local=args.decode_local, page_size=args.page_size,

@@ -108,16 +108,20 @@ class Scheduler:
 
     def __init__(self, num_slots: int, num_pages: int, page_size: int, max_tokens: int, *,
                  chunk: int | None = None, num_stream_pages: int = 1, window: tuple[int, int] | None = None,
-                 prefix_cache: bool = False, batch_tokens: int = 8192):
+                 prefix_cache: bool = False, batch_tokens: int = 8192, lookahead: int = 1):
         """chunk: most prompt tokens prefilled per dispatch (None: whole prompts). window: (sink
         pages, window pages) of the streaming heads' prefill window, None without streaming
         heads. num_stream_pages: their pool (page 0 scratch). batch_tokens: without chunks, the
         padded tokens of one dispatch of several whole prompts (a prompt longer goes alone), so
-        sixteen 128K prompts never become one 2M-token prefill."""
+        sixteen 128K prompts never become one 2M-token prefill. lookahead: decode steps per
+        dispatch: `grow` gives each row the pages of that many more tokens (those it still wants)."""
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if chunk is not None and (chunk < page_size or chunk % page_size):
             raise ValueError(f"the prefill chunk must be a positive multiple of the page size {page_size}, got {chunk}")
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+        self.lookahead = lookahead
         self.num_slots = num_slots
         self.page_size = page_size
         self.max_tokens = max_tokens  # per sequence: min(model context, cache capacity)
@@ -286,14 +290,19 @@ class Scheduler:
         self.stream.free(list(req.spages.values()))
         req.spages = {}
 
+    def _room(self, req: Request) -> int:
+        """Tokens the next decode dispatch writes for a request that wants more."""
+        return req.cached + min(self.lookahead, req.sampling.max_new_tokens - req.dispatched)
+
     def grow(self) -> list[Request]:
-        """Gives every running request that needs one the page its next decode token goes into,
-        preempting the youngest requests when the pool is empty. Returns the preempted."""
+        """Gives every running request that needs them the pages its next decode dispatch's tokens
+        (`lookahead`, at most those it still wants) go into, preempting the youngest requests when
+        the pool is empty. Returns the preempted."""
         preempted = []
         for req in sorted(self.running(), key=lambda r: r.order):
             if req.status != "running" or not req.wants_more:
                 continue
-            while len(req.pages) * self.page_size <= req.cached:
+            while len(req.pages) * self.page_size < self._room(req):
                 if not self.allocator.free_pages and self.cache is not None:
                     self.cache.evict(pages=1)
                 try:
@@ -308,7 +317,8 @@ class Scheduler:
 
     def pages_short(self) -> int:
         """Pages `grow` would need beyond the free ones (> 0: it would preempt)."""
-        need = sum(1 for r in self.running() if r.wants_more and len(r.pages) * self.page_size <= r.cached)
+        need = sum(-(-self._room(r) // self.page_size) - len(r.pages) for r in self.running()
+                   if r.wants_more and len(r.pages) * self.page_size < self._room(r))
         if need > self.allocator.free_pages and self.cache is not None:
             self.cache.evict(pages=need)
         return need - self.allocator.free_pages

@@ -165,6 +165,28 @@ def test_multi_step_equals_greedy_steps_one_per_call():
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
 
 
+def test_dense_multi_step_equals_greedy_steps_and_times_are_per_step():
+    decode = _bench_module("decode")
+    params = tiny_params(TINY)
+    rng = np.random.default_rng(0)
+    shape = (2, 48, TINY.num_kv_heads, TINY.head_dim)
+    kc = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(TINY.num_layers))
+    vc = tuple(jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(TINY.num_layers))
+    toks, lens = jnp.asarray([3, 7], jnp.int32), jnp.asarray([20, 30], jnp.int32)
+    got, gk, gv, glen = jax.jit(functools.partial(decode.dense_multi_step, cfg=TINY, steps=3,
+                                                           implementation="xla"))(params, kc, vc, toks,
+                                                                                               lens)
+    step = jax.jit(functools.partial(decode.dense_contiguous_step, cfg=TINY, implementation="xla"))
+    for _ in range(3):
+        ref, kc, vc, lens = step(params, kc, vc, toks, lens)
+        toks = jnp.argmax(ref, axis=-1).astype(jnp.int32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(glen), np.asarray(lens))
+    np.testing.assert_allclose(np.asarray(gk[1]), np.asarray(kc[1]), atol=1e-5)
+    t = decode.per_token({"mean_s": 8.0, "pipelined_s": 4.0, "first_call_s": 9.0, "steps": 32}, 4)
+    assert t == {"mean_s": 2.0, "pipelined_s": 1.0, "first_call_s": 9.0, "steps": 32, "steps_per_call": 4}
+
+
 def test_bench_scripts_import_and_explain_themselves():
     for script in ("decode.py", "prefill.py", "profile_decode.py", "prefill_attn.py", "decode_attn.py", "accuracy.py",
                    "calib_sweep.py"):

@@ -354,3 +354,14 @@ def test_load_turns_on_the_compilation_cache(ckpt, tmp_path, monkeypatch):
         jax.config.update("jax_compilation_cache_dir", old[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
         jax.config.update("jax_compilation_cache_max_size", old[2])
+
+
+def test_decode_steps_option_is_checked_and_passed_on():
+    from lserve_jax.generate import build_parser, engine_options
+
+    p = build_parser()
+    assert engine_options(p.parse_args([]))["decode_steps"] == "auto"
+    assert engine_options(p.parse_args(["--decode-steps", "8"]))["decode_steps"] == 8
+    for bad, msg in (("0", "must be positive"), ("x", "number of steps or 'auto'")):
+        with pytest.raises(ValueError, match=msg):
+            engine_options(p.parse_args(["--decode-steps", bad]))

@@ -68,7 +68,8 @@ def model(request):
 def alone(model, requests):
     """Each request on an engine of its own: one slot, whole-prompt prefill, no prefix cache."""
     params, layout, sparse = model
-    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=1, prefill_chunk=None, prefix_cache=False)
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=1, prefill_chunk=None, prefix_cache=False,
+                 decode_steps=1)
     return {rid: run_all(eng, [(rid, p, sp)])[rid] for rid, p, sp in requests}
 
 
@@ -113,6 +114,50 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(model):
     eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4)
     got = run_all(eng, reqs, arrivals=[0, 0, 1, 2, 5, 5])
     assert got == alone(model, reqs)
+
+
+@pytest.mark.parametrize("preemption", ["swap", "recompute"])
+def test_several_decode_steps_per_dispatch_give_the_tokens_of_single_steps(model, preemption):
+    """decode_steps=3: three steps per program. Greedy and seeded sampled requests arriving at
+    random steps into a pool that forces preemptions get their tokens alone (one step a
+    dispatch), rows stop at their own token limits inside a dispatch (limits not multiples of 3),
+    and every page comes back (page ownership checked after every step)."""
+    params, layout, sparse = model
+    if preemption == "recompute" and not layout.is_dense:
+        pytest.skip("recompute is exact for dense layouts only (see the preemption test)")
+    reqs = make_requests(5, seed=1) + make_requests(5, seed=4, sampled=True)
+    reqs = [(f"{rid}-{i}", p, sp) for i, (rid, p, sp) in enumerate(reqs)]
+    arrivals = list(np.random.default_rng(2).integers(0, 20, len(reqs)))
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, num_pages=10, preemption=preemption,
+                 decode_steps=3)
+    got = run_all(eng, reqs, arrivals)
+    assert eng.scheduler.preempted_total > 0, "the pool should force preemptions"
+    assert got == alone(model, reqs)
+    assert eng.scheduler.reclaimable_pages() == 9
+
+
+def test_several_decode_steps_stop_at_eos_inside_a_dispatch(model):
+    """An EOS sampled in the middle of a dispatch's steps ends the request there: the tokens the
+    row computed after it are dropped, as one step a dispatch would never have run them."""
+    params, layout, sparse = model
+    reqs = make_requests(8, seed=5)
+    ref = alone(model, reqs)
+    counts = np.bincount([t for toks in ref.values() for t in toks[1:]], minlength=CFG.vocab_size)
+    eos = int(np.argmax(counts))  # the commonest later token: some requests end on it mid-run
+    cfg = tiny_config(max_position_embeddings=128, eos_token_ids=(eos,))
+    outs = {}
+    for steps in (1, 4):
+        eng = Engine(params, cfg, layout=layout, sparse=sparse, max_slots=4, decode_steps=steps)
+        outs[steps] = run_all(eng, reqs)
+    assert outs[4] == outs[1]
+    assert any(len(v) < len(ref[k]) for k, v in outs[1].items()), "EOS should end some request early"
+
+
+def test_decode_steps_must_be_a_positive_integer(model):
+    params, layout, sparse = model
+    for bad in (0, -2, 1.5, True, "four"):
+        with pytest.raises(ValueError, match="decode_steps"):
+            Engine(params, CFG, layout=layout, sparse=sparse, decode_steps=bad)
 
 
 def test_generate_runs_more_prompts_than_slots():
