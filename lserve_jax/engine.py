@@ -59,7 +59,7 @@ DEFAULT_CHUNK = {"cpu": 512, "gpu": 8192}
 # decode steps per dispatch ("auto"): on a GPU the host's work per call (the jitted call's
 # arguments, the CUDA graph's launch and updates) was 1.1 ms of a 7.2 ms INT8 W8A8 + KV8 step at
 # 128K x 4 on an H100, and four steps in one program ran at 6.1 ms a step
-# (bench/results/cb_modes-2026-12-06-h100); on the CPU a step's compute dwarfs it.
+# (bench/results/profile_decode-2026-12-06h-h100-cbdefault.json); on the CPU a step's compute dwarfs it.
 DEFAULT_DECODE_STEPS = {"cpu": 1, "gpu": 4}
 TABLE_PAGES_MIN = 16  # the narrowest page table a decode step reads (see Engine._table_pages)
 
