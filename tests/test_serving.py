@@ -153,6 +153,24 @@ def test_several_decode_steps_stop_at_eos_inside_a_dispatch(model):
     assert any(len(v) < len(ref[k]) for k, v in outs[1].items()), "EOS should end some request early"
 
 
+def test_several_decode_steps_update_the_cache_in_place(model):
+    """The loop carries the cache without a copy: the program's temporaries stay far below the
+    cache (a copy of a GPU-sized pool would not fit beside it)."""
+    import jax
+    import jax.numpy as jnp
+
+    params, layout, sparse = model
+    eng = Engine(params, CFG, layout=layout, sparse=sparse, max_slots=4, num_pages=400, decode_steps=4)
+    eng._build_cache()
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(eng._cache))
+    z = jnp.zeros((4,), jnp.int32)
+    compiled = eng._step.lower(eng.params, eng._cache, z, jnp.zeros((4,), bool), z, jnp.zeros((4, 2), jnp.uint32),
+                               jnp.zeros(4, jnp.float32), z, jnp.ones(4, jnp.float32), table_pages=8, steps=4).compile()
+    mem = compiled.memory_analysis()
+    assert mem.alias_size_in_bytes >= cache_bytes  # donated: the output cache is the input's buffers
+    assert mem.temp_size_in_bytes < cache_bytes / 4
+
+
 def test_decode_steps_must_be_a_positive_integer(model):
     params, layout, sparse = model
     for bad in (0, -2, 1.5, True, "four"):
