@@ -3,7 +3,22 @@ tests/kernel_base.py)."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
+
+# Each test process (every xdist worker, and the CLI subprocesses it starts: jax reads
+# JAX_COMPILATION_CACHE_DIR) keeps compiled programs in a cache folder of its own, never the
+# user's: no two processes write one folder at once, and no entry written by another run (another
+# jax, a crashed writer) is read. `lserve_jax.load` leaves an already chosen folder as it is.
+_JIT_CACHE = tempfile.mkdtemp(prefix="lserve-jax-test-jit-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE
+jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
+atexit.register(shutil.rmtree, _JIT_CACHE, True)
 
 from .tiny import TINY, tiny_params, word_tokenizer_json
 
