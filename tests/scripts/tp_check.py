@@ -10,10 +10,12 @@ import numpy as np
 
 from lserve_jax import cache as kvc
 from lserve_jax.config import ModelConfig, SparseConfig
+from lserve_jax.engine import Engine
 from lserve_jax.heads import layout_and_permutation
 from lserve_jax.model import ModelSpec, decode_step, prefill
 from lserve_jax.ops import Kernels
 from lserve_jax.params import init_params, permute_kv_heads
+from lserve_jax.sampling import SamplingParams
 from lserve_jax.sharding import balance_retrieval, shard_cache, shard_params, tp_permutation
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -73,6 +75,17 @@ def main():
                 failures += not ok
                 print(f"hkv={hkv} g={g} {kind} tp={tp} retrieval/layer={layout.num_retrieval} max|dlogit|={err:.2e} "
                       f"{'ok' if ok else 'MISMATCH'}", flush=True)
+                if kind == "sparse" and tp == 2:
+                    # the engine's several decode steps per dispatch (a fori_loop over the sharded step)
+                    toks = {}
+                    for n in (1, 3):
+                        eng = Engine(permute_kv_heads(params, cfg, perms), cfg, layout=layout, sparse=sparse, tp=tp,
+                                     max_slots=2, max_seq_len=128, decode_steps=n)
+                        gens = eng.generate([[int(t) for t in p] for p in prompts], SamplingParams(max_new_tokens=7))
+                        toks[n] = [g_.token_ids for g_ in gens]
+                    ok = toks[1] == toks[3]
+                    failures += not ok
+                    print(f"hkv={hkv} g={g} engine tp={tp} decode_steps 3 vs 1: {'ok' if ok else 'MISMATCH'}", flush=True)
     sys.exit(1 if failures else 0)
 
 
