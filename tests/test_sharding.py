@@ -20,13 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sharded_prefill_and_decode_match_one_device():
     """4 fake CPU devices (the flag must be set before jax starts, hence a subprocess):
-    dense and sparse, tp 2 and 4, GQA ratios 2 and 1."""
+    dense and sparse, tp 2 and 4, GQA ratios 2 and 1; and the engine at tp 2 with three decode
+    steps per dispatch against one."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "tp_check.py")], env=env,
                        capture_output=True, text=True, timeout=900)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count(" ok") == 8
+    assert r.stdout.count(" ok") == 10
+    assert r.stdout.count("decode_steps 3 vs 1: ok") == 2
 
 
 def test_balance_promotes_highest_alpha_streaming_heads():
