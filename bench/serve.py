@@ -293,7 +293,7 @@ def main(argv=None):
     if steps != "auto":
         if not steps.isdigit() or int(steps) < 1:
             p.error(f"--decode-steps takes a positive number of steps or 'auto', got {steps!r}")
-        steps = int(steps)
+        args.decode_steps = int(steps)
 
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -339,7 +339,7 @@ def main(argv=None):
         lay = layouts[name]
         for cache_on in ((True, False) if "prefix" in workloads else (True,)):
             kw = dict(layout=lay, sparse=sparse, max_seq_len=max_seq, max_slots=args.max_slots, prefill_chunk=chunk,
-                      prefix_cache=cache_on, kv_dtype=args.kv_dtype, decode_steps=steps)
+                      prefix_cache=cache_on, kv_dtype=args.kv_dtype, decode_steps=args.decode_steps)
             stream_pages = Engine(params, cfg, num_pages=2, **kw).num_stream_pages
             pages = pages_for_bytes(cfg, lay, sparse, dtype, pool, stream_pages, KV_DTYPES[args.kv_dtype])
             if pages - 1 < max_seq // sparse.page_size:
@@ -394,7 +394,7 @@ def run_long(args, cfg, params, sparse, layouts, engines, chunk, env, dtype) -> 
         try:
             eng = Engine(params, cfg, layout=layouts[name], sparse=sparse, max_seq_len=max_seq, max_slots=1,
                          prefill_chunk=chunk, prefix_cache=False, kv_dtype=args.kv_dtype,
-                         decode_steps=args.decode_steps if args.decode_steps == "auto" else int(args.decode_steps))
+                         decode_steps=args.decode_steps)
             row["prefill_chunk"], row["decode_steps"] = eng.prefill_chunk, eng.decode_steps
             log(f"{name}: {n}-token prompt in chunks of {eng.prefill_chunk}: warm-up ...")
             t = time.perf_counter()

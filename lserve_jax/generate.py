@@ -44,25 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_options(args) -> dict:
     """The Engine keywords of --prefill-chunk and --no-prefix-cache (ValueError on a bad chunk)."""
-    chunk = args.prefill_chunk
-    if chunk not in ("auto", "none"):
-        try:
-            chunk = int(chunk)
-        except ValueError:
-            raise ValueError(f"--prefill-chunk must be a number of tokens, 'auto' or 'none', got {chunk!r}") from None
-        if chunk < 1:
-            raise ValueError(f"--prefill-chunk must be positive, got {chunk}")
-    steps = args.decode_steps
-    if steps != "auto":
-        try:
-            steps = int(steps)
-        except ValueError:
-            raise ValueError(f"--decode-steps must be a number of steps or 'auto', got {steps!r}") from None
-        if steps < 1:
-            raise ValueError(f"--decode-steps must be positive, got {steps}")
+    chunk = _count_or_word(args.prefill_chunk, "--prefill-chunk", "a number of tokens, 'auto' or 'none'",
+                           ("auto", "none"))
+    steps = _count_or_word(args.decode_steps, "--decode-steps", "a number of steps or 'auto'", ("auto",))
     return dict(prefill_chunk=None if chunk == "none" else chunk, prefix_cache=not args.no_prefix_cache,
                 weights=args.weights, kv_dtype=args.kv_dtype, center_keys=not args.no_center_keys,
                 decode_steps=steps)
+
+
+def _count_or_word(value: str, option: str, expected: str, words: tuple[str, ...]):
+    """`value` as a positive int, or as is when it is one of `words`; ValueError names the option."""
+    if value in words:
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{option} must be {expected}, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"{option} must be positive, got {n}")
+    return n
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
