@@ -32,7 +32,9 @@ import jax.numpy as jnp
 from common import (add_model_args, as_served, copy_bandwidth, environment, log, model_config, param_bytes,
                     ratio, sparse_layout, write_json)
 from lserve_jax import cache as kvc
-from lserve_jax.ops import Kernels, OpChoice, dense_decode_attention
+from lserve_jax.models import layer as layer_lib
+from lserve_jax.ops import REGISTRY, Kernels, OpChoice, dense_decode_attention
+from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul
 from lserve_jax.config import SparseConfig
 from lserve_jax.engine import DEFAULT_DECODE_STEPS
 from lserve_jax.heads import HeadLayout
@@ -425,8 +427,18 @@ def main(argv=None):
                    help="time sparse_decode configs on one layer of each point first (the sparse path, and the "
                         "dense paged path on its own grid); the paged variants of that point then use the "
                         "fastest correct one")
+    p.add_argument("--qmatmul", default="",
+                   help="order of the 8-bit weight product's implementations for every variant, e.g. 'triton,xla' "
+                        "(the weight-only Triton skinny GEMM, XLA's W8A8 GEMMs where it declines); default: the "
+                        "registry's ('xla')")
     args = p.parse_args(argv)
 
+    if args.qmatmul:
+        order = tuple(x for x in args.qmatmul.split(",") if x)
+        unknown = [x for x in order if x not in REGISTRY.names("qmatmul")]
+        if not order or unknown:
+            p.error(f"--qmatmul: no qmatmul implementation {unknown}; there are {sorted(REGISTRY.names('qmatmul'))}")
+        layer_lib.qmatmul = functools.partial(ops_qmatmul, choice=OpChoice(order))
     if args.tune and jax.default_backend() != "gpu":
         p.error("--tune times the Triton decode kernel's options: it needs a GPU")
     if args.steps_per_call == "auto":
@@ -465,7 +477,8 @@ def main(argv=None):
     dense_layout = HeadLayout.dense(cfg.num_layers, cfg.num_kv_heads)
     base = SparseConfig()
     results = {"env": env, "shape": args.shape, "copy_bandwidth_Bps": bw, "weights_bytes": weights,
-               "knobs": base.__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp},
+               "knobs": base.__dict__ | {"static_sparsity": args.sparsity, "tp": args.tp,
+                                         "qmatmul": args.qmatmul or "default"},
                "retrieval_per_layer": list(layout_sparse.num_retrieval), "points": []}
     out_file = os.path.join(args.out, f"decode-{env['date'][:10]}.json")
     if args.max_batch:

@@ -12,10 +12,11 @@ same model with attention and cache skipped: the floor set by weights and launch
 bench/decode.py's quantisation suffixes (`+w8a8`, `+w8a8int8`, `+kv8`, `+kv8e4m3`: e.g.
 `sparse_kv_head+w8a8+kv8,sparse_kv_head+w8a8,sparse_kv_head+kv8,sparse_kv_head` separates what the
 8-bit weights and the 8-bit KV each cost). A `@xlagemm` suffix runs 8-bit weights through XLA's
-GEMMs instead of the weight-only Triton kernel (`ops.qmatmul`). A `@rows1` suffix runs a variant without padding
+GEMMs (the default order), `@tritongemm` through the weight-only Triton skinny GEMM
+(`ops.qmatmul` "triton": no activation quantiser kernels; XLA's for more rows). A `@rows1` suffix runs a variant without padding
 decode projections to DECODE_MIN_ROWS rows. A `@multiK` suffix (e.g. `@multi4`) runs K greedy
 steps per call in one program (a fori_loop), so what a call costs the host is paid once per K
-tokens; its times are per step. Writes profile_decode-<date>.json.
+tokens; its times are per step. Options combine: `sparse_kv_head+w8a8int8+kv8@multi4@tritongemm`. Writes profile_decode-<date>.json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from lserve_jax.ops import OpChoice
 from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul
 from lserve_jax.params import init_params
 from lserve_jax.smoothquant import quantize_model
+
+# variant options naming the order of the 8-bit weight product (`ops.qmatmul`)
+GEMM_OPTIONS = {"xlagemm": ("xla",), "tritongemm": ("triton", "xla")}
 
 
 def no_attention_step(params, x_tokens, positions, cfg):
@@ -113,14 +117,19 @@ def main(argv=None):
         for name in args.variants.split(","):
             log(f"ctx={ctx} B={batch} {name} ...")
             r = {"ctx": ctx, "batch": batch, "variant": name}
-            spec, _, opt = name.partition("@")
-            per_call = int(opt.removeprefix("multi")) if opt.startswith("multi") else 1
-            model_lib.DECODE_MIN_ROWS = 1 if opt == "rows1" else min_rows
-            # @xlagemm: 8-bit weights through XLA's GEMMs ("xla") instead of the default order's
-            # weight-only Triton kernel, for this variant's traces only
-            gemm = (mock.patch.object(layer_lib, "qmatmul", functools.partial(ops_qmatmul, choice=OpChoice(("xla",))))
-                    if opt == "xlagemm" else contextlib.nullcontext())
+            spec, *opts = name.split("@")
+            multi = [o for o in opts if o.startswith("multi")]
+            per_call = int(multi[-1].removeprefix("multi")) if multi else 1
+            model_lib.DECODE_MIN_ROWS = 1 if "rows1" in opts else min_rows
+            gemm = contextlib.nullcontext()
             try:
+                bad = [o for o in opts if o not in GEMM_OPTIONS and o != "rows1" and not (o[:5] == "multi" and o[5:].isdigit())]
+                if bad:
+                    raise ValueError(f"unknown variant option(s) {bad}: @multiK, @rows1, @" + ", @".join(GEMM_OPTIONS))
+                for o in opts:  # 8-bit weights through the named qmatmul order, for this variant's traces only
+                    if o in GEMM_OPTIONS:
+                        gemm = mock.patch.object(layer_lib, "qmatmul",
+                                                 functools.partial(ops_qmatmul, choice=OpChoice(GEMM_OPTIONS[o])))
                 gemm.__enter__()
                 base, wmode, kv = parse_variant(spec)
                 if wmode not in quantized:
