@@ -236,3 +236,13 @@ def test_decode_tuning_times_the_page_format_each_variant_reads():
         assert t["kv_dtype"] == (None if kv is None else "int8")
         assert [c["options"] for c in t["configs"]] == [{}, {"pages_per_block": 2}]
         assert all("error" not in c and c["rel_err"] < 2e-2 and c["us"] > 0 for c in t["configs"]), t
+
+
+def test_decode_qmatmul_order_is_checked_before_any_run(capsys):
+    """bench/decode.py --qmatmul names registered implementations only (exit 2, one line naming
+    them)."""
+    decode = _bench_module("decode")
+    with pytest.raises(SystemExit) as e:
+        decode.main(["--qmatmul", "triton,cublas", "--points", "64x1"])
+    assert e.value.code == 2
+    assert "no qmatmul implementation ['cublas']" in capsys.readouterr().err
