@@ -76,12 +76,14 @@ def attribute(names: list[str], ops: dict[str, str]) -> list[tuple[str, str]]:
     return out
 
 
-def find(dump: str, module: str, suffix: str) -> str:
+def find(dump: str, module: str, suffix: str, index: int = 0) -> str:
+    """The index-th largest file of the modules whose names contain `module` (the same index
+    picks one module's files: a thunk sequence and its HLO grow together)."""
     paths = sorted(glob.glob(os.path.join(dump, f"*{module}*{suffix}")), key=os.path.getsize, reverse=True)
-    if not paths:
-        raise SystemExit(f"no *{module}*{suffix} under {dump}: was the step compiled with "
+    if len(paths) <= index:
+        raise SystemExit(f"no {index + 1} files *{module}*{suffix} under {dump}: was the step compiled with "
                          f"XLA_FLAGS=\"--xla_dump_to={dump} --xla_dump_hlo_as_text\"?")
-    return paths[0]
+    return paths[index]
 
 
 def main(argv=None) -> int:
@@ -90,17 +92,21 @@ def main(argv=None) -> int:
     ap.add_argument("--module", default="decode_step", help="a substring of the module's file names")
     ap.add_argument("--layer", type=int, help="list this layer's launches in order instead")
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--index", type=int, default=0,
+                    help="which of several matching modules, largest first (e.g. two variants compiled)")
     args = ap.parse_args(argv)
-    with open(find(args.dump, args.module, "thunk_sequence_after_thunk_passes.txt")) as f:
+    with open(find(args.dump, args.module, "thunk_sequence_after_thunk_passes.txt", args.index)) as f:
         names = launches(f.read())
-    with open(find(args.dump, args.module, "after_optimizations.txt")) as f:
+    with open(find(args.dump, args.module, "after_optimizations.txt", args.index)) as f:
         ops = op_names(f.read())
     rows = attribute(names, ops)
     if args.layer is not None:
         tag = f"layer{args.layer}/"
-        for kernel, op in rows:
-            if tag in op:
-                print(f"{kernel:45} {op}")
+        at = [i for i, (_, op) in enumerate(rows) if tag in op]
+        # from the layer's first named launch to its last: the Pallas kernels and copies between
+        # them (which the HLO does not name by layer) included
+        for kernel, op in rows[at[0]: at[-1] + 1] if at else []:
+            print(f"{kernel:45} {op}")
         return 0
     counts = collections.Counter(fold(op) for _, op in rows)
     print(f"{len(rows)} launches ({sum(1 for k, _ in rows if k == 'kCopy')} copies; both branches of every "

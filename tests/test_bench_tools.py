@@ -87,11 +87,16 @@ def test_hlo_kernels_attributes_launches_to_source_ops(tmp_path, capsys, monkeyp
     (tmp_path / "m.jit_decode_step.sm_9.0a_gpu_after_optimizations.txt").write_text(_HLO)
     assert hlo_kernels.main([str(tmp_path), "--layer", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == ["fusion_12", "loop_select_fusion_65"]
+    # from layer 3's first named launch to its last: the copy and the Pallas kernel between included
+    assert [line.split()[0] for line in out] == ["fusion_12", "input_reduce_fusion_161", "kCopy",
+                                                 "lserve_fused_append__2", "loop_select_fusion_65"]
+    assert hlo_kernels.main([str(tmp_path), "--layer", "7"]) == 0 and capsys.readouterr().out == ""
     assert hlo_kernels.main([str(tmp_path)]) == 0
     assert "5 launches (1 copies" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="xla_dump_to"):
         hlo_kernels.main([str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="no 2 files"):
+        hlo_kernels.main([str(tmp_path), "--index", "1"])
     sys.modules.pop("hlo_kernels", None)
 
 
