@@ -3,8 +3,9 @@
 Per decode step and layer the cache takes one token per sequence: its K and V into the
 retrieval heads' pages, the channel-wise min/max of its logical page, and its K and V into the
 streaming heads' ring. In XLA these are six scatters (plus gathers for the old statistics), six
-kernel launches per layer; here one program per sequence writes all of them in place (the
-cache arrays are aliased to the outputs, so nothing else is read or copied).
+kernel launches per layer; here one launch writes all of them in place, one program per
+sequence and KV head (the cache arrays are aliased to the outputs, so nothing else is read or
+copied).
 
 Semantics (`append_reference` below is the spec, jnp scatters): for sequence b at position t,
 page row `page_table[b, t // page]`, offset `t % page`, logical page `offset // lp` (a token
@@ -64,47 +65,54 @@ def append_reference(k, v, positions, page_table, k_pages, v_pages, k_min, k_max
 
 
 def _kernel(pos_ref, pt_ref, k_ref, v_ref, *refs, r, s, q8, page, lp, sink, local, n_cols):
-    # k_ref, v_ref: the token's unquantised K and V [Hkv, D] (the statistics come from k_ref).
-    # refs: the cache inputs, then the same arrays as (aliased) outputs: k/v pages and k_min/max
-    # when r > 0 (and the pages' scales when q8), ring k/v when s > 0 (and their scales). Inputs
-    # are read only for the old statistics. q8: the values are quantised here, row by row.
+    # Program (b, h): KV head h of sequence b. k_ref, v_ref: that head's unquantised K and V row
+    # [1, D] (the statistics come from k_ref). refs: the cache inputs, then the same arrays as
+    # (aliased) outputs: k/v pages and k_min/max when r > 0 (and the pages' scales when q8), ring
+    # k/v when s > 0 (and their scales). Inputs are read only for the old statistics. q8: the
+    # values are quantised here. One head per program: each program's few dependent loads and
+    # stores overlap with the others' (one program walking every head of its sequence waited
+    # for each in turn: ~9.5 us a layer at 128K x 4 on an H100).
     n = len(refs) // 2
     ins, outs = refs[:n], refs[n:]
-    b = pl.program_id(0)
+    b, h = pl.program_id(0), pl.program_id(1)
     t = pos_ref[b]
     d = k_ref.shape[-1]
     n_page_out = (6 if q8 else 4) if r else 0  # where the ring's outputs start
 
+    def put(src, dst, scale_ref, head, where):
+        row = src[...].reshape(1, 1, 1, d)
+        if q8:
+            row, sc = quantize_amax(row, -1, dst.dtype, rounding=round_half_even)
+            scale_ref[pl.ds(head, 1), where[0], where[1]] = sc.reshape(1, 1, 1)
+        dst[pl.ds(head, 1), where[0], where[1], :] = row.astype(dst.dtype)
+
     if r:
-        kp_ref, vp_ref, kmin_ref, kmax_ref = outs[:4]
-        kmin_in, kmax_in = ins[2], ins[3]
-        col = t // page  # past the table (a dropped look-ahead step): the scratch page 0
-        phys = jnp.where(col < n_cols, pt_ref[b, jnp.minimum(col, n_cols - 1)], 0)
-        off = t % page
-        lpage = off // lp
-        fresh = off % lp == 0
-        for h in range(r):
-            for src, dst, scale_out in ((k_ref, kp_ref, 4), (v_ref, vp_ref, 5)):
-                row = src[pl.ds(h, 1), :].reshape(1, 1, d)
-                if q8:
-                    row, sc = quantize_amax(row, -1, dst.dtype, rounding=round_half_even)
-                    outs[scale_out][h, pl.ds(phys, 1), pl.ds(off, 1)] = sc.reshape(1, 1)
-                dst[h, pl.ds(phys, 1), pl.ds(off, 1), :] = row.astype(dst.dtype)
-            kc = k_ref[pl.ds(h, 1), :].reshape(1, 1, d).astype(kmin_ref.dtype)
-            old_min = kmin_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
-            old_max = kmax_in[h, pl.ds(phys, 1), pl.ds(lpage, 1), :]
-            kmin_ref[h, pl.ds(phys, 1), pl.ds(lpage, 1), :] = jnp.where(fresh, kc, jnp.minimum(old_min, kc))
-            kmax_ref[h, pl.ds(phys, 1), pl.ds(lpage, 1), :] = jnp.where(fresh, kc, jnp.maximum(old_max, kc))
+        @pl.when(h < r)
+        def _pages():
+            kp_ref, vp_ref, kmin_ref, kmax_ref = outs[:4]
+            kmin_in, kmax_in = ins[2], ins[3]
+            col = t // page  # past the table (a dropped look-ahead step): the scratch page 0
+            phys = jnp.where(col < n_cols, pt_ref[b, jnp.minimum(col, n_cols - 1)], 0)
+            off = t % page
+            lpage = off // lp
+            fresh = off % lp == 0
+            where = (pl.ds(phys, 1), pl.ds(off, 1))
+            put(k_ref, kp_ref, outs[4] if q8 else None, h, where)
+            put(v_ref, vp_ref, outs[5] if q8 else None, h, where)
+            kc = k_ref[...].reshape(1, 1, 1, d).astype(kmin_ref.dtype)
+            at = (pl.ds(h, 1), pl.ds(phys, 1), pl.ds(lpage, 1), slice(None))
+            old_min, old_max = kmin_in[at], kmax_in[at]
+            kmin_ref[at] = jnp.where(fresh, kc, jnp.minimum(old_min, kc))
+            kmax_ref[at] = jnp.where(fresh, kc, jnp.maximum(old_max, kc))
+
     if s:
-        rk_ref, rv_ref = outs[n_page_out:n_page_out + 2]
-        slot = jnp.where(t < sink, t, sink + (t - sink) % local)
-        for h in range(s):
-            for src, dst, scale_out in ((k_ref, rk_ref, n_page_out + 2), (v_ref, rv_ref, n_page_out + 3)):
-                row = src[pl.ds(r + h, 1), :].reshape(1, 1, d)
-                if q8:
-                    row, sc = quantize_amax(row, -1, dst.dtype, rounding=round_half_even)
-                    outs[scale_out][h, pl.ds(b, 1), pl.ds(slot, 1)] = sc.reshape(1, 1)
-                dst[h, pl.ds(b, 1), pl.ds(slot, 1), :] = row.astype(dst.dtype)
+        @pl.when(h >= r)
+        def _ring():
+            rk_ref, rv_ref = outs[n_page_out:n_page_out + 2]
+            slot = jnp.where(t < sink, t, sink + (t - sink) % local)
+            where = (pl.ds(b, 1), pl.ds(slot, 1))
+            put(k_ref, rk_ref, outs[n_page_out + 2] if q8 else None, h - r, where)
+            put(v_ref, rv_ref, outs[n_page_out + 3] if q8 else None, h - r, where)
 
 
 def supported(k_pages, ring_k) -> bool:
@@ -132,14 +140,14 @@ def fused_append(k, v, positions, page_table, k_pages, v_pages, k_min, k_max, ri
     pages = ((vals(k_pages), vals(v_pages), k_min, k_max) + ((k_pages.scale, v_pages.scale) if q8 else ())) if r else ()
     ring = ((vals(ring_k), vals(ring_v)) + ((ring_k.scale, ring_v.scale) if q8 else ())) if s else ()
     caches = pages + ring
-    whole = lambda x: pl.BlockSpec(x.shape, lambda i: (0,) * x.ndim)
-    row = pl.BlockSpec((None, hkv, d), lambda i: (i, 0, 0))
+    whole = lambda x: pl.BlockSpec(x.shape, lambda i, j: (0,) * x.ndim)
+    row = pl.BlockSpec((None, 1, d), lambda i, j: (i, j, 0))  # one head's row per program
     kernel = functools.partial(_kernel, r=r, s=s, q8=q8, page=page, lp=lp, sink=sink, local=max(local, 1),
                                n_cols=page_table.shape[1])
     n_in = 4
     out = pl.pallas_call(
         kernel,
-        grid=(b,),
+        grid=(b, hkv),
         in_specs=[whole(positions), whole(page_table), row, row] + [whole(x) for x in caches],
         out_specs=[whole(x) for x in caches],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in caches],
