@@ -3,6 +3,7 @@
 # faster, then the decode ratios against dense bf16 cuDNN with the faster one.
 #
 #   PYTHONUNBUFFERED=1 GIT_COMMIT=<sha> bench/qmatmul_ab.sh            # on the GPU machine, writes $OUT
+#   (AB_LIMIT, DECODE_LIMIT: seconds for each part; DEADLINE: decode.py stops by then instead)
 #
 # 1. bench/profile_decode.py, four steps per call: XLA's W8A8 GEMMs (the default) against the
 #    weight-only Triton skinny GEMM (@tritongemm), at 128K x 4 and 256K x 1, with XLA's dump read
@@ -38,7 +39,10 @@ echo "8-bit product order for decode.py: $order"
 mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
 points=262144x1
 [ "${mem:-0}" -gt 120000 ] && points=131072x4,262144x1
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${DECODE_LIMIT:-300}" python bench/decode.py --tune --qmatmul "$order" \
+# DEADLINE: seconds of this shell's life by which decode.py must stop (the device call's limit)
+limit=${DECODE_LIMIT:-300}
+[ -n "${DEADLINE:-}" ] && limit=$((DEADLINE - SECONDS))
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "$limit" python bench/decode.py --tune --qmatmul "$order" \
   --points "$points" --steps 32 \
   --variants sparse_kv_head+w8a8int8+kv8,sparse_kv_head,dense_cudnn+w8a8int8,dense_cudnn --out "$out" 2>&1 \
   | grep -v "^ " | tail -14
