@@ -422,7 +422,8 @@ def test_float32_blocks_fit_shared_memory_and_bf16_blocks_stay_tuned():
             assert t >= 16 and (stages * 2 * t * (1 << (d - 1).bit_length()) * 4 <= F32_STAGED_KV_BYTES or t == 16)
 
 
-_COMBINE_CASES = [(b, h, s, m, d, dt) for b, h, s, m, d in [(2, 3, 1, 4, 32), (1, 2, 5, 16, 64), (3, 1, 3, 4, 128)]
+_COMBINE_CASES = [(b, h, s, m, d, dt) for b, h, s, m, d in [(2, 3, 1, 4, 32), (1, 2, 5, 16, 64), (3, 1, 3, 4, 128),
+                                                           (1, 2, 70, 4, 32)]  # 70: the loop, past UNROLL_SPLITS
                   for dt in (jnp.float32, jnp.bfloat16)]
 _COMBINE_GPU_CASES = [(4, 32, 16, 16, 128, jnp.bfloat16), (1, 8, 66, 16, 128, jnp.float32)]
 

@@ -389,18 +389,31 @@ def _combine(o, m, l):
     return jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
 
 
+UNROLL_SPLITS = 64  # combine_splits reads up to this many partials with every load issued at once
+
+
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, splits: int):
-    # one (head, sequence): o_ref [S, M, D], m_ref/l_ref [S, M]; two passes over the splits
-    m_all = jax.lax.fori_loop(1, splits, lambda i, acc: jnp.maximum(acc, m_ref[i, :]), m_ref[0, :])
-
-    def add(i, carry):
-        num, den = carry
-        w = jnp.exp2(m_ref[i, :] - m_all)
-        return num + w[:, None] * o_ref[i, :, :], den + w * l_ref[i, :]
-
+    # one (head, sequence): o_ref [S, M, D], m_ref/l_ref [S, M]; two passes over the splits.
+    # Up to UNROLL_SPLITS the passes are unrolled when traced: the loads of every split are
+    # independent and issue together (a loop waited for each in turn, ~6 us a launch at 256K x 1
+    # on an H100, bench/results/profile_decode-2026-12-06i-h100-ab.json).
     mrows, d = o_ref.shape[1:]
-    num, den = jax.lax.fori_loop(0, splits, add, (jnp.zeros((mrows, d), jnp.float32),
-                                                   jnp.zeros((mrows,), jnp.float32)))
+    if splits <= UNROLL_SPLITS:
+        ms = [m_ref[i, :] for i in range(splits)]
+        m_all = functools.reduce(jnp.maximum, ms)
+        ws = [jnp.exp2(mi - m_all) for mi in ms]
+        num = functools.reduce(jnp.add, [w[:, None] * o_ref[i, :, :] for i, w in enumerate(ws)])
+        den = functools.reduce(jnp.add, [w * l_ref[i, :] for i, w in enumerate(ws)])
+    else:
+        m_all = jax.lax.fori_loop(1, splits, lambda i, acc: jnp.maximum(acc, m_ref[i, :]), m_ref[0, :])
+
+        def add(i, carry):
+            num, den = carry
+            w = jnp.exp2(m_ref[i, :] - m_all)
+            return num + w[:, None] * o_ref[i, :, :], den + w * l_ref[i, :]
+
+        num, den = jax.lax.fori_loop(0, splits, add, (jnp.zeros((mrows, d), jnp.float32),
+                                                       jnp.zeros((mrows,), jnp.float32)))
     out = jnp.where(den[:, None] > 0, num / jnp.where(den > 0, den, 1.0)[:, None], 0.0)
     out_ref[...] = out.astype(out_ref.dtype)
 
