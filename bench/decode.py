@@ -68,13 +68,16 @@ def parse_variant(name: str) -> tuple[str, str | None, object]:
 STATS_CHUNK = 2048  # pages per page-statistics computation in random_cache
 
 
-def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
+def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None, zeros=False):
     """A paged cache holding `ctx` random tokens per sequence, with room for `extra` more: built
     by `cache.init_cache` from the cache declaration, page statistics from the random keys.
-    kv_dtype int8 / e4m3: 8-bit K/V values (random) with per-token scales of 1/64."""
+    kv_dtype int8 / e4m3: 8-bit K/V values (random) with per-token scales of 1/64. zeros: every
+    value zero and no statistics computed (what fits, not what it costs: --max-batch)."""
     n = -(-(ctx + extra) // sparse.page_size)
 
     def fill(i, name, d, dtype):
+        if zeros:
+            return jnp.zeros(d.shape, dtype)
         k = jax.random.fold_in(jax.random.fold_in(key, i), FIELD_IDS[name])
         if name in kvc.SCALE_FIELDS:
             return jnp.full(d.shape, 1 / 64, dtype)
@@ -86,6 +89,9 @@ def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
 
     cache = kvc.init_cache(cfg, layout, sparse, batch=batch, num_pages=batch * n + 1, max_pages_per_seq=n,
                            dtype=jnp.bfloat16, fill=fill, kv_dtype=kv_dtype)
+    table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
+    if zeros:
+        return cache.replace(page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32))
     layers = []
     scale = 1 / 64 if kv_dtype is not None else 1.0  # the statistics are of the keys the values stand for
     stats = jax.jit(lambda k: kvc.page_stats(k.astype(jnp.float32) * scale, sparse.logical_page_size))
@@ -96,7 +102,6 @@ def random_cache(cfg, layout, sparse, batch, ctx, extra, key, kv_dtype=None):
         parts = [stats(lc.k_pages[:, i:i + STATS_CHUNK]) for i in range(0, p, STATS_CHUNK)]
         k_min, k_max = (jnp.concatenate(x, axis=1) if len(parts) > 1 else x[0] for x in zip(*parts))
         layers.append(lc.replace(k_min=k_min.astype(lc.k_min.dtype), k_max=k_max.astype(lc.k_max.dtype)))
-    table = jnp.arange(1, batch * n + 1, dtype=jnp.int32).reshape(batch, n)
     return cache.replace(layers=tuple(layers), page_table=table, lengths=jnp.full((batch,), ctx, jnp.int32))
 
 
@@ -155,14 +160,14 @@ def multi_step(params, cache, tokens, spec, steps):
 
 
 def paged_stepper(params, cfg, layout, sparse, batch, ctx, extra, tp=1, host_refresh=False, kernels=Kernels(),
-                  kv_dtype=None, steps_per_call=1):
+                  kv_dtype=None, steps_per_call=1, zeros=False):
     """(step, state): one decode step per call over a random cache. The selection refresh is
     decided on the device as the engine does it, or (host_refresh) by the host, every
     `selector_interval` steps, alternating two static programs. steps_per_call > 1: that many
     greedy steps per call in one program (`multi_step`; the cache holds `extra` calls' tokens)."""
     spec = ModelSpec(cfg, layout, sparse, kernels, tp=tp)
     cache = shard_cache(random_cache(cfg, layout, sparse, batch, ctx, extra * steps_per_call, jax.random.key(3),
-                                     kv_dtype), tp)
+                                     kv_dtype, zeros=zeros), tp)
     selecting = host_refresh and selection_active(spec, cache.page_table.shape[1])
     if steps_per_call > 1:
         if host_refresh:
@@ -191,9 +196,9 @@ def per_token(times: dict, per_call: int) -> dict:
 
 
 def run_paged(params, cfg, layout, sparse, batch, ctx, steps, warmup, tp=1, kernels=Kernels(), kv_dtype=None,
-              steps_per_call=1):
+              steps_per_call=1, zeros=False):
     step, state = paged_stepper(params, cfg, layout, sparse, batch, ctx, 2 * steps + warmup + 2, tp, kernels=kernels,
-                                kv_dtype=kv_dtype, steps_per_call=steps_per_call)
+                                kv_dtype=kv_dtype, steps_per_call=steps_per_call, zeros=zeros)
     return per_token(step_times(step, state, steps, warmup), steps_per_call)
 
 
@@ -363,7 +368,9 @@ def max_batch(params, cfg, layout, sparse, ctx, kernels, kv_dtype, weights_bytes
         if b < 1:
             break
         try:
-            r = run_paged(params, cfg, layout, sparse, b, ctx, 4, 1, kernels=kernels, kv_dtype=kv_dtype)
+            # a zero cache: no random fill or statistics of ~100 GB per try (the 2026-12-06 H200 call
+            # spent its 170 s on two tries of one variant)
+            r = run_paged(params, cfg, layout, sparse, b, ctx, 4, 1, kernels=kernels, kv_dtype=kv_dtype, zeros=True)
             attempts.append({"batch": b, "ok": True, "mean_s": r["mean_s"]})
             return {"max_batch": b, "per_seq_bytes": per_seq, "fits": True, "attempts": attempts}
         except Exception as e:  # out of memory: fewer rows

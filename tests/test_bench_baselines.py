@@ -75,6 +75,12 @@ def test_random_cache_statistics_match_its_pages():
         np.testing.assert_array_equal(np.asarray(lc.k_min), k.min(axis=3))
         np.testing.assert_array_equal(np.asarray(lc.k_max), k.max(axis=3))
     assert cache.lengths.tolist() == [40, 40] and cache.step.shape == (2,)
+    # --max-batch's cache: the same shapes, table and lengths, every value zero
+    zero = decode.random_cache(TINY, HeadLayout(2, (1, 2)), sparse, 2, 40, 8, jax.random.key(0), zeros=True)
+    assert jax.tree.structure(zero) == jax.tree.structure(cache)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(cache)))
+    np.testing.assert_array_equal(np.asarray(zero.page_table), np.asarray(cache.page_table))
+    assert zero.lengths.tolist() == [40, 40] and not any(np.asarray(x).any() for x in jax.tree.leaves(zero.layers))
 
 
 def test_decode_bench_quantised_variants():
