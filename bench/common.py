@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -21,6 +23,9 @@ import numpy as np  # noqa: E402
 from lserve_jax.config import ModelConfig, RopeScaling  # noqa: E402
 from lserve_jax.fuse import fuse_projections  # noqa: E402
 from lserve_jax.heads import binarize, layout_and_permutation, load_pattern  # noqa: E402
+from lserve_jax.models import layer as layer_lib  # noqa: E402
+from lserve_jax.ops import OpChoice  # noqa: E402
+from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -132,3 +137,10 @@ def ratio(a, b):
 
 def param_bytes(params) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def qmatmul_order(order) -> mock._patch:
+    """A patch (enter it, or `.start()` it) sending every 8-bit weight product of the decoder layer
+    through the qmatmul implementations `order` (e.g. ("triton", "xla")) instead of the registry's
+    default: bench/decode.py --qmatmul, bench/profile_decode.py's @tritongemm / @xlagemm."""
+    return mock.patch.object(layer_lib, "qmatmul", functools.partial(ops_qmatmul, choice=OpChoice(tuple(order))))

@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from common import (add_model_args, as_served, copy_bandwidth, environment, log, model_config, param_bytes,
-                    ratio, sparse_layout, write_json)
+                    qmatmul_order, ratio, sparse_layout, write_json)
 from lserve_jax import cache as kvc
-from lserve_jax.models import layer as layer_lib
 from lserve_jax.ops import REGISTRY, Kernels, OpChoice, dense_decode_attention
-from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul
 from lserve_jax.config import SparseConfig
 from lserve_jax.engine import DEFAULT_DECODE_STEPS
 from lserve_jax.heads import HeadLayout
@@ -441,11 +439,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.qmatmul:
-        order = tuple(x for x in args.qmatmul.split(",") if x)
-        unknown = [x for x in order if x not in REGISTRY.names("qmatmul")]
+        order, known = tuple(x for x in args.qmatmul.split(",") if x), REGISTRY.names("qmatmul")
+        unknown = [x for x in order if x not in known]
         if not order or unknown:
-            p.error(f"--qmatmul: no qmatmul implementation {unknown}; there are {sorted(REGISTRY.names('qmatmul'))}")
-        layer_lib.qmatmul = functools.partial(ops_qmatmul, choice=OpChoice(order))
+            p.error(f"--qmatmul: no qmatmul implementation {unknown}; there are {sorted(known)}")
+        qmatmul_order(order).start()  # for the whole run
     if args.tune and jax.default_backend() != "gpu":
         p.error("--tune times the Triton decode kernel's options: it needs a GPU")
     if args.steps_per_call == "auto":

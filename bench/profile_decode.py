@@ -28,26 +28,34 @@ import gc
 import os
 import shutil
 import tempfile
-from unittest import mock
 
 import common  # noqa: F401
 import jax
 import jax.numpy as jnp
 
 import xplane
-from common import as_served, copy_bandwidth, environment, log, model_config, param_bytes, sparse_layout, write_json
+from common import (as_served, copy_bandwidth, environment, log, model_config, param_bytes, qmatmul_order,
+                    sparse_layout, write_json)
 from decode import dense_stepper, paged_stepper, parse_variant, per_token, step_times
 from lserve_jax.config import SparseConfig
 from lserve_jax.heads import HeadLayout
 from lserve_jax import model as model_lib
-from lserve_jax.models import layer as layer_lib
-from lserve_jax.ops import OpChoice
-from lserve_jax.ops.qmatmul import qmatmul as ops_qmatmul
 from lserve_jax.params import init_params
 from lserve_jax.smoothquant import quantize_model
 
 # variant options naming the order of the 8-bit weight product (`ops.qmatmul`)
 GEMM_OPTIONS = {"xlagemm": ("xla",), "tritongemm": ("triton", "xla")}
+
+
+def parse_options(opts: list[str]) -> tuple[int, bool, tuple[str, ...] | None]:
+    """A variant's @options -> (steps per call, rows1, qmatmul order or None); ValueError on an
+    unknown one."""
+    bad = [o for o in opts if o not in GEMM_OPTIONS and o != "rows1" and not (o[:5] == "multi" and o[5:].isdigit())]
+    if bad:
+        raise ValueError(f"unknown variant option(s) {bad}: @multiK, @rows1, @" + ", @".join(GEMM_OPTIONS))
+    multi = [int(o[5:]) for o in opts if o[:5] == "multi"]
+    orders = [GEMM_OPTIONS[o] for o in opts if o in GEMM_OPTIONS]
+    return (multi[-1] if multi else 1), "rows1" in opts, (orders[-1] if orders else None)
 
 
 def no_attention_step(params, x_tokens, positions, cfg):
@@ -118,18 +126,12 @@ def main(argv=None):
             log(f"ctx={ctx} B={batch} {name} ...")
             r = {"ctx": ctx, "batch": batch, "variant": name}
             spec, *opts = name.split("@")
-            multi = [o for o in opts if o.startswith("multi")]
-            per_call = int(multi[-1].removeprefix("multi")) if multi else 1
-            model_lib.DECODE_MIN_ROWS = 1 if "rows1" in opts else min_rows
             gemm = contextlib.nullcontext()
             try:
-                bad = [o for o in opts if o not in GEMM_OPTIONS and o != "rows1" and not (o[:5] == "multi" and o[5:].isdigit())]
-                if bad:
-                    raise ValueError(f"unknown variant option(s) {bad}: @multiK, @rows1, @" + ", @".join(GEMM_OPTIONS))
-                for o in opts:  # 8-bit weights through the named qmatmul order, for this variant's traces only
-                    if o in GEMM_OPTIONS:
-                        gemm = mock.patch.object(layer_lib, "qmatmul",
-                                                 functools.partial(ops_qmatmul, choice=OpChoice(GEMM_OPTIONS[o])))
+                per_call, rows1, order = parse_options(opts)
+                model_lib.DECODE_MIN_ROWS = 1 if rows1 else min_rows
+                if order:  # 8-bit weights through the named qmatmul order, for this variant's traces only
+                    gemm = qmatmul_order(order)
                 gemm.__enter__()
                 base, wmode, kv = parse_variant(spec)
                 if wmode not in quantized:
