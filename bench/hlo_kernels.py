@@ -81,7 +81,8 @@ def find(dump: str, module: str, suffix: str, index: int = 0) -> str:
     picks one module's files: a thunk sequence and its HLO grow together)."""
     paths = sorted(glob.glob(os.path.join(dump, f"*{module}*{suffix}")), key=os.path.getsize, reverse=True)
     if len(paths) <= index:
-        raise SystemExit(f"no {index + 1} files *{module}*{suffix} under {dump}: was the step compiled with "
+        want = f"{index + 1} files" if index else "file"
+        raise SystemExit(f"no {want} *{module}*{suffix} under {dump}: was the step compiled with "
                          f"XLA_FLAGS=\"--xla_dump_to={dump} --xla_dump_hlo_as_text\"?")
     return paths[index]
 
