@@ -56,12 +56,19 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--kv", default="fp8_e4m3,int8", help="8-bit KV dtypes to evaluate ('' for none)")
     ap.add_argument("--raw-keys", action="store_true", help="also KV8 rows without key centres")
+    ap.add_argument("--attn8", action="store_true",
+                    help="also rows with FP8 attention in the full heads' prefill (prefill impl cudnn8+triton, "
+                         "emulated: lserve_jax.ops.attn8): alone, and with each W8A8 format and int8 KV")
+    ap.add_argument("--only-attn8", action="store_true", help="with --attn8: the reference row and the FP8 "
+                    "attention rows only (the other rows are in earlier files)")
     ap.add_argument("--weights", default=",".join(MODES),
                     help=f"weight quantisations to evaluate, alone and with each KV dtype (default: {','.join(MODES)})")
     ap.add_argument("--name", help="model name in the results (default: the checkpoint folder's, less -lserve)")
     ap.add_argument("--tag", default="", help="suffix of the JSON name")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    if args.only_attn8 and not args.attn8:
+        ap.error("--only-attn8 needs --attn8")
     kvs = [k for k in args.kv.split(",") if k]
     modes = [w for w in args.weights.split(",") if w]
     if set(modes) - set(MODES):
@@ -85,39 +92,46 @@ def main(argv=None):
     sink, local = WINDOWS["prefill"]
     gates = binarize(alpha, args.sparsity).astype(np.float32)
     rows = []
-    # (weights, kv dtype, centred keys)
-    configs = [(w, None, False) for w in (None, *modes)] + [(None, kv, True) for kv in kvs] \
-        + [(w, kv, True) for w in ("fp8", "int8") if w in modes for kv in kvs] \
-        + [("fp8-weight-only", "int8", True)] * ("int8" in kvs and "fp8-weight-only" in modes) \
-        + ([(None, kv, False) for kv in kvs] if args.raw_keys else [])
+    # (weights, kv dtype, centred keys, FP8 attention)
+    configs = [(w, None, False, False) for w in (None, *modes)] + [(None, kv, True, False) for kv in kvs] \
+        + [(w, kv, True, False) for w in ("fp8", "int8") if w in modes for kv in kvs] \
+        + [("fp8-weight-only", "int8", True, False)] * ("int8" in kvs and "fp8-weight-only" in modes) \
+        + ([(None, kv, False, False) for kv in kvs] if args.raw_keys else [])
+    attn8_rows = [(None, None, False, True)] + [(w, "int8", True, True) for w in ("fp8", "int8")
+                                                 if w in modes and "int8" in kvs]
+    if args.only_attn8:
+        configs = [(None, None, False, False)]
+    configs += attn8_rows if args.attn8 else []
     quantized = {}
     calib = calibration_ids(tok, cfg.vocab_size)
     centers = key_centers(base, cfg, calib)
     amax = activation_amax(base, cfg, calib) if "int8" in modes else None
-    for weights, kv, centred in configs:
+    for weights, kv, centred, attn8 in configs:
         if (weights, centred) not in quantized:
             p = base if weights is None else quantize_params(base, weights, act_amax=amax)
             quantized[weights, centred] = with_key_centers(p, centers) if centred else p
         for layout, g in (("dense", None), (f"sparse-s{args.sparsity:g}", gates)):
             t0 = time.perf_counter()
             r = perplexity(quantized[weights, centred], cfg, ids, args.length, args.windows, g, sink, local,
-                           kv_dtype=KV_DTYPES[kv] if kv else None)
+                           kv_dtype=KV_DTYPES[kv] if kv else None, attn8=attn8)
             kv_name = (kv + ("" if centred else " raw keys")) if kv else ckpt.dtype
             rows.append(dict(weights=weights or ckpt.dtype, kv=kv_name, layout=layout, ppl=r["ppl"],
-                             window_ppl=r["window_ppl"]))
-            log(f"{weights or ckpt.dtype:16s} kv {kv_name:18s} {layout:12s} ppl {r['ppl']:.4f} "
+                             window_ppl=r["window_ppl"], attention="fp8" if attn8 else ckpt.dtype))
+            log(f"{weights or ckpt.dtype:16s} kv {kv_name:18s} {layout:12s} attn {'fp8' if attn8 else ckpt.dtype:8s} "
+                f"ppl {r['ppl']:.4f} "
                 f"({time.perf_counter() - t0:.0f} s)")
-    ref = {r["layout"]: r["ppl"] for r in rows if r["weights"] == ckpt.dtype and r["kv"] == ckpt.dtype}
+    ref = {r["layout"]: r["ppl"] for r in rows
+           if r["weights"] == ckpt.dtype and r["kv"] == ckpt.dtype and r["attention"] == ckpt.dtype}
     for r in rows:
         r["ratio"] = r["ppl"] / ref[r["layout"]]
     name = args.name or os.path.basename(str(ckpt.path)).replace("-lserve", "")
 
-    def ratio(weights, kv, layout="dense"):  # None where that row was not run
-        return next((r["ratio"] for r in rows if r["weights"] == weights and r["kv"] == kv and r["layout"] == layout),
-                    None)
+    def ratio(weights, kv, layout="dense", attention=ckpt.dtype):  # None where that row was not run
+        return next((r["ratio"] for r in rows if r["weights"] == weights and r["kv"] == kv and r["layout"] == layout
+                     and r["attention"] == attention), None)
 
-    def worst(weights, kv):  # the worse of dense and sparse
-        got = [ratio(weights, kv, lay) for lay in layouts]
+    def worst(weights, kv, attention=ckpt.dtype):  # the worse of dense and sparse
+        got = [ratio(weights, kv, lay, attention) for lay in layouts]
         return None if None in got else max(got)
 
     layouts = ("dense", f"sparse-s{args.sparsity:g}")
@@ -137,14 +151,18 @@ def main(argv=None):
             summary["w8a8_format"] = min(both, key=both.get)
             summary["ppl_ratio_w8a8kv8_over_bf16"] = min(both.values())
         summary["ppl_ratio_w8a16kv8_over_bf16"] = worst("fp8-weight-only", "int8")
+    if args.attn8:  # FP8 attention in the full heads' prefill: alone, and on top of W8A8 + int8 KV
+        summary["ppl_ratio_attn8_over_bf16"] = worst(ckpt.dtype, ckpt.dtype, "fp8")
+        for w in ("fp8", "int8"):
+            summary[f"ppl_ratio_w8a8{w}kv8attn8_over_bf16"] = worst(w, "int8", "fp8")
     summary = {k: v for k, v in summary.items() if v is not None}
     res = dict(env=environment(), checkpoint=name, length=args.length, windows=args.windows,
                sparse_window=dict(sink=sink, local=local), rows=rows, summary=summary)
     path = os.path.join(args.out, f"fp8_accuracy-{name}-{res['env']['date'][:10]}{args.tag}.json")
     write_json(path, res)
-    print(f"| weights | KV | layout | ppl@{args.length} | ratio |\n|---|---|---|---|---|")
+    print(f"| weights | KV | attention | layout | ppl@{args.length} | ratio |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['weights']} | {r['kv']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
+        print(f"| {r['weights']} | {r['kv']} | {r['attention']} | {r['layout']} | {r['ppl']:.4f} | {r['ratio']:.4f} |")
     print("wrote", path)
 
 

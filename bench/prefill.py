@@ -10,7 +10,9 @@ ended by block_until_ready. The first call's time (compile included) is reported
 Attention alone per layer is bench/prefill_attn.py. `+w8a8` after a variant runs it with FP8
 weights (W8A8, `lserve_jax.quant`), `+w8a8int8` with INT8 W8A8 (smoothed int8 activations):
 `--variants sparse+w8a8,sparse+w8a8int8,sparse,dense_cudnn` gives issue #18's
-`ttft_speedup_w8a8_vs_dense_bf16_<T>k` (the faster W8A8 format, named in `w8a8_format_<T>k`).
+`ttft_speedup_w8a8_vs_dense_bf16_<T>k` (the fastest W8A8 variant, named in `w8a8_format_<T>k`).
+`sparse_attn8` runs the retrieval heads' attention in FP8 on cuDNN (prefill impl cudnn8+triton,
+`lserve_jax.ops.attn8`; its perplexity: bench/fp8_accuracy.py --attn8).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from lserve_jax.sampling import sample
 VARIANTS = {
     # name: (sparse head layout?, prefill impl)
     "sparse": (True, "auto"),
+    # the retrieval heads' attention in FP8 on cuDNN (`lserve_jax.ops.attn8`), streaming heads as "sparse"
+    "sparse_attn8": (True, "cudnn8+triton"),
     "dense_cudnn": (False, "cudnn"),
     "dense_pallas": (False, "pallas"),
 }
@@ -128,11 +132,15 @@ def main(argv=None):
     summary = {}
     for t in sorted({r["t"] for r in results["points"]}):
         summary[f"ttft_speedup_vs_cudnn_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")), med.get((t, "sparse")))
-        eight = {v: med[t, v] for v in ("sparse+w8a8", "sparse+w8a8int8") if med.get((t, v))}
+        eight = {v: med[t, v] for v in ("sparse+w8a8", "sparse+w8a8int8", "sparse_attn8+w8a8", "sparse_attn8+w8a8int8")
+                 if med.get((t, v))}
         if eight:  # the faster W8A8 format
             summary[f"ttft_speedup_w8a8_vs_dense_bf16_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")),
                                                                             min(eight.values()))
-            summary[f"w8a8_format_{t // 1024}k"] = min(eight, key=eight.get).removeprefix("sparse+")
+            summary[f"w8a8_format_{t // 1024}k"] = min(eight, key=eight.get).removeprefix("sparse")
+        summary[f"ttft_speedup_attn8_vs_bf16_attention_{t // 1024}k"] = ratio(
+            med.get((t, "sparse+w8a8int8")) or med.get((t, "sparse")),
+            med.get((t, "sparse_attn8+w8a8int8")) or med.get((t, "sparse_attn8")))
     results["summary"] = summary
     write_json(out_file, results)
     print("\n| T | variant | TTFT ms | speedup vs cuDNN dense |\n|---|---|---|---|")

@@ -22,6 +22,8 @@ from ..config import ModelConfig
 from ..evals.nll import next_token_nll
 from ..kv8 import fake_quantize
 from ..models.layer import decoder_layer, final_norm
+from ..ops import attn8
+from ..quant import FP8, FP8_MAX
 from ..params import Params, stack_layers
 
 
@@ -116,14 +118,27 @@ def _attend_bwd(spec, res, do):
 _softmax_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _full_attention(qh, kh, vh, block: int):
+def _attend_fp8(q, k, v, spec, v_scale):
+    """`_softmax_attend`'s forward with FP8 attention's roundings (`ops.attn8`; q, k, v already
+    rounded): the probabilities rounded to e4m3 (scaled by 448) in the PV product, the denominator
+    from the unrounded ones, the output rounded to e4m3 with V's scale `v_scale`. No gradient."""
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    p8 = (p * FP8_MAX).astype(FP8).astype(jnp.float32)
+    o = jnp.einsum("bhgqk,bhkd->bhgqd", p8, v) / (FP8_MAX * jnp.sum(p, axis=-1, keepdims=True))
+    return (o / v_scale).astype(FP8).astype(jnp.float32) * v_scale
+
+
+def _full_attention(qh, kh, vh, block: int, v_scale=None):
     """Causal attention by blocks of query rows, each reading the keys up to its last row:
-    qh [B, Hkv, G, T, D] (pre-scaled), kh/vh [B, Hkv, T, D] -> float32 [B, Hkv, G, T, D]."""
+    qh [B, Hkv, G, T, D] (pre-scaled), kh/vh [B, Hkv, T, D] -> float32 [B, Hkv, G, T, D].
+    v_scale: FP8 attention's roundings (`_attend_fp8`, forward only) with V's scale."""
     t = qh.shape[3]
     outs = []
     for s in range(0, t, block):
         e = min(s + block, t)
-        outs.append(_softmax_attend(qh[:, :, :, s:e], kh[:, :, :e], vh[:, :, :e], ((s, e), ((0, e),), 0, None)))
+        args = (qh[:, :, :, s:e], kh[:, :, :e], vh[:, :, :e], ((s, e), ((0, e),), 0, None))
+        outs.append(_softmax_attend(*args) if v_scale is None else _attend_fp8(*args, v_scale))
     return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
 
 
@@ -145,7 +160,7 @@ def _streaming_attention(qh, kh, vh, sink: int, local: int, block: int):
     return jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
 
 
-def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = None):
+def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = None, fp8: bool = False):
     """Per KV head `gate * full causal + (1 - gate) * streaming` attention, computed by blocks of
     `block` query rows that touch only the keys they may see: a block's full attention reads the
     keys up to its last row (about half the [T, T] work), its streaming attention the sink and
@@ -157,56 +172,75 @@ def gated_attention(q, k, v, gate, sink: int, local: int, block: int | None = No
     only; a float [Hkv] array in [0, 1]: the mix; a bool [Hkv] array: binary gates, each head
     computing only its own attention (a `lax.cond` per head, so one compilation serves every
     binary pattern; True: full). block: default `BLOCK` on CPU; on a GPU one block (the whole
-    [T, T], which a GPU does faster than many small blocks, and compiles faster)."""
+    [T, T], which a GPU does faster than many small blocks, and compiles faster).
+
+    fp8: the full (retrieval) heads' attention with FP8 operands as `ops.attn8` computes it
+    (prefill impl "cudnn8+triton"): K centred and Q, K rotated (`attn8.incoherent_qk`), Q, K, V
+    rounded to e4m3 with one scale each over the heads whose gate is above 0.5 (every head
+    without gates), and `_attend_fp8`'s roundings; the
+    streaming heads unquantised. Forward only."""
     b, t, hq, d = q.shape
     cpu = jax.default_backend() == "cpu"
     block = block or (BLOCK if cpu else t)
     sblock = min(block, STREAM_BLOCK) if cpu else block
     hkv = k.shape[2]
     g = hq // hkv
-    qh = (q.astype(jnp.float32) / math.sqrt(d)).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
-    kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
-    full = lambda q, k, v: _full_attention(q, k, v, block)  # noqa: E731
+
+    def heads(q, k, v):  # [B, Hkv, G, T, D] (pre-scaled), [B, Hkv, T, D] x 2, in float32
+        return ((q.astype(jnp.float32) / math.sqrt(d)).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4),
+                k.astype(jnp.float32).transpose(0, 2, 1, 3), v.astype(jnp.float32).transpose(0, 2, 1, 3))
+
+    plain = heads(q, k, v)
+    dense_in, v_scale = plain, None
+    if fp8:
+        sel = None if gate is None else (gate if jnp.issubdtype(gate.dtype, jnp.bool_) else gate > 0.5)
+        qr, kr = attn8.incoherent_qk(q, k)
+        (q8, sq), (k8, sk) = attn8.per_tensor(qr, None if sel is None else jnp.repeat(sel, g)), attn8.per_tensor(kr, sel)
+        v8, v_scale = attn8.per_tensor(v, sel)
+        dense_in = heads(q8.astype(jnp.float32) * sq, k8.astype(jnp.float32) * sk, v8.astype(jnp.float32) * v_scale)
+    full = lambda q, k, v: _full_attention(q, k, v, block, v_scale)  # noqa: E731
     stream = lambda q, k, v: _streaming_attention(q, k, v, sink, local, sblock)  # noqa: E731
     if gate is None:
-        o = full(qh, kh, vh)
+        o = full(*dense_in)
     elif jnp.issubdtype(gate.dtype, jnp.bool_):  # one head at a time, each on its own branch
-        o = jnp.concatenate([jax.lax.cond(gate[h], full, stream, qh[:, h:h + 1], kh[:, h:h + 1], vh[:, h:h + 1])
-                             for h in range(hkv)], axis=1)
+        at = lambda xs, h: tuple(x[:, h:h + 1] for x in xs)  # noqa: E731
+        o = jnp.concatenate([jax.lax.cond(gate[h], lambda a, _: full(*a), lambda _, s: stream(*s),
+                                          at(dense_in, h), at(plain, h)) for h in range(hkv)], axis=1)
     else:
         a = gate.astype(jnp.float32)[None, :, None, None, None]
-        o = a * full(qh, kh, vh) + (1.0 - a) * stream(qh, kh, vh)
+        o = a * full(*dense_in) + (1.0 - a) * stream(*plain)
     return o.transpose(0, 3, 1, 2, 4)
 
 
-def gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int, kv_dtype=None) -> jax.Array:
+def gated_layer(lp, x: jax.Array, gate, cfg: ModelConfig, sink: int, local: int, kv_dtype=None,
+                attn8: bool = False) -> jax.Array:
     """One decoder layer of the gated model: x [B, T, hidden] -> the next layer's input.
     gate: as `gated_attention`'s. kv_dtype: an 8-bit KV dtype (`lserve_jax.kv8`: e4m3 or int8):
     attention reads K (after RoPE) and V back from that storage, every position (what decode reads
-    from the cache; prefill attends to a chunk's own keys unquantised, so this is the harder case)."""
+    from the cache; prefill attends to a chunk's own keys unquantised, so this is the harder case).
+    attn8: the full heads' attention with FP8 operands (`gated_attention(fp8=True)`)."""
     b, t = x.shape[:2]
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def attend(q, k, v):
         if kv_dtype is not None:
             k, v = fake_quantize(k, kv_dtype), fake_quantize(v, kv_dtype)
-        return gated_attention(q, k, v, gate, sink, local), None
+        return gated_attention(q, k, v, gate, sink, local, fp8=attn8), None
 
     x, _ = decoder_layer(lp, x, positions, cfg, attend)
     return x
 
 
 def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax.Array | None, *,
-                 sink: int, local: int, kv_dtype=None) -> jax.Array:
+                 sink: int, local: int, kv_dtype=None, attn8: bool = False) -> jax.Array:
     """Final (normed) hidden states [B, T, hidden] of the gated model, in the original head order.
 
     gates: [layers, kv_heads] in [0, 1]; 1 is full attention, 0 streaming (binary gates give
     exactly the sparse prefill model); None: the dense model (streaming attention not computed).
     The layers run as a `lax.scan` (pass `params.stack_layers(params)` to stack them once, not
-    per call). kv_dtype: as `gated_layer`'s."""
+    per call). kv_dtype, attn8: as `gated_layer`'s."""
     def layer(x, lp, gate):
-        return gated_layer(lp, x, gate, cfg, sink, local, kv_dtype)
+        return gated_layer(lp, x, gate, cfg, sink, local, kv_dtype, attn8)
 
     layers = stack_layers(params).layers
     if gates is None:
@@ -219,13 +253,13 @@ def gated_hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, gates: jax
 
 
 @functools.lru_cache(maxsize=8)
-def gated_nll_fn(cfg: ModelConfig, sink: int, local: int, kv_dtype=None):
+def gated_nll_fn(cfg: ModelConfig, sink: int, local: int, kv_dtype=None, attn8: bool = False):
     """Jitted (params, tokens [B, T], gates or None) -> `next_token_nll` [B, T - 1] of the gated
     model (binary gates: the sparse prefill model exactly; None: dense; kv_dtype: K and V read
-    back from 8-bit pages, `gated_layer`). Cached per window, so every pattern scored at one
+    back from 8-bit pages, `gated_layer`; attn8: FP8 attention in the full heads). Cached per window, so every pattern scored at one
     window shares one compilation."""
     @jax.jit
     def nll(params, tokens, gates):
         return next_token_nll(params, gated_hidden(params, tokens, cfg, gates, sink=sink, local=local,
-                                                   kv_dtype=kv_dtype), tokens)
+                                                   kv_dtype=kv_dtype, attn8=attn8), tokens)
     return nll

@@ -43,7 +43,7 @@ __all__ = ["BACKENDS", "OPS", "Kernels", "OpChoice", "REGISTRY", "Registry", "Un
 
 OPS = ("prefill", "decode", "append", "page_scores")  # a model's `Kernels`; "qmatmul" is registered too
 # Backend modules of lserve_jax.ops, imported lazily; adding a backend = one file + one entry here.
-BACKENDS = ("reference", "triton", "cudnn", "cpu")
+BACKENDS = ("reference", "triton", "cudnn", "cpu", "attn8")
 # Legacy spellings (the Pallas Triton lowering was called "pallas" before Mosaic GPU kernels).
 ALIASES = {"pallas": "triton", "cudnn+pallas": "cudnn+triton", "xla+pallas": "xla+triton"}
 
