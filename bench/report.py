@@ -323,14 +323,18 @@ def fp8_weights_accuracy() -> list[str]:
              "W8A8 INT8 with SmoothQuant smoothing (`--weights int8`) weights, KV read back from 8-bit pages "
              "(`--kv-dtype fp8_e4m3` / `int8`, per-token scales, every position as decode reads the cache) against "
              "the unquantised model, compute in float32; sparse = the calibrated pattern at 50% streaming heads "
-             "with the prefill window scaled to the model (as bench/accuracy.py).", ""]
+             "with the prefill window scaled to the model (as bench/accuracy.py). Attention `fp8` (`--attn8`): the "
+             "full heads' prefill attention with FP8 operands as prefill impl `cudnn8+triton` computes it "
+             "(`lserve_jax.ops.attn8`, emulated).", ""]
     shown = ("ppl_ratio_kv8_over_bf16", "ppl_ratio_w8a8kv8_over_bf16", "w8a8_format", "ppl_ratio_w8a8fp8kv8_over_bf16",
-             "ppl_ratio_w8a8int8kv8_over_bf16")
+             "ppl_ratio_w8a8int8kv8_over_bf16", "ppl_ratio_attn8_over_bf16", "ppl_ratio_w8a8fp8kv8attn8_over_bf16",
+             "ppl_ratio_w8a8int8kv8attn8_over_bf16")
     for name, d in runs:
+        attn = any("attention" in r for r in d["rows"])
         lines += _table(f"{d['checkpoint']}, {d['windows']} window(s) of {d['length']} tokens (`{name}`):",
-                        ["weights", "KV", "layout", "ppl", "ratio"],
-                        [[r["weights"], r.get("kv", "-"), r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"]
-                         for r in d["rows"]])
+                        ["weights", "KV"] + ["attention"] * attn + ["layout", "ppl", "ratio"],
+                        [[r["weights"], r.get("kv", "-")] + [r.get("attention", "-")] * attn
+                         + [r["layout"], f"{r['ppl']:.4f}", f"{r['ratio']:.4f}"] for r in d["rows"]])
         keys = {k: d["summary"][k] for k in shown if k in d.get("summary", {})}
         if keys:
             lines += ["Summary (int8 KV, the worse of dense and sparse): "
