@@ -137,7 +137,7 @@ def main(argv=None):
         if eight:  # the faster W8A8 format
             summary[f"ttft_speedup_w8a8_vs_dense_bf16_{t // 1024}k"] = ratio(med.get((t, "dense_cudnn")),
                                                                             min(eight.values()))
-            summary[f"w8a8_format_{t // 1024}k"] = min(eight, key=eight.get).removeprefix("sparse")
+            summary[f"w8a8_format_{t // 1024}k"] = min(eight, key=eight.get).removeprefix("sparse").lstrip("_+")
         summary[f"ttft_speedup_attn8_vs_bf16_attention_{t // 1024}k"] = ratio(
             med.get((t, "sparse+w8a8int8")) or med.get((t, "sparse")),
             med.get((t, "sparse_attn8+w8a8int8")) or med.get((t, "sparse_attn8")))

@@ -28,8 +28,11 @@ def _inputs(seed, b, t, hq, hkv, d, dtype=jnp.float32, k_scale=1.0):
             jax.random.normal(kv, (b, t, hkv, d), jnp.float32).astype(dtype))
 
 
-def _attn(q, k, v, lens, impl, **kw):
-    return prefill_attention(q, k, v, lens, choice=OpChoice((impl,)), **kw)
+FP8_ALWAYS = {"fp8_min_tokens": 0}  # FP8 at any length (the default keeps short prompts in bf16)
+
+
+def _attn(q, k, v, lens, impl, options=FP8_ALWAYS, **kw):
+    return prefill_attention(q, k, v, lens, choice=OpChoice.from_options(options, impls=(impl,)), **kw)
 
 
 @pytest.mark.parametrize("amax", [1e-3, 1.0, 300.0])
@@ -103,6 +106,23 @@ def test_reference8_dense_and_chunk():
                                   prefill_attention_reference(qc, k, v, lc, **kw))
 
 
+def test_short_prompts_stay_unquantised():
+    """Below fp8_min_tokens (default FP8_MIN_TOKENS) the retrieval heads run unquantised."""
+    from lserve_jax.ops.attn8 import FP8_MIN_TOKENS
+    q, k, v = _inputs(8, 1, 40, 4, 2, 16)
+    lens = jnp.array([40], jnp.int32)
+    kw = dict(num_retrieval=1, sink=4, local=9)
+    ref = prefill_attention_reference(q, k, v, lens, **kw)
+    assert FP8_MIN_TOKENS > 40
+    np.testing.assert_allclose(_attn(q, k, v, lens, "reference8", options={}, **kw), ref, atol=1e-6)
+    np.testing.assert_allclose(_attn(q, k, v, lens, "reference8", options={"fp8_min_tokens": 41}, **kw), ref,
+                               atol=1e-6)
+    assert _rel(_attn(q, k, v, lens, "reference8", options={"fp8_min_tokens": 40}, **kw), ref) > 1e-3
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="fp8_min_tokens"):
+            _attn(q, k, v, lens, "reference8", options={"fp8_min_tokens": bad}, **kw)
+
+
 @pytest.mark.parametrize("gate", [None, [True, False, True, False], [1.0, 0.0, 0.0, 1.0]], ids=str)
 def test_gated_fp8_matches_reference8(gate):
     """The perplexity model's FP8 heads (gates in the original head order) equal the op's
@@ -127,7 +147,7 @@ def test_cudnn8_needs_a_gpu():
     q, k, v = _inputs(5, 1, 32, 4, 2, 16, jnp.bfloat16)
     with pytest.raises(Unsupported, match="needs a GPU"):
         _attn(q, k, v, jnp.array([32], jnp.int32), "cudnn8+triton", num_retrieval=1, sink=4, local=8)
-    with pytest.raises(ValueError, match="reference8 takes no options"):
+    with pytest.raises(ValueError, match="reference8 takes only fp8_min_tokens"):
         prefill_attention(q, k, v, jnp.array([32], jnp.int32), num_retrieval=1, sink=4, local=8,
                           choice=OpChoice.from_options({"block_m": 64}, impls=("reference8",)))
 

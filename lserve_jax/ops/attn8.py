@@ -1,8 +1,9 @@
 """FP8 attention backend: the retrieval heads' prefill attention with e4m3 Q, K, V and
 probabilities (Hopper FP8 tensor cores through cuDNN), an opt-in for time to first token.
 
-* "cudnn8+triton" (GPU, explicit choices only): the retrieval heads (every head when all attend
-  densely) through cuDNN's FP8 flash attention, the streaming heads through the Triton kernel in
+* "cudnn8+triton" (GPU, explicit choices only): for prompts of at least `FP8_MIN_TOKENS` tokens
+  (option `fp8_min_tokens`; shorter ones run the retrieval heads through cuDNN in the input
+  dtype), the retrieval heads (every head when all attend densely) through cuDNN's FP8 flash attention, the streaming heads through the Triton kernel in
   the input dtype, concatenated along heads; a chunk of a longer prompt (`q_offset`) goes through
   the Triton kernel's offset form, in the input dtype.
 * "reference8" (any platform, explicit only): the same split with `fp8_attention_emulated` for
@@ -20,11 +21,15 @@ returns the FP8 operand type) and comes back in the input dtype. cuDNN normalise
 row max per key block, so its rounding of the probabilities differs from the emulation's (which
 uses the final row max and so rounds small probabilities no more finely than cuDNN does).
 
-Measured (bench/fp8_attn.py, one H100, one layer's retrieval heads Hq 16 / Hkv 4, D 128, causal,
-quantisation inside the timed call): 1.56x cuDNN bf16 at 128K tokens (77.9 vs 121.4 ms), 1.32x at
-32K, 1.23x at 8K; output error against bf16 5.6% relative RMS on normal inputs, 15.6% where a
-few keys dominate (larger logits, whose absolute error grows with them). Perplexity on real
-weights: BENCHMARKS.md, "8-bit weights and KV".
+Measured on an H100 (bench/attn8_check.sh; no H200 was lent): one layer's retrieval heads (Hq 16
+/ Hkv 4, D 128, causal, this module's centring, rotation and quantisation inside the timed call)
+1.54x cuDNN bf16 at 128K tokens (77.2 vs 119.0 ms), 1.35x at 32K, 0.78x at 8K (hence
+`FP8_MIN_TOKENS`); output error against bf16 5.6% relative RMS on i.i.d. inputs, 15% where a few
+keys dominate. Whole-model TTFT at 128K (llama3-8b shape, the real pattern at 0.5): sparse with
+this and INT8 W8A8 weights 5.61 s against cuDNN dense bf16 11.90 s (2.12x); with bf16 weights
+6.64 s (1.79x; 8.41 s without FP8 attention on another H100). Perplexity on SmolLM2-135M at 4K
+(bench/fp8_accuracy.py --attn8, emulated): 1.005x dense / 1.004x sparse, and INT8 W8A8 + int8 KV
++ FP8 attention 1.016x / 1.012x.
 
 Padding: cuDNN's FP8 graph takes no sequence lengths; with the causal mask a row i < length sees
 only keys j <= i < length, so the rows that count are exact without them, and rows >= length are
@@ -42,7 +47,7 @@ import numpy as np
 from ..pallas import compat
 from ..pallas.prefill import prefill_attention_reference
 from ..quant import FP8, FP8_MAX
-from . import triton
+from . import cudnn, triton
 from .prefill import every_head_dense
 from .registry import Unsupported, register
 
@@ -158,19 +163,30 @@ def fp8_attention_cudnn(q, k, v, lengths, scale: float) -> jax.Array:
     return _zero_padding(out.astype(jnp.float32) * sv, lengths, q.dtype)
 
 
-def _hybrid8(dense_fp8, streaming, offset_form, check):
+# Below this many tokens the retrieval heads stay in the input dtype: FP8's rotation and
+# quantisation passes cost more than its faster product there (bench/fp8_attn.py, H100, one layer's
+# retrieval heads: 0.78x cuDNN bf16 at 8K, 1.35x at 32K, 1.54x at 128K). Option `fp8_min_tokens`.
+FP8_MIN_TOKENS = 16384
+
+
+def _hybrid8(dense_fp8, dense_plain, streaming, offset_form, check):
     def run(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_offset=None, options):
+        options = dict(options)
+        min_tokens = options.pop("fp8_min_tokens", FP8_MIN_TOKENS)
+        if not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ValueError(f"fp8_min_tokens must be an int >= 0, got {min_tokens!r}")
         check(q, options)
+        dense = dense_plain if q.shape[1] < min_tokens else dense_fp8  # short: the input dtype's engine
         if q_offset is not None:  # a chunk: the input dtype through the offset form
             return offset_form(q, k, v, lengths, num_retrieval=num_retrieval, sink=sink, local=local, scale=scale,
                                q_offset=q_offset, options=options)
         if every_head_dense(q, k, num_retrieval=num_retrieval, sink=sink, local=local):
-            return dense_fp8(q, k, v, lengths, scale)
+            return dense(q, k, v, lengths, scale)
         r = num_retrieval
         if r == 0:
             return streaming(q, k, v, lengths, sink=sink, local=local, scale=scale, options=options)
         g = q.shape[2] // k.shape[2]
-        out_r = dense_fp8(q[:, :, :r * g], k[:, :, :r], v[:, :, :r], lengths, scale)
+        out_r = dense(q[:, :, :r * g], k[:, :, :r], v[:, :, :r], lengths, scale)
         out_s = streaming(q[:, :, r * g:], k[:, :, r:], v[:, :, r:], lengths, sink=sink, local=local, scale=scale,
                           options=options)
         return jnp.concatenate([out_r, out_s], axis=2)
@@ -188,7 +204,15 @@ def _check_gpu(q, options):
 
 def _check_any(q, options):
     if options:
-        raise ValueError(f"reference8 takes no options, got {sorted(options)}")
+        raise ValueError(f"reference8 takes only fp8_min_tokens, got {sorted(options)}")
+
+
+def _cudnn_bf16(q, k, v, lengths, scale):
+    return cudnn.dense_causal(q, k, v, lengths, scale, "cudnn")
+
+
+def _reference_dense(q, k, v, lengths, scale):
+    return prefill_attention_reference(q, k, v, lengths, num_retrieval=k.shape[2], sink=0, local=0, scale=scale)
 
 
 def _triton_streaming(q, k, v, lengths, *, sink, local, scale, options):
@@ -211,6 +235,7 @@ def _reference_offset(q, k, v, lengths, *, num_retrieval, sink, local, scale, q_
                                        scale=scale, q_offset=q_offset)
 
 
-register("prefill", "cudnn8+triton")(_hybrid8(fp8_attention_cudnn, _triton_streaming, _triton_offset, _check_gpu))
-register("prefill", "reference8")(_hybrid8(fp8_attention_emulated, _reference_streaming, _reference_offset,
-                                           _check_any))
+register("prefill", "cudnn8+triton")(_hybrid8(fp8_attention_cudnn, _cudnn_bf16, _triton_streaming, _triton_offset,
+                                              _check_gpu))
+register("prefill", "reference8")(_hybrid8(fp8_attention_emulated, _reference_dense, _reference_streaming,
+                                           _reference_offset, _check_any))

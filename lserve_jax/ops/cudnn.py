@@ -54,7 +54,7 @@ def _check_engine(engine: str, q) -> None:
         raise Unsupported(f"cuDNN flash attention takes bfloat16/float16, got {q.dtype=}")
 
 
-def _dense_causal(q, k, v, lengths, scale: float, engine: str):
+def dense_causal(q, k, v, lengths, scale: float, engine: str):
     """Dense causal GQA attention; rows >= length zeroed. q [B, T, Hq, D], k/v [B, T, Hkv, D]."""
     _check_engine(engine, q)
     kw = dict(scale=scale, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
@@ -82,7 +82,7 @@ def _dense(engine: str):
                 f"{engine!r} is dense causal attention and cannot express streaming heads "
                 f"(num_retrieval={num_retrieval} < Hkv={k.shape[2]}, {sink=}, {local=}, T={q.shape[1]}); "
                 f"use 'triton', '{engine}+triton' or the default order")
-        return _dense_causal(q, k, v, lengths, scale, engine)
+        return dense_causal(q, k, v, lengths, scale, engine)
 
     return run
 
@@ -92,7 +92,7 @@ def _hybrid(engine: str):
         if q_offset is not None:
             raise Unsupported(f"{engine!r}+triton has no offset (chunked) form")
         if every_head_dense(q, k, num_retrieval=num_retrieval, sink=sink, local=local):
-            return _dense_causal(q, k, v, lengths, scale, engine)
+            return dense_causal(q, k, v, lengths, scale, engine)
         kw = dict(sink=sink, local=local, scale=scale, options=options)
         r = num_retrieval
         if r == 0:
@@ -100,7 +100,7 @@ def _hybrid(engine: str):
         triton.check_prefill(q, options)  # both halves' checks before the first trace
         _check_engine(engine, q)
         g = q.shape[2] // k.shape[2]
-        out_r = _dense_causal(q[:, :, :r * g], k[:, :, :r], v[:, :, :r], lengths, scale, engine)
+        out_r = dense_causal(q[:, :, :r * g], k[:, :, :r], v[:, :, :r], lengths, scale, engine)
         out_s = triton.prefill(q[:, :, r * g:], k[:, :, r:], v[:, :, r:], lengths, num_retrieval=0, **kw)
         return jnp.concatenate([out_r, out_s], axis=2)
 
