@@ -21,6 +21,10 @@ cuDNN's paged attention); a sparse selection or 8-bit pages fall through to trit
 On CPU, `ops/cpu.py`: block-sparse flash-style prefill and a decode that reads only the used
 slots; bench/peer_hf.py measures them against Hugging Face transformers.)
 
+Explicit-only prefill implementations (no platform rank): "cudnn", "xla", "xla+triton"
+(`ops/cudnn.py`), and FP8 attention for the retrieval heads, "cudnn8+triton" (GPU) and its jnp
+emulation "reference8" (`ops/attn8.py`).
+
 "qmatmul" is the product with an 8-bit weight (`ops.qmatmul`): XLA's W8A8 / W8A16 products of
 `lserve_jax.quant` ("xla") by default; the weight-only Triton skinny GEMM ("triton", at most 64
 rows) only when a choice names it (measured slower in the decode step, see `lserve_jax.quant`).
