@@ -13,9 +13,9 @@ set -u
 out=${OUT:-bench/results}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout "${TEST_LIMIT:-90}" python -m pytest -q -m gpu tests/test_attn8.py -p no:warnings > "$out/pytest-attn8.log" 2>&1
+timeout "${TEST_LIMIT:-120}" python -m pytest -q -m gpu tests/test_attn8.py -p no:warnings > "$out/pytest-attn8.log" 2>&1
 tail -2 "$out/pytest-attn8.log"
-timeout "${PROBE_LIMIT:-60}" python bench/fp8_attn.py --out "$out" 2>&1 | grep -v "^\[" | tail -8
+timeout "${PROBE_LIMIT:-50}" python bench/fp8_attn.py --out "$out" 2>&1 | grep -v "^\[" | tail -8
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${TTFT_LIMIT:-420}" python bench/prefill.py --ts 131072 \
   --variants "${VARIANTS:-dense_cudnn,sparse_attn8+w8a8int8,sparse_attn8}" --reps 2 --warmup 1 \
   --out "$out" 2>&1 | grep -E "ms \(first|FAILED|speedup|^\|" | tail -14
