@@ -13,10 +13,8 @@ keys with a few strong positions per query block (peaked attention).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,13 +22,8 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.common import environment, timed, write_json  # noqa: E402
+from common import environment, log, timed, write_json  # noqa: E402
 from lserve_jax.ops.attn8 import fp8_attention_cudnn  # noqa: E402
-T0 = time.perf_counter()
-
-
-def log(*a):
-    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
 
 
 def attn_bf16(q, k, v, scale):
@@ -45,7 +38,7 @@ def attn_fp8(q, k, v, scale):
 
 
 def inputs(t, hq, hkv, d, kind, seed=0):
-    kq, kk, kv, kp = jax.random.split(jax.random.key(seed), 4)
+    kq, kk, kv, _ = jax.random.split(jax.random.key(seed), 4)  # 4 keys: the committed runs' inputs
     q = jax.random.normal(kq, (1, t, hq, d), jnp.float32)
     k = jax.random.normal(kk, (1, t, hkv, d), jnp.float32)
     v = jax.random.normal(kv, (1, t, hkv, d), jnp.float32)

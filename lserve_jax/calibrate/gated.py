@@ -23,7 +23,6 @@ from ..evals.nll import next_token_nll
 from ..kv8 import fake_quantize
 from ..models.layer import decoder_layer, final_norm
 from ..ops import attn8
-from ..quant import FP8, FP8_MAX
 from ..params import Params, stack_layers
 
 
@@ -119,14 +118,10 @@ _softmax_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def _attend_fp8(q, k, v, spec, v_scale):
-    """`_softmax_attend`'s forward with FP8 attention's roundings (`ops.attn8`; q, k, v already
-    rounded): the probabilities rounded to e4m3 (scaled by 448) in the PV product, the denominator
-    from the unrounded ones, the output rounded to e4m3 with V's scale `v_scale`. No gradient."""
+    """`_softmax_attend`'s forward with FP8 attention's roundings (`attn8.fp8_softmax_pv`; q, k, v
+    already rounded and dequantised). No gradient."""
     s = jnp.einsum("bhgqd,bhkd->bhgqk", q, k) + _block_bias(*spec)
-    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    p8 = (p * FP8_MAX).astype(FP8).astype(jnp.float32)
-    o = jnp.einsum("bhgqk,bhkd->bhgqd", p8, v) / (FP8_MAX * jnp.sum(p, axis=-1, keepdims=True))
-    return (o / v_scale).astype(FP8).astype(jnp.float32) * v_scale
+    return attn8.fp8_softmax_pv(s, lambda p: jnp.einsum("bhgqk,bhkd->bhgqd", p, v), v_scale)
 
 
 def _full_attention(qh, kh, vh, block: int, v_scale=None):

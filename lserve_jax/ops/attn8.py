@@ -99,6 +99,16 @@ def _round_e4m3(x: jax.Array) -> jax.Array:
     return x.astype(FP8).astype(jnp.float32)
 
 
+def fp8_softmax_pv(s: jax.Array, pv, v_scale: jax.Array) -> jax.Array:
+    """FP8 attention's roundings after the logits (float32 `s`, masked keys -inf, keys last):
+    the probabilities exp(s - rowmax) rounded to e4m3 after a scale of 448 for the PV product
+    `pv(p)` (p @ V, V already rounded and dequantised), the denominator summed from the unrounded
+    ones, the output rounded to e4m3 with V's scale `v_scale`. float32 output."""
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = pv(_round_e4m3(p * FP8_MAX)) / (FP8_MAX * jnp.sum(p, axis=-1, keepdims=True))
+    return _round_e4m3(o / v_scale) * v_scale
+
+
 def quantized_operands(q, k, v):
     """The FP8 operands and their scales: ((q8, sq), (k8, sk), (v8, sv)), q and k through
     `incoherent_qk` first."""
@@ -117,12 +127,8 @@ def fp8_attention_emulated(q, k, v, lengths, scale: float) -> jax.Array:
     qf = q8.astype(jnp.float32).reshape(b, t, hkv, g, d)
     s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k8.astype(jnp.float32)) * (sq * sk * scale)
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    s = jnp.where(causal, s, -jnp.inf)
-    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p8 = _round_e4m3(p * FP8_MAX)
-    o = jnp.einsum("bhgqk,bkhd->bhgqd", p8, v8.astype(jnp.float32)) * (sv / FP8_MAX) / denom
-    o = _round_e4m3(o / sv) * sv  # the FP8 output with V's scale
+    vf = v8.astype(jnp.float32) * sv
+    o = fp8_softmax_pv(jnp.where(causal, s, -jnp.inf), lambda p: jnp.einsum("bhgqk,bkhd->bhgqd", p, vf), sv)
     o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
     return _zero_padding(o, lengths, q.dtype)
 
