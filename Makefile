@@ -24,7 +24,7 @@ serve: $(STAMP)
 	$(PY) -m lserve_jax.serve
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf $(VENV)

@@ -19,6 +19,11 @@ _JIT_CACHE = tempfile.mkdtemp(prefix="lserve-jax-test-jit-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE
 jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
 atexit.register(shutil.rmtree, _JIT_CACHE, True)
+# The worker itself writes nothing there: serializing a CPU executable once aborted a CI worker
+# (SIGABRT inside executable.serialize(), reached only by compiles over jax's 1 s threshold, so
+# it depends on the machine's speed), which no Python code can catch. The worker's in-memory caches cover its own reuse;
+# the CLI subprocesses still share the folder.
+jax.config.update("jax_enable_compilation_cache", False)
 
 from .tiny import TINY, tiny_params, word_tokenizer_json
 
