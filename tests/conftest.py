@@ -4,6 +4,7 @@ tests/kernel_base.py)."""
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -19,13 +20,19 @@ _JIT_CACHE = tempfile.mkdtemp(prefix="lserve-jax-test-jit-")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _JIT_CACHE
 jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
 atexit.register(shutil.rmtree, _JIT_CACHE, True)
-# The worker itself writes nothing there: serializing a CPU executable once aborted a CI worker
-# (SIGABRT inside executable.serialize(), reached only by compiles over jax's 1 s threshold, so
-# it depends on the machine's speed), which no Python code can catch. The worker's in-memory caches cover its own reuse;
-# the CLI subprocesses still share the folder.
-jax.config.update("jax_enable_compilation_cache", False)
 
 from .tiny import TINY, tiny_params, word_tokenizer_json
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Frees every compiled program after each test file. A CPU executable holds about seven
+    memory mappings and jax keeps each one alive, so a worker that lives through half the suite
+    passed Linux's 65530-mapping limit (vm.max_map_count) and XLA aborted inside a compile or a
+    cache write. One file's programs stay well under it."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
