@@ -26,10 +26,11 @@ from .tiny import TINY, tiny_params, word_tokenizer_json
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
-    """Frees every compiled program after each test file. A CPU executable holds about seven
-    memory mappings and jax keeps each one alive, so a worker that lives through half the suite
-    passed Linux's 65530-mapping limit (vm.max_map_count) and XLA aborted inside a compile or a
-    cache write. One file's programs stay well under it."""
+    """Frees every compiled program after each test file. Each CPU executable holds a few memory
+    mappings and jax keeps them all alive: one xdist worker reached 58,000 mappings at 80% of the
+    suite, and past Linux's limit (vm.max_map_count, 65530) LLVM fails with "Cannot allocate
+    memory" and the worker dies inside a compile or a cache write (the CI crash). With this, a
+    worker holds about 1,300 mappings between files and at most ~23,000 inside one."""
     yield
     jax.clear_caches()
     gc.collect()
