@@ -12,6 +12,14 @@
   with the prefill window and, separately, with the narrower decode window for streaming heads.
 * Variants: dense; the calibrated pattern at several static sparsities and token budgets; a
   random pattern and the attention-mass pattern at the same sparsity and knobs.
+* 8-bit (`--weights int8|fp8|fp8-weight-only`, `--kv-dtype int8|fp8_e4m3`): the grid's variants
+  with quantised linear weights and/or 8-bit KV pages, named `<variant>+<weights>+kv-<dtype>`;
+  `--resume` into the file of an unquantised run keeps its variants beside them, and each 8-bit
+  variant is scored against its unquantised twin (cells the twin passes that it fails).
+  Perplexity with 8-bit weights and KV is bench/fp8_accuracy.py's (this needs --skip-ppl).
+
+    python bench/accuracy.py --variants dense,calibrated-s0.5-b256 --weights int8 --kv-dtype int8 \
+        --skip-ppl --resume --out bench/results/accuracy-2026-12-02b.json
 
 Writes bench/results/accuracy-<date>.json and a heatmap PNG beside it; prints markdown tables.
 """
@@ -45,6 +53,26 @@ REPO_PATTERN = os.path.join(ROOT, "lserve_jax", "patterns", "SmolLM2-135M-Instru
 # Sparse knobs scaled to SmolLM2's 8K context so that sparsity bites at 256-2K tokens.
 KNOBS = dict(prefill_sink=64, prefill_local=256, decode_sink=64, decode_local=128, page_size=16,
              logical_page_size=4, selector_interval=4)
+# 8-bit options of the grid's engine (lserve_jax.load's weights= and kv_dtype=)
+QUANT_WEIGHTS = ("int8", "fp8", "fp8-weight-only")
+QUANT_KV = ("int8", "fp8_e4m3")
+
+
+def quant_suffix(weights: str, kv_dtype: str) -> str:
+    """The grid-variant name suffix of an 8-bit run ('' for weights as stored and compute-dtype KV)."""
+    return ("" if weights == "checkpoint" else f"+{weights}") + ("" if kv_dtype == "auto" else f"+kv-{kv_dtype}")
+
+
+def lost_to_twin(grid: dict, name: str) -> tuple[int, int] | None:
+    """(cells the unquantised twin passes that `name` passes, cells the twin passes), or None when
+    `name` is not an 8-bit variant or its twin is not in the grid."""
+    twin = grid[name].get("twin")
+    if not twin or twin not in grid:
+        return None
+    p, t = (np.asarray(grid[k]["pass"]) >= 1.0 for k in (name, twin))
+    return int((p & t).sum()), int(t.sum())
+
+
 # (sink, local) that streaming heads see in the all-position perplexity forward
 WINDOWS = {"prefill": (KNOBS["prefill_sink"], KNOBS["prefill_local"]),
            "decode": (KNOBS["decode_sink"], KNOBS["decode_local"])}
@@ -123,15 +151,17 @@ def heatmap(path: str, grid: dict, lengths, depths) -> None:
 def tables(res: dict) -> str:
     g = res["grid"]
     lengths = g["lengths"]
-    dense = np.asarray(g["variants"]["dense"]["pass"]) >= 1.0
-    out = ["| variant | sparsity | budget | cells passed | passed where dense passes | " +
-           " | ".join(f"{n}" for n in lengths) + " |",
-           "|---|---|---|---|---|" + "---|" * len(lengths)]
+    dense = np.asarray(g["variants"]["dense"]["pass"]) >= 1.0 if "dense" in g["variants"] else None
+    out = ["| variant | sparsity | budget | cells passed | passed where dense passes | "
+           "passed where the unquantised twin passes | " + " | ".join(f"{n}" for n in lengths) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(lengths)]
     for name, v in g["variants"].items():
         p = np.asarray(v["pass"]) >= 1.0
         per_len = [f"{int(p[i].sum())}/{p.shape[1]}" for i in range(len(lengths))]
+        twin = lost_to_twin(g["variants"], name)
         out.append(f"| {name} | {v['sparsity']} | {v['budget'] or '-'} | {int(p.sum())}/{p.size} | "
-                   f"{int((p & dense).sum())}/{int(dense.sum())} | " + " | ".join(per_len) + " |")
+                   f"{'%d/%d' % ((p & dense).sum(), dense.sum()) if dense is not None else '-'} | {'%d/%d' % twin if twin else '-'} | "
+                   + " | ".join(per_len) + " |")
     pp = res["perplexity"]
     out += ["", "| variant | window | " + " | ".join(f"ppl@{n}" for n in pp["lengths"]) +
             " | " + " | ".join(f"tail ppl@{n}" for n in pp["lengths"]) + " |",
@@ -179,7 +209,16 @@ def main(argv=None) -> int:
                     help="page selection modes in the grid; modes other than query_head run as extra variants "
                          "at the headline knobs (%(default)s)")
     ap.add_argument("--resume", action="store_true", help="keep the variants already in --out, run the rest")
+    ap.add_argument("--variants", type=lambda x: [v for v in x.split(",") if v],
+                    help="run only these variants of the grid (names as in the tables, without an 8-bit suffix)")
+    ap.add_argument("--weights", default="checkpoint", choices=["checkpoint", *QUANT_WEIGHTS],
+                    help="the grid's linear weights: as stored (default), or quantised on load (lserve_jax.load)")
+    ap.add_argument("--kv-dtype", default="auto", choices=["auto", *QUANT_KV],
+                    help="the grid's KV pages: the compute dtype (default) or 8-bit with per-token scales")
     args = ap.parse_args(argv)
+    suffix = quant_suffix(args.weights, args.kv_dtype)
+    if suffix and not args.skip_ppl:
+        ap.error("perplexity with 8-bit weights or KV is bench/fp8_accuracy.py's: add --skip-ppl")
     if args.quick:
         args.lengths, args.depths, args.sparsities, args.budgets = [256], [0.0, 1.0], [0.5], [256]
         args.ppl_lengths, args.ppl_windows, args.ppl_sparsities = [512], 1, [0.5]
@@ -212,6 +251,11 @@ def main(argv=None) -> int:
     variants += [Variant(f"calibrated-s{s0:g}-b{b0}-{m}", "calibrated", s0, b0, m)
                  for m in args.selection_modes if m != "query_head"]
     headline = f"calibrated-s{s0:g}-b{min(args.budgets)}"
+    if args.variants is not None:
+        unknown = sorted(set(args.variants) - {v.name for v in variants})
+        if unknown:
+            ap.error(f"--variants: unknown {unknown}; these runs have {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in args.variants]
 
     date = datetime.date.today().isoformat()
     out = args.out or os.path.join(ROOT, "bench", "results", f"accuracy-{date}{'-quick' if args.quick else ''}.json")
@@ -248,23 +292,25 @@ def main(argv=None) -> int:
         grid = {k: e for k, e in old.get("grid", {}).get("variants", {}).items() if reusable(e.get("pattern"))}
         prompts = None
         for v in variants:
-            if v.name in grid:
-                log(f"grid: {v.name} (kept from {out})")
+            name = v.name + suffix
+            if name in grid:
+                log(f"grid: {name} (kept from {out})")
                 continue
-            log(f"grid: {v.name}")
+            log(f"grid: {name}")
             sp = v.sparse_config(max_len)
             pat = None if v.pattern is None else _tmp_tsv(patterns[v.pattern], v.pattern)
             # the weights as stored (float32): the grid's numbers stay comparable across sessions
             engine = lserve_jax.load(ckpt.path, pattern=pat, sparse=sp, max_seq_len=max_len, progress=False,
-                                     weights="checkpoint")
+                                     weights=args.weights, kv_dtype=args.kv_dtype)
             if prompts is None:
                 encode = (lambda s: engine.tokenizer.encode(s, add_special_tokens=False))
                 prompts = grid_prompts(encode, args.lengths, args.depths, args.trials, args.seed)
             t = time.perf_counter()
             frac, outs = run_grid(engine, prompts, log=log)
             layout = engine.spec.layout
-            grid[v.name] = {"pattern": v.pattern, "sparsity": v.sparsity, "budget": v.budget, "pass": frac,
+            grid[name] = {"pattern": v.pattern, "sparsity": v.sparsity, "budget": v.budget, "pass": frac,
                             "outputs": outs, "seconds": time.perf_counter() - t,
+                            "weights": args.weights, "kv_dtype": args.kv_dtype, "twin": v.name if suffix else None,
                             "retrieval_heads": int(sum(layout.num_retrieval)),
                             "kv_heads": cfg.num_layers * cfg.num_kv_heads}
             del engine
@@ -331,18 +377,28 @@ def summary(res: dict, headline: str, s0: float, calib_minutes, calib_device=Non
                  "calibrate_minutes_cpu": calib_cpu}
     if "grid" in res:
         g = res["grid"]["variants"]
-        dense = np.asarray(g["dense"]["pass"]) >= 1.0
-        out["cells_total"] = int(dense.size)
-        out["cells_dense_pass"] = int(dense.sum())
+        first = np.asarray(next(iter(g.values()))["pass"])
+        dense = np.asarray(g["dense"]["pass"]) >= 1.0 if "dense" in g else None
+        out["cells_total"] = int(first.size)
+        if dense is not None:
+            out["cells_dense_pass"] = int(dense.sum())
         per = {}
         for name, v in g.items():
             p = np.asarray(v["pass"]) >= 1.0
-            per[name] = {"cells_pass": int(p.sum()), "pass_where_dense_passes": int((p & dense).sum())}
+            per[name] = {"cells_pass": int(p.sum())}
+            if dense is not None:
+                per[name]["pass_where_dense_passes"] = int((p & dense).sum())
+            twin = lost_to_twin(g, name)
+            if twin:
+                per[name]["pass_where_twin_passes"] = twin[0]
         out["per_variant"] = per
-        if headline in per:
+        twins = [lost_to_twin(g, name) for name in g]
+        if any(twins):  # #18: the 8-bit grid passes every cell its unquantised twin passes
+            out["passkey_cells_lost_8bit"] = sum(t - k for k, t in filter(None, twins))
+        if headline in per and dense is not None:
             out["cells_sparse_pass_where_dense_passes"] = per[headline]["pass_where_dense_passes"]
         rnd = [n for n in per if n.startswith("random")]
-        if rnd:
+        if rnd and dense is not None:
             out["cells_random_pass_where_dense_passes"] = per[rnd[0]]["pass_where_dense_passes"]
     if "perplexity" in res:
         pp = res["perplexity"]

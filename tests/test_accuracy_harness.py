@@ -263,3 +263,25 @@ def test_accuracy_script_end_to_end_and_resume(params, tmp_path):
     assert third["grid"] == again["grid"] and "ppl dense prefill @512" in log
     assert third["perplexity"]["variants"]["dense"]["prefill"]["512"]["tokens"] == 511
 
+    # 8-bit: the grid's variants again with INT8 weights and KV pages, beside their twins
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), *args, "--weights", "int8"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "--skip-ppl" in r.stderr
+    eight, log = run("--resume", "--skip-ppl", "--variants", "dense,calibrated-s0.5-b256",
+                     "--weights", "int8", "--kv-dtype", "int8")
+    g = eight["grid"]["variants"]
+    assert set(g) == {*names, "dense+int8+kv-int8", "calibrated-s0.5-b256+int8+kv-int8"}
+    assert g["dense+int8+kv-int8"]["twin"] == "dense" and g["dense+int8+kv-int8"]["kv_dtype"] == "int8"
+    assert "grid: random-s0.5-b256" not in log.replace("(kept", "")  # --variants: the control is not run
+    twin, own = np.asarray(g["dense"]["pass"]) >= 1, np.asarray(g["dense+int8+kv-int8"]["pass"]) >= 1
+    per = eight["summary"]["per_variant"]["dense+int8+kv-int8"]
+    assert per["pass_where_twin_passes"] == int((twin & own).sum())
+    lost = sum(int((np.asarray(g[n["twin"]]["pass"]) >= 1).sum()) - eight["summary"]["per_variant"][k]["pass_where_twin_passes"]
+               for k, n in g.items() if n.get("twin"))
+    assert eight["summary"]["passkey_cells_lost_8bit"] == lost
+    assert eight["perplexity"] == third["perplexity"]  # --skip-ppl keeps the stored perplexities
+    assert f"| dense+int8+kv-int8 | 0.0 | - | " in eight["table_md"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), *args, "--variants", "nope"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown ['nope']" in r.stderr
+
