@@ -13,17 +13,21 @@
 # 4. the largest batch at 128K tokens, bf16 pages against int8 pages (bench/decode.py --max-batch,
 #    zero-filled caches).
 # TTFT at 128K (bench/prefill.py) does not fit beside these: its W8A8 first call took 291 s.
+# PARTS (default tests,decode,profile,maxbatch) picks the parts to run, in that order.
 set -u
+parts=",${PARTS:-tests,decode,profile,maxbatch},"
+part() { [[ $parts == *",$1,"* ]]; }
 out=${OUT:-bench/results}
 mkdir -p "$out/maxbatch"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-timeout "${TEST_LIMIT:-120}" python -m pytest -q -m gpu tests/test_append_kernel.py tests/test_decode_kernel.py \
+part tests && timeout "${TEST_LIMIT:-120}" python -m pytest -q -m gpu tests/test_append_kernel.py tests/test_decode_kernel.py \
   -k "append or combine or sparse_decode" -p no:warnings > "$out/pytest-gpu.log" 2>&1
-tail -2 "$out/pytest-gpu.log"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${DECODE_LIMIT:-260}" python bench/decode.py --tune \
+part tests && tail -2 "$out/pytest-gpu.log"
+part decode && XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${DECODE_LIMIT:-260}" python bench/decode.py --tune \
   --points 131072x4,262144x1 --steps 32 \
   --variants sparse_kv_head+w8a8int8+kv8,sparse_kv_head,dense_cudnn+w8a8int8,dense_cudnn --out "$out" 2>&1 \
   | grep -v "^ " | tail -12
+if part profile; then
 dump=$(mktemp -d)
 XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text" timeout "${PROFILE_LIMIT:-90}" python bench/profile_decode.py \
   --points 131072x4 --variants sparse_kv_head+w8a8int8+kv8@multi4 --top 60 --out "$out" 2>&1 | grep -v "^    " | tail -3
@@ -31,5 +35,6 @@ XLA_FLAGS="--xla_dump_to=$dump --xla_dump_hlo_as_text" timeout "${PROFILE_LIMIT:
   echo; echo "== layer 3, in order"
   python bench/hlo_kernels.py "$dump" --module multi_step --layer 3; } > "$out/hlo_kernels.txt" 2>&1
 rm -rf "$dump"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${MAXBATCH_LIMIT:-100}" python bench/decode.py --max-batch 131072 \
+fi
+part maxbatch && XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${MAXBATCH_LIMIT:-100}" python bench/decode.py --max-batch 131072 \
   --variants sparse_kv_head,sparse_kv_head+kv8 --out "$out/maxbatch" 2>&1 | grep -v "^ " | tail -5

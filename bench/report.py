@@ -230,25 +230,31 @@ def _summary_tables(d: dict, skip: tuple[type, ...]) -> list[str]:
 
 
 def accuracy(prefix: str = "accuracy", title: str = "Accuracy on real weights (SmolLM2-135M-Instruct, CPU)",
-             how: str = "`python bench/accuracy.py`") -> list[str]:
-    runs = _load(f"{prefix}-*.json")
-    if not runs:
+             how: str = "`python bench/accuracy.py`", runs: int = 1) -> list[str]:
+    """The newest `runs` accuracy runs whose JSON names start with `prefix`, under one heading."""
+    found = _load(f"{prefix}-*.json")[-runs:]
+    if not found:
         return []
-    name, d = runs[-1]
-    lines = [f"## {title}", "", f"{how} (`{name}`)."]
-    if d.get("knobs"):
-        lines += ["", "Sparse knobs: " + ", ".join(f"{k}={v}" for k, v in d["knobs"].items())]
-    summary = d.get("summary") or {}
-    per = summary.get("per_variant")
-    if per:
-        twin = any("pass_where_twin_passes" in v for v in per.values())
-        lines += ["", "| variant | cells passed | passed where dense passes |" +
-                  (" passed where the unquantised twin passes |" if twin else ""), "|---|---|---|" + ("---|" if twin else "")]
-        lines += [f"| {k} | {v['cells_pass']} | {v.get('pass_where_dense_passes', '-')} |" +
-                  (f" {v.get('pass_where_twin_passes', '-')} |" if twin else "") for k, v in per.items()]
-    lines += _summary_tables(d, skip=(dict,))
-    for png in sorted(glob.glob(os.path.join(RESULTS, f"{prefix}-*.png")))[-1:]:
-        lines += ["", f"![passkey grid](bench/results/{os.path.basename(png)})"]
+    lines = [f"## {title}"]
+    for name, d in found:
+        lines += ["", f"{how} (`{name}`)."]
+        if d.get("knobs"):
+            lines += ["", "Sparse knobs: " + ", ".join(f"{k}={v}" for k, v in d["knobs"].items())]
+        if d.get("grid", {}).get("trials", 1) > 1:
+            lines += ["", f"{d['grid']['trials']} pass keys per cell; a cell passes when every key is found."]
+        summary = d.get("summary") or {}
+        per = summary.get("per_variant")
+        if per:
+            twin = any("pass_where_twin_passes" in v for v in per.values())
+            lines += ["", "| variant | cells passed | passed where dense passes |" +
+                      (" passed where the unquantised twin passes |" if twin else ""),
+                      "|---|---|---|" + ("---|" if twin else "")]
+            lines += [f"| {k} | {v['cells_pass']} | {v.get('pass_where_dense_passes', '-')} |" +
+                      (f" {v.get('pass_where_twin_passes', '-')} |" if twin else "") for k, v in per.items()]
+        lines += _summary_tables(d, skip=(dict,))
+        png = os.path.join(RESULTS, os.path.splitext(name)[0] + ".png")
+        if os.path.exists(png):
+            lines += ["", f"![passkey grid](bench/results/{os.path.basename(png)})"]
     return lines + [""]
 
 
@@ -257,7 +263,8 @@ def accuracy_8bit() -> list[str]:
     return accuracy("accuracy8", "Pass-key grid with 8-bit weights and KV (SmolLM2-135M-Instruct, CPU)",
                     "`python bench/accuracy.py --variants dense,calibrated-s0.5-b256 --skip-ppl`, then the same "
                     "with `--weights int8 --kv-dtype int8 --resume` (INT8 W8A8 with SmoothQuant smoothing, int8 KV "
-                    "pages with per-token scales; every 8-bit variant against its unquantised twin of the same run)")
+                    "pages with per-token scales; every 8-bit variant against its unquantised twin of the same run)",
+                    runs=3)
 
 
 def second_model() -> list[str]:
