@@ -385,7 +385,7 @@ def summary(res: dict, headline: str, s0: float, calib_minutes, calib_device=Non
         per = {}
         for name, v in g.items():
             p = np.asarray(v["pass"]) >= 1.0
-            per[name] = {"cells_pass": int(p.sum())}
+            per[name] = {"cells_pass": int(p.sum()), "mean_pass": round(float(np.mean(v["pass"])), 4)}
             if dense is not None:
                 per[name]["pass_where_dense_passes"] = int((p & dense).sum())
             twin = lost_to_twin(g, name)

@@ -246,10 +246,12 @@ def accuracy(prefix: str = "accuracy", title: str = "Accuracy on real weights (S
         per = summary.get("per_variant")
         if per:
             twin = any("pass_where_twin_passes" in v for v in per.values())
-            lines += ["", "| variant | cells passed | passed where dense passes |" +
-                      (" passed where the unquantised twin passes |" if twin else ""),
-                      "|---|---|---|" + ("---|" if twin else "")]
-            lines += [f"| {k} | {v['cells_pass']} | {v.get('pass_where_dense_passes', '-')} |" +
+            mean = any("mean_pass" in v for v in per.values())
+            lines += ["", "| variant | cells passed |" + (" keys found |" if mean else "") +
+                      " passed where dense passes |" + (" passed where the unquantised twin passes |" if twin else ""),
+                      "|---|---|---|" + ("---|" if mean else "") + ("---|" if twin else "")]
+            lines += [f"| {k} | {v['cells_pass']} |" + (f" {v.get('mean_pass', 0):.0%} |" if mean else "") +
+                      f" {v.get('pass_where_dense_passes', '-')} |" +
                       (f" {v.get('pass_where_twin_passes', '-')} |" if twin else "") for k, v in per.items()]
         lines += _summary_tables(d, skip=(dict,))
         png = os.path.join(RESULTS, os.path.splitext(name)[0] + ".png")

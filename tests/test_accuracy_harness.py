@@ -276,6 +276,7 @@ def test_accuracy_script_end_to_end_and_resume(params, tmp_path):
     twin, own = np.asarray(g["dense"]["pass"]) >= 1, np.asarray(g["dense+int8+kv-int8"]["pass"]) >= 1
     per = eight["summary"]["per_variant"]["dense+int8+kv-int8"]
     assert per["pass_where_twin_passes"] == int((twin & own).sum())
+    assert per["mean_pass"] == pytest.approx(np.mean(g["dense+int8+kv-int8"]["pass"]), abs=1e-4)
     lost = sum(int((np.asarray(g[n["twin"]]["pass"]) >= 1).sum()) - eight["summary"]["per_variant"][k]["pass_where_twin_passes"]
                for k, n in g.items() if n.get("twin"))
     assert eight["summary"]["passkey_cells_lost_8bit"] == lost
