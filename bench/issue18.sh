@@ -13,7 +13,8 @@
 # 4. the largest batch at 128K tokens, bf16 pages against int8 pages (bench/decode.py --max-batch,
 #    zero-filled caches).
 # TTFT at 128K (bench/prefill.py) does not fit beside these: its W8A8 first call took 291 s.
-# PARTS (default tests,decode,profile,maxbatch) picks the parts to run, in that order.
+# PARTS (default tests,decode,profile,maxbatch) picks the parts to run, in that order; POINTS the
+# decode points (default 131072x4,262144x1).
 set -u
 parts=",${PARTS:-tests,decode,profile,maxbatch},"
 part() { [[ $parts == *",$1,"* ]]; }
@@ -24,7 +25,7 @@ part tests && timeout "${TEST_LIMIT:-120}" python -m pytest -q -m gpu tests/test
   -k "append or combine or sparse_decode" -p no:warnings > "$out/pytest-gpu.log" 2>&1
 part tests && tail -2 "$out/pytest-gpu.log"
 part decode && XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${DECODE_LIMIT:-260}" python bench/decode.py --tune \
-  --points 131072x4,262144x1 --steps 32 \
+  --points "${POINTS:-131072x4,262144x1}" --steps 32 \
   --variants sparse_kv_head+w8a8int8+kv8,sparse_kv_head,dense_cudnn+w8a8int8,dense_cudnn --out "$out" 2>&1 \
   | grep -v "^ " | tail -12
 if part profile; then
