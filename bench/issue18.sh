@@ -39,3 +39,4 @@ rm -rf "$dump"
 fi
 part maxbatch && XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "${MAXBATCH_LIMIT:-100}" python bench/decode.py --max-batch 131072 \
   --variants sparse_kv_head,sparse_kv_head+kv8 --out "$out/maxbatch" 2>&1 | grep -v "^ " | tail -5
+exit 0  # each part reports its own result above; a skipped last part is not a failure
