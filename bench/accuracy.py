@@ -252,6 +252,8 @@ def main(argv=None) -> int:
                  for m in args.selection_modes if m != "query_head"]
     headline = f"calibrated-s{s0:g}-b{min(args.budgets)}"
     if args.variants is not None:
+        if not args.variants:
+            ap.error("--variants names no variant (comma-separated names, e.g. dense,calibrated-s0.5-b256)")
         unknown = sorted(set(args.variants) - {v.name for v in variants})
         if unknown:
             ap.error(f"--variants: unknown {unknown}; these runs have {[v.name for v in variants]}")
@@ -262,8 +264,11 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     old = {}
     if args.resume and os.path.exists(out):
-        with open(out) as f:
-            old = json.load(f)
+        try:
+            with open(out) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"--resume: cannot read {out}: {e}")
 
     same = same_patterns(old, patterns)
     if old:

@@ -285,4 +285,11 @@ def test_accuracy_script_end_to_end_and_resume(params, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), *args, "--variants", "nope"],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "unknown ['nope']" in r.stderr
+    (tmp_path / "bad.json").write_text("{bad")
+    for extra, msg in ((["--variants", ""], "names no variant"),
+                       (["--resume", "--out", str(tmp_path / "bad.json")], "--resume: cannot read")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), *args, *extra],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert (tmp_path / "bad.json").read_text() == "{bad"  # left as it was
 
